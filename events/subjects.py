@@ -1,0 +1,75 @@
+"""Every NATS subject the system uses, built here and nowhere else.
+
+Subjects read from general to specific: ``infer.chat.<model>``, ``registry.events.model.deleted``.
+Model names enter subjects only through :func:`events.tokens.encode_token`.
+"""
+
+from __future__ import annotations
+
+from .tokens import encode_token
+
+# Capabilities a model can serve; each has its own inference subject family.
+CHAT = "chat"
+COMPLETION = "completion"
+EMBEDDING = "embedding"
+TEXT_CAPABILITIES = (CHAT, COMPLETION, EMBEDDING)
+
+# Queue group every node joins on the shared inference subjects.
+INFER_QUEUE = "nodes"
+
+
+def infer(capability: str, model: str) -> str:
+    """Shared subject for a (capability, model): any node that loaded it may answer."""
+    return f"infer.{capability}.{encode_token(model)}"
+
+
+def infer_on_node(capability: str, model: str, node_id: str) -> str:
+    """Subject that reaches one chosen node, for load-aware dispatch by the gateway."""
+    return f"infer.{capability}.{encode_token(model)}.{encode_token(node_id)}"
+
+
+def infer_cancel(request_id: str) -> str:
+    """A gateway publishes here when a client went away; the node running it stops."""
+    return f"infer.cancel.{encode_token(request_id)}"
+
+
+INFER_CANCEL_ALL = "infer.cancel.*"
+
+# Node presence: a heartbeat every few seconds, a goodbye on clean shutdown.
+NODE_HEARTBEAT_ALL = "nodes.heartbeat.*"
+NODE_GOODBYE_ALL = "nodes.goodbye.*"
+
+
+def node_heartbeat(node_id: str) -> str:
+    return f"nodes.heartbeat.{encode_token(node_id)}"
+
+
+def node_goodbye(node_id: str) -> str:
+    return f"nodes.goodbye.{encode_token(node_id)}"
+
+
+# Registry: admin requests (request/reply) and the model events it emits.
+ADMIN_MODEL_REGISTER = "admin.model.register"
+ADMIN_MODEL_DELETE = "admin.model.delete"
+ADMIN_ALL = "admin.>"
+
+REGISTRY_EVENTS_ALL = "registry.events.>"
+MODEL_ADDED = "registry.events.model.added"
+MODEL_UPDATED = "registry.events.model.updated"
+MODEL_DELETED = "registry.events.model.deleted"
+MODEL_EVENTS = {"added": MODEL_ADDED, "updated": MODEL_UPDATED, "deleted": MODEL_DELETED}
+
+
+def history(endpoint: str, model: str) -> str:
+    """HISTORY stream subject of one request record, filterable by endpoint and model."""
+    return f"history.{endpoint}.{encode_token(model)}"
+
+
+HISTORY_ALL = "history.>"
+
+
+def logs(component: str, instance: str) -> str:
+    return f"logs.{component}.{encode_token(instance)}"
+
+
+LOGS_ALL = "logs.>"

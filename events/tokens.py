@@ -1,0 +1,45 @@
+"""Reversible encoding of model names into single NATS subject tokens.
+
+Model names such as ``org/repo:Q4_K_M`` or ``llama-3.2-1b`` contain characters a subject
+token may not hold (``.``, spaces, ``*``, ``>``) or that read badly in one (``/``, ``:``).
+Letters, digits, ``-`` and ``_`` pass through unchanged so subjects stay readable; every
+other byte of the UTF-8 name becomes ``=XX`` (upper-case hex), ``=`` included, which makes
+the mapping one-to-one and lets ``decode_token`` invert it exactly. The same token is a
+valid KV key, so buckets keyed by model or node name use it too.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_ESCAPE = re.compile(r"=([0-9A-F]{2})")
+_VALID_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
+
+
+def encode_token(name: str) -> str:
+    """Encode a non-empty name into a subject token (``a.b`` -> ``a=2Eb``)."""
+    if not name:
+        raise ValueError("a model name must not be empty")
+    out: list[str] = []
+    for byte in name.encode("utf-8"):
+        out.append(chr(byte) if byte in _SAFE else f"={byte:02X}")
+    return "".join(out)
+
+
+def decode_token(token: str) -> str:
+    """Invert :func:`encode_token`; raise ValueError for a token it could not have produced."""
+    if not _VALID_TOKEN.match(token):
+        raise ValueError(f"not an encoded model token: {token!r}")
+    raw = bytearray()
+    pos = 0
+    for match in _ESCAPE.finditer(token):
+        raw += token[pos : match.start()].encode("ascii")
+        raw.append(int(match.group(1), 16))
+        pos = match.end()
+    raw += token[pos:].encode("ascii")
+    decoded = raw.decode("utf-8")
+    if encode_token(decoded) != token:
+        # e.g. "=41" for "A": a safe byte escaped is not canonical, so reject it.
+        raise ValueError(f"not a canonical model token: {token!r}")
+    return decoded

@@ -1,0 +1,134 @@
+"""The gateway component: NATS state, dispatcher, history, and the Starlette app served by uvicorn.
+
+The app is assembled in :func:`build_app`, in one visible place; ``Gateway.start()`` connects
+to NATS, starts the mirrors of registry and node state, then starts serving HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broker import connect, provision
+
+from .dispatch import Dispatcher
+from .errors import ApiError
+from .history import HistoryWriter
+from .openai_routes import OpenAIRoutes, json_response
+from .state import ModelCatalog, NodeDirectory
+
+log = structlog.get_logger("gateway")
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    message = "Not found: " + request.url.path if exc.status_code == 404 else str(exc.detail)
+    return ApiError(exc.status_code, message, type="invalid_request_error").response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", path=request.url.path)
+    return ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error").response()
+
+
+def build_app(gateway: "Gateway") -> Starlette:
+    api = gateway.routes
+    routes = [
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        nats_url: str | None,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        request_timeout: float = 600.0,
+    ) -> None:
+        self.nats_url = nats_url
+        self.host = host
+        self.port = port
+        self.request_timeout = request_timeout
+        self._server: uvicorn.Server | None = None
+        self._serve_task: asyncio.Task | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self.nc = await connect(self.nats_url, name="gateway")
+        self.js = self.nc.jetstream()
+        await provision(self.js)
+        self.catalog = ModelCatalog()
+        await self.catalog.start(self.js)
+        self.directory = NodeDirectory()
+        await self.directory.start(self.nc, self.js)
+        self.dispatcher = Dispatcher(self.nc, self.directory, request_timeout=self.request_timeout)
+        await self.dispatcher.start()
+        self.history = HistoryWriter(self.js)
+        self.history.start()
+        self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history)
+        self.app = build_app(self)
+
+        # Bind first, so that port 0 resolves to a real port before we print the URL.
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._socket = sock
+        config = uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        )
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # the CLI owns signals
+        self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")
+        while not self._server.started:
+            if self._serve_task.done():
+                self._serve_task.result()
+            await asyncio.sleep(0.01)
+        log.info("gateway listening", url=self.url)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._serve_task is not None:
+            await self._serve_task
+        await self.history.stop()
+        await self.dispatcher.stop()
+        await self.directory.stop()
+        await self.catalog.stop()
+        await self.nc.drain()
+
+    async def healthz(self, request: Request) -> Response:
+        connected = self.nc.is_connected
+        body = {
+            "status": "ok" if connected else "degraded",
+            "nats": "connected" if connected else "disconnected",
+            "nodes": len(self.directory.live()),
+            "models": len(self.catalog.records),
+        }
+        return json_response(body, 200 if connected else 503)

@@ -1,0 +1,275 @@
+"""The OpenAI-compatible ``/v1`` endpoints: validate, resolve the model, dispatch, format."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import msgspec
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from events import codec, subjects
+from events.messages import EmbeddingResult, Failure, HistoryRecord, TextDelta, TextDone, Usage
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, validation_param
+
+from . import formatting
+from .dispatch import Call, Dispatcher
+from .errors import ApiError, model_not_found
+from .history import HistoryWriter
+from .state import ModelCatalog, NodeDirectory
+
+log = structlog.get_logger("gateway")
+
+CAPABILITY_LABELS = {
+    subjects.CHAT: "chat completions",
+    subjects.COMPLETION: "text completions",
+    subjects.EMBEDDING: "embeddings",
+}
+ENDPOINTS = {subjects.CHAT: "chat.completions", subjects.COMPLETION: "completions", subjects.EMBEDDING: "embeddings"}
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(codec.encode(payload), status, headers, media_type="application/json")
+
+
+def parse_body(raw: bytes, kind: type) -> Any:
+    if not raw.strip():
+        raise ApiError(400, "The request body is empty; expected a JSON object.")
+    try:
+        return codec.decode(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"Invalid request: {exc}", param=validation_param(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+def _model_field(raw: bytes) -> str:
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return "-"
+    model = value.get("model") if isinstance(value, dict) else None
+    return model if isinstance(model, str) and model else "-"
+
+
+def failure_error(failure: Failure) -> ApiError:
+    return ApiError(failure.status, failure.message, type=failure.type, param=failure.param, code=failure.code)
+
+
+class OpenAIRoutes:
+    def __init__(
+        self, catalog: ModelCatalog, directory: NodeDirectory, dispatcher: Dispatcher, history: HistoryWriter
+    ) -> None:
+        self.catalog = catalog
+        self.directory = directory
+        self.dispatcher = dispatcher
+        self.history = history
+
+    # ------------------------------------------------------------ models
+
+    def _model_entry(self, name: str) -> dict | None:
+        record = self.catalog.get(name)
+        if record is None:
+            return None
+        nodes = self.directory.serving(name)
+        return {
+            "id": record.name,
+            "object": "model",
+            "created": int(record.created_at),
+            "owned_by": record.labels.get("owner", "llm-router"),
+            "capabilities": list(record.capabilities),
+            "ready": bool(nodes),
+            "lifecycle_status": "ready" if nodes else record.state,
+            "nodes": len(nodes),
+        }
+
+    async def list_models(self, request: Request) -> Response:
+        entries = [self._model_entry(name) for name in sorted(self.catalog.records)]
+        return json_response({"object": "list", "data": [e for e in entries if e and e["ready"]]})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        entry = self._model_entry(name)
+        if entry is None:
+            raise model_not_found(name)
+        return json_response(entry)
+
+    # ------------------------------------------------------------ inference
+
+    def resolve(self, model: str, capability: str) -> None:
+        record = self.catalog.get(model)
+        if record is None:
+            raise model_not_found(model)
+        if capability not in record.capabilities:
+            raise ApiError(
+                400,
+                f"Model '{model}' does not support {CAPABILITY_LABELS[capability]}"
+                f" (it supports: {', '.join(record.capabilities)}).",
+                param="model",
+                code="unsupported_capability",
+            )
+        if record.state == "pending_conversion":
+            raise ApiError(503, f"Model '{model}' is awaiting conversion and cannot be served yet.", code="model_unavailable")
+        if not self.directory.serving(model, capability):
+            state = "is downloading" if record.state == "downloading" else "is registered but no live node serves it"
+            raise ApiError(
+                503, f"Model '{model}' {state}. Retry shortly.", code="model_unavailable", headers={"Retry-After": "5"}
+            )
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._text(request, subjects.CHAT, ChatCompletionBody)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._text(request, subjects.COMPLETION, CompletionBody)
+
+    async def embeddings(self, request: Request) -> Response:
+        started, t0 = time.time(), time.perf_counter()
+        raw = await request.body()
+        try:
+            body: EmbeddingBody = parse_body(raw, EmbeddingBody)
+            if any(not text for text in body.inputs):
+                raise ApiError(400, "input must not contain empty strings", param="input")
+            self.resolve(body.model, subjects.EMBEDDING)
+        except ApiError as exc:
+            self._refused(subjects.EMBEDDING, raw, started, t0, exc)
+            raise
+        call = self.dispatcher.call(subjects.EMBEDDING, body.model, body, stream=False)
+        try:
+            async with call:
+                reply = await call.next()
+        except ApiError as exc:
+            self._record(call, raw, started, t0, exc.status, error=exc.message)
+            raise
+        if isinstance(reply, Failure):
+            self._record(call, raw, started, t0, reply.status, error=reply.message)
+            raise failure_error(reply)
+        if not isinstance(reply, EmbeddingResult):
+            raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
+        payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
+        summary = {"object": "list", "model": body.model, "count": len(reply.vectors), "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
+        self._record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
+        return json_response(payload, headers={"x-request-id": call.request_id})
+
+    async def _text(self, request: Request, capability: str, kind: type) -> Response:
+        started, t0 = time.time(), time.perf_counter()
+        raw = await request.body()
+        try:
+            body = parse_body(raw, kind)
+            self.resolve(body.model, capability)
+        except ApiError as exc:
+            self._refused(capability, raw, started, t0, exc)
+            raise
+        chat = capability == subjects.CHAT
+        created = int(started)
+        call = self.dispatcher.call(capability, body.model, body, stream=body.stream)
+        cid = ("chatcmpl-" if chat else "cmpl-") + call.request_id
+        make = formatting.chat_completion if chat else formatting.text_completion
+        await call.__aenter__()
+        try:
+            first = await call.next()
+        except ApiError as exc:
+            await call.__aexit__(None, None, None)
+            self._record(call, raw, started, t0, exc.status, error=exc.message)
+            raise
+        except BaseException:
+            await call.__aexit__(None, None, None)
+            raise
+        if isinstance(first, Failure):
+            await call.__aexit__(None, None, None)
+            self._record(call, raw, started, t0, first.status, error=first.message)
+            raise failure_error(first)
+
+        if not body.stream:
+            await call.__aexit__(None, None, None)
+            if not isinstance(first, TextDone):
+                raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
+            payload = make(cid, created, body.model, first.text, first.finish_reason, first.usage)
+            self._record(call, raw, started, t0, 200, usage=first.usage, response=payload)
+            return json_response(payload, headers={"x-request-id": call.request_id})
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage)
+        first_byte_ms = (time.perf_counter() - t0) * 1000
+        return StreamingResponse(
+            self._stream(call, first, writer, make, cid, created, body.model, raw, started, t0, first_byte_ms),
+            media_type="text/event-stream",
+            headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
+        )
+
+    async def _stream(
+        self, call: Call, reply: Any, writer: formatting.ChunkWriter, make: Any, cid: str, created: int,
+        model: str, raw: bytes, started: float, t0: float, first_byte_ms: float,
+    ) -> AsyncIterator[bytes]:
+        parts: list[str] = []
+        status, error, usage, finish = 200, None, Usage(), "stop"
+        try:
+            yield writer.opening()
+            while True:
+                if isinstance(reply, TextDelta):
+                    parts.append(reply.text)
+                    yield writer.delta(reply.text)
+                elif isinstance(reply, TextDone):
+                    usage, finish = reply.usage, reply.finish_reason
+                    yield writer.closing(finish, usage)
+                    return
+                elif isinstance(reply, Failure):
+                    status, error = reply.status, reply.message
+                    yield formatting.sse(failure_error(reply).body()) + formatting.SSE_DONE
+                    return
+                try:
+                    reply = await call.next()
+                except ApiError as exc:  # the node died mid-stream: say so, never truncate silently
+                    status, error = exc.status, exc.message
+                    yield formatting.sse(exc.body()) + formatting.SSE_DONE
+                    return
+        finally:
+            if not call.finished and error is None:
+                status, error = 499, "client disconnected"
+            await call.__aexit__(None, None, None)
+            response = make(cid, created, model, "".join(parts), finish, usage)
+            self._record(call, raw, started, t0, status, usage=usage, response=response, stream=True,
+                         error=error, first_byte_ms=first_byte_ms)
+
+    def _refused(self, capability: str, raw: bytes, started: float, t0: float, exc: ApiError) -> None:
+        """History of a request refused before any node saw it (bad input, unknown model...)."""
+        model = _model_field(raw)
+        self.history.append(
+            HistoryRecord(
+                id=uuid.uuid4().hex, endpoint=ENDPOINTS[capability], model=model, status_code=exc.status,
+                started_at=started, duration_ms=(time.perf_counter() - t0) * 1000, error=exc.message,
+                request=msgspec.Raw(raw) if _is_json(raw) else msgspec.Raw(b"null"),
+            )
+        )
+
+    def _record(
+        self, call: Call, raw: bytes, started: float, t0: float, status: int, *, usage: Usage | None = None,
+        response: Any = None, stream: bool = False, error: str | None = None, first_byte_ms: float | None = None,
+    ) -> None:
+        self.history.append(
+            HistoryRecord(
+                id=call.request_id,
+                endpoint=ENDPOINTS[call.capability],
+                model=call.model,
+                status_code=status,
+                started_at=started,
+                duration_ms=(time.perf_counter() - t0) * 1000,
+                stream=stream,
+                node_id=call.node_id,
+                first_byte_ms=first_byte_ms,
+                usage=usage,
+                error=error,
+                request=msgspec.Raw(raw),
+                response=response,
+            )
+        )

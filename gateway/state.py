@@ -1,0 +1,135 @@
+"""What the gateway knows, all derived from NATS: registered models and live nodes.
+
+``ModelCatalog`` mirrors the ``models`` KV bucket through a watcher. ``NodeDirectory`` keeps
+the last heartbeat of every node; a node whose heartbeat is older than the TTL is not live,
+so a crashed node disappears without any sweeper, and a clean shutdown's goodbye removes it
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NoKeysError
+from nats.js.kv import KV_DEL, KV_PURGE
+
+from events import codec, decode_token, storage, subjects
+from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
+
+log = structlog.get_logger("gateway")
+
+
+class ModelCatalog:
+    def __init__(self) -> None:
+        self.records: dict[str, ModelRecord] = {}
+        self._watcher = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, js: JetStreamContext) -> None:
+        kv = await js.key_value(storage.KV_MODELS)
+        self._watcher = await kv.watchall()
+        initial_done = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._follow(initial_done), name="model-catalog")
+        await asyncio.wait_for(initial_done, timeout=10)
+
+    async def _follow(self, initial_done: asyncio.Future) -> None:
+        async for entry in self._watcher:
+            if entry is None:  # end of the initial values
+                if not initial_done.done():
+                    initial_done.set_result(True)
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                self.records.pop(decode_token(entry.key), None)
+                continue
+            try:
+                record = codec.decode(entry.value, ModelRecord)
+            except msgspec.DecodeError:
+                log.error("undecodable model record", key=entry.key)
+                continue
+            self.records[record.name] = record
+
+    def get(self, name: str) -> ModelRecord | None:
+        return self.records.get(name)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass
+class NodeView:
+    beat: NodeHeartbeat
+    seen: float  # monotonic time the heartbeat was received
+
+
+class NodeDirectory:
+    def __init__(self, ttl: float = storage.NODE_TTL_S) -> None:
+        self.ttl = ttl
+        self._nodes: dict[str, NodeView] = {}
+        self._subs: list = []
+
+    async def start(self, nc: Client, js: JetStreamContext) -> None:
+        self._subs.append(await nc.subscribe(subjects.NODE_HEARTBEAT_ALL, cb=self._on_heartbeat))
+        self._subs.append(await nc.subscribe(subjects.NODE_GOODBYE_ALL, cb=self._on_goodbye))
+        kv = await js.key_value(storage.KV_NODES)
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        for key in keys:  # nodes already running: no need to wait for their next beat
+            entry = await kv.get(key)
+            if entry.value:
+                beat = codec.decode(entry.value, NodeHeartbeat)
+                age = max(0.0, time.time() - beat.sent_at)
+                self._remember(beat, time.monotonic() - age)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+
+    def _remember(self, beat: NodeHeartbeat, seen: float) -> None:
+        known = self._nodes.get(beat.node_id)
+        if known is None or known.beat.sent_at <= beat.sent_at:
+            self._nodes[beat.node_id] = NodeView(beat, seen)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self._remember(codec.decode(msg.data, NodeHeartbeat), time.monotonic())
+        except msgspec.DecodeError:
+            log.warning("undecodable heartbeat", subject=msg.subject)
+
+    async def _on_goodbye(self, msg: Msg) -> None:
+        try:
+            self._nodes.pop(codec.decode(msg.data, NodeGoodbye).node_id, None)
+        except msgspec.DecodeError:
+            log.warning("undecodable goodbye", subject=msg.subject)
+
+    def live(self) -> list[NodeHeartbeat]:
+        cutoff = time.monotonic() - self.ttl
+        return [view.beat for view in self._nodes.values() if view.seen >= cutoff]
+
+    def is_live(self, node_id: str) -> bool:
+        view = self._nodes.get(node_id)
+        return view is not None and view.seen >= time.monotonic() - self.ttl
+
+    def serving(self, model: str, capability: str | None = None) -> list[NodeHeartbeat]:
+        """Live, non-draining nodes with ``model`` ready (for ``capability`` when given)."""
+        found = []
+        for beat in self.live():
+            if beat.state != "online":
+                continue
+            for m in beat.models:
+                if m.name == model and m.state == "ready" and m.artifact_bytes > 0:
+                    if capability is None or capability in m.capabilities:
+                        found.append(beat)
+                    break
+        return found

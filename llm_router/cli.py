@@ -1,0 +1,232 @@
+"""``llm-router``: run everything on one machine (``up``) or one component against a NATS URL.
+
+Every option has an environment default with the ``LLM_ROUTER_`` prefix (shown in --help).
+A component is a class with start()/stop(); ``up`` starts NATS, registry, gateway and node
+and stops them in reverse order on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import logs
+
+ENV_PREFIX = "LLM_ROUTER_"
+DEMO_MODEL = "tiny-demo"
+
+
+def env(name: str, default: Any = None) -> Any:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, env_name: str, default: Any, help: str, **kw: Any) -> None:
+    parser.add_argument(flag, default=env(env_name, default), help=f"{help} [env {ENV_PREFIX}{env_name}, default: %(default)s]", **kw)
+
+
+def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
+    help = "NATS server URL(s), comma-separated" + ("" if required else "; when set, no embedded server is started")
+    _add(parser, "--nats-url", "NATS_URL", None if not required else "nats://127.0.0.1:4222", help)
+
+
+def _http_options(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--host", "HOST", "127.0.0.1", "address the HTTP gateway listens on")
+    _add(parser, "--port", "PORT", 8080, "HTTP port of the gateway (0 picks a free one)", type=int)
+    _add(parser, "--request-timeout", "REQUEST_TIMEOUT", 600.0, "seconds a request may take end to end", type=float)
+
+
+def _node_options(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--parallel", "PARALLEL", 1, "requests one loaded model runs at once on this node", type=int)
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    default = str(Path.home() / ".llm-router")
+    _add(parser, "--data-dir", "DATA_DIR", default, "where NATS data, the node id and model files live")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-router",
+        description="One OpenAI-compatible endpoint over a NATS cluster of GPU (or CPU) machines.",
+    )
+    _add(parser, "--log-level", "LOG_LEVEL", "info", "debug, info, warning or error")
+    _add(parser, "--log-format", "LOG_FORMAT", None, "console or json (default: console on a terminal)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run NATS, registry, gateway and one node on this machine")
+    _http_options(up)
+    _data_dir_option(up)
+    _nats_option(up, required=False)
+    _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
+    up.add_argument("--model", action="append", default=[], metavar="PATH",
+                    help="register a GGUF file under its file stem (repeatable)")
+    up.add_argument("--demo", action="store_true",
+                    help=f"write a tiny random-weight GGUF and serve it as '{DEMO_MODEL}' (a plumbing demo: its text is random)")
+    _node_options(up)
+
+    gateway = commands.add_parser("gateway", help="run the HTTP gateway")
+    _http_options(gateway)
+    _nats_option(gateway, required=True)
+
+    registry = commands.add_parser("registry", help="run the model registry")
+    _nats_option(registry, required=True)
+
+    node = commands.add_parser("node", help="run a node agent")
+    _nats_option(node, required=True)
+    _data_dir_option(node)
+    _node_options(node)
+    return parser
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _run_components(components: list[Any], after_start: Any = None) -> int:
+    started: list[Any] = []
+    try:
+        for component in components:
+            await component.start()
+            started.append(component)
+        if after_start is not None:
+            code = await after_start()
+            if code:
+                return code
+        await _wait_for_stop()
+        return 0
+    finally:
+        for component in reversed(started):
+            try:
+                await component.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"error while stopping {type(component).__name__}: {exc}", file=sys.stderr)
+
+
+class _EmbeddedNatsComponent:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        from broker import EmbeddedNats
+
+        self.server = EmbeddedNats(data_dir / "nats", port=port)
+        self.url: str | None = None
+
+    async def start(self) -> None:
+        self.url = await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from events.messages import RegisterModel
+    from gateway import Gateway
+    from nodes import NodeAgent
+    from registry import Registry
+
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    nats_url = args.nats_url
+    embedded: _EmbeddedNatsComponent | None = None
+    if not nats_url:
+        embedded = _EmbeddedNatsComponent(data_dir, int(args.nats_port))
+        await embedded.start()
+        nats_url = embedded.url
+    registry = Registry(nats_url=nats_url)
+    gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout))
+    node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", parallel=int(args.parallel))
+
+    models: list[tuple[Path, str | None, dict[str, str]]] = [(Path(p), None, {}) for p in args.model]
+    if args.demo:
+        from nodes.demo_model import write_tiny_gguf
+
+        demo_path = data_dir / "models" / "demo" / f"{DEMO_MODEL}.gguf"
+        if not demo_path.exists():
+            write_tiny_gguf(demo_path)
+        models.append((demo_path, DEMO_MODEL, {"demo": "plumbing demo: random weights, random text"}))
+
+    async def after_start() -> int:
+        names = []
+        for path, name, labels in models:
+            reply = await registry.register_path(RegisterModel(path=str(path), name=name, labels=labels))
+            if not reply.ok:
+                print(f"llm-router: cannot register {path}: {reply.message}", file=sys.stderr)
+                return 2
+            names.append(reply.record.name)
+        deadline = time.monotonic() + 60
+        while any(not gateway.directory.serving(n) for n in names) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        base = f"http://{args.host}:{gateway.port}"
+        print(f"LLM Router ready: {base}/v1  (NATS {nats_url})", flush=True)
+        if names:
+            print("Serving: " + ", ".join(names), flush=True)
+            if args.demo:
+                print(f"'{DEMO_MODEL}' is a plumbing demo with random weights: its answers are random text.", flush=True)
+        else:
+            print("No model yet. Start again with --model PATH/TO/model.gguf, or --demo for a tiny test model.", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        return 0
+
+    try:
+        return await _run_components([registry, gateway, node], after_start)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _single(args: argparse.Namespace) -> int:
+    if args.command == "gateway":
+        from gateway import Gateway
+
+        gateway = Gateway(nats_url=args.nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout))
+
+        async def ready() -> int:
+            print(f"LLM Router gateway ready: http://{args.host}:{gateway.port}/v1", flush=True)
+            return 0
+
+        return await _run_components([gateway], ready)
+    if args.command == "registry":
+        from registry import Registry
+
+        return await _run_components([Registry(nats_url=args.nats_url)])
+    from nodes import NodeAgent
+
+    node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node", parallel=int(args.parallel))
+
+    async def node_ready() -> int:
+        print(f"LLM Router node {node.node_id} ready, serving: {', '.join(sorted(node.served)) or 'nothing yet'}", flush=True)
+        return 0
+
+    return await _run_components([node], node_ready)
+
+
+def _event_loop_runner():
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    run = _event_loop_runner()
+    try:
+        if args.command == "up":
+            return run(_up(args))
+        return run(_single(args))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,261 @@
+"""The node agent: heartbeat, registry sync, and one subscription per (capability, model).
+
+A node subscribes only to the subjects of models it has loaded, so NATS itself routes each
+capability to nodes that can serve it. Registry events arrive through a durable consumer, so
+a node that was offline replays what it missed (a delete, above all) when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NoKeysError
+
+from broker import connect, provision
+from events import codec, encode_token, storage, subjects
+from events.messages import CancelRequest, Failure, LoadedModel, ModelEvent, ModelRecord, NodeGoodbye, NodeHeartbeat
+
+from . import system
+from .runtimes import Runtime, default_runtimes
+from .serving import ServedModel
+
+log = structlog.get_logger("node")
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        *,
+        nats_url: str | None,
+        data_dir: Path,
+        runtimes: list[Runtime] | None = None,
+        parallel: int = 1,
+        node_id: str | None = None,
+        heartbeat_interval: float = storage.HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        self.nats_url = nats_url
+        self.data_dir = Path(data_dir)
+        self.runtimes = runtimes if runtimes is not None else default_runtimes()
+        self.parallel = parallel
+        self.node_id = node_id or system.persistent_node_id(self.data_dir)
+        self.hostname = socket.gethostname()
+        self.heartbeat_interval = heartbeat_interval
+        self.started_at = time.time()
+        self.served: dict[str, ServedModel] = {}
+        self.failed: dict[str, LoadedModel] = {}
+        self._subs: dict[str, list[Subscription]] = {}
+        self._cancels: dict[str, threading.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._sync_lock = asyncio.Lock()
+        self._beat_now = asyncio.Event()
+        self._runtime_status: list = []
+        self._heartbeat_task: asyncio.Task | None = None
+        self._control_subs: list[Subscription] = []
+        self._gpus: list = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.nc = await connect(self.nats_url, name=f"node-{self.node_id}")
+        self.js = self.nc.jetstream()
+        await provision(self.js)
+        self.kv_nodes = await self.js.key_value(storage.KV_NODES)
+        self.kv_models = await self.js.key_value(storage.KV_MODELS)
+        self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
+        self._control_subs.append(await self.nc.subscribe(subjects.INFER_CANCEL_ALL, cb=self._on_cancel))
+        # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
+        self._events = await self.js.subscribe(
+            subjects.REGISTRY_EVENTS_ALL,
+            durable=f"node-{encode_token(self.node_id)}",
+            cb=self._on_event,
+            manual_ack=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=60),
+        )
+        await self._sync_snapshot()
+        await self._publish_heartbeat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("node started", node_id=self.node_id, models=sorted(self.served))
+
+    async def stop(self) -> None:
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        for sub in [s for subs in self._subs.values() for s in subs]:
+            await sub.unsubscribe()
+        self._subs.clear()
+        if self._tasks:  # let in-flight requests finish their answers
+            await asyncio.wait(self._tasks, timeout=30)
+        try:
+            await self.nc.publish(subjects.node_goodbye(self.node_id), codec.encode(NodeGoodbye(node_id=self.node_id)))
+            await self.kv_nodes.delete(encode_token(self.node_id))
+        except Exception as exc:  # NATS already gone: the heartbeat TTL removes us anyway
+            log.warning("goodbye not delivered", error=str(exc))
+        # The durable registry consumer stays on the server, so a restart replays what we miss.
+        for served in self.served.values():
+            await served.close()
+        self.served.clear()
+        await self.nc.drain()
+        log.info("node stopped", node_id=self.node_id)
+
+    # ------------------------------------------------------------ registry sync
+
+    async def _sync_snapshot(self) -> None:
+        try:
+            keys = await self.kv_models.keys()
+        except NoKeysError:
+            keys = []
+        for key in keys:
+            entry = await self.kv_models.get(key)
+            if entry.value:
+                await self._ensure_loaded(codec.decode(entry.value, ModelRecord))
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = codec.decode(msg.data, ModelEvent)
+        except msgspec.DecodeError:
+            log.error("undecodable registry event", subject=msg.subject)
+            await msg.term()
+            return
+        if event.event == "deleted":
+            await self._unload(event.name, reason="deleted from the registry")
+        elif event.record is not None:
+            await self._ensure_loaded(event.record)
+        await msg.ack()
+
+    async def _ensure_loaded(self, record: ModelRecord) -> None:
+        async with self._sync_lock:
+            current = self.served.get(record.name)
+            if current is not None and current.record.source == record.source:
+                current.record = record
+                return
+            if current is not None:
+                await self._unload_locked(record.name, reason="source changed")
+            runtime = next((r for r in self.runtimes if r.accepts(record)), None)
+            status = next((s for s in self._runtime_status if runtime and s.name == runtime.name), None)
+            if runtime is None or status is None or not status.available:
+                return  # this node cannot run it: another node will
+            path = record.source.path if record.source.kind == "path" else None
+            if path is None or not Path(path).is_file():
+                return  # not visible here (fetching from other origins comes with the download issue)
+            self.failed.pop(record.name, None)
+            try:
+                engine = await asyncio.to_thread(runtime.load, record, path)
+            except Exception as exc:
+                log.error("model load failed", model=record.name, error=str(exc))
+                self.failed[record.name] = LoadedModel(
+                    name=record.name, runtime=runtime.name, capabilities=record.capabilities, state="error",
+                    artifact_path=path, error=str(exc),
+                )
+                self._beat_now.set()
+                return
+            served = ServedModel(record, runtime.name, engine, path, parallel=self.parallel)
+            self.served[record.name] = served
+            subs = []
+            for capability in engine.capabilities:
+                handler = self._request_handler(served, capability)
+                subs.append(
+                    await self.nc.subscribe(subjects.infer(capability, record.name), queue=subjects.INFER_QUEUE, cb=handler)
+                )
+                subs.append(await self.nc.subscribe(subjects.infer_on_node(capability, record.name, self.node_id), cb=handler))
+            self._subs[record.name] = subs
+            log.info("model loaded", model=record.name, runtime=runtime.name, path=path)
+            self._beat_now.set()
+
+    async def _unload(self, name: str, *, reason: str) -> None:
+        async with self._sync_lock:
+            await self._unload_locked(name, reason=reason)
+
+    async def _unload_locked(self, name: str, *, reason: str) -> None:
+        self.failed.pop(name, None)
+        for sub in self._subs.pop(name, []):
+            await sub.unsubscribe()
+        served = self.served.pop(name, None)
+        if served is not None:
+            await served.close()
+            log.info("model unloaded", model=name, reason=reason)
+            self._beat_now.set()
+
+    # ------------------------------------------------------------ requests
+
+    def _request_handler(self, served: ServedModel, capability: str):
+        request_type = codec.REQUEST_TYPES[capability]
+
+        async def handle(msg: Msg) -> None:
+            if not msg.reply:
+                return
+            try:
+                request = codec.decode(msg.data, request_type)
+            except msgspec.DecodeError as exc:
+                failure = Failure(request_id="", node_id=self.node_id, status=400, message=f"bad request: {exc}")
+                await self.nc.publish(msg.reply, codec.encode(failure))
+                return
+            cancelled = threading.Event()
+            self._cancels[request.request_id] = cancelled
+            task = asyncio.create_task(self._serve(served, request, msg.reply, cancelled))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handle
+
+    async def _serve(self, served: ServedModel, request, reply: str, cancelled: threading.Event) -> None:
+        try:
+            await served.serve(self.nc, self.node_id, request, reply, cancelled)
+        finally:
+            self._cancels.pop(request.request_id, None)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = codec.decode(msg.data, CancelRequest)
+        except msgspec.DecodeError:
+            return
+        event = self._cancels.get(cancel.request_id)
+        if event is not None:
+            event.set()
+
+    # ------------------------------------------------------------ heartbeat
+
+    def heartbeat(self) -> NodeHeartbeat:
+        cpu, mem_total, mem_used = system.cpu_and_memory()
+        models = [s.report() for s in self.served.values()] + list(self.failed.values())
+        return NodeHeartbeat(
+            node_id=self.node_id,
+            hostname=self.hostname,
+            started_at=self.started_at,
+            sent_at=time.time(),
+            interval_s=self.heartbeat_interval,
+            runtimes=list(self._runtime_status),
+            models=models,
+            gpus=self._gpus,
+            cpu_percent=cpu,
+            memory_total_bytes=mem_total,
+            memory_used_bytes=mem_used,
+            active_requests=sum(s.active for s in self.served.values()),
+            queue_depth=sum(s.waiting for s in self.served.values()),
+            max_parallel=sum(s.parallel for s in self.served.values()) or self.parallel,
+        )
+
+    async def _publish_heartbeat(self) -> None:
+        self._gpus = await asyncio.to_thread(system.gpus)
+        data = codec.encode(self.heartbeat())
+        await self.nc.publish(subjects.node_heartbeat(self.node_id), data)
+        await self.kv_nodes.put(encode_token(self.node_id), data)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), timeout=self.heartbeat_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._beat_now.clear()
+            try:
+                await self._publish_heartbeat()
+            except Exception as exc:  # keep beating through reconnects
+                log.warning("heartbeat failed", error=str(exc))

@@ -1,0 +1,221 @@
+"""llama.cpp (llama-cpp-python) on GGUF files: chat, completion, embeddings, streaming.
+
+One ``Llama`` instance generates; a second one, created on the first embeddings request,
+runs in embedding mode with mean pooling (llama architectures have no default pooling, so
+without it llama.cpp returns one vector per token). The weights are mmap-ed, so the second
+instance shares their pages.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from events import subjects
+from events.messages import ModelRecord, RuntimeStatus, Usage
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
+
+from .base import EngineError, OnDelta, TextOutcome
+
+NAME = "llama_cpp"
+CAPABILITIES = [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING]
+
+
+def _threads() -> int:
+    return int(os.environ.get("LLM_ROUTER_LLAMA_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2)
+
+
+class _TokenCounter:
+    """A logits processor that only counts: prompt length on its first call, sampled tokens after."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.sampled = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.sampled == 0:
+            self.prompt_tokens = len(input_ids)
+        self.sampled += 1
+        return scores
+
+    def usage(self, finish_reason: str) -> Usage:
+        # A natural stop samples the end token, which produces no text and is not billed.
+        completion = max(0, self.sampled - (1 if finish_reason == "stop" else 0))
+        return Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
+
+
+class LlamaEngine:
+    def __init__(self, path: str, *, n_ctx: int, n_threads: int) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.path = path
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.capabilities = list(CAPABILITIES)
+        self.artifact_bytes = Path(path).stat().st_size
+        try:
+            # Never allocate a context longer than the model was trained for.
+            vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+            n_ctx = min(n_ctx, vocab.n_ctx_train() or n_ctx)
+            vocab.close()
+            self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        except ValueError as exc:
+            raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
+        self.n_ctx = n_ctx
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
+
+    # ------------------------------------------------------------ generation
+
+    def _sampling(self, body: ChatCompletionBody | CompletionBody, counter: _TokenCounter) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "stop": body.stop or [],
+            "seed": body.seed,
+            "logits_processor": self._llama_cpp.LogitsProcessorList([counter]),
+        }
+        if body.temperature is not None:
+            kwargs["temperature"] = body.temperature
+        if body.top_p is not None:
+            kwargs["top_p"] = body.top_p
+        if body.presence_penalty is not None:
+            kwargs["presence_penalty"] = body.presence_penalty
+        if body.frequency_penalty is not None:
+            kwargs["frequency_penalty"] = body.frequency_penalty
+        if body.logit_bias:
+            try:
+                kwargs["logit_bias"] = {int(k): float(v) for k, v in body.logit_bias.items()}
+            except ValueError:
+                raise EngineError("logit_bias keys must be token ids", param="logit_bias") from None
+        return kwargs
+
+    def _drain(
+        self,
+        chunks: Iterator[dict],
+        text_of: Any,
+        on_delta: OnDelta | None,
+        cancelled: threading.Event,
+        counter: _TokenCounter,
+    ) -> TextOutcome:
+        parts: list[str] = []
+        finish_reason = "length"
+        try:
+            for chunk in chunks:
+                if cancelled.is_set():
+                    finish_reason = "cancelled"
+                    break
+                choice = chunk["choices"][0]
+                text = text_of(choice)
+                if text:
+                    parts.append(text)
+                    if on_delta is not None:
+                        on_delta(text)
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+        except ValueError as exc:  # e.g. prompt longer than the context window
+            raise EngineError(str(exc), param="messages") from exc
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # stops generation at once when we left the loop early
+        return TextOutcome("".join(parts), finish_reason, counter.usage(finish_reason))
+
+    def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
+        counter = _TokenCounter()
+        messages = [_plain_message(m) for m in body.messages]
+        chunks = self._llm.create_chat_completion(
+            messages=messages, max_tokens=body.token_limit, stream=True, **self._sampling(body, counter)
+        )
+        return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter)
+
+    def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
+        if not isinstance(body.prompt, str):
+            if len(body.prompt) != 1:
+                raise EngineError("only one prompt per request is supported", param="prompt")
+            prompt = body.prompt[0]
+        else:
+            prompt = body.prompt
+        counter = _TokenCounter()
+        chunks = self._llm.create_completion(
+            prompt=prompt,
+            suffix=body.suffix,
+            max_tokens=body.token_limit,
+            echo=body.echo,
+            stream=True,
+            **self._sampling(body, counter),
+        )
+        return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter)
+
+    # ------------------------------------------------------------ embeddings
+
+    def embed(self, body: EmbeddingBody) -> tuple[list[list[float]], Usage]:
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = self._llama_cpp.Llama(
+                    model_path=self.path,
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    embedding=True,
+                    pooling_type=self._llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                    verbose=False,
+                )
+        inputs = body.inputs
+        try:
+            result = self._embedder.create_embedding(inputs)
+        except ValueError as exc:
+            raise EngineError(str(exc), param="input") from exc
+        vectors = [item["embedding"] for item in result["data"]]
+        if body.dimensions is not None:
+            if body.dimensions > len(vectors[0]):
+                raise EngineError(
+                    f"dimensions {body.dimensions} exceeds the model's {len(vectors[0])}", param="dimensions"
+                )
+            vectors = [v[: body.dimensions] for v in vectors]
+        prompt_tokens = int(result["usage"]["prompt_tokens"])
+        return vectors, Usage(prompt_tokens, 0, prompt_tokens)
+
+    def close(self) -> None:
+        for llm in (self._llm, self._embedder):
+            if llm is not None:
+                llm.close()
+        self._embedder = None
+
+
+def _plain_message(message: Any) -> dict[str, Any]:
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text":
+                raise EngineError(
+                    f"this model does not accept content parts of type {part.get('type')!r}", param="messages"
+                )
+            texts.append(str(part.get("text", "")))
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name:
+        out["name"] = message.name
+    return out
+
+
+class LlamaCppRuntime:
+    name = NAME
+
+    def __init__(self, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or _threads()
+
+    def probe(self) -> RuntimeStatus:
+        try:
+            import llama_cpp
+        except Exception as exc:  # a broken native build raises OSError, not ImportError
+            return RuntimeStatus(name=NAME, available=False, error=f"{type(exc).__name__}: {exc}")
+        return RuntimeStatus(name=NAME, available=True, version=getattr(llama_cpp, "__version__", None))
+
+    def accepts(self, record: ModelRecord) -> bool:
+        return record.format == "gguf"
+
+    def load(self, record: ModelRecord, path: str) -> LlamaEngine:
+        return LlamaEngine(path, n_ctx=self.n_ctx, n_threads=self.n_threads)
