@@ -214,7 +214,7 @@ class DeleteModel(Struct, kw_only=True):
     name: str
 
 
-class AdminReply(Struct, kw_only=True, omit_defaults=True):
+class AdminReply(Struct, kw_only=True):
     """Answer to an admin request; ``status`` follows HTTP so the gateway can pass it on."""
 
     ok: bool
@@ -230,7 +230,8 @@ class HistoryRecord(Struct, kw_only=True):
     """One request as the gateway saw it, appended to the HISTORY stream."""
 
     id: str
-    endpoint: str
+    capability: str
+    endpoint: str  # the HTTP path, e.g. /v1/chat/completions
     model: str
     status_code: int
     started_at: float

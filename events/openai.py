@@ -7,6 +7,7 @@ type- and range-checked so that bad input fails at the gateway with the offendin
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -86,9 +87,10 @@ def validation_param(error: msgspec.ValidationError) -> str | None:
     """The top-level field a msgspec validation error points at (``$.messages[0].role`` -> ``messages``)."""
     text = str(error)
     marker = "- at `$."
-    if marker not in text:
-        return None
-    path = text.split(marker, 1)[1].rstrip("`")
-    for sep in ("[", "."):
-        path = path.split(sep, 1)[0]
-    return path or None
+    if marker in text:
+        path = text.split(marker, 1)[1].rstrip("`")
+        for sep in ("[", "."):
+            path = path.split(sep, 1)[0]
+        return path or None
+    missing = re.search(r"missing required field `([^`]+)`", text)
+    return missing.group(1) if missing else None

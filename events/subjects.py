@@ -60,9 +60,9 @@ MODEL_DELETED = "registry.events.model.deleted"
 MODEL_EVENTS = {"added": MODEL_ADDED, "updated": MODEL_UPDATED, "deleted": MODEL_DELETED}
 
 
-def history(endpoint: str, model: str) -> str:
-    """HISTORY stream subject of one request record, filterable by endpoint and model."""
-    return f"history.{endpoint}.{encode_token(model)}"
+def history(capability: str, model: str) -> str:
+    """HISTORY stream subject of one request record, filterable by capability and model."""
+    return f"history.{capability}.{encode_token(model)}"
 
 
 HISTORY_ALL = "history.>"

@@ -39,7 +39,7 @@ class HistoryWriter:
                 log.error("history backlog full, records dropped", dropped=self.dropped)
 
     async def _publish(self, record: HistoryRecord) -> None:
-        await self.js.publish(subjects.history(record.endpoint, record.model), codec.encode(record))
+        await self.js.publish(subjects.history(record.capability, record.model), codec.encode(record))
 
     async def _run(self) -> None:
         while True:

@@ -28,7 +28,11 @@ CAPABILITY_LABELS = {
     subjects.COMPLETION: "text completions",
     subjects.EMBEDDING: "embeddings",
 }
-ENDPOINTS = {subjects.CHAT: "chat.completions", subjects.COMPLETION: "completions", subjects.EMBEDDING: "embeddings"}
+ENDPOINTS = {
+    subjects.CHAT: "/v1/chat/completions",
+    subjects.COMPLETION: "/v1/completions",
+    subjects.EMBEDDING: "/v1/embeddings",
+}
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -246,7 +250,7 @@ class OpenAIRoutes:
         model = _model_field(raw)
         self.history.append(
             HistoryRecord(
-                id=uuid.uuid4().hex, endpoint=ENDPOINTS[capability], model=model, status_code=exc.status,
+                id=uuid.uuid4().hex, capability=capability, endpoint=ENDPOINTS[capability], model=model, status_code=exc.status,
                 started_at=started, duration_ms=(time.perf_counter() - t0) * 1000, error=exc.message,
                 request=msgspec.Raw(raw) if _is_json(raw) else msgspec.Raw(b"null"),
             )
@@ -259,6 +263,7 @@ class OpenAIRoutes:
         self.history.append(
             HistoryRecord(
                 id=call.request_id,
+                capability=call.capability,
                 endpoint=ENDPOINTS[call.capability],
                 model=call.model,
                 status_code=status,

@@ -196,7 +196,11 @@ async def _single(args: argparse.Namespace) -> int:
     if args.command == "registry":
         from registry import Registry
 
-        return await _run_components([Registry(nats_url=args.nats_url)])
+        async def registry_ready() -> int:
+            print("LLM Router registry ready", flush=True)
+            return 0
+
+        return await _run_components([Registry(nats_url=args.nats_url)], registry_ready)
     from nodes import NodeAgent
 
     node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node", parallel=int(args.parallel))

@@ -58,9 +58,7 @@ class LlamaEngine:
         self.artifact_bytes = Path(path).stat().st_size
         try:
             # Never allocate a context longer than the model was trained for.
-            vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
-            n_ctx = min(n_ctx, vocab.n_ctx_train() or n_ctx)
-            vocab.close()
+            n_ctx = min(n_ctx, _trained_context(path) or n_ctx)
             self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
         except ValueError as exc:
             raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
@@ -71,10 +69,16 @@ class LlamaEngine:
     # ------------------------------------------------------------ generation
 
     def _sampling(self, body: ChatCompletionBody | CompletionBody, counter: _TokenCounter) -> dict[str, Any]:
+        processors: list[Any] = []
+        if body.logit_bias:
+            # Applied here, not through llama-cpp-python's logit_bias argument: combined with a
+            # logits_processor, 0.3.x drops both (it assigns the result of list.extend, None).
+            processors.append(_logit_bias_processor(body.logit_bias, self._llm.n_vocab()))
+        processors.append(counter)
         kwargs: dict[str, Any] = {
             "stop": body.stop or [],
             "seed": body.seed,
-            "logits_processor": self._llama_cpp.LogitsProcessorList([counter]),
+            "logits_processor": self._llama_cpp.LogitsProcessorList(processors),
         }
         if body.temperature is not None:
             kwargs["temperature"] = body.temperature
@@ -84,11 +88,6 @@ class LlamaEngine:
             kwargs["presence_penalty"] = body.presence_penalty
         if body.frequency_penalty is not None:
             kwargs["frequency_penalty"] = body.frequency_penalty
-        if body.logit_bias:
-            try:
-                kwargs["logit_bias"] = {int(k): float(v) for k, v in body.logit_bias.items()}
-            except ValueError:
-                raise EngineError("logit_bias keys must be token ids", param="logit_bias") from None
         return kwargs
 
     def _drain(
@@ -181,6 +180,38 @@ class LlamaEngine:
             if llm is not None:
                 llm.close()
         self._embedder = None
+
+
+def _logit_bias_processor(bias: dict[str, float], n_vocab: int) -> Any:
+    try:
+        table = {int(k): float(v) for k, v in bias.items()}
+    except ValueError:
+        raise EngineError("logit_bias keys must be token ids", param="logit_bias") from None
+    outside = [k for k in table if not 0 <= k < n_vocab]
+    if outside:
+        raise EngineError(f"logit_bias token ids out of range: {outside[:5]}", param="logit_bias")
+
+    def apply(input_ids: Any, scores: Any) -> Any:
+        for token, value in table.items():
+            scores[token] += value
+        return scores
+
+    return apply
+
+
+def _trained_context(path: str) -> int:
+    """The GGUF's ``<arch>.context_length``, read from its metadata without loading weights."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return 0
+    reader = GGUFReader(path)
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        return 0
+    arch = arch_field.contents()
+    field = reader.fields.get(f"{arch}.context_length")
+    return int(field.contents()) if field is not None else 0
 
 
 def _plain_message(message: Any) -> dict[str, Any]:

