@@ -44,6 +44,14 @@ class InferenceRequest(Struct, Generic[P], kw_only=True):
     schema: int = SCHEMA_VERSION
 
 
+class Accepted(Struct, tag_field="kind", tag="accepted", kw_only=True):
+    """A node took a streamed request and is starting it, so the gateway can open the stream."""
+
+    request_id: str
+    node_id: str
+    waited_ms: float = 0.0  # time spent waiting for a free slot on the node
+
+
 class TextDelta(Struct, tag_field="kind", tag="delta", kw_only=True):
     """A piece of generated text of a streamed answer."""
 
@@ -83,7 +91,7 @@ class Failure(Struct, tag_field="kind", tag="error", kw_only=True):
     param: str | None = None
 
 
-Reply = TextDelta | TextDone | EmbeddingResult | Failure
+Reply = Accepted | TextDelta | TextDone | EmbeddingResult | Failure
 FINAL_REPLIES = (TextDone, EmbeddingResult, Failure)
 
 

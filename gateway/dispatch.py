@@ -164,6 +164,8 @@ class Call:
                     raise NodeGone("its heartbeat expired") from None
                 continue
             if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+                # Nobody listens on the node's subject: it died or unloaded the model.
+                self.d.directory.forget(self.node_id)
                 raise NodeGone("no responders")
             reply = codec.decode_reply(msg.data)
             if reply.node_id == self.node_id:

@@ -6,13 +6,14 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import anyio
 import msgspec
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from events import codec, subjects
-from events.messages import EmbeddingResult, Failure, HistoryRecord, TextDelta, TextDone, Usage
+from events.messages import Accepted, EmbeddingResult, Failure, HistoryRecord, TextDelta, TextDone, Usage
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, validation_param
 
 from . import formatting
@@ -220,7 +221,9 @@ class OpenAIRoutes:
         try:
             yield writer.opening()
             while True:
-                if isinstance(reply, TextDelta):
+                if isinstance(reply, Accepted):
+                    pass
+                elif isinstance(reply, TextDelta):
                     parts.append(reply.text)
                     yield writer.delta(reply.text)
                 elif isinstance(reply, TextDone):
@@ -240,7 +243,10 @@ class OpenAIRoutes:
         finally:
             if not call.finished and error is None:
                 status, error = 499, "client disconnected"
-            await call.__aexit__(None, None, None)
+            # Starlette cancels this generator when the client leaves; anyio would cancel every
+            # await here too, so shield the clean-up that tells the node to stop.
+            with anyio.CancelScope(shield=True):
+                await call.__aexit__(None, None, None)
             response = make(cid, created, model, "".join(parts), finish, usage)
             self._record(call, raw, started, t0, status, usage=usage, response=response, stream=True,
                          error=error, first_byte_ms=first_byte_ms)

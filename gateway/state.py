@@ -113,6 +113,10 @@ class NodeDirectory:
         except msgspec.DecodeError:
             log.warning("undecodable goodbye", subject=msg.subject)
 
+    def forget(self, node_id: str) -> None:
+        """Drop a node that failed to answer (no responders); its next heartbeat restores it."""
+        self._nodes.pop(node_id, None)
+
     def live(self) -> list[NodeHeartbeat]:
         cutoff = time.monotonic() - self.ttl
         return [view.beat for view in self._nodes.values() if view.seen >= cutoff]

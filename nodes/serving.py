@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ import structlog
 from nats.aio.client import Client
 
 from events import codec, subjects
-from events.messages import EmbeddingResult, Failure, InferenceRequest, LoadedModel, ModelRecord, TextDelta, TextDone
+from events.messages import Accepted, EmbeddingResult, Failure, InferenceRequest, LoadedModel, ModelRecord, TextDelta, TextDone
 from events.openai import EmbeddingBody
 
 from .runtimes.base import Engine, EngineError
@@ -65,6 +66,7 @@ class ServedModel:
     ) -> None:
         """Answer one request on ``reply``; always ends with a final message (done or error)."""
         rid = request.request_id
+        queued_at = time.perf_counter()
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -74,6 +76,9 @@ class ServedModel:
         try:
             if cancelled.is_set():
                 return  # the client left while this request waited for a slot
+            if request.stream:
+                waited = (time.perf_counter() - queued_at) * 1000
+                await nc.publish(reply, codec.encode(Accepted(request_id=rid, node_id=node_id, waited_ms=waited)))
             final = await self._run(nc, node_id, request, reply, cancelled)
         except EngineError as exc:
             final = Failure(

@@ -28,9 +28,17 @@ def _threads() -> int:
 
 
 class _TokenCounter:
-    """A logits processor that only counts: prompt length on its first call, sampled tokens after."""
+    """A logits processor run before every sampled token: counts tokens and enforces cancel.
 
-    def __init__(self) -> None:
+    It sees the prompt length on its first call and every sampling step after. On cancel it
+    leaves only the end-of-generation token possible, so llama.cpp stops at the next token
+    even while the stream yields nothing (partial UTF-8 is held back, and random-weight models
+    produce plenty of it).
+    """
+
+    def __init__(self, cancelled: threading.Event, eos: int) -> None:
+        self.cancelled = cancelled
+        self.eos = eos
         self.prompt_tokens = 0
         self.sampled = 0
 
@@ -38,11 +46,17 @@ class _TokenCounter:
         if self.sampled == 0:
             self.prompt_tokens = len(input_ids)
         self.sampled += 1
+        if self.cancelled.is_set():
+            scores[:] = -float("inf")
+            scores[self.eos] = 0.0
         return scores
 
-    def usage(self, finish_reason: str) -> Usage:
-        # A natural stop samples the end token, which produces no text and is not billed.
+    def usage(self, finish_reason: str, limit: int | None) -> Usage:
+        # A natural stop samples the end token, which produces no text and is not billed;
+        # llama-cpp-python samples one token past max_tokens before it notices the limit.
         completion = max(0, self.sampled - (1 if finish_reason == "stop" else 0))
+        if limit:
+            completion = min(completion, limit)
         return Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
 
 
@@ -97,13 +111,13 @@ class LlamaEngine:
         on_delta: OnDelta | None,
         cancelled: threading.Event,
         counter: _TokenCounter,
+        limit: int | None,
     ) -> TextOutcome:
         parts: list[str] = []
         finish_reason = "length"
         try:
             for chunk in chunks:
                 if cancelled.is_set():
-                    finish_reason = "cancelled"
                     break
                 choice = chunk["choices"][0]
                 text = text_of(choice)
@@ -119,15 +133,17 @@ class LlamaEngine:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()  # stops generation at once when we left the loop early
-        return TextOutcome("".join(parts), finish_reason, counter.usage(finish_reason))
+        if cancelled.is_set():
+            finish_reason = "cancelled"
+        return TextOutcome("".join(parts), finish_reason, counter.usage(finish_reason, limit))
 
     def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
-        counter = _TokenCounter()
+        counter = _TokenCounter(cancelled, self._llm.token_eos())
         messages = [_plain_message(m) for m in body.messages]
         chunks = self._llm.create_chat_completion(
             messages=messages, max_tokens=body.token_limit, stream=True, **self._sampling(body, counter)
         )
-        return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter)
+        return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter, body.token_limit)
 
     def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         if not isinstance(body.prompt, str):
@@ -136,7 +152,7 @@ class LlamaEngine:
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-        counter = _TokenCounter()
+        counter = _TokenCounter(cancelled, self._llm.token_eos())
         chunks = self._llm.create_completion(
             prompt=prompt,
             suffix=body.suffix,
@@ -145,7 +161,7 @@ class LlamaEngine:
             stream=True,
             **self._sampling(body, counter),
         )
-        return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter)
+        return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit)
 
     # ------------------------------------------------------------ embeddings
 

@@ -1,0 +1,71 @@
+"""A node that dies stops being used within the heartbeat TTL; a restarted node is used again."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import Stack, requires_llama, wait_until
+
+from events import storage
+
+pytestmark = requires_llama
+
+MODEL = "lifecycle-tiny"
+
+
+@pytest.fixture
+def stack(nats_url, tiny_gguf, tmp_path):
+    stack = Stack(nats_url, tmp_path)
+    assert stack.register(tiny_gguf, MODEL)["ok"]
+    wait_until(lambda: MODEL in stack.models(), message="model ready")
+    yield stack
+    stack.close()
+
+
+def _chat_status(url: str) -> int:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code
+
+
+def test_killed_node_gives_503_then_comes_back(stack) -> None:
+    assert _chat_status(stack.url) == 200
+    killed_at = time.monotonic()
+    stack.node.kill()  # SIGKILL: no goodbye, only the missing heartbeat tells
+    wait_until(lambda: _chat_status(stack.url) == 503, timeout=15, interval=0.5, message="503 after node death")
+    wait_until(lambda: MODEL not in stack.models(), timeout=15, message="/v1/models drops the model")
+    assert time.monotonic() - killed_at <= storage.NODE_TTL_S + 3
+
+    stack.node = stack.start_node()  # same data dir: same node id, nothing else restarted
+    wait_until(lambda: MODEL in stack.models(), timeout=15, message="model back after restart")
+    assert _chat_status(stack.url) == 200
+
+
+def test_clean_node_stop_is_seen_at_once(stack) -> None:
+    assert stack.node.stop(signal.SIGTERM) == 0
+    wait_until(lambda: MODEL not in stack.models(), timeout=2, message="goodbye removes the node")
+    assert _chat_status(stack.url) == 503
+
+
+def test_requests_do_not_block_heartbeats(stack) -> None:
+    """A long generation runs off the event loop: the node keeps beating meanwhile."""
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
+    done = threading.Event()
+
+    def generate() -> None:
+        for _ in range(3):
+            client.completions.create(model=MODEL, prompt="go", max_tokens=400)
+        done.set()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    alive = 0
+    while not done.is_set():
+        alive += MODEL in stack.models()
+        time.sleep(0.05)
+    worker.join()
+    assert alive > 0 and MODEL in stack.models()
