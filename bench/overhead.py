@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import re
 import platform
 import queue
 import shutil
@@ -76,17 +78,21 @@ class Result:
     seconds: float
     errors: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # process -> % of one core
+    sent: int = 0  # every request answered, warm-up included
+    reported: dict[str, float] | None = None  # from wrk's own report: requests, p50, p99 (ms)
 
     @property
     def requests(self) -> int:
-        return len(self.latencies_ns)
+        return int(self.reported["requests"]) if self.reported else len(self.latencies_ns)
 
     def percentile_ms(self, p: float) -> float:
+        if self.reported:
+            return self.reported[f"p{p:g}"]
         if not self.latencies_ns:
             return float("nan")
         ordered = sorted(self.latencies_ns)
-        rank = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))  # nearest rank
-        return ordered[rank] / 1e6
+        rank = min(len(ordered), max(1, math.ceil(p / 100 * len(ordered))))  # nearest rank
+        return ordered[rank - 1] / 1e6
 
     @property
     def rps(self) -> float:
@@ -221,6 +227,7 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
     measure_to = measure_from + int(duration * 1e9)
     samples: list[int] = []
     errors = 0
+    sent = 0
     cpu_start: dict[str, Any] = {}
     cpu_window: list[float] = []
 
@@ -232,7 +239,7 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
         cpu_window.append(time.monotonic())
 
     async def worker(conn: HttpConnection) -> None:
-        nonlocal errors
+        nonlocal errors, sent
         n = 0
         while n < MAX_REQUESTS_PER_PHASE:
             t0 = clock()
@@ -244,6 +251,7 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
                 errors += 1
                 return
             t1 = clock()
+            sent += 1
             if measure_from <= t1 < measure_to:
                 samples.append(t1 - t0)
                 if status != 200 or expected not in body:
@@ -261,11 +269,18 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
             conn.close()
     window = cpu_window[1] - cpu_window[0] if len(cpu_window) == 2 else duration
     cpu = {name: 100 * (cpu_end[name] - cpu_start[name]) / window for name in cpu_end if name in cpu_start}
-    return Result("stack", concurrency, samples, duration, errors, cpu)
+    if SYSTEM in cpu:  # whatever else ran on the machine meanwhile (not ours)
+        cpu[OTHER] = max(0.0, cpu.pop(SYSTEM) - sum(cpu.values()))
+    return Result("stack", concurrency, samples, duration, errors, cpu, sent)
+
+
+SYSTEM, OTHER = "_system", "other processes"
 
 
 def _cpu_times(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
+    total = psutil.cpu_times()
+    busy = ("user", "nice", "system", "irq", "softirq", "steal")
+    out = {SYSTEM: sum(getattr(total, name, 0.0) for name in busy)}
     for name, pid in pids.items():
         try:
             times = psutil.Process(pid).cpu_times()
@@ -384,6 +399,27 @@ class Stack:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"model {MODEL!r} was not served within {timeout}s; last /v1/models: {last[:500]!r}")
 
+    async def history_count(self, expected: int, timeout: float = 15.0) -> int:
+        """Records in the HISTORY stream, once the gateway's background writer caught up."""
+        import nats
+
+        from events import storage
+
+        nc = await nats.connect(self.nats.url, name="bench")
+        try:
+            js = nc.jetstream()
+            deadline, count, last_change = time.monotonic() + timeout, -1, time.monotonic()
+            while time.monotonic() < deadline:
+                now = (await js.stream_info(storage.HISTORY)).state.messages
+                if now != count:
+                    count, last_change = now, time.monotonic()
+                if count >= expected or time.monotonic() - last_change > 2.0:
+                    break
+                await asyncio.sleep(0.1)
+            return count
+        finally:
+            await nc.close()
+
     def pids(self) -> dict[str, int]:
         out = {child.name: child.popen.pid for child in self.children}
         if self.nats is not None and self.nats._proc is not None:
@@ -401,11 +437,18 @@ class Stack:
 # ---------------------------------------------------------------------------- report
 
 
+def _ms(value: float) -> str:
+    return f"{value:.4f}" if value < 0.01 else f"{value:.3f}"
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def render(results: list[Result], args: argparse.Namespace, command: str, started: float) -> str:
+def render(
+    results: list[Result], args: argparse.Namespace, command: str, started: float,
+    sent: dict[str, int], stored: dict[str, int],
+) -> str:
     by = {(r.setup, r.concurrency): r for r in results}
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.",
@@ -419,8 +462,8 @@ def render(results: list[Result], args: argparse.Namespace, command: str, starte
     ]
     for r in results:
         lines.append(
-            f"| {r.setup} | {r.concurrency} | {r.requests:,} | {r.errors} | {r.percentile_ms(50):.3f} "
-            f"| {r.percentile_ms(99):.3f} | {r.rps:,.0f} |"
+            f"| {r.setup} | {r.concurrency} | {r.requests:,} | {r.errors} | {_ms(r.percentile_ms(50))} "
+            f"| {_ms(r.percentile_ms(99))} | {r.rps:,.0f} |"
         )
     lines.append("")
     base1 = by.get(("in-process", 1))
@@ -439,6 +482,12 @@ def render(results: list[Result], args: argparse.Namespace, command: str, starte
                 f"- {setup}: {s64.rps:,.0f} requests/s at concurrency 64 "
                 f"(target >= {TARGET_RPS_AT_64:,.0f}: {_verdict(s64.rps >= TARGET_RPS_AT_64)})"
             )
+    for layout in args.layouts:
+        if layout in stored:
+            summary.append(
+                f"- stack ({layout}): history records in the HISTORY stream after the run: {stored[layout]:,} "
+                f"of {sent[layout]:,} requests answered (warm-up included)"
+            )
     lines += summary
     cpu_rows = [r for r in results if r.cpu]
     if cpu_rows:
@@ -448,17 +497,22 @@ def render(results: list[Result], args: argparse.Namespace, command: str, starte
             "CPU use during each measured window, in % of one core (the machine has "
             f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%):",
             "",
-            "| setup | concurrency | " + " | ".join(names) + " | total |",
+            "| setup | concurrency | " +  " | ".join(names) + " | machine total |",
             "|---|---:|" + "---:|" * (len(names) + 1),
         ]
         for r in cpu_rows:
             cells = [f"{r.cpu[n]:.0f}" if n in r.cpu else "-" for n in names]
             lines.append(f"| {r.setup} | {r.concurrency} | " + " | ".join(cells) + f" | {sum(r.cpu.values()):.0f} |")
+        lines += [
+            "",
+            f"`{OTHER}`: CPU the machine spent outside the benchmark's processes during the window "
+            "(another job on a shared machine skews every number above).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _process_order(name: str) -> tuple[int, str]:
-    order = ["gateway", "node", "registry", "up", "nats-server", "load generator"]
+    order = ["gateway", "node", "registry", "up", "nats-server", "load generator", OTHER]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -537,6 +591,8 @@ def main() -> int:
     logging.getLogger().setLevel(logging.WARNING)
 
     results: list[Result] = []
+    sent: dict[str, int] = {}
+    stored: dict[str, int] = {}
     for c in args.levels:
         r = _event_loop_run(run_in_process(c, min(warmup, 0.5), in_process_duration))
         results.append(r)
@@ -554,10 +610,14 @@ def main() -> int:
                 r = _event_loop_run(run_http(stack.port, c, warmup, duration, stack.pids()))
                 r.setup = f"stack ({layout})"
                 results.append(r)
+                sent[layout] = sent.get(layout, 0) + r.sent
                 print(f"stack ({layout}) c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
                       f"{r.rps:,.0f} req/s  errors={r.errors}  cpu%="
                       + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
                       file=sys.stderr, flush=True)
+            stored[layout] = _event_loop_run(stack.history_count(sent[layout]))
+            print(f"stack ({layout}) history records stored: {stored[layout]:,} of {sent[layout]:,} requests",
+                  file=sys.stderr, flush=True)
         finally:
             stack.stop()
             if args.keep:
@@ -565,7 +625,7 @@ def main() -> int:
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    text = render(results, args, command.strip(), started)
+    text = render(results, args, command.strip(), started, sent, stored)
     print(text)
     if args.output is not None:
         write_section(args.output, text)

@@ -1,0 +1,78 @@
+"""``llm-router up``: one command serves the openai SDK and stops cleanly, leaving no child process."""
+
+from __future__ import annotations
+
+import signal
+
+import openai
+import psutil
+import pytest
+from conftest import Proc, requires_llama
+
+pytestmark = requires_llama
+
+
+def _children(proc: Proc) -> list[psutil.Process]:
+    return psutil.Process(proc.popen.pid).children(recursive=True)
+
+
+def test_up_with_a_model_serves_the_sdk_and_stops_cleanly(tiny_gguf, tmp_path) -> None:
+    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)])
+    try:
+        url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
+        up.wait_for("Serving: tiny")
+        children = _children(up)
+        assert any("nats-server" in c.name() for c in children)
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert out.usage.total_tokens > 0
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.NotFoundError) as err:
+            client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.code == "model_not_found"
+        assert len(client.embeddings.create(model="tiny", input=["a", "b"]).data) == 2
+    finally:
+        code = up.stop(signal.SIGTERM)
+    assert code == 0, up.output()[-2000:]
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_up_without_models_says_how_to_add_one(tmp_path) -> None:
+    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path)])
+    try:
+        up.wait_for("No model yet", timeout=60)
+    finally:
+        assert up.stop(signal.SIGINT) == 0
+
+
+def test_up_demo_serves_a_labelled_plumbing_model(tmp_path) -> None:
+    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path), "--demo"])
+    try:
+        url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
+        up.wait_for("plumbing demo")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert client.chat.completions.create(
+            model="tiny-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        ).choices[0].message.role == "assistant"
+    finally:
+        assert up.stop() == 0
+    assert (tmp_path / "models" / "demo" / "tiny-demo.gguf").stat().st_size > 0
+
+
+def test_up_rejects_an_unrecognised_model_file(tmp_path) -> None:
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_text("not a model")
+    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "d"), "--model", str(bogus)])
+    up.wait_for("cannot register .*unrecognised model file", timeout=60)
+    assert up.popen.wait(20) == 2
+
+
+def test_help_documents_environment_defaults() -> None:
+    helptext = Proc(["up", "--help"])
+    helptext.popen.wait(20)
+    out = helptext.output()
+    assert "LLM_ROUTER_PORT" in out and "LLM_ROUTER_NATS_URL" in out and "--demo" in out
