@@ -155,21 +155,20 @@ class Registry:
         if msg.reply:
             await msg.respond(codec.encode(reply))
 
-    async def _on_register(self, msg: Msg) -> None:
+    async def _answer(self, msg: Msg, kind: type, action) -> None:
+        """Decode an admin request of ``kind``, run ``action`` on it, reply with its AdminReply."""
         try:
-            request = codec.decode(msg.data, RegisterModel)
+            request = codec.decode(msg.data, kind)
         except msgspec.DecodeError as exc:
-            await self._reply(msg, AdminReply(ok=False, status=400, message=f"bad register request: {exc}"))
+            await self._reply(msg, AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {exc}"))
             return
-        await self._reply(msg, await self.register_path(request))
+        await self._reply(msg, await action(request))
+
+    async def _on_register(self, msg: Msg) -> None:
+        await self._answer(msg, RegisterModel, self.register_path)
 
     async def _on_delete(self, msg: Msg) -> None:
-        try:
-            request = codec.decode(msg.data, DeleteModel)
-        except msgspec.DecodeError as exc:
-            await self._reply(msg, AdminReply(ok=False, status=400, message=f"bad delete request: {exc}"))
-            return
-        await self._reply(msg, await self.delete(request.name))
+        await self._answer(msg, DeleteModel, lambda request: self.delete(request.name))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
