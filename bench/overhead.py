@@ -1,10 +1,10 @@
 """How much latency and throughput the router itself costs, measured with an instant engine.
 
-    python bench/overhead.py                      # ~2.5 min: both layouts, 3 concurrencies
-    python bench/overhead.py --quick              # ~20 s: split layout, shorter phases
+    python bench/overhead.py                      # ~2 min: both layouts, 3 concurrencies
+    python bench/overhead.py --quick              # ~20 s: split layout only, shorter phases
     python bench/overhead.py --output docs/benchmarks.md
 
-Two setups answer the same chat request with the same engine (``bench/minimal_engine.py``,
+Three setups answer the same chat request with the same engine (``bench/minimal_engine.py``,
 which returns "pong" at once):
 
 (a) ``in-process``: the engine's ``chat`` method called directly in this process; no HTTP,
@@ -17,10 +17,14 @@ which returns "pong" at once):
     ``Registry.register_path``, so the node loads the minimal engine through the normal
     registry -> node path. This process drives ``POST /v1/chat/completions`` (not streamed)
     over HTTP/1.1 keep-alive connections to 127.0.0.1, one connection per concurrent client.
+(c) ``NATS -> node`` (``--nats-direct``, on by default, off with ``--quick``): the split
+    layout's node asked directly over NATS, as the gateway's dispatcher asks it, which splits
+    the stack's cost into "node + NATS" and "gateway + HTTP".
 
 The load generator is a small HTTP/1.1 client on raw asyncio transports (uvloop), about
-15 microseconds of CPU per request, so that it stays far from being the bottleneck; its
-CPU use is reported with the results. Every level is warmed up before it is measured, and
+20 microseconds of CPU per request under load, so that it stays far from being the
+bottleneck; its CPU use is reported with the results (``--client wrk`` drives the stack
+with wrk instead, as a cross-check). Every level is warmed up before it is measured, and
 every loop is bounded both in time and in request count.
 
 Results are printed as Markdown. ``--output FILE`` also writes them into FILE between the
@@ -35,9 +39,10 @@ import asyncio
 import json
 import math
 import os
-import re
+import logging
 import platform
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +63,7 @@ import psutil  # noqa: E402
 from minimal_engine import TEXT, MinimalEngine  # noqa: E402
 
 MODEL = "bench-tiny"
+NODE_ID = "bench-node"
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RPS_AT_64 = 2000.0
@@ -216,6 +222,66 @@ def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
     return (head + "\r\n").encode() + body
 
 
+async def run_nats_direct(
+    nats_url: str, node_id: str, concurrency: int, warmup: float, duration: float, pids: dict[str, int]
+) -> Result:
+    """``--nats-direct``: the node alone, asked over NATS as the gateway's dispatcher asks it
+    (an ``InferenceRequest`` on the node's own subject, the reply awaited), with no HTTP and no
+    gateway; ``concurrency`` requests in flight on one nats-py connection."""
+    import uuid
+
+    import nats
+
+    from events import codec, subjects
+    from events.messages import InferenceRequest, TextDone
+    from events.openai import ChatCompletionBody
+
+    body = codec.decode(CHAT_BODY, ChatCompletionBody)
+    subject = subjects.infer_on_node(subjects.CHAT, MODEL, node_id)
+    nc = await nats.connect(nats_url, name="bench-nats-direct")
+    clock = time.perf_counter_ns
+    measure_from = clock() + int(warmup * 1e9)
+    measure_to = measure_from + int(duration * 1e9)
+    samples: list[int] = []
+    errors = sent = 0
+    cpu_start = _cpu_times(pids)
+    t_start = time.monotonic()
+
+    async def worker() -> None:
+        nonlocal errors, sent
+        n = 0
+        while n < MAX_REQUESTS_PER_PHASE:
+            t0 = clock()
+            if t0 >= measure_to:
+                return
+            request = InferenceRequest(
+                request_id=uuid.uuid4().hex, model=MODEL, capability=subjects.CHAT, params=body, stream=False
+            )
+            try:
+                msg = await nc.request(subject, codec.encode(request), timeout=10)
+                reply = codec.decode_reply(msg.data)
+            except Exception:
+                errors += 1
+                return
+            t1 = clock()
+            sent += 1
+            if measure_from <= t1 < measure_to:
+                samples.append(t1 - t0)
+                if not isinstance(reply, TextDone) or reply.text != TEXT:
+                    errors += 1
+            n += 1
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), warmup + duration + 30)
+    finally:
+        await nc.close()
+    # CPU over the whole phase (warm-up included): same rate, as the load is steady.
+    cpu_end, window = _cpu_times(pids), time.monotonic() - t_start
+    cpu = {name: 100 * (cpu_end[name] - cpu_start[name]) / window for name in cpu_end if name in cpu_start}
+    cpu[OTHER] = max(0.0, cpu.pop(SYSTEM) - sum(cpu.values()))
+    return Result("NATS -> node", concurrency, samples, duration, errors, cpu, sent)
+
+
 async def run_http(port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int]) -> Result:
     """``concurrency`` clients, each on its own connection, sending the next request when the
     previous answer arrived (a closed loop). Samples: requests completed in the window."""
@@ -275,6 +341,64 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
 
 
 SYSTEM, OTHER = "_system", "other processes"
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '%s'
+"""
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def run_wrk(port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int], workdir: Path) -> Result:
+    """The same closed loop driven by ``wrk`` (one thread, ``concurrency`` connections).
+
+    wrk checks status codes only (non-2xx responses are errors), not bodies. Its latency
+    percentiles are its own (HdrHistogram-style, whole run); the warm-up is a separate wrk run.
+    """
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("--client wrk: no wrk on PATH (Debian: apt-get install wrk)")
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT % CHAT_BODY.decode())
+    base = [wrk, "-t", "1", "-c", str(concurrency), "--latency", "--timeout", "10s", "-s", str(script)]
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    warm = subprocess.run(
+        [*base, "-d", f"{max(1, round(warmup))}s", url], capture_output=True, text=True, timeout=warmup + 60, check=True
+    )
+    warm_count = re.search(r"^\s+(\d+) requests in", warm.stdout, re.M)
+    pids = {name: pid for name, pid in pids.items() if name != "load generator"}
+    before, t0 = _cpu_times(pids), time.monotonic()
+    proc = subprocess.Popen([*base, "-d", f"{max(1, round(duration))}s", url], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + duration + 60
+    while True:  # bounded wait; wait4 also gives wrk's own CPU time
+        waited, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if waited:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError("wrk did not finish")
+        time.sleep(0.05)
+    after, window = _cpu_times(pids), time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out}")
+    cpu = {name: 100 * (after[name] - before[name]) / window for name in after if name in before}
+    cpu["load generator"] = 100 * (usage.ru_utime + usage.ru_stime) / window
+    cpu[OTHER] = max(0.0, cpu.pop(SYSTEM) - sum(cpu.values()))
+    reported: dict[str, float] = {}
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M):
+        reported[f"p{pct}"] = float(value) * _WRK_UNITS[unit]
+    match = re.search(r"^\s+(\d+) requests in ([\d.]+)(us|ms|s|m)", out, re.M)
+    if not match or "p50" not in reported or "p99" not in reported:
+        raise RuntimeError(f"cannot read wrk's report:\n{out}")
+    reported["requests"] = float(match.group(1))
+    seconds = float(match.group(2)) * _WRK_UNITS[match.group(3)] / 1e3
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    sent = int(reported["requests"]) + (int(warm_count.group(1)) if warm_count else 0)
+    return Result("stack", concurrency, [], seconds, errors, cpu, sent, reported)
 
 
 def _cpu_times(pids: dict[str, int]) -> dict[str, float]:
@@ -364,7 +488,7 @@ class Stack:
         url = self.nats.start_sync()
         common = ["--nats-url", url]
         registry_args = ["--model-path", str(model_path), "--model-name", MODEL]
-        node_args = ["--data-dir", str(self.workdir / "node"), "--parallel", str(self.parallel)]
+        node_args = ["--data-dir", str(self.workdir / "node"), "--parallel", str(self.parallel), "--node-id", NODE_ID]
         if self.layout == "up":
             plan = [("up", ["--role", "up", *common, *registry_args, *node_args, "--port", "0"])]
         else:
@@ -485,8 +609,8 @@ def render(
     for layout in args.layouts:
         if layout in stored:
             summary.append(
-                f"- stack ({layout}): history records in the HISTORY stream after the run: {stored[layout]:,} "
-                f"of {sent[layout]:,} requests answered (warm-up included)"
+                f"- stack ({layout}): {stored[layout]:,} records in the HISTORY stream after the run, for "
+                f"{sent[layout]:,} answers the client received (warm-up included)"
             )
     lines += summary
     cpu_rows = [r for r in results if r.cpu]
@@ -495,13 +619,14 @@ def render(
         lines += [
             "",
             "CPU use during each measured window, in % of one core (the machine has "
-            f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%):",
+            f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%), and in parentheses the CPU time "
+            "per answered request:",
             "",
             "| setup | concurrency | " +  " | ".join(names) + " | machine total |",
             "|---|---:|" + "---:|" * (len(names) + 1),
         ]
         for r in cpu_rows:
-            cells = [f"{r.cpu[n]:.0f}" if n in r.cpu else "-" for n in names]
+            cells = [_cpu_cell(r, n) for n in names]
             lines.append(f"| {r.setup} | {r.concurrency} | " + " | ".join(cells) + f" | {sum(r.cpu.values()):.0f} |")
         lines += [
             "",
@@ -509,6 +634,18 @@ def render(
             "(another job on a shared machine skews every number above).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_cell(r: Result, name: str) -> str:
+    if name not in r.cpu:
+        return "-"
+    if name == OTHER or r.rps <= 0:
+        return f"{r.cpu[name]:.0f}"
+    return f"{r.cpu[name]:.0f} ({per_request_us(r, name):.0f} µs)"
+
+
+def per_request_us(r: Result, name: str) -> float:
+    return r.cpu[name] / 100 / r.rps * 1e6 if r.rps > 0 else float("nan")
 
 
 def _process_order(name: str) -> tuple[int, str]:
@@ -532,6 +669,13 @@ def machine() -> str:
     except ImportError:
         loop = "asyncio"
     return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, {loop}"
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """CPU used by the whole machine over ``seconds``, in % of one core."""
+    before = _cpu_times({})[SYSTEM]
+    time.sleep(seconds)
+    return 100 * (_cpu_times({})[SYSTEM] - before) / seconds
 
 
 def write_section(path: Path, text: str) -> None:
@@ -569,6 +713,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per level [2; --quick: 1]")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per level [10; --quick: 3]")
     parser.add_argument("--parallel", type=int, default=64, help="node slots for the model [%(default)s]")
+    parser.add_argument("--client", choices=["python", "wrk"], default="python",
+                        help="load generator for the stack: the built-in asyncio client or wrk [%(default)s]")
+    parser.add_argument("--nats-direct", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure the node alone over NATS, without gateway and HTTP, in the split "
+                        "layout [on; --quick: off]")
     parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
     args = parser.parse_args()
@@ -576,19 +725,22 @@ def main() -> int:
     args.layouts = [s.strip() for s in (args.layouts or ("split" if args.quick else "split,up")).split(",") if s.strip()]
     if any(layout not in ("split", "up") for layout in args.layouts):
         parser.error("--layouts takes split and/or up")
+    if args.nats_direct is None:
+        args.nats_direct = not args.quick
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
-    in_process_duration = min(duration, 2.0)
+    in_process_duration = min(duration, 1.0 if args.quick else 2.0)
     command = "python bench/overhead.py " + " ".join(sys.argv[1:])
     started = time.time()
 
-    import logging
-
-    os.environ.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
     from llm_router import logs
 
     logs.configure("warning", "json")
     logging.getLogger().setLevel(logging.WARNING)
+    busy = machine_busy()
+    if busy > 20:
+        print(f"warning: the machine is already busy ({busy:.0f}% of one core used by other processes); "
+              "the numbers will be lower and noisier than on an idle machine", file=sys.stderr, flush=True)
 
     results: list[Result] = []
     sent: dict[str, int] = {}
@@ -607,7 +759,10 @@ def main() -> int:
             stack.start()
             print(f"stack ({layout}) up in {time.monotonic() - t0:.1f} s on port {stack.port}", file=sys.stderr, flush=True)
             for c in args.levels:
-                r = _event_loop_run(run_http(stack.port, c, warmup, duration, stack.pids()))
+                if args.client == "wrk":
+                    r = run_wrk(stack.port, c, warmup, duration, stack.pids(), workdir)
+                else:
+                    r = _event_loop_run(run_http(stack.port, c, warmup, duration, stack.pids()))
                 r.setup = f"stack ({layout})"
                 results.append(r)
                 sent[layout] = sent.get(layout, 0) + r.sent
@@ -616,6 +771,14 @@ def main() -> int:
                       + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
                       file=sys.stderr, flush=True)
             stored[layout] = _event_loop_run(stack.history_count(sent[layout]))
+            if args.nats_direct and layout == "split":
+                for c in args.levels:
+                    pids = {k: v for k, v in stack.pids().items() if k != "gateway"}
+                    r = _event_loop_run(run_nats_direct(stack.nats.url, NODE_ID, c, warmup, duration, pids))
+                    r.setup = "NATS -> node (split)"
+                    results.append(r)
+                    print(f"NATS -> node    c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
+                          f"{r.rps:,.0f} req/s  errors={r.errors}", file=sys.stderr, flush=True)
             print(f"stack ({layout}) history records stored: {stored[layout]:,} of {sent[layout]:,} requests",
                   file=sys.stderr, flush=True)
         finally:
