@@ -17,6 +17,8 @@ MiB = 1024**2
 # Node presence: heartbeat every HEARTBEAT_INTERVAL_S, gone after NODE_TTL_S without one.
 HEARTBEAT_INTERVAL_S = 2.0
 NODE_TTL_S = 10.0
+# A node's durable registry consumer outlives restarts, but not a node retired for a month.
+NODE_CONSUMER_RETENTION_S = 30 * 24 * 3600.0
 
 REGISTRY_EVENTS = "REGISTRY_EVENTS"
 HISTORY = "HISTORY"

@@ -78,7 +78,12 @@ class NodeAgent:
             durable=f"node-{encode_token(self.node_id)}",
             cb=self._on_event,
             manual_ack=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=60),
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.NEW,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=60,
+                inactive_threshold=storage.NODE_CONSUMER_RETENTION_S,  # a node gone for good
+            ),
         )
         await self._sync_snapshot()
         await self._publish_heartbeat()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import threading
 import time
 
 import httpx
+import nats
+import nats.errors
 import openai
 import pytest
 from conftest import Stack, requires_llama, wait_until
@@ -52,20 +56,37 @@ def test_clean_node_stop_is_seen_at_once(stack) -> None:
 
 
 def test_requests_do_not_block_heartbeats(stack) -> None:
-    """A long generation runs off the event loop: the node keeps beating meanwhile."""
+    """Generation runs off the event loop: heartbeats keep their rhythm while the engine is busy."""
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
     done = threading.Event()
 
     def generate() -> None:
-        for _ in range(3):
-            client.completions.create(model=MODEL, prompt="go", max_tokens=400)
-        done.set()
+        try:
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline:
+                client.completions.create(model=MODEL, prompt="go", max_tokens=450)
+        finally:
+            done.set()
+
+    async def collect() -> list[float]:
+        nc = await nats.connect(stack.nats_url)
+        sub = await nc.subscribe("nodes.heartbeat.*")
+        sent: list[float] = []
+        while not done.is_set():
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+            beat = json.loads(msg.data)
+            if beat["active_requests"] > 0:  # a beat sent while the engine was generating
+                sent.append(beat["sent_at"])
+        await nc.close()
+        return sent
 
     worker = threading.Thread(target=generate)
     worker.start()
-    alive = 0
-    while not done.is_set():
-        alive += MODEL in stack.models()
-        time.sleep(0.05)
+    busy_beats = asyncio.run(collect())
     worker.join()
-    assert alive > 0 and MODEL in stack.models()
+    assert len(busy_beats) >= 2
+    gaps = [b - a for a, b in zip(busy_beats, busy_beats[1:])]
+    assert max(gaps) < 2 * storage.HEARTBEAT_INTERVAL_S
