@@ -21,9 +21,10 @@ MODEL = "cancel-tiny"
 
 def test_engine_stops_at_the_next_token_when_cancelled(tiny_gguf) -> None:
     engine = LlamaEngine(str(tiny_gguf), n_ctx=512, n_threads=1)
-    body = CompletionBody(model=MODEL, prompt="go", max_tokens=450)
+    # Forbidding token 4 (the end token) makes the tiny model run to max_tokens unless cancelled.
+    body = CompletionBody(model=MODEL, prompt="go", max_tokens=450, logit_bias={"4": -100.0})
     full = engine.complete(body, None, threading.Event())
-    assert full.usage.completion_tokens == 450  # random weights never stop by themselves here
+    assert full.usage.completion_tokens == 450
 
     cancelled = threading.Event()
     threading.Timer(0.02, cancelled.set).start()
@@ -42,7 +43,9 @@ def test_disconnect_publishes_cancel_and_frees_the_node(nats_url, tiny_gguf, tmp
         async def scenario() -> list[str]:
             nc = await nats.connect(nats_url)
             cancels = await nc.subscribe("infer.cancel.*")
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 450, "stream": True}
+            # Token 4 ends generation; forbidding it keeps the tiny model busy for all 480 tokens.
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 480,
+                    "logit_bias": {"4": -100}, "stream": True}
             async with httpx.AsyncClient(timeout=30) as client:
                 async with client.stream("POST", stack.url + "/v1/chat/completions", json=body) as response:
                     assert response.status_code == 200
