@@ -151,9 +151,13 @@ class NodeHeartbeat(Struct, kw_only=True):
     state: Literal["online", "draining"] = "online"
     schema: int = SCHEMA_VERSION
 
-    def serves(self, model: str, capability: str) -> bool:
+    def serves(self, model: str, capability: str | None = None) -> bool:
+        """Whether ``model`` is loaded with a real artifact (and offers ``capability`` when given)."""
         return any(
-            m.name == model and m.state == "ready" and m.artifact_bytes > 0 and capability in m.capabilities
+            m.name == model
+            and m.state == "ready"
+            and m.artifact_bytes > 0
+            and (capability is None or capability in m.capabilities)
             for m in self.models
         )
 

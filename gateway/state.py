@@ -127,13 +127,4 @@ class NodeDirectory:
 
     def serving(self, model: str, capability: str | None = None) -> list[NodeHeartbeat]:
         """Live, non-draining nodes with ``model`` ready (for ``capability`` when given)."""
-        found = []
-        for beat in self.live():
-            if beat.state != "online":
-                continue
-            for m in beat.models:
-                if m.name == model and m.state == "ready" and m.artifact_bytes > 0:
-                    if capability is None or capability in m.capabilities:
-                        found.append(beat)
-                    break
-        return found
+        return [beat for beat in self.live() if beat.state == "online" and beat.serves(model, capability)]

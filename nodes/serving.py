@@ -139,6 +139,8 @@ class ServedModel:
         return TextDone(request_id=rid, node_id=node_id, finish_reason=outcome.finish_reason, usage=outcome.usage)
 
     async def close(self) -> None:
-        """Wait for in-flight work, then free the engine (off the loop)."""
+        """Wait for in-flight work (taking every slot), then free the engine off the loop."""
+        for _ in range(self.parallel):
+            await self._slots.acquire()
         await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.close)
         self._pool.shutdown(wait=False)

@@ -136,17 +136,17 @@ def test_bad_input_is_400_with_param(client: openai.OpenAI, stack) -> None:
 
 
 def test_registered_but_unserved_model_is_503(client: openai.OpenAI, stack, tmp_path) -> None:
-    from nodes.demo_model import write_tiny_gguf
-
-    path = write_tiny_gguf(tmp_path / "orphan.gguf")
+    path = tmp_path / "orphan.gguf"
+    path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + bytes(64))  # GGUF magic, no model: loads fail
     assert stack.register(path, "orphan")["ok"]
-    path.unlink()  # no node can load it now
     try:
         with pytest.raises(openai.InternalServerError) as err:
             client.chat.completions.create(model="orphan", messages=[{"role": "user", "content": "x"}])
         assert err.value.status_code == 503
         assert err.value.response.headers["retry-after"]
+        assert "no live node serves it" in err.value.message
         assert "orphan" not in stack.models()
+        assert client.models.retrieve("orphan").model_extra["ready"] is False
     finally:
         asyncio.run(_delete(stack.nats_url, "orphan"))
 

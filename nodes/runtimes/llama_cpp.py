@@ -221,7 +221,10 @@ def _trained_context(path: str) -> int:
         from gguf import GGUFReader
     except ImportError:
         return 0
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception:  # unreadable metadata: let llama.cpp's own loader report the problem
+        return 0
     arch_field = reader.fields.get("general.architecture")
     if arch_field is None:
         return 0
