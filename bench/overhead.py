@@ -222,6 +222,40 @@ def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
     return (head + "\r\n").encode() + body
 
 
+async def closed_loop(
+    clients: list[Any], ask: Any, ok: Any, measure_from: int, measure_to: int, samples: list[int]
+) -> tuple[int, int]:
+    """One worker per client, each sending its next request when the previous answer arrived.
+
+    ``ask(client)`` sends one request and returns the answer (raising on a transport failure);
+    ``ok(answer)`` says whether it is right. Latencies of answers completed inside the window go
+    into ``samples``. Returns (answers received, errors). Bounded in time and in count.
+    """
+    clock = time.perf_counter_ns
+    errors = sent = 0
+
+    async def worker(client: Any) -> None:
+        nonlocal errors, sent
+        for _ in range(MAX_REQUESTS_PER_PHASE):
+            t0 = clock()
+            if t0 >= measure_to:
+                return
+            try:
+                answer = await ask(client)
+            except Exception:
+                errors += 1
+                return
+            t1 = clock()
+            sent += 1
+            if measure_from <= t1 < measure_to:
+                samples.append(t1 - t0)
+                if not ok(answer):
+                    errors += 1
+
+    await asyncio.gather(*(worker(c) for c in clients))
+    return sent, errors
+
+
 async def run_nats_direct(
     nats_url: str, node_id: str, concurrency: int, warmup: float, duration: float, pids: dict[str, int]
 ) -> Result:
@@ -243,36 +277,23 @@ async def run_nats_direct(
     measure_from = clock() + int(warmup * 1e9)
     measure_to = measure_from + int(duration * 1e9)
     samples: list[int] = []
-    errors = sent = 0
     cpu_start = _cpu_times(pids)
     t_start = time.monotonic()
 
-    async def worker() -> None:
-        nonlocal errors, sent
-        n = 0
-        while n < MAX_REQUESTS_PER_PHASE:
-            t0 = clock()
-            if t0 >= measure_to:
-                return
-            request = InferenceRequest(
-                request_id=uuid.uuid4().hex, model=MODEL, capability=subjects.CHAT, params=body, stream=False
-            )
-            try:
-                msg = await nc.request(subject, codec.encode(request), timeout=10)
-                reply = codec.decode_reply(msg.data)
-            except Exception:
-                errors += 1
-                return
-            t1 = clock()
-            sent += 1
-            if measure_from <= t1 < measure_to:
-                samples.append(t1 - t0)
-                if not isinstance(reply, TextDone) or reply.text != TEXT:
-                    errors += 1
-            n += 1
+    async def ask(_: Any) -> Any:
+        request = InferenceRequest(
+            request_id=uuid.uuid4().hex, model=MODEL, capability=subjects.CHAT, params=body, stream=False
+        )
+        msg = await nc.request(subject, codec.encode(request), timeout=10)
+        return codec.decode_reply(msg.data)
+
+    def ok(reply: Any) -> bool:
+        return isinstance(reply, TextDone) and reply.text == TEXT
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), warmup + duration + 30)
+        sent, errors = await asyncio.wait_for(
+            closed_loop([None] * concurrency, ask, ok, measure_from, measure_to, samples), warmup + duration + 30
+        )
     finally:
         await nc.close()
     # CPU over the whole phase (warm-up included): same rate, as the load is steady.
@@ -292,8 +313,6 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
     measure_from = clock() + int(warmup * 1e9)
     measure_to = measure_from + int(duration * 1e9)
     samples: list[int] = []
-    errors = 0
-    sent = 0
     cpu_start: dict[str, Any] = {}
     cpu_window: list[float] = []
 
@@ -304,29 +323,18 @@ async def run_http(port: int, concurrency: int, warmup: float, duration: float, 
         await asyncio.sleep(max(0.0, (measure_to - clock()) / 1e9))
         cpu_window.append(time.monotonic())
 
-    async def worker(conn: HttpConnection) -> None:
-        nonlocal errors, sent
-        n = 0
-        while n < MAX_REQUESTS_PER_PHASE:
-            t0 = clock()
-            if t0 >= measure_to:
-                return
-            try:
-                status, body = await conn.request(request)
-            except (ConnectionError, ValueError, OSError):
-                errors += 1
-                return
-            t1 = clock()
-            sent += 1
-            if measure_from <= t1 < measure_to:
-                samples.append(t1 - t0)
-                if status != 200 or expected not in body:
-                    errors += 1
-            n += 1
+    async def ask(conn: HttpConnection) -> tuple[int, bytes]:
+        return await conn.request(request)
+
+    def ok(answer: tuple[int, bytes]) -> bool:
+        status, body = answer
+        return status == 200 and expected in body
 
     cpu_task = asyncio.create_task(sampler())
     try:
-        await asyncio.wait_for(asyncio.gather(*(worker(c) for c in conns)), warmup + duration + 30)
+        sent, errors = await asyncio.wait_for(
+            closed_loop(conns, ask, ok, measure_from, measure_to, samples), warmup + duration + 30
+        )
         await cpu_task
         cpu_end = _cpu_times(pids)
     finally:

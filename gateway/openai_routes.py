@@ -51,21 +51,12 @@ def parse_body(raw: bytes, kind: type) -> Any:
         raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
 
 
-def _is_json(raw: bytes) -> bool:
+def _parsed_json(raw: bytes) -> Any:
+    """The body as JSON, or None when it is not JSON (for recording refused requests)."""
     try:
-        msgspec.json.decode(raw)
+        return msgspec.json.decode(raw)
     except msgspec.DecodeError:
-        return False
-    return True
-
-
-def _model_field(raw: bytes) -> str:
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return "-"
-    model = value.get("model") if isinstance(value, dict) else None
-    return model if isinstance(model, str) and model else "-"
+        return None
 
 
 def failure_error(failure: Failure) -> ApiError:
@@ -253,12 +244,14 @@ class OpenAIRoutes:
 
     def _refused(self, capability: str, raw: bytes, started: float, t0: float, exc: ApiError) -> None:
         """History of a request refused before any node saw it (bad input, unknown model...)."""
-        model = _model_field(raw)
+        parsed = _parsed_json(raw)
+        model = parsed.get("model") if isinstance(parsed, dict) else None
         self.history.append(
             HistoryRecord(
-                id=uuid.uuid4().hex, capability=capability, endpoint=ENDPOINTS[capability], model=model, status_code=exc.status,
+                id=uuid.uuid4().hex, capability=capability, endpoint=ENDPOINTS[capability],
+                model=model if isinstance(model, str) and model else "-", status_code=exc.status,
                 started_at=started, duration_ms=(time.perf_counter() - t0) * 1000, error=exc.message,
-                request=msgspec.Raw(raw) if _is_json(raw) else msgspec.Raw(b"null"),
+                request=msgspec.Raw(raw if parsed is not None else b"null"),
             )
         )
 

@@ -73,7 +73,7 @@ class NodeAgent:
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
         self._control_subs.append(await self.nc.subscribe(subjects.INFER_CANCEL_ALL, cb=self._on_cancel))
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
-        self._events = await self.js.subscribe(
+        self._control_subs.append(await self.js.subscribe(
             subjects.REGISTRY_EVENTS_ALL,
             durable=f"node-{encode_token(self.node_id)}",
             cb=self._on_event,
@@ -84,7 +84,7 @@ class NodeAgent:
                 ack_wait=60,
                 inactive_threshold=storage.NODE_CONSUMER_RETENTION_S,  # a node gone for good
             ),
-        )
+        ))
         await self._sync_snapshot()
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -93,7 +93,7 @@ class NodeAgent:
     async def stop(self) -> None:
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
-        for sub in [s for subs in self._subs.values() for s in subs]:
+        for sub in [s for subs in self._subs.values() for s in subs] + self._control_subs:
             await sub.unsubscribe()
         self._subs.clear()
         if self._tasks:  # let in-flight requests finish their answers

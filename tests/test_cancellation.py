@@ -8,7 +8,6 @@ import threading
 
 import httpx
 import nats
-import pytest
 from conftest import Stack, requires_llama, wait_until
 
 from events.openai import CompletionBody
