@@ -9,7 +9,7 @@ Every top-level message carries ``schema`` so a reader can tell which contract w
 from __future__ import annotations
 
 import time
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import Struct, field
@@ -125,7 +125,7 @@ class LoadedModel(Struct, kw_only=True):
     name: str
     runtime: str
     capabilities: list[str]
-    state: Literal["loading", "ready", "error"] = "ready"
+    state: Literal["downloading", "loading", "ready", "error"] = "ready"
     artifact_path: str | None = None
     artifact_bytes: int = 0
     active_requests: int = 0
@@ -168,6 +168,26 @@ class NodeGoodbye(Struct, kw_only=True):
     schema: int = SCHEMA_VERSION
 
 
+class DownloadProgress(Struct, kw_only=True):
+    """A node's report on one model download, on ``downloads.progress.<node>.<model>``."""
+
+    node_id: str
+    model: str
+    state: Literal["running", "done", "failed"] = "running"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    speed_bps: float = 0.0
+    eta_s: float | None = None
+    error: str | None = None
+    task_id: str | None = None
+    at: float = field(default_factory=now)
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def fraction(self) -> float | None:
+        return self.bytes_done / self.bytes_total if self.bytes_total > 0 else None
+
+
 # ---------------------------------------------------------------- registry
 
 ModelState = Literal["registered", "downloading", "ready", "pending_conversion", "error"]
@@ -193,11 +213,16 @@ class ModelRecord(Struct, kw_only=True):
     source: ModelSource
     state: ModelState = "registered"
     size_bytes: int = 0
+    required_memory_bytes: int = 0
     sha256: str | None = None
+    quantization: str | None = None
+    catalog_id: str | None = None  # the curated catalog entry it was registered from
     description: str = ""
+    tags: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    download: DownloadProgress | None = None  # the most advanced download in progress
     created_at: float = field(default_factory=now)
     updated_at: float = field(default_factory=now)
     schema: int = SCHEMA_VERSION
@@ -213,10 +238,19 @@ class ModelEvent(Struct, kw_only=True):
     schema: int = SCHEMA_VERSION
 
 
-class RegisterModel(Struct, kw_only=True, omit_defaults=True):
-    """Admin request (``admin.model.register``): register a local artifact by path."""
+class RegisterModel(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Admin request (``admin.model.register``, ``POST /v0/models/register``). Metadata only.
 
-    path: str
+    Exactly one source: ``catalog_id`` (curated catalog), ``repo`` (+ ``filename``), ``url``
+    (a Hugging Face repo or file URL), or ``path`` (a file the nodes can see).
+    """
+
+    catalog_id: str | None = None
+    repo: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+    url: str | None = None
+    path: str | None = None
     name: str | None = None
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
@@ -233,6 +267,108 @@ class AdminReply(Struct, kw_only=True):
     status: int = 200
     message: str = ""
     record: ModelRecord | None = None
+
+
+# ---------------------------------------------------------------- catalogs
+
+Capability = Literal["chat", "completion", "embedding", "image", "transcription", "translation", "speech", "vision"]
+Platform = Literal["linux-cpu", "linux-cuda", "macos-metal", "windows-cpu", "windows-cuda"]
+CatalogId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)]
+RepoId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")]
+PositiveBytes = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class CatalogEntry(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One model of the curated catalog, ``registry/supported_models.json`` (its schema)."""
+
+    id: CatalogId
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    description: str
+    repo: RepoId
+    recommended_filename: Annotated[str, msgspec.Meta(min_length=1)]
+    size_bytes: PositiveBytes
+    required_memory_bytes: PositiveBytes
+    tags: list[str]
+    capabilities: Annotated[list[Capability], msgspec.Meta(min_length=1)]
+    quantization: str | None
+    parameter_count: str | None
+    format: Literal["gguf", "ctranslate2", "diffusers", "piper", "safetensors"]
+    engine: Literal["llama_cpp", "faster_whisper", "diffusers", "piper", "exllamav2"]
+    platforms: Annotated[list[Platform], msgspec.Meta(min_length=1)]
+
+
+class CatalogFile(Struct, forbid_unknown_fields=True):
+    schema: int
+    models: list[CatalogEntry]
+
+
+class HfInfo(Struct, kw_only=True):
+    downloads: int | None = None
+    likes: int | None = None
+
+
+class HubEntry(CatalogEntry, kw_only=True):
+    """A catalog entry with what the cluster has done with it."""
+
+    status: Literal["available", "downloading", "downloaded"]
+    lifecycle_status: ModelState | None = None  # None: not registered
+    registered_as: str | None = None
+    download_progress: DownloadProgress | None = None
+    hf_info: HfInfo | None = None
+
+
+class HubQuery(Struct, kw_only=True):
+    search: str = ""
+
+
+class HubReply(Struct, kw_only=True):
+    ok: bool
+    status: int = 200
+    message: str = ""
+    models: list[HubEntry] = field(default_factory=list)
+
+
+class GgufVariant(Struct, kw_only=True):
+    """One downloadable GGUF of a repository (a split model counts once, by its first part)."""
+
+    filename: str
+    quantization: str | None
+    size_bytes: int
+    last_modified: str | None
+    url: str
+    parts: int = 1
+
+
+class HfModel(Struct, kw_only=True):
+    id: str
+    downloads: int | None = None
+    likes: int | None = None
+    last_modified: str | None = None
+    tags: list[str] = field(default_factory=list)
+    variants: list[GgufVariant] = field(default_factory=list)
+
+
+class HfQuery(Struct, kw_only=True):
+    search: str = ""
+    page: Annotated[int, msgspec.Meta(ge=1)] = 1
+    per_page: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
+
+
+class HfPage(Struct, kw_only=True):
+    search: str
+    page: int
+    per_page: int
+    has_more: bool
+    models: list[HfModel]
+    fetched_at: float
+    stale: bool = False  # Hugging Face failed: this is the last page fetched
+
+
+class HfReply(Struct, kw_only=True):
+    ok: bool
+    status: int = 200
+    message: str = ""
+    page: HfPage | None = None
 
 
 # ---------------------------------------------------------------- history

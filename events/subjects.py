@@ -13,6 +13,13 @@ CHAT = "chat"
 COMPLETION = "completion"
 EMBEDDING = "embedding"
 TEXT_CAPABILITIES = (CHAT, COMPLETION, EMBEDDING)
+# Capabilities of the multimodal runtimes (images, speech to text, text to speech, vision chat).
+IMAGE = "image"
+TRANSCRIPTION = "transcription"
+TRANSLATION = "translation"
+SPEECH = "speech"
+VISION = "vision"
+KNOWN_CAPABILITIES = (*TEXT_CAPABILITIES, IMAGE, TRANSCRIPTION, TRANSLATION, SPEECH, VISION)
 
 # Queue group every node joins on the shared inference subjects.
 INFER_QUEUE = "nodes"
@@ -51,6 +58,8 @@ def node_goodbye(node_id: str) -> str:
 # Registry: admin requests (request/reply) and the model events it emits.
 ADMIN_MODEL_REGISTER = "admin.model.register"
 ADMIN_MODEL_DELETE = "admin.model.delete"
+ADMIN_MODEL_HUB = "admin.model.hub"  # the curated catalog with per-entry status
+ADMIN_MODEL_HF = "admin.model.hf"  # one page of the Hugging Face GGUF catalog
 ADMIN_ALL = "admin.>"
 
 REGISTRY_EVENTS_ALL = "registry.events.>"
@@ -58,6 +67,14 @@ MODEL_ADDED = "registry.events.model.added"
 MODEL_UPDATED = "registry.events.model.updated"
 MODEL_DELETED = "registry.events.model.deleted"
 MODEL_EVENTS = {"added": MODEL_ADDED, "updated": MODEL_UPDATED, "deleted": MODEL_DELETED}
+
+
+# Download progress of a node, live (the ``downloads`` KV bucket keeps the latest of each).
+DOWNLOADS_PROGRESS_ALL = "downloads.progress.>"
+
+
+def downloads_progress(node_id: str, model: str) -> str:
+    return f"downloads.progress.{encode_token(node_id)}.{encode_token(model)}"
 
 
 def history(capability: str, model: str) -> str:

@@ -18,12 +18,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker import connect, provision
+from broker.mirrors import NodeDirectory, RegisteredModels
 
+from .admin_routes import AdminRoutes
 from .dispatch import Dispatcher
 from .errors import ApiError
 from .history import HistoryWriter
 from .openai_routes import OpenAIRoutes, json_response
-from .state import ModelCatalog, NodeDirectory
 
 log = structlog.get_logger("gateway")
 
@@ -42,12 +43,19 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error").response()
 
 
-def build_app(gateway: "Gateway") -> Starlette:
-    api = gateway.routes
+def build_app(gateway: Gateway) -> Starlette:
+    api, admin = gateway.routes, gateway.admin
     routes = [
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
+        Route("/v1/models/{model:path}", admin.delete_model, methods=["DELETE"]),
+        Route("/v0/models", admin.list_models, methods=["GET"]),
+        Route("/v0/models/hub", admin.hub, methods=["GET"]),
+        Route("/v0/models/hf", admin.hf, methods=["GET"]),
+        Route("/v0/models/register", admin.register, methods=["POST"]),
+        Route("/v0/models/{model:path}", admin.get_model, methods=["GET"]),
+        Route("/v0/models/{model:path}", admin.delete_model, methods=["DELETE"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
@@ -83,7 +91,7 @@ class Gateway:
         self.nc = await connect(self.nats_url, name="gateway")
         self.js = self.nc.jetstream()
         await provision(self.js)
-        self.catalog = ModelCatalog()
+        self.catalog = RegisteredModels()
         await self.catalog.start(self.js)
         self.directory = NodeDirectory()
         await self.directory.start(self.nc, self.js)
@@ -92,6 +100,7 @@ class Gateway:
         self.history = HistoryWriter(self.js)
         self.history.start()
         self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history)
+        self.admin = AdminRoutes(self.nc, self.catalog, self.directory)
         self.app = build_app(self)
 
         # Bind first, so that port 0 resolves to a real port before we print the URL.

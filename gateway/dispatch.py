@@ -22,11 +22,17 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from broker.mirrors import NodeDirectory
 from events import codec, subjects
-from events.messages import FINAL_REPLIES, CancelRequest, InferenceRequest, NodeHeartbeat, Reply
+from events.messages import (
+    FINAL_REPLIES,
+    CancelRequest,
+    InferenceRequest,
+    NodeHeartbeat,
+    Reply,
+)
 
 from .errors import ApiError
-from .state import NodeDirectory
 
 log = structlog.get_logger("gateway")
 
@@ -67,7 +73,7 @@ class Dispatcher:
         random.shuffle(nodes)  # equal loads: spread, do not pile onto the first
         return min(nodes, key=lambda n: self.inflight[n.node_id] / max(1, n.max_parallel))
 
-    def call(self, capability: str, model: str, params: Any, *, stream: bool) -> "Call":
+    def call(self, capability: str, model: str, params: Any, *, stream: bool) -> Call:
         return Call(self, capability, model, params, stream)
 
 
@@ -93,7 +99,7 @@ class Call:
     def request_id(self) -> str:
         return self.request.request_id
 
-    async def __aenter__(self) -> "Call":
+    async def __aenter__(self) -> Call:
         self.d._calls[self._inbox] = self._queue
         try:
             await self._send()
@@ -102,7 +108,7 @@ class Call:
             raise
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.d._calls.pop(self._inbox, None)
         self._release()
         if not self.finished and self.node_id is not None:
@@ -159,7 +165,7 @@ class Call:
                 raise ApiError(504, "the node did not answer in time", code="timeout")
             try:
                 msg: Msg = await asyncio.wait_for(self._queue.get(), timeout=min(1.0, remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not self.d.directory.is_live(self.node_id):
                     raise NodeGone("its heartbeat expired") from None
                 continue

@@ -7,7 +7,7 @@ import struct
 from typing import Any
 
 from events import codec
-from events.messages import Usage
+from events.messages import DownloadProgress, Usage
 
 CHAT_OBJECT = "chat.completion"
 CHAT_CHUNK_OBJECT = "chat.completion.chunk"
@@ -115,3 +115,27 @@ def embedding_list(model: str, vectors: list[list[float]], usage: Usage, encodin
         "model": model,
         "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens},
     }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def progress_text(progress: DownloadProgress | None) -> str:
+    """``42%, 1.2 GB of 2.9 GB, 35 MB/s, about 48 s left`` (parts unknown are left out)."""
+    if progress is None:
+        return ""
+    parts = []
+    if progress.fraction is not None:
+        parts.append(f"{progress.fraction:.0%}, {_size(progress.bytes_done)} of {_size(progress.bytes_total)}")
+    elif progress.bytes_done:
+        parts.append(f"{_size(progress.bytes_done)} so far")
+    if progress.speed_bps > 0:
+        parts.append(f"{_size(progress.speed_bps)}/s")
+    if progress.eta_s is not None:
+        parts.append(f"about {progress.eta_s:.0f} s left")
+    return ", ".join(parts)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import msgspec
@@ -12,15 +13,29 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, subjects
-from events.messages import Accepted, EmbeddingResult, Failure, HistoryRecord, TextDelta, TextDone, Usage
-from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, validation_param
+from events.messages import (
+    Accepted,
+    EmbeddingResult,
+    Failure,
+    HistoryRecord,
+    ModelRecord,
+    TextDelta,
+    TextDone,
+    Usage,
+)
+from events.openai import (
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    validation_param,
+)
 
 from . import formatting
 from .dispatch import Call, Dispatcher
 from .errors import ApiError, model_not_found
 from .history import HistoryWriter
-from .state import ModelCatalog, NodeDirectory
 
 log = structlog.get_logger("gateway")
 
@@ -59,13 +74,24 @@ def _parsed_json(raw: bytes) -> Any:
         return None
 
 
+def unavailable_message(record: ModelRecord) -> str:
+    """Why a registered model cannot be served right now, with download progress when known."""
+    name = record.name
+    if record.state == "downloading":
+        progress = formatting.progress_text(record.download)
+        return f"Model '{name}' is downloading{f' ({progress})' if progress else ''}. Retry shortly."
+    if record.state == "error":
+        return f"Model '{name}' failed to load or download: {record.error}. Fix it and retry."
+    return f"Model '{name}' is registered but no live node serves it yet (its files may still be downloading). Retry shortly."
+
+
 def failure_error(failure: Failure) -> ApiError:
     return ApiError(failure.status, failure.message, type=failure.type, param=failure.param, code=failure.code)
 
 
 class OpenAIRoutes:
     def __init__(
-        self, catalog: ModelCatalog, directory: NodeDirectory, dispatcher: Dispatcher, history: HistoryWriter
+        self, catalog: RegisteredModels, directory: NodeDirectory, dispatcher: Dispatcher, history: HistoryWriter
     ) -> None:
         self.catalog = catalog
         self.directory = directory
@@ -116,12 +142,12 @@ class OpenAIRoutes:
                 code="unsupported_capability",
             )
         if record.state == "pending_conversion":
-            raise ApiError(503, f"Model '{model}' is awaiting conversion and cannot be served yet.", code="model_unavailable")
-        if not self.directory.serving(model, capability):
-            state = "is downloading" if record.state == "downloading" else "is registered but no live node serves it"
             raise ApiError(
-                503, f"Model '{model}' {state}. Retry shortly.", code="model_unavailable", headers={"Retry-After": "5"}
+                503, f"Model '{model}' is awaiting conversion to a format the nodes can run; it cannot be served yet.",
+                code="model_pending_conversion",
             )
+        if not self.directory.serving(model, capability):
+            raise ApiError(503, unavailable_message(record), code="model_unavailable", headers={"Retry-After": "5"})
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._text(request, subjects.CHAT, ChatCompletionBody)

@@ -45,6 +45,23 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--parallel", "PARALLEL", 1, "requests one loaded model runs at once on this node", type=int)
 
 
+def _registry_options(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--hf-cache-ttl", "HF_CACHE_TTL", 600.0, "seconds a Hugging Face catalog page stays cached", type=float)
+    _add(parser, "--hf-timeout", "HF_TIMEOUT", 5.0, "seconds to wait for Hugging Face before answering from the cache", type=float)
+    _add(parser, "--catalog", "CATALOG", None, "curated model catalog to use instead of the built-in supported_models.json")
+
+
+def _registry(args: argparse.Namespace, nats_url: str | None) -> Any:
+    from registry import Registry
+
+    return Registry(
+        nats_url=nats_url,
+        catalog_path=Path(args.catalog) if args.catalog else None,
+        hf_cache_ttl=float(args.hf_cache_ttl),
+        hf_timeout=float(args.hf_timeout),
+    )
+
+
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
     default = str(Path.home() / ".llm-router")
     _add(parser, "--data-dir", "DATA_DIR", default, "where NATS data, the node id and model files live")
@@ -69,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true",
                     help=f"write a tiny random-weight GGUF and serve it as '{DEMO_MODEL}' (a plumbing demo: its text is random)")
     _node_options(up)
+    _registry_options(up)
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway")
     _http_options(gateway)
@@ -76,11 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry = commands.add_parser("registry", help="run the model registry")
     _nats_option(registry, required=True)
+    _registry_options(registry)
 
     node = commands.add_parser("node", help="run a node agent")
     _nats_option(node, required=True)
     _data_dir_option(node)
     _node_options(node)
+
+    from .model_commands import add_model_commands
+
+    add_model_commands(commands, _add)
     return parser
 
 
@@ -130,7 +153,6 @@ async def _up(args: argparse.Namespace) -> int:
     from events.messages import RegisterModel
     from gateway import Gateway
     from nodes import NodeAgent
-    from registry import Registry
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +162,7 @@ async def _up(args: argparse.Namespace) -> int:
         embedded = _EmbeddedNatsComponent(data_dir, int(args.nats_port))
         await embedded.start()
         nats_url = embedded.url
-    registry = Registry(nats_url=nats_url)
+    registry = _registry(args, nats_url)
     gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout))
     node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", parallel=int(args.parallel))
 
@@ -156,8 +178,10 @@ async def _up(args: argparse.Namespace) -> int:
     async def after_start() -> int:
         names = []
         for path, name, labels in models:
-            reply = await registry.register_path(RegisterModel(path=str(path), name=name, labels=labels))
-            if not reply.ok:
+            request = RegisterModel(path=str(path), name=name, labels=labels)
+            reply = await registry.register(request)
+            again = reply.status == 409 and reply.record is not None and reply.record.source.path == str(path.resolve())
+            if not reply.ok and not again:  # the same file registered by an earlier run is fine
                 print(f"llm-router: cannot register {path}: {reply.message}", file=sys.stderr)
                 return 2
             names.append(reply.record.name)
@@ -194,13 +218,12 @@ async def _single(args: argparse.Namespace) -> int:
 
         return await _run_components([gateway], ready)
     if args.command == "registry":
-        from registry import Registry
 
         async def registry_ready() -> int:
             print("LLM Router registry ready", flush=True)
             return 0
 
-        return await _run_components([Registry(nats_url=args.nats_url)], registry_ready)
+        return await _run_components([_registry(args, args.nats_url)], registry_ready)
     from nodes import NodeAgent
 
     node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node", parallel=int(args.parallel))
@@ -223,6 +246,10 @@ def _event_loop_runner():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "model":
+        from .model_commands import run_model_command
+
+        return run_model_command(args)
     logs.configure(args.log_level, args.log_format)
     run = _event_loop_runner()
     try:

@@ -24,7 +24,7 @@ from broker import connect, provision
 from events import codec, encode_token, storage, subjects
 from events.messages import CancelRequest, Failure, LoadedModel, ModelEvent, ModelRecord, NodeGoodbye, NodeHeartbeat
 
-from . import system
+from . import cache, system
 from .runtimes import Runtime, default_runtimes
 from .serving import ServedModel
 
@@ -44,6 +44,7 @@ class NodeAgent:
     ) -> None:
         self.nats_url = nats_url
         self.data_dir = Path(data_dir)
+        self.models_dir = self.data_dir / "models"
         self.runtimes = runtimes if runtimes is not None else default_runtimes()
         self.parallel = parallel
         self.node_id = node_id or system.persistent_node_id(self.data_dir)
@@ -131,6 +132,8 @@ class NodeAgent:
             return
         if event.event == "deleted":
             await self._unload(event.name, reason="deleted from the registry")
+            if await asyncio.to_thread(cache.remove, self.models_dir, event.name):
+                log.info("local copy deleted", model=event.name)
         elif event.record is not None:
             await self._ensure_loaded(event.record)
         await msg.ack()
@@ -143,13 +146,15 @@ class NodeAgent:
                 return
             if current is not None:
                 await self._unload_locked(record.name, reason="source changed")
+            if record.state == "pending_conversion":
+                return  # never distributed until converted
             runtime = next((r for r in self.runtimes if r.accepts(record)), None)
             status = next((s for s in self._runtime_status if runtime and s.name == runtime.name), None)
             if runtime is None or status is None or not status.available:
                 return  # this node cannot run it: another node will
-            path = record.source.path if record.source.kind == "path" else None
-            if path is None or not Path(path).is_file():
-                return  # not visible here (fetching from other origins comes with the download issue)
+            path = await asyncio.to_thread(self._local_artifact, record)
+            if path is None:
+                return  # not here (fetching from other origins comes with the download issue)
             self.failed.pop(record.name, None)
             try:
                 engine = await asyncio.to_thread(runtime.load, record, path)
@@ -164,7 +169,7 @@ class NodeAgent:
             served = ServedModel(record, runtime.name, engine, path, parallel=self.parallel)
             self.served[record.name] = served
             subs = []
-            for capability in engine.capabilities:
+            for capability in served.capabilities:
                 handler = self._request_handler(served, capability)
                 subs.append(
                     await self.nc.subscribe(subjects.infer(capability, record.name), queue=subjects.INFER_QUEUE, cb=handler)
@@ -173,6 +178,13 @@ class NodeAgent:
             self._subs[record.name] = subs
             log.info("model loaded", model=record.name, runtime=runtime.name, path=path)
             self._beat_now.set()
+
+    def _local_artifact(self, record: ModelRecord) -> str | None:
+        """A file this node can load now: the registered path, or a complete copy in its cache."""
+        if record.source.kind == "path":
+            return record.source.path if record.source.path and Path(record.source.path).is_file() else None
+        cached = cache.cached_artifact(self.models_dir, record)
+        return str(cached) if cached else None
 
     async def _unload(self, name: str, *, reason: str) -> None:
         async with self._sync_lock:

@@ -44,11 +44,16 @@ class ServedModel:
     def name(self) -> str:
         return self.record.name
 
+    @property
+    def capabilities(self) -> list[str]:
+        """What the engine can do, limited to what the registration offers."""
+        return [c for c in self.engine.capabilities if c in self.record.capabilities]
+
     def report(self) -> LoadedModel:
         return LoadedModel(
             name=self.name,
             runtime=self.runtime,
-            capabilities=list(self.engine.capabilities),
+            capabilities=self.capabilities,
             state="ready",
             artifact_path=self.path,
             artifact_bytes=self.engine.artifact_bytes,

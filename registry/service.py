@@ -1,31 +1,52 @@
 """The model registry: the only writer of the ``models`` KV bucket and of model events.
 
-Admin requests arrive on ``admin.model.*`` (request/reply, queue group ``registry``). Every
-change to a registration is a KV write followed by an event on REGISTRY_EVENTS, so nodes can
-either watch state or replay events. Node heartbeats drive the lifecycle: a registration
-becomes ``ready`` once a node reports a non-empty artifact for it.
+Admin requests arrive on ``admin.model.*`` (request/reply, queue group ``registry``): register,
+delete, the curated hub and the Hugging Face catalog. Every change to a registration is a KV
+write followed by an event on REGISTRY_EVENTS, so nodes can either watch state or replay
+events. Node heartbeats and download reports drive the lifecycle (see :mod:`.lifecycle`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
+from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, encode_token, storage, subjects
-from events.messages import AdminReply, DeleteModel, ModelEvent, ModelRecord, ModelSource, NodeHeartbeat, RegisterModel
+from events.messages import (
+    AdminReply,
+    CatalogEntry,
+    DeleteModel,
+    DownloadProgress,
+    HfQuery,
+    HfReply,
+    HubEntry,
+    HubQuery,
+    HubReply,
+    ModelEvent,
+    ModelRecord,
+    RegisterModel,
+)
 
-from .artifacts import UnrecognisedModel, detect
+from . import lifecycle, sources
+from .catalog import load_catalog, search
+from .hf import HfUnavailable, HuggingFace
 
 log = structlog.get_logger("registry")
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]|\.\.")
+LARGE_MODEL_BYTES = 50 * 10**9
+LIFECYCLE_SWEEP_S = 1.0  # also notices nodes that died without a goodbye
 
 
 def check_model_name(name: str) -> str | None:
@@ -39,143 +60,270 @@ def check_model_name(name: str) -> str | None:
     return None
 
 
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
 class Registry:
-    def __init__(self, *, nats_url: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        nats_url: str | None,
+        catalog_path: Path | None = None,
+        hf_cache_ttl: float = 600.0,
+        hf_timeout: float = 5.0,
+    ) -> None:
         self.nats_url = nats_url
+        self.catalog = {entry.id: entry for entry in load_catalog(catalog_path)}  # fails fast on a bad file
+        self.hf = HuggingFace(cache_ttl=hf_cache_ttl, timeout=hf_timeout)
         self._subs: list = []
-        self._known_ready: set[str] = set()  # spares a KV read per heartbeat
+        self._tasks: set[asyncio.Task] = set()
+        self._downloads: dict[tuple[str, str], tuple[DownloadProgress, float]] = {}
+        self._dirty = asyncio.Event()
+        self._last_download_write: dict[str, float] = {}
+        self._lifecycle_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, name="registry")
         self.js = self.nc.jetstream()
         await provision(self.js)
         self.kv = await self.js.key_value(storage.KV_MODELS)
-        for subject, handler in (
-            (subjects.ADMIN_MODEL_REGISTER, self._on_register),
-            (subjects.ADMIN_MODEL_DELETE, self._on_delete),
+        self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
+        self.models = RegisteredModels()
+        await self.models.start(self.js)
+        self.nodes = NodeDirectory(on_change=self._dirty.set)
+        await self.nodes.start(self.nc, self.js)
+        for subject, kind, action in (
+            (subjects.ADMIN_MODEL_REGISTER, RegisterModel, self.register),
+            (subjects.ADMIN_MODEL_DELETE, DeleteModel, lambda request: self.delete(request.name)),
+            (subjects.ADMIN_MODEL_HUB, HubQuery, self.hub),
+            (subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
         ):
-            self._subs.append(await self.nc.subscribe(subject, queue="registry", cb=handler))
-        self._subs.append(await self.nc.subscribe(subjects.NODE_HEARTBEAT_ALL, cb=self._on_heartbeat))
-        log.info("registry started")
+            self._subs.append(await self.nc.subscribe(subject, queue="registry", cb=self._handler(kind, action)))
+        self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
+        self._lifecycle_task = asyncio.create_task(self._lifecycle_loop(), name="lifecycle")
+        log.info("registry started", catalog=len(self.catalog), hf_endpoint=self.hf.endpoint)
 
     async def stop(self) -> None:
+        if self._lifecycle_task is not None:
+            self._lifecycle_task.cancel()
         for sub in self._subs:
             await sub.unsubscribe()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        await self.nodes.stop()
+        await self.models.stop()
+        self.hf.close()
         await self.nc.drain()
 
     # ------------------------------------------------------------ state
 
-    async def get(self, name: str) -> tuple[ModelRecord, int] | None:
-        try:
-            entry = await self.kv.get(encode_token(name))
-        except KeyNotFoundError:
-            return None
-        if not entry.value:
-            return None
-        return codec.decode(entry.value, ModelRecord), entry.revision
-
-    async def list(self) -> list[ModelRecord]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
-        found = []
-        for key in keys:
-            try:
-                entry = await self.kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                found.append(codec.decode(entry.value, ModelRecord))
-        return found
+    def get(self, name: str) -> ModelRecord | None:
+        return self.models.get(name)
 
     async def _emit(self, event: str, name: str, record: ModelRecord | None) -> None:
         await self.js.publish(subjects.MODEL_EVENTS[event], codec.encode(ModelEvent(event=event, name=name, record=record)))
 
-    # ------------------------------------------------------------ operations
+    # ------------------------------------------------------------ register / delete
 
-    async def register_path(self, request: RegisterModel) -> AdminReply:
-        path = Path(request.path).expanduser().resolve()
+    async def register(self, request: RegisterModel) -> AdminReply:
         try:
-            kind = detect(path)
-        except UnrecognisedModel as exc:
-            return AdminReply(ok=False, status=422, message=str(exc))
-        name = request.name or path.stem
-        problem = check_model_name(name)
+            kind = sources.chosen_source(request)
+            if kind == "catalog_id":
+                record = sources.from_catalog(request, self.catalog)
+            elif kind == "path":
+                record = sources.from_path(request)
+            else:
+                record = await sources.from_hugging_face(request, self.hf)
+        except sources.RegistrationError as exc:
+            return AdminReply(ok=False, status=exc.status, message=exc.message)
+        problem = check_model_name(record.name)
         if problem:
             return AdminReply(ok=False, status=400, message=problem)
-        source = ModelSource(kind="path", path=str(path))
-        record = ModelRecord(
-            name=name,
-            format=kind.format,
-            runtime=kind.runtime,
-            capabilities=kind.capabilities,
-            source=source,
-            size_bytes=path.stat().st_size,
-            description=request.description,
-            labels=dict(request.labels),
-        )
+        record = msgspec.structs.replace(record, warnings=self._warnings(record))
         try:
-            await self.kv.create(encode_token(name), codec.encode(record))
+            await self.kv.create(encode_token(record.name), codec.encode(record))
         except KeyWrongLastSequenceError:
-            existing = await self.get(name)
-            if existing is not None and existing[0].source == source:
-                return AdminReply(ok=True, status=200, message="already registered", record=existing[0])
-            where = existing[0].source.path or existing[0].source.repo if existing else "another source"
-            return AdminReply(ok=False, status=409, message=f"model {name!r} is already registered (from {where})")
-        await self._emit("added", name, record)
-        log.info("model registered", model=name, path=str(path))
+            return self._duplicate(record)
+        await self._emit("added", record.name, record)
+        log.info("model registered", model=record.name, source=kind, state=record.state)
+        self._dirty.set()
         return AdminReply(ok=True, status=201, message="registered", record=record)
 
+    def _duplicate(self, record: ModelRecord) -> AdminReply:
+        existing = self.get(record.name)
+        if existing is not None and existing.source == record.source:
+            why = "from the same source"
+        elif existing is not None:
+            where = existing.source.path or f"{existing.source.repo}/{existing.source.filename or ''}".rstrip("/")
+            why = f"from {where}"
+        else:
+            why = "by another request just now"
+        message = f"model {record.name!r} is already registered {why}; delete it first or register under another name"
+        return AdminReply(ok=False, status=409, message=message, record=existing)
+
+    def _warnings(self, record: ModelRecord) -> list[str]:
+        warnings = []
+        if record.size_bytes > LARGE_MODEL_BYTES:
+            warnings.append(f"the model is {_gb(record.size_bytes)}, over {_gb(LARGE_MODEL_BYTES)}: downloads will be slow")
+        need = record.required_memory_bytes or sources.estimated_memory(record.size_bytes)
+        capacities = [
+            max([beat.memory_total_bytes] + [gpu.memory_total_bytes for gpu in beat.gpus]) for beat in self.nodes.live()
+        ]
+        if capacities and need > max(capacities):
+            warnings.append(
+                f"the model needs about {_gb(need)} of memory, more than any live node has (largest: {_gb(max(capacities))})"
+            )
+        return warnings
+
     async def delete(self, name: str) -> AdminReply:
-        current = await self.get(name)
+        current = self.get(name)
         if current is None:
             return AdminReply(ok=False, status=404, message=f"model {name!r} is not registered")
         await self.kv.purge(encode_token(name))
-        self._known_ready.discard(name)
+        self.models.forget(name)
+        removed = await self._delete_blobs(name)
         await self._emit("deleted", name, None)
-        log.info("model deleted", model=name)
-        return AdminReply(ok=True, status=200, message="deleted", record=current[0])
+        log.info("model deleted", model=name, blobs_removed=removed)
+        return AdminReply(ok=True, status=200, message="deleted", record=current)
 
-    async def _set_state(self, name: str, state: str) -> None:
-        current = await self.get(name)
-        if current is None or current[0].state == state:
-            return
-        record, revision = current
-        record = msgspec.structs.replace(record, state=state, updated_at=time.time(), error=None)
+    async def _delete_blobs(self, name: str) -> int:
+        """Objects the registry hosts for the model are named ``<model token>/<file>``."""
+        prefix = encode_token(name) + "/"
         try:
-            await self.kv.update(encode_token(name), codec.encode(record), last=revision)
+            objects = await self.blobs.list(ignore_deletes=True)
+        except NotFoundError:
+            return 0
+        removed = 0
+        for info in objects:
+            if info.name.startswith(prefix):
+                await self.blobs.delete(info.name)
+                removed += 1
+        return removed
+
+    # ------------------------------------------------------------ catalogs
+
+    async def hub(self, query: HubQuery) -> HubReply:
+        by_source = {(r.source.repo, r.source.filename): r for r in self.models.records.values() if r.source.repo}
+        by_catalog = {r.catalog_id: r for r in self.models.records.values() if r.catalog_id}
+        entries = []
+        for entry in search(list(self.catalog.values()), query.search):
+            record = by_catalog.get(entry.id) or self.get(entry.id) or by_source.get((entry.repo, entry.recommended_filename))
+            entries.append(self._hub_entry(entry, record))
+        return HubReply(ok=True, models=entries)
+
+    def _hub_entry(self, entry: CatalogEntry, record: ModelRecord | None) -> HubEntry:
+        status = "available"
+        if record is not None and record.state == "ready":
+            status = "downloaded"
+        elif record is not None and record.state == "downloading":
+            status = "downloading"
+        fields = {f: getattr(entry, f) for f in entry.__struct_fields__}
+        return HubEntry(
+            **fields,
+            status=status,
+            lifecycle_status=record.state if record else None,
+            registered_as=record.name if record else None,
+            download_progress=record.download if record else None,
+            hf_info=self.hf.cached_info(entry.repo),
+        )
+
+    async def hf_page(self, query: HfQuery) -> HfReply:
+        try:
+            return HfReply(ok=True, page=await self.hf.page(query))
+        except HfUnavailable as exc:
+            return HfReply(ok=False, status=503, message=str(exc))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def _on_progress(self, msg: Msg) -> None:
+        try:
+            report = codec.decode(msg.data, DownloadProgress)
+        except msgspec.DecodeError:
+            log.warning("undecodable download progress", subject=msg.subject)
+            return
+        self._downloads[(report.node_id, report.model)] = (report, time.monotonic())
+        self._dirty.set()
+
+    def _fresh_downloads(self, model: str) -> list[DownloadProgress]:
+        cutoff = time.monotonic() - storage.NODE_TTL_S
+        return [
+            report for (node, name), (report, seen) in self._downloads.items()
+            if name == model and seen >= cutoff and self.nodes.is_live(node)
+        ]
+
+    async def _lifecycle_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=LIFECYCLE_SWEEP_S)
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            try:
+                await self._apply_lifecycle()
+            except Exception as exc:  # NATS hiccup: the next sweep retries
+                log.warning("lifecycle update failed", error=str(exc))
+
+    async def _apply_lifecycle(self) -> None:
+        beats = self.nodes.live()
+        cutoff = time.monotonic() - storage.NODE_TTL_S
+        self._downloads = {k: v for k, v in self._downloads.items() if v[1] >= cutoff}
+        for name, record in list(self.models.records.items()):
+            now = lifecycle.derive(record, beats, self._fresh_downloads(name))
+            if not lifecycle.differs(record, now):
+                continue
+            only_progress = record.state == now.state == "downloading"
+            if only_progress and time.monotonic() - self._last_download_write.get(name, 0.0) < 1.0:
+                self._dirty.set()  # write it on a later pass: at most one progress write a second
+                continue
+            await self._write_state(record, now)
+
+    async def _write_state(self, record: ModelRecord, now: lifecycle.Lifecycle) -> None:
+        revision = self.models.revisions.get(record.name)
+        if revision is None:
+            return
+        updated = msgspec.structs.replace(
+            record, state=now.state, error=now.error, download=now.download, updated_at=time.time()
+        )
+        try:
+            new_revision = await self.kv.update(encode_token(record.name), codec.encode(updated), last=revision)
         except KeyWrongLastSequenceError:
-            return  # someone changed it meanwhile; the next heartbeat retries
-        await self._emit("updated", name, record)
+            return  # changed meanwhile (another registry, a delete): the next pass sees the new value
+        # Apply it locally too, so the next pass does not write the same change again.
+        if self.models.revisions.get(record.name, 0) <= new_revision:
+            self.models.records[record.name] = updated
+            self.models.revisions[record.name] = new_revision
+        self._last_download_write[record.name] = time.monotonic()
+        if record.state != now.state:
+            log.info("model state", model=record.name, state=now.state, was=record.state, error=now.error)
+        await self._emit("updated", record.name, updated)
 
     # ------------------------------------------------------------ NATS handlers
 
-    async def _reply(self, msg: Msg, reply: AdminReply) -> None:
-        if msg.reply:
-            await msg.respond(codec.encode(reply))
+    def _handler(self, kind: type, action: Callable[[Any], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
+        """Decode a request of ``kind``, run ``action`` in its own task, reply with its result.
 
-    async def _answer(self, msg: Msg, kind: type, action) -> None:
-        """Decode an admin request of ``kind``, run ``action`` on it, reply with its AdminReply."""
-        try:
-            request = codec.decode(msg.data, kind)
-        except msgspec.DecodeError as exc:
-            await self._reply(msg, AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {exc}"))
-            return
-        await self._reply(msg, await action(request))
+        Its own task, because nats-py runs one subscription's callbacks one after the other and
+        a Hugging Face lookup must not hold up the next request.
+        """
 
-    async def _on_register(self, msg: Msg) -> None:
-        await self._answer(msg, RegisterModel, self.register_path)
+        async def answer(msg: Msg) -> None:
+            try:
+                request = codec.decode(msg.data or b"{}", kind)
+            except msgspec.DecodeError as exc:
+                reply: Any = AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {exc}")
+            else:
+                try:
+                    reply = await action(request)
+                except Exception as exc:
+                    log.exception("admin request failed", subject=msg.subject)
+                    reply = AdminReply(ok=False, status=500, message=f"registry error: {type(exc).__name__}: {exc}")
+            if msg.reply:
+                await msg.respond(codec.encode(reply))
 
-    async def _on_delete(self, msg: Msg) -> None:
-        await self._answer(msg, DeleteModel, lambda request: self.delete(request.name))
+        async def handle(msg: Msg) -> None:
+            task = asyncio.create_task(answer(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            beat = codec.decode(msg.data, NodeHeartbeat)
-        except msgspec.DecodeError:
-            return
-        for model in beat.models:
-            if model.state == "ready" and model.artifact_bytes > 0 and model.name not in self._known_ready:
-                await self._set_state(model.name, "ready")
-                self._known_ready.add(model.name)
+        return handle

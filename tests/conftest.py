@@ -172,26 +172,39 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message:
 
 
 class Stack:
-    """registry + gateway + node, each its own process, on the session's NATS."""
+    """registry + gateway + node, each its own process, on the session's NATS.
 
-    def __init__(self, nats_url: str, data_dir: Path) -> None:
+    Models registered through it are deleted again on close, so stacks of different tests
+    sharing the session's NATS do not see each other's registrations.
+    """
+
+    def __init__(self, nats_url: str, data_dir: Path, *, registry_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, node: bool = True) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
-        self.registry = Proc(["registry", "--nats-url", nats_url])
-        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0"])
+        self.env = env
+        self.registered: list[str] = []
+        self.registry = Proc(["registry", "--nats-url", nats_url, *registry_args], env=env)
+        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0"], env=env)
         self.registry.wait_for("registry ready")
         self.url = self.gateway.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
-        self.node = self.start_node()
+        self.node = self.start_node() if node else None
 
     def start_node(self, name: str = "node") -> Proc:
-        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name)])
+        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name)], env=self.env)
         node.wait_for("node .* ready")
         return node
 
-    def register(self, path: Path, name: str) -> dict:
+    def admin(self, verb: str, payload: object) -> dict:
         import asyncio
 
-        return asyncio.run(admin_request(self.nats_url, "admin.model.register", {"path": str(path), "name": name}))
+        reply = asyncio.run(admin_request(self.nats_url, f"admin.model.{verb}", payload))
+        if verb == "register" and reply.get("ok"):
+            self.registered.append(reply["record"]["name"])
+        return reply
+
+    def register(self, path: Path, name: str) -> dict:
+        return self.admin("register", {"path": str(path), "name": name})
 
     def models(self) -> list[str]:
         import httpx
@@ -199,6 +212,9 @@ class Stack:
         return [m["id"] for m in httpx.get(self.url + "/v1/models").json()["data"]]
 
     def close(self) -> None:
+        if self.registry.popen.poll() is None:
+            for name in self.registered:
+                self.admin("delete", {"name": name})
         for proc in (self.node, self.gateway, self.registry):
-            if proc.popen.poll() is None:
+            if proc is not None and proc.popen.poll() is None:
                 proc.stop()

@@ -140,11 +140,13 @@ def test_registered_but_unserved_model_is_503(client: openai.OpenAI, stack, tmp_
     path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + bytes(64))  # GGUF magic, no model: loads fail
     assert stack.register(path, "orphan")["ok"]
     try:
+        # The node reports its load failure; the registry folds it into the model's state.
+        wait_until(lambda: httpx.get(stack.url + "/v0/models/orphan").json()["state"] == "error", timeout=15)
         with pytest.raises(openai.InternalServerError) as err:
             client.chat.completions.create(model="orphan", messages=[{"role": "user", "content": "x"}])
         assert err.value.status_code == 503
         assert err.value.response.headers["retry-after"]
-        assert "no live node serves it" in err.value.message
+        assert "failed to load" in err.value.message and "llama.cpp could not load" in err.value.message
         assert "orphan" not in stack.models()
         assert client.models.retrieve("orphan").model_extra["ready"] is False
     finally:
@@ -185,12 +187,13 @@ def test_registry_events_are_readable_json(stack, tmp_path) -> None:
 
 def test_duplicate_registration_is_409(stack, tiny_gguf, tmp_path) -> None:
     same = stack.register(tiny_gguf, MODEL)
-    assert same["ok"] and same["status"] == 200  # the same file again: idempotent
+    assert not same["ok"] and same["status"] == 409  # the same file again: refused, never overwritten
+    assert "already registered from the same source" in same["message"]
     from nodes.demo_model import write_tiny_gguf
 
     other = write_tiny_gguf(tmp_path / "other.gguf")
     clash = stack.register(other, MODEL)
-    assert not clash["ok"] and clash["status"] == 409
+    assert not clash["ok"] and clash["status"] == 409 and str(tiny_gguf) in clash["message"]
     bad = stack.register(tmp_path / "missing.gguf", "missing")
     assert not bad["ok"] and "missing.gguf" in bad["message"]
 

@@ -1,6 +1,6 @@
-"""What the gateway knows, all derived from NATS: registered models and live nodes.
+"""In-memory mirrors of NATS state that several components read: registered models and live nodes.
 
-``ModelCatalog`` mirrors the ``models`` KV bucket through a watcher. ``NodeDirectory`` keeps
+``RegisteredModels`` mirrors the ``models`` KV bucket through a watcher. ``NodeDirectory`` keeps
 the last heartbeat of every node; a node whose heartbeat is older than the TTL is not live,
 so a crashed node disappears without any sweeper, and a clean shutdown's goodbye removes it
 at once.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -23,12 +24,16 @@ from nats.js.kv import KV_DEL, KV_PURGE
 from events import codec, decode_token, storage, subjects
 from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
 
-log = structlog.get_logger("gateway")
+log = structlog.get_logger("mirrors")
 
 
-class ModelCatalog:
+class RegisteredModels:
+    """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
+
     def __init__(self) -> None:
         self.records: dict[str, ModelRecord] = {}
+        self.revisions: dict[str, int] = {}
+        self._deleted: set[str] = set()  # forgotten before the watcher saw the purge
         self._watcher = None
         self._task: asyncio.Task | None = None
 
@@ -36,7 +41,7 @@ class ModelCatalog:
         kv = await js.key_value(storage.KV_MODELS)
         self._watcher = await kv.watchall()
         initial_done = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._follow(initial_done), name="model-catalog")
+        self._task = asyncio.create_task(self._follow(initial_done), name="registered-models")
         await asyncio.wait_for(initial_done, timeout=10)
 
     async def _follow(self, initial_done: asyncio.Future) -> None:
@@ -46,17 +51,27 @@ class ModelCatalog:
                     initial_done.set_result(True)
                 continue
             if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                self.records.pop(decode_token(entry.key), None)
+                name = decode_token(entry.key)
+                self.forget(name)
+                self._deleted.discard(name)
                 continue
             try:
                 record = codec.decode(entry.value, ModelRecord)
             except msgspec.DecodeError:
                 log.error("undecodable model record", key=entry.key)
                 continue
-            self.records[record.name] = record
+            if record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
+                self.records[record.name] = record
+                self.revisions[record.name] = entry.revision
 
     def get(self, name: str) -> ModelRecord | None:
         return self.records.get(name)
+
+    def forget(self, name: str) -> None:
+        """Drop a model now (its deletion was confirmed), before the watcher reports it."""
+        if self.records.pop(name, None) is not None:
+            self._deleted.add(name)
+        self.revisions.pop(name, None)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -72,8 +87,9 @@ class NodeView:
 
 
 class NodeDirectory:
-    def __init__(self, ttl: float = storage.NODE_TTL_S) -> None:
+    def __init__(self, ttl: float = storage.NODE_TTL_S, on_change: Callable[[], None] | None = None) -> None:
         self.ttl = ttl
+        self.on_change = on_change  # called after every heartbeat or goodbye (the registry's lifecycle)
         self._nodes: dict[str, NodeView] = {}
         self._subs: list = []
 
@@ -106,12 +122,18 @@ class NodeDirectory:
             self._remember(codec.decode(msg.data, NodeHeartbeat), time.monotonic())
         except msgspec.DecodeError:
             log.warning("undecodable heartbeat", subject=msg.subject)
+            return
+        if self.on_change is not None:
+            self.on_change()
 
     async def _on_goodbye(self, msg: Msg) -> None:
         try:
             self._nodes.pop(codec.decode(msg.data, NodeGoodbye).node_id, None)
         except msgspec.DecodeError:
             log.warning("undecodable goodbye", subject=msg.subject)
+            return
+        if self.on_change is not None:
+            self.on_change()
 
     def forget(self, node_id: str) -> None:
         """Drop a node that failed to answer (no responders); its next heartbeat restores it."""

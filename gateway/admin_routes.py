@@ -1,0 +1,113 @@
+"""The ``/v0/models`` admin API and ``DELETE /v1/models/{model}``.
+
+Reads of registered models come from the gateway's own mirror; everything the registry owns
+(registration, deletion, the curated hub, the Hugging Face catalog) is a NATS request to it,
+the same request an operator can send with ``nats req admin.model.<verb> '{...}'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broker.mirrors import NodeDirectory, RegisteredModels
+from events import codec, subjects
+from events.messages import (
+    AdminReply,
+    DeleteModel,
+    HfQuery,
+    HfReply,
+    HubQuery,
+    HubReply,
+    ModelRecord,
+    RegisterModel,
+)
+
+from .errors import ApiError, model_not_found
+from .openai_routes import json_response, parse_body
+
+ADMIN_TIMEOUT_S = 30.0
+
+
+class AdminRoutes:
+    def __init__(self, nc: Client, catalog: RegisteredModels, directory: NodeDirectory) -> None:
+        self.nc = nc
+        self.catalog = catalog
+        self.directory = directory
+
+    async def _ask(self, subject: str, request: Any, reply_type: type) -> Any:
+        try:
+            msg = await self.nc.request(subject, codec.encode(request), timeout=ADMIN_TIMEOUT_S)
+        except NoRespondersError:
+            raise ApiError(503, "The model registry is not running; start it and retry.", headers={"Retry-After": "5"}) from None
+        except NatsTimeout:
+            raise ApiError(504, f"The model registry did not answer within {ADMIN_TIMEOUT_S:g} s.") from None
+        try:
+            reply = codec.decode(msg.data, reply_type)
+        except msgspec.DecodeError as exc:
+            raise ApiError(502, f"Unreadable answer from the model registry: {exc}") from None
+        if not reply.ok:
+            headers = {"Retry-After": "30"} if reply.status == 503 else None
+            raise ApiError(reply.status, reply.message, code=_CODES.get(reply.status), headers=headers)
+        return reply
+
+    def model_view(self, record: ModelRecord) -> dict:
+        """A registration with what the live nodes say about it."""
+        nodes = self.directory.serving(record.name)
+        view = msgspec.to_builtins(record)
+        view.update({"id": record.name, "object": "model", "ready": bool(nodes), "nodes": [b.node_id for b in nodes]})
+        return view
+
+    # ------------------------------------------------------------ handlers
+
+    async def list_models(self, request: Request) -> Response:
+        records = [self.catalog.records[name] for name in sorted(self.catalog.records)]
+        return json_response({"object": "list", "data": [self.model_view(r) for r in records]})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        record = self.catalog.get(name)
+        if record is None:
+            raise model_not_found(name)
+        return json_response(self.model_view(record))
+
+    async def hub(self, request: Request) -> Response:
+        reply: HubReply = await self._ask(subjects.ADMIN_MODEL_HUB, HubQuery(search=request.query_params.get("search", "")), HubReply)
+        return json_response({"object": "list", "data": reply.models})
+
+    async def hf(self, request: Request) -> Response:
+        params = request.query_params
+        try:
+            query = msgspec.convert(
+                {k: params[k] for k in ("search", "page", "per_page") if k in params}, HfQuery, strict=False
+            )
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"Invalid query: {exc}", param=str(exc).rsplit("$.", 1)[-1] if "$." in str(exc) else None) from None
+        reply: HfReply = await self._ask(subjects.ADMIN_MODEL_HF, query, HfReply)
+        return json_response(reply.page)
+
+    async def register(self, request: Request) -> Response:
+        body: RegisterModel = parse_body(await request.body(), RegisterModel)
+        reply: AdminReply = await self._ask(subjects.ADMIN_MODEL_REGISTER, body, AdminReply)
+        return json_response(self.model_view(reply.record), status=reply.status)
+
+    async def delete_model(self, request: Request) -> Response:
+        """OpenAI's delete shape; the model leaves this gateway's lists before the answer."""
+        name = request.path_params["model"]
+        try:
+            await self._ask(subjects.ADMIN_MODEL_DELETE, DeleteModel(name=name), AdminReply)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise model_not_found(name) from None
+            raise
+        self.catalog.forget(name)
+        return json_response({"id": name, "object": "model", "deleted": True})
+
+
+_CODES = {404: "model_not_found", 409: "model_already_registered", 422: "unsupported_model", 503: "registry_unavailable"}

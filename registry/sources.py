@@ -1,0 +1,197 @@
+"""Turning a registration request into a model record: catalog id, Hugging Face repo/URL, or path.
+
+Registration stores metadata only; nodes fetch the files. Naming rule for models registered
+from Hugging Face (documented in the README):
+
+- a GGUF variant: ``<org>/<repo>:<QUANT>`` (``bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M``),
+  or ``<org>/<repo>:<file stem>`` when the file name has no quantisation in it;
+- a repository without GGUF files (safetensors): ``<org>/<repo>``, state ``pending_conversion``;
+- a catalog entry: its catalog id (``qwen2.5-0.5b-instruct``);
+- a local file: its file stem.
+
+``name`` in the request overrides all of these.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from events import subjects
+from events.messages import CatalogEntry, ModelRecord, ModelSource, RegisterModel
+
+from .artifacts import UnrecognisedModel, detect
+from .hf import (
+    PREFERRED_QUANT,
+    HfNotFound,
+    HfUnavailable,
+    HuggingFace,
+    RepoListing,
+    parse_quantization,
+    parse_reference,
+    split_parts,
+)
+
+# Memory a model needs beyond its file (KV cache, buffers), when nobody measured it.
+MEMORY_FACTOR = 1.5
+EMBEDDING_PIPELINES = {"feature-extraction", "sentence-similarity"}
+CHAT_CAPABILITIES = [subjects.CHAT, subjects.COMPLETION]
+
+
+class RegistrationError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def estimated_memory(size_bytes: int) -> int:
+    return math.ceil(size_bytes * MEMORY_FACTOR)
+
+
+def chosen_source(request: RegisterModel) -> str:
+    given = [k for k in ("catalog_id", "repo", "url", "path") if getattr(request, k)]
+    if len(given) != 1:
+        raise RegistrationError(
+            400, "give exactly one of catalog_id, repo, url or path" + (f" (got {', '.join(given)})" if given else "")
+        )
+    if request.filename and given[0] not in ("repo",):
+        raise RegistrationError(400, "filename goes with repo (a URL names its file itself)")
+    return given[0]
+
+
+def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry]) -> ModelRecord:
+    entry = catalog.get(request.catalog_id or "")
+    if entry is None:
+        raise RegistrationError(404, f"no catalog entry {request.catalog_id!r} (GET /v0/models/hub lists them)")
+    return ModelRecord(
+        name=request.name or entry.id,
+        format=entry.format,
+        runtime=entry.engine,
+        capabilities=list(entry.capabilities),
+        source=ModelSource(kind="hf", repo=entry.repo, filename=entry.recommended_filename, revision=request.revision),
+        size_bytes=entry.size_bytes,
+        required_memory_bytes=entry.required_memory_bytes,
+        quantization=entry.quantization,
+        catalog_id=entry.id,
+        description=request.description or entry.description,
+        tags=list(entry.tags),
+        labels=dict(request.labels),
+    )
+
+
+def from_path(request: RegisterModel) -> ModelRecord:
+    path = Path(request.path or "").expanduser().resolve()
+    try:
+        kind = detect(path)
+    except UnrecognisedModel as exc:
+        raise RegistrationError(422, str(exc)) from None
+    size = path.stat().st_size
+    return ModelRecord(
+        name=request.name or path.stem,
+        format=kind.format,
+        runtime=kind.runtime,
+        capabilities=kind.capabilities,
+        source=ModelSource(kind="path", path=str(path)),
+        size_bytes=size,
+        required_memory_bytes=estimated_memory(size),
+        quantization=parse_quantization(path.name) if kind.format == "gguf" else None,
+        description=request.description,
+        labels=dict(request.labels),
+    )
+
+
+async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRecord:
+    try:
+        repo, revision, selector = parse_reference(request.url or request.repo or "")
+    except ValueError as exc:
+        raise RegistrationError(400, str(exc)) from None
+    revision = request.revision or revision
+    filename = request.filename or (selector if selector and not selector.startswith(":") else None)
+    quant = selector[1:].upper() if selector and selector.startswith(":") else None
+    try:
+        listing = await hf.repo(repo, revision)
+    except HfNotFound as exc:
+        raise RegistrationError(404, str(exc)) from None
+    except HfUnavailable as exc:
+        raise RegistrationError(503, f"{exc}; retry when Hugging Face is reachable") from None
+
+    ggufs = listing.gguf_files()
+    if filename is None:
+        if not ggufs:
+            if listing.has_safetensors():
+                return _pending_conversion(request, listing)
+            raise RegistrationError(422, f"repository {repo!r} has no GGUF or safetensors files")
+        filename = _pick_variant(listing, ggufs, quant)
+    if filename not in listing.files:
+        there = f"GGUF files there: {', '.join(ggufs)}" if ggufs else "it has no GGUF files"
+        raise RegistrationError(404, f"file {filename!r} not found in repository {repo!r} ({there})")
+    if not filename.endswith(".gguf"):
+        if filename.endswith((".safetensors", ".safetensors.index.json")):
+            return _pending_conversion(request, listing)
+        raise RegistrationError(422, f"file {filename!r} in {repo!r} is neither GGUF nor safetensors")
+
+    parts = split_parts(listing, filename)
+    missing = [p for p in parts if p not in listing.files]
+    if missing:
+        raise RegistrationError(422, f"split GGUF {filename!r} in {repo!r} is incomplete: missing {', '.join(missing)}")
+    size = sum(listing.files[p].size for p in parts)
+    quantization = parse_quantization(filename)
+    default_name = f"{listing.repo}:{quantization or Path(filename).name.removesuffix('.gguf')}"
+    return ModelRecord(
+        name=request.name or default_name,
+        format="gguf",
+        runtime="llama_cpp",
+        capabilities=_capabilities(listing),
+        source=ModelSource(kind="hf", repo=listing.repo, filename=filename, revision=listing.revision),
+        size_bytes=size,
+        required_memory_bytes=estimated_memory(size),
+        sha256=listing.files[filename].sha256 if len(parts) == 1 else None,
+        quantization=quantization,
+        description=request.description,
+        tags=["gguf"],
+        labels=dict(request.labels),
+    )
+
+
+def _pick_variant(listing: RepoListing, ggufs: list[str], quant: str | None) -> str:
+    firsts = [f for f in ggufs if f == split_parts(listing, f)[0]]
+    if quant:
+        matching = [f for f in firsts if parse_quantization(f) == quant]
+        if not matching:
+            offered = sorted({q for f in firsts if (q := parse_quantization(f))})
+            raise RegistrationError(404, f"no {quant} GGUF in repository {listing.repo!r} (quantisations there: {', '.join(offered) or 'none'})")
+        return matching[0]
+    if len(firsts) == 1:
+        return firsts[0]
+    preferred = [f for f in firsts if parse_quantization(f) == PREFERRED_QUANT]
+    if preferred:
+        return preferred[0]
+    raise RegistrationError(
+        422, f"repository {listing.repo!r} has {len(firsts)} GGUF files; choose one with filename: {', '.join(firsts)}"
+    )
+
+
+def _capabilities(listing: RepoListing) -> list[str]:
+    if listing.pipeline_tag in EMBEDDING_PIPELINES or "sentence-transformers" in listing.tags:
+        return [subjects.EMBEDDING]
+    return list(CHAT_CAPABILITIES)
+
+
+def _pending_conversion(request: RegisterModel, listing: RepoListing) -> ModelRecord:
+    """Weights no runtime here reads yet: registered, never distributed, until converted."""
+    weights = [f for f in listing.files.values() if f.name.endswith(".safetensors")]
+    size = sum(f.size for f in weights)
+    return ModelRecord(
+        name=request.name or listing.repo,
+        format="safetensors",
+        runtime="none",
+        capabilities=_capabilities(listing),
+        source=ModelSource(kind="hf", repo=listing.repo, filename=request.filename, revision=listing.revision),
+        state="pending_conversion",
+        size_bytes=size,
+        required_memory_bytes=estimated_memory(size),
+        description=request.description,
+        tags=["safetensors"],
+        labels=dict(request.labels),
+    )
