@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -239,7 +240,7 @@ class HuggingFace:
         """
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(self._pool, work))
+            task = _in_daemon_thread(work)
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         try:
@@ -250,6 +251,34 @@ class HuggingFace:
             raise HfUnavailable(f"Hugging Face ({self.endpoint}) did not answer within {self.timeout:g} s") from None
         except Exception as exc:  # network errors, HTTP 5xx, bad JSON: all mean "unreachable now"
             raise HfUnavailable(f"Hugging Face ({self.endpoint}) failed: {type(exc).__name__}: {exc}") from None
+
+
+def _in_daemon_thread(work: Callable[[], Any]) -> asyncio.Future:
+    """Run ``work`` in a daemon thread: huggingface_hub's listing retries a dead endpoint for
+    about 23 s, and a worker-pool thread would hold up the process's exit that long."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the event loop has closed: nobody waits for this any more
+            return
+
+    threading.Thread(target=run, name="hf", daemon=True).start()
+    return future
 
 
 def _log_failure(repo: str) -> Callable[[asyncio.Future], None]:
