@@ -686,13 +686,14 @@ def machine_busy(seconds: float = 1.0) -> float:
     return 100 * (_cpu_times({})[SYSTEM] - before) / seconds
 
 
-def write_section(path: Path, text: str) -> None:
-    section = f"{BEGIN}\n{text}{END}\n"
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path`` (append it when absent)."""
+    section = f"{begin}\n{text}{end}\n"
     if path.exists():
         current = path.read_text()
-        if BEGIN in current and END in current:
-            before = current.split(BEGIN, 1)[0]
-            after = current.split(END, 1)[1].lstrip("\n")
+        if begin in current and end in current:
+            before = current.split(begin, 1)[0]
+            after = current.split(end, 1)[1].lstrip("\n")
             path.write_text(before + section + ("\n" + after if after else ""))
             return
         path.write_text(current.rstrip("\n") + "\n\n" + section)

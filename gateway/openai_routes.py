@@ -113,6 +113,7 @@ class OpenAIRoutes:
             "capabilities": list(record.capabilities),
             "ready": bool(nodes),
             "lifecycle_status": "ready" if nodes else record.state,
+            "download_progress": msgspec.to_builtins(record.download) if record.download and not nodes else None,
             "nodes": len(nodes),
         }
 

@@ -58,7 +58,7 @@ def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
 
 def run_model_command(args: argparse.Namespace) -> int:
     client = _Client(args.url, args.api_key)
-    out = Console(highlight=False, soft_wrap=False)
+    out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
     try:
         handler = _VERBS[args.verb]
         data = handler(client, args)

@@ -35,6 +35,7 @@ log = structlog.get_logger("registry.hf")
 _QUANT = re.compile(r"(?<![A-Za-z0-9])(I?Q\d+(?:_[A-Za-z0-9]+)*|BF16|FP16|FP32|F16|F32)(?![A-Za-z0-9])", re.IGNORECASE)
 _SPLIT = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<parts>\d{5})\.gguf$")
 PREFERRED_QUANT = "Q4_K_M"
+INFO_RETRY_S = 60.0  # after a failed lookup of downloads/likes, wait this long before the next
 
 
 class HfUnavailable(RuntimeError):
@@ -142,6 +143,7 @@ class HuggingFace:
         self._page_times: dict[tuple[str, int, int], float] = {}
         self._inflight: dict[Any, asyncio.Task] = {}
         self._info: dict[str, tuple[HfInfo, float]] = {}
+        self._info_failed: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hf")
 
     @property
@@ -224,12 +226,22 @@ class HuggingFace:
     def cached_info(self, repo: str) -> HfInfo | None:
         """Downloads and likes if known; never waits. A missing or old value is refreshed behind."""
         known = self._info.get(repo)
-        if known is None or time.monotonic() - known[1] > self.cache_ttl:
-            key = ("info", repo)
-            if key not in self._inflight:
-                task = asyncio.ensure_future(self._single_flight(key, lambda: self._listing(repo, None)))
-                task.add_done_callback(_log_failure(repo))
+        now = time.monotonic()
+        stale = known is None or now - known[1] > self.cache_ttl
+        failed_recently = now - self._info_failed.get(repo, -INFO_RETRY_S) < INFO_RETRY_S
+        key = ("info", repo)
+        if stale and not failed_recently and key not in self._inflight:
+            task = asyncio.ensure_future(self._single_flight(key, lambda: self._listing(repo, None)))
+            task.add_done_callback(self._note_info_failure(repo))
         return known[0] if known else None
+
+    def _note_info_failure(self, repo: str) -> Callable[[asyncio.Future], None]:
+        def done(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                self._info_failed[repo] = time.monotonic()  # do not ask again for a while
+                log.info("Hugging Face info not refreshed", repo=repo, error=str(task.exception()))
+
+        return done
 
     # ------------------------------------------------------------ plumbing
 
@@ -281,9 +293,3 @@ def _in_daemon_thread(work: Callable[[], Any]) -> asyncio.Future:
     return future
 
 
-def _log_failure(repo: str) -> Callable[[asyncio.Future], None]:
-    def done(task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.info("Hugging Face info not refreshed", repo=repo, error=str(task.exception()))
-
-    return done

@@ -318,7 +318,11 @@ def test_hf_down_gives_the_cached_page_marked_stale(stack, hub) -> None:
 
 async def test_lifecycle_follows_node_reports(stack, nats_url) -> None:
     """A node (here: this test, speaking the node contract) reports a download, then the file."""
-    name = register(stack, {"repo": "tests/Tiny-GGUF", "filename": "tiny-f16.gguf", "name": "lifecycle-probe"}).json()["id"]
+    entry = load_catalog()[1]
+    name = register(stack, {"catalog_id": entry.id}).json()["id"]
+
+    def hub_status() -> str:
+        return next(e for e in httpx.get(stack.url + "/v0/models/hub").json()["data"] if e["id"] == entry.id)["status"]
     node_id = "reporting-node"
 
     def beat(state: str | None, artifact: int = 0) -> bytes:
@@ -339,11 +343,16 @@ async def test_lifecycle_follows_node_reports(stack, nats_url) -> None:
                                        json={"model": name, "messages": [{"role": "user", "content": "x"}]})
         assert chat.status_code == 503 and chat.headers["retry-after"]
         assert "is downloading (50%, 61.7 KB of 123.5 KB" in chat.json()["error"]["message"]
+        assert await asyncio.to_thread(hub_status) == "downloading"
+        one = (await asyncio.to_thread(httpx.get, f"{stack.url}/v1/models/{name}")).json()
+        assert one["ready"] is False and one["download_progress"]["bytes_total"] == 123_456
 
         await nc.publish(subjects.node_heartbeat(node_id), beat("ready", artifact=123_456))
         await asyncio.to_thread(wait_until, lambda: model(stack, name).json()["state"] == "ready", 10)
+        assert await asyncio.to_thread(hub_status) == "downloaded"
         await nc.publish(subjects.node_goodbye(node_id), codec.encode(NodeGoodbye(node_id=node_id)))
         await asyncio.to_thread(wait_until, lambda: model(stack, name).json()["state"] == "registered", 10)
+        assert await asyncio.to_thread(hub_status) == "available"
     finally:
         await nc.close()
 
