@@ -67,6 +67,13 @@ class RegisteredModels:
     def get(self, name: str) -> ModelRecord | None:
         return self.records.get(name)
 
+    def remember(self, record: ModelRecord, revision: int) -> None:
+        """Apply a write this process just made, before the watcher reports it."""
+        if revision >= self.revisions.get(record.name, 0):
+            self.records[record.name] = record
+            self.revisions[record.name] = revision
+            self._deleted.discard(record.name)
+
     def forget(self, name: str) -> None:
         """Drop a model now (its deletion was confirmed), before the watcher reports it."""
         if self.records.pop(name, None) is not None:

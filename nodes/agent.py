@@ -155,6 +155,9 @@ class NodeAgent:
             path = await asyncio.to_thread(self._local_artifact, record)
             if path is None:
                 return  # not here (fetching from other origins comes with the download issue)
+            failed = self.failed.get(record.name)
+            if failed is not None and failed.artifact_path == path:
+                return  # this file already failed to load; registry state updates do not change that
             self.failed.pop(record.name, None)
             try:
                 engine = await asyncio.to_thread(runtime.load, record, path)

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 from nats.aio.msg import Msg
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
@@ -121,6 +121,17 @@ class Registry:
     def get(self, name: str) -> ModelRecord | None:
         return self.models.get(name)
 
+    async def _current(self, name: str) -> ModelRecord | None:
+        """The registration from the mirror, or from the bucket when the mirror has not caught up."""
+        record = self.models.get(name)
+        if record is not None:
+            return record
+        try:
+            entry = await self.kv.get(encode_token(name))
+        except KeyNotFoundError:
+            return None
+        return codec.decode(entry.value, ModelRecord) if entry.value else None
+
     async def _emit(self, event: str, name: str, record: ModelRecord | None) -> None:
         await self.js.publish(subjects.MODEL_EVENTS[event], codec.encode(ModelEvent(event=event, name=name, record=record)))
 
@@ -142,16 +153,16 @@ class Registry:
             return AdminReply(ok=False, status=400, message=problem)
         record = msgspec.structs.replace(record, warnings=self._warnings(record))
         try:
-            await self.kv.create(encode_token(record.name), codec.encode(record))
+            revision = await self.kv.create(encode_token(record.name), codec.encode(record))
         except KeyWrongLastSequenceError:
-            return self._duplicate(record)
+            return self._duplicate(record, await self._current(record.name))
+        self.models.remember(record, revision)  # before the watcher says so: a delete may follow at once
         await self._emit("added", record.name, record)
         log.info("model registered", model=record.name, source=kind, state=record.state)
         self._dirty.set()
         return AdminReply(ok=True, status=201, message="registered", record=record)
 
-    def _duplicate(self, record: ModelRecord) -> AdminReply:
-        existing = self.get(record.name)
+    def _duplicate(self, record: ModelRecord, existing: ModelRecord | None) -> AdminReply:
         if existing is not None and existing.source == record.source:
             why = "from the same source"
         elif existing is not None:
@@ -177,7 +188,7 @@ class Registry:
         return warnings
 
     async def delete(self, name: str) -> AdminReply:
-        current = self.get(name)
+        current = await self._current(name)
         if current is None:
             return AdminReply(ok=False, status=404, message=f"model {name!r} is not registered")
         await self.kv.purge(encode_token(name))
@@ -289,10 +300,7 @@ class Registry:
             new_revision = await self.kv.update(encode_token(record.name), codec.encode(updated), last=revision)
         except KeyWrongLastSequenceError:
             return  # changed meanwhile (another registry, a delete): the next pass sees the new value
-        # Apply it locally too, so the next pass does not write the same change again.
-        if self.models.revisions.get(record.name, 0) <= new_revision:
-            self.models.records[record.name] = updated
-            self.models.revisions[record.name] = new_revision
+        self.models.remember(updated, new_revision)  # so the next pass does not write it again
         self._last_download_write[record.name] = time.monotonic()
         if record.state != now.state:
             log.info("model state", model=record.name, state=now.state, was=record.state, error=now.error)
