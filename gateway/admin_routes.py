@@ -88,7 +88,7 @@ class AdminRoutes:
                 {k: params[k] for k in ("search", "page", "per_page") if k in params}, HfQuery, strict=False
             )
         except msgspec.ValidationError as exc:
-            raise ApiError(400, f"Invalid query: {exc}", param=str(exc).rsplit("$.", 1)[-1] if "$." in str(exc) else None) from None
+            raise ApiError(400, f"Invalid query: {exc}", param=validation_param(exc)) from None
         reply: HfReply = await self._ask(subjects.ADMIN_MODEL_HF, query, HfReply)
         return json_response(reply.page)
 

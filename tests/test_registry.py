@@ -292,7 +292,7 @@ def test_hf_catalog_pages_variants_and_cache(stack, hub) -> None:
     assert sorted(m["id"] for m in found["models"]) == [f"fakeorg/model-{i}-GGUF" for i in range(110, 120)]
 
     bad = httpx.get(stack.url + "/v0/models/hf", params={"per_page": 1000})
-    assert bad.status_code == 400
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "per_page"
 
 
 def test_hf_down_gives_the_cached_page_marked_stale(stack, hub) -> None:
