@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, subjects
+from events.openai import validation_param
 from events.messages import (
     AdminReply,
     DeleteModel,
