@@ -18,7 +18,6 @@ from starlette.responses import Response
 
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, subjects
-from events.openai import validation_param
 from events.messages import (
     AdminReply,
     DeleteModel,
@@ -29,6 +28,7 @@ from events.messages import (
     ModelRecord,
     RegisterModel,
 )
+from events.openai import validation_param
 
 from .errors import ApiError, model_not_found
 from .openai_routes import json_response, parse_body
