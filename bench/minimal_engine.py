@@ -3,7 +3,7 @@
 ``MinimalEngine`` answers every request at once with a fixed short text, so that whatever
 time a request takes through the gateway is the stack's (HTTP, NATS, node, history), not
 the model's. ``MinimalRuntime`` claims GGUF registrations, so a tiny GGUF registered the
-normal way (``Registry.register_path``) is served by this engine instead of llama.cpp.
+normal way (``Registry.register``) is served by this engine instead of llama.cpp.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ which returns "pong" at once):
     parallel=64)``), started by ``bench/stack.py`` in processes of their own: either each
     in its own process (layout ``split``, as on a cluster) or all three in one process
     (layout ``up``, the shape of ``llm-router up``). A tiny GGUF file is registered with
-    ``Registry.register_path``, so the node loads the minimal engine through the normal
+    ``Registry.register``, so the node loads the minimal engine through the normal
     registry -> node path. This process drives ``POST /v1/chat/completions`` (not streamed)
     over HTTP/1.1 keep-alive connections to 127.0.0.1, one connection per concurrent client.
 (c) ``NATS -> node`` (``--nats-direct``, on by default, off with ``--quick``): the split

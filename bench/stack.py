@@ -75,7 +75,7 @@ async def _main(args: argparse.Namespace) -> int:
             started.append(component)
         info: dict = {"role": args.role}
         if registry is not None and args.model_path:
-            reply = await registry.register_path(RegisterModel(path=args.model_path, name=args.model_name))
+            reply = await registry.register(RegisterModel(path=args.model_path, name=args.model_name))
             if not reply.ok:
                 print(f"cannot register {args.model_path}: {reply.message}", file=sys.stderr, flush=True)
                 return 2
