@@ -1,13 +1,14 @@
 """Runs router components for the overhead benchmark, each as its own process.
 
     python bench/stack.py --role registry --nats-url URL --model-path tiny.gguf --model-name bench-tiny
-    python bench/stack.py --role node     --nats-url URL --data-dir DIR --parallel 64
+    python bench/stack.py --role node     --nats-url URL --data-dir DIR --parallel 64 [--delay-ms 20]
     python bench/stack.py --role gateway  --nats-url URL --port 0
     python bench/stack.py --role up       ...   # registry + gateway + node in one process
 
 The components are the real ones (``registry.Registry``, ``gateway.Gateway``,
 ``nodes.NodeAgent``); the node gets ``runtimes=[MinimalRuntime()]`` so that the GGUF the
-registry registers is served by the instant engine of ``bench/minimal_engine.py``. Each
+registry registers is served by the instant engine of ``bench/minimal_engine.py`` (or, with
+``--delay-ms``, by that engine taking a fixed service time per request). Each
 process prints one ``READY {json}`` line on stdout once started, then runs until SIGTERM or
 SIGINT (or until its parent dies), like ``llm-router``. The event loop is uvloop when it is
 installed, as in the CLI.
@@ -57,7 +58,7 @@ async def _main(args: argparse.Namespace) -> int:
             NodeAgent(
                 nats_url=args.nats_url,
                 data_dir=Path(args.data_dir),
-                runtimes=[MinimalRuntime()],
+                runtimes=[MinimalRuntime(None if args.delay_ms is None else args.delay_ms / 1000)],
                 parallel=args.parallel,
                 node_id=args.node_id,
             )
@@ -101,6 +102,9 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None, help="node data dir")
     parser.add_argument("--parallel", type=int, default=64, help="node slots for the model")
     parser.add_argument("--node-id", default="bench-node")
+    parser.add_argument("--delay-ms", type=float, default=None,
+                        help="fixed engine service time per chat/completion request, in ms "
+                        "[$BENCH_ENGINE_DELAY_MS, else 0]")
     parser.add_argument("--model-path", default=None, help="GGUF file the registry registers")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--log-level", default="warning")

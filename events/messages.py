@@ -41,6 +41,9 @@ class InferenceRequest(Struct, Generic[P], kw_only=True):
     params: P
     stream: bool = False
     deadline: float | None = None  # unix time after which the node may drop it
+    # "reject": answer a 429 ``node_busy`` Failure at once when every slot is taken, so the
+    # gateway can queue or go elsewhere; "queue": wait on the node for a slot.
+    when_busy: Literal["queue", "reject"] = "queue"
     schema: int = SCHEMA_VERSION
 
 
@@ -148,7 +151,7 @@ class NodeHeartbeat(Struct, kw_only=True):
     active_requests: int = 0
     queue_depth: int = 0
     max_parallel: int = 1
-    state: Literal["online", "draining"] = "online"
+    state: Literal["online", "draining", "drained"] = "online"
     schema: int = SCHEMA_VERSION
 
     def serves(self, model: str, capability: str | None = None) -> bool:
@@ -160,6 +163,21 @@ class NodeHeartbeat(Struct, kw_only=True):
             and (capability is None or capability in m.capabilities)
             for m in self.models
         )
+
+
+class NodeCommand(Struct, kw_only=True):
+    """Admin request to one node (``admin.node.<id>.<verb>``); the body may be empty."""
+
+    reason: str = ""
+
+
+class NodeCommandReply(Struct, kw_only=True):
+    ok: bool
+    status: int = 200
+    message: str = ""
+    node_id: str = ""
+    state: str = ""
+    active_requests: int = 0
 
 
 class NodeGoodbye(Struct, kw_only=True):

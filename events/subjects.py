@@ -55,6 +55,15 @@ def node_goodbye(node_id: str) -> str:
     return f"nodes.goodbye.{encode_token(node_id)}"
 
 
+# Admin commands to one node: drain (finish in-flight work, take no new work), resume.
+NODE_DRAIN = "drain"
+NODE_RESUME = "resume"
+
+
+def admin_node(node_id: str, verb: str) -> str:
+    return f"admin.node.{encode_token(node_id)}.{verb}"
+
+
 # Registry: admin requests (request/reply) and the model events it emits.
 ADMIN_MODEL_REGISTER = "admin.model.register"
 ADMIN_MODEL_DELETE = "admin.model.delete"

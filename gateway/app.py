@@ -74,11 +74,15 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 8080,
         request_timeout: float = 600.0,
+        queue_size: int = 100,
+        queue_timeout: float = 60.0,
     ) -> None:
         self.nats_url = nats_url
         self.host = host
         self.port = port
         self.request_timeout = request_timeout
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
         self._server: uvicorn.Server | None = None
         self._serve_task: asyncio.Task | None = None
         self._socket: socket.socket | None = None
@@ -95,7 +99,10 @@ class Gateway:
         await self.catalog.start(self.js)
         self.directory = NodeDirectory()
         await self.directory.start(self.nc, self.js)
-        self.dispatcher = Dispatcher(self.nc, self.directory, request_timeout=self.request_timeout)
+        self.dispatcher = Dispatcher(
+            self.nc, self.directory, request_timeout=self.request_timeout,
+            queue_size=self.queue_size, queue_timeout=self.queue_timeout,
+        )
         await self.dispatcher.start()
         self.history = HistoryWriter(self.js)
         self.history.start()

@@ -85,6 +85,14 @@ def unavailable_message(record: ModelRecord) -> str:
     return f"Model '{name}' is registered but no live node serves it yet (its files may still be downloading). Retry shortly."
 
 
+def call_headers(call: Call) -> dict[str, str]:
+    """``x-request-id``, plus ``x-queue-wait-ms`` when the request waited for a free node."""
+    headers = {"x-request-id": call.request_id}
+    if call.waited_ms > 0:
+        headers.update({"x-queue-status": "queued", "x-queue-wait-ms": str(round(call.waited_ms))})
+    return headers
+
+
 def failure_error(failure: Failure) -> ApiError:
     return ApiError(failure.status, failure.message, type=failure.type, param=failure.param, code=failure.code)
 
@@ -182,7 +190,7 @@ class OpenAIRoutes:
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {"object": "list", "model": body.model, "count": len(reply.vectors), "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
         self._record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
-        return json_response(payload, headers={"x-request-id": call.request_id})
+        return json_response(payload, headers=call_headers(call))
 
     async def _text(self, request: Request, capability: str, kind: type) -> Response:
         started, t0 = time.time(), time.perf_counter()
@@ -219,7 +227,7 @@ class OpenAIRoutes:
                 raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
             payload = make(cid, created, body.model, first.text, first.finish_reason, first.usage)
             self._record(call, raw, started, t0, 200, usage=first.usage, response=payload)
-            return json_response(payload, headers={"x-request-id": call.request_id})
+            return json_response(payload, headers=call_headers(call))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage)
@@ -227,7 +235,7 @@ class OpenAIRoutes:
         return StreamingResponse(
             self._stream(call, first, writer, make, cid, created, body.model, raw, started, t0, first_byte_ms),
             media_type="text/event-stream",
-            headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
+            headers={**call_headers(call), "cache-control": "no-cache"},
         )
 
     async def _stream(

@@ -39,6 +39,8 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--host", "HOST", "127.0.0.1", "address the HTTP gateway listens on")
     _add(parser, "--port", "PORT", 8080, "HTTP port of the gateway (0 picks a free one)", type=int)
     _add(parser, "--request-timeout", "REQUEST_TIMEOUT", 600.0, "seconds a request may take end to end", type=float)
+    _add(parser, "--queue-size", "QUEUE_SIZE", 100, "requests that may wait for a free node (then 429)", type=int)
+    _add(parser, "--queue-timeout", "QUEUE_TIMEOUT", 60.0, "seconds a request may wait for a free node (then 504)", type=float)
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_option(node, required=True)
     _data_dir_option(node)
     _node_options(node)
+    node.add_argument("--allow-cpu", action="store_true", default=env("ALLOW_CPU", "") in ("1", "true", "yes"),
+                      help=f"serve on a machine without a GPU (refused otherwise) [env {ENV_PREFIX}ALLOW_CPU]")
 
     from .model_commands import add_model_commands
 
@@ -163,8 +167,9 @@ async def _up(args: argparse.Namespace) -> int:
         await embedded.start()
         nats_url = embedded.url
     registry = _registry(args, nats_url)
-    gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout))
-    node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", parallel=int(args.parallel))
+    gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
+                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout))
+    node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", parallel=int(args.parallel), allow_cpu=True)
 
     models: list[tuple[Path, str | None, dict[str, str]]] = [(Path(p), None, {}) for p in args.model]
     if args.demo:
@@ -196,6 +201,8 @@ async def _up(args: argparse.Namespace) -> int:
                 print(f"'{DEMO_MODEL}' is a plumbing demo with random weights: its answers are random text.", flush=True)
         else:
             print("No model yet. Start again with --model PATH/TO/model.gguf, or --demo for a tiny test model.", flush=True)
+        if not node.gpus:
+            print("No GPU found: models run on the CPU (`up` allows that; `llm-router node` needs --allow-cpu).", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         return 0
 
@@ -210,7 +217,8 @@ async def _single(args: argparse.Namespace) -> int:
     if args.command == "gateway":
         from gateway import Gateway
 
-        gateway = Gateway(nats_url=args.nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout))
+        gateway = Gateway(nats_url=args.nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
+                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout))
 
         async def ready() -> int:
             print(f"LLM Router gateway ready: http://{args.host}:{gateway.port}/v1", flush=True)
@@ -226,7 +234,8 @@ async def _single(args: argparse.Namespace) -> int:
         return await _run_components([_registry(args, args.nats_url)], registry_ready)
     from nodes import NodeAgent
 
-    node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node", parallel=int(args.parallel))
+    node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node", parallel=int(args.parallel),
+                     allow_cpu=bool(args.allow_cpu))
 
     async def node_ready() -> int:
         print(f"LLM Router node {node.node_id} ready, serving: {', '.join(sorted(node.served)) or 'nothing yet'}", flush=True)

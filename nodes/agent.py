@@ -22,7 +22,16 @@ from nats.js.errors import NoKeysError
 
 from broker import connect, provision
 from events import codec, encode_token, storage, subjects
-from events.messages import CancelRequest, Failure, LoadedModel, ModelEvent, ModelRecord, NodeGoodbye, NodeHeartbeat
+from events.messages import (
+    CancelRequest,
+    Failure,
+    LoadedModel,
+    ModelEvent,
+    ModelRecord,
+    NodeCommandReply,
+    NodeGoodbye,
+    NodeHeartbeat,
+)
 
 from . import cache, system
 from .runtimes import Runtime, default_runtimes
@@ -41,6 +50,7 @@ class NodeAgent:
         parallel: int = 1,
         node_id: str | None = None,
         heartbeat_interval: float = storage.HEARTBEAT_INTERVAL_S,
+        allow_cpu: bool = True,
     ) -> None:
         self.nats_url = nats_url
         self.data_dir = Path(data_dir)
@@ -50,6 +60,8 @@ class NodeAgent:
         self.node_id = node_id or system.persistent_node_id(self.data_dir)
         self.hostname = socket.gethostname()
         self.heartbeat_interval = heartbeat_interval
+        self.allow_cpu = allow_cpu
+        self.draining = False
         self.started_at = time.time()
         self.served: dict[str, ServedModel] = {}
         self.failed: dict[str, LoadedModel] = {}
@@ -66,6 +78,9 @@ class NodeAgent:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        self._gpus = await asyncio.to_thread(system.gpus)
+        if not self._gpus and not self.allow_cpu:
+            raise RuntimeError("no GPU found on this machine; start the node with --allow-cpu to serve on CPU")
         self.nc = await connect(self.nats_url, name=f"node-{self.node_id}")
         self.js = self.nc.jetstream()
         await provision(self.js)
@@ -73,6 +88,8 @@ class NodeAgent:
         self.kv_models = await self.js.key_value(storage.KV_MODELS)
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
         self._control_subs.append(await self.nc.subscribe(subjects.INFER_CANCEL_ALL, cb=self._on_cancel))
+        for verb in (subjects.NODE_DRAIN, subjects.NODE_RESUME):
+            self._control_subs.append(await self.nc.subscribe(subjects.admin_node(self.node_id, verb), cb=self._on_command))
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._control_subs.append(await self.js.subscribe(
             subjects.REGISTRY_EVENTS_ALL,
@@ -217,6 +234,11 @@ class NodeAgent:
                 failure = Failure(request_id="", node_id=self.node_id, status=400, message=f"bad request: {exc}")
                 await self.nc.publish(msg.reply, codec.encode(failure))
                 return
+            if self.draining:  # the gateway sends elsewhere; a direct client learns why
+                failure = Failure(request_id=request.request_id, node_id=self.node_id, status=503,
+                                  type="service_unavailable", message=f"node {self.node_id} is draining", code="node_draining")
+                await self.nc.publish(msg.reply, codec.encode(failure))
+                return
             cancelled = threading.Event()
             self._cancels[request.request_id] = cancelled
             task = asyncio.create_task(self._serve(served, request, msg.reply, cancelled))
@@ -230,6 +252,8 @@ class NodeAgent:
             await served.serve(self.nc, self.node_id, request, reply, cancelled)
         finally:
             self._cancels.pop(request.request_id, None)
+            if self.draining:
+                self._beat_now.set()  # report "drained" as soon as the last request ends
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -239,6 +263,29 @@ class NodeAgent:
         event = self._cancels.get(cancel.request_id)
         if event is not None:
             event.set()
+
+    @property
+    def gpus(self) -> list:
+        return list(self._gpus)
+
+    # ------------------------------------------------------------ admin commands
+
+    @property
+    def state(self) -> str:
+        if not self.draining:
+            return "online"
+        return "drained" if not any(s.active or s.waiting for s in self.served.values()) else "draining"
+
+    async def _on_command(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        self.draining = verb == subjects.NODE_DRAIN
+        log.info("node command", command=verb, state=self.state)
+        self._beat_now.set()
+        active = sum(s.active + s.waiting for s in self.served.values())
+        if msg.reply:
+            reply = NodeCommandReply(ok=True, node_id=self.node_id, state=self.state, active_requests=active,
+                                     message=f"{verb}: {active} request(s) still running" if active else verb)
+            await msg.respond(codec.encode(reply))
 
     # ------------------------------------------------------------ heartbeat
 
@@ -260,6 +307,7 @@ class NodeAgent:
             active_requests=sum(s.active for s in self.served.values()),
             queue_depth=sum(s.waiting for s in self.served.values()),
             max_parallel=sum(s.parallel for s in self.served.values()) or self.parallel,
+            state=self.state,
         )
 
     async def _publish_heartbeat(self) -> None:

@@ -71,6 +71,11 @@ class ServedModel:
     ) -> None:
         """Answer one request on ``reply``; always ends with a final message (done or error)."""
         rid = request.request_id
+        if request.when_busy == "reject" and self.active + self.waiting >= self.parallel:
+            busy = Failure(request_id=rid, node_id=node_id, status=429, type="rate_limit_exceeded",
+                           message=f"node {node_id} has no free slot for {self.name}", code="node_busy")
+            await nc.publish(reply, codec.encode(busy))
+            return
         queued_at = time.perf_counter()
         self.waiting += 1
         try:

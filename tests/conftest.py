@@ -191,7 +191,7 @@ class Stack:
         self.node = self.start_node() if node else None
 
     def start_node(self, name: str = "node") -> Proc:
-        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name)], env=self.env)
+        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name), "--allow-cpu"], env=self.env)
         node.wait_for("node .* ready")
         return node
 
