@@ -37,13 +37,13 @@ class MinimalEngine:
         self.delay_s = max(0.0, delay_s)
 
     def _answer(self, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
+        if on_delta is not None:
+            on_delta(TEXT)  # a stream shows its text at once, then the service time runs
         if self.delay_s > 0:  # the fixed service time; a cancellation ends it early
             deadline = time.monotonic() + self.delay_s
             remaining = self.delay_s
             while remaining > 0 and not cancelled.wait(remaining):
                 remaining = deadline - time.monotonic()
-        if on_delta is not None:
-            on_delta(TEXT)
         return TextOutcome(TEXT, "stop", USAGE)
 
     def chat(self, body: Any, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:

@@ -142,9 +142,20 @@ class NodeDirectory:
         if self.on_change is not None:
             self.on_change()
 
+    def note_state(self, node_id: str, state: str) -> None:
+        """Apply a state a node just told us (drain, resume) before its next heartbeat says it."""
+        view = self._nodes.get(node_id)
+        if view is not None and state:
+            view.beat = msgspec.structs.replace(view.beat, state=state)
+
     def forget(self, node_id: str) -> None:
         """Drop a node that failed to answer (no responders); its next heartbeat restores it."""
         self._nodes.pop(node_id, None)
+
+    def known(self) -> list[tuple[NodeHeartbeat, bool, float]]:
+        """Every node heard from and not said goodbye: (last heartbeat, live, seconds since it)."""
+        now = time.monotonic()
+        return [(view.beat, now - view.seen <= self.ttl, now - view.seen) for view in self._nodes.values()]
 
     def live(self) -> list[NodeHeartbeat]:
         cutoff = time.monotonic() - self.ttl

@@ -20,6 +20,8 @@ from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, subjects
 from events.messages import (
     AdminReply,
+    NodeCommand,
+    NodeCommandReply,
     DeleteModel,
     HfQuery,
     HfReply,
@@ -30,6 +32,7 @@ from events.messages import (
 )
 from events.openai import validation_param
 
+from .dispatch import Dispatcher
 from .errors import ApiError, model_not_found
 from .openai_routes import json_response, parse_body
 
@@ -37,10 +40,11 @@ ADMIN_TIMEOUT_S = 30.0
 
 
 class AdminRoutes:
-    def __init__(self, nc: Client, catalog: RegisteredModels, directory: NodeDirectory) -> None:
+    def __init__(self, nc: Client, catalog: RegisteredModels, directory: NodeDirectory, dispatcher: Dispatcher) -> None:
         self.nc = nc
         self.catalog = catalog
         self.directory = directory
+        self.dispatcher = dispatcher
 
     async def _ask(self, subject: str, request: Any, reply_type: type) -> Any:
         try:
@@ -109,6 +113,38 @@ class AdminRoutes:
             raise
         self.catalog.forget(name)
         return json_response({"id": name, "object": "model", "deleted": True})
+
+
+    # ------------------------------------------------------------ nodes
+
+    async def list_nodes(self, request: Request) -> Response:
+        nodes = []
+        for beat, live, age in sorted(self.directory.known(), key=lambda item: item[0].node_id):
+            view = msgspec.to_builtins(beat)
+            view.update({
+                "id": beat.node_id,
+                "state": beat.state if live else "offline",
+                "last_seen_s": round(age, 1),
+                "gateway_inflight": self.dispatcher.node_inflight(beat.node_id),
+            })
+            nodes.append(view)
+        return json_response({"object": "list", "data": nodes, "queue": {
+            "waiting": self.dispatcher.waiting, "size": self.dispatcher.queue_size}})
+
+    async def node_command(self, request: Request) -> Response:
+        """``POST /v0/nodes/{id}/drain`` or ``/resume``: the node's own answer."""
+        node_id, verb = request.path_params["node_id"], request.path_params["verb"]
+        if verb not in (subjects.NODE_DRAIN, subjects.NODE_RESUME):
+            raise ApiError(404, f"Unknown node command {verb!r}; use drain or resume.")
+        try:
+            msg = await self.nc.request(subjects.admin_node(node_id, verb), codec.encode(NodeCommand()), timeout=10)
+        except NoRespondersError:
+            raise ApiError(404, f"No running node {node_id!r}.", code="node_not_found") from None
+        except NatsTimeout:
+            raise ApiError(504, f"Node {node_id!r} did not answer within 10 s.") from None
+        reply = codec.decode(msg.data, NodeCommandReply)
+        self.directory.note_state(node_id, reply.state)  # no new work from this gateway, starting now
+        return json_response(reply)
 
 
 _CODES = {404: "model_not_found", 409: "model_already_registered", 422: "unsupported_model", 503: "registry_unavailable"}

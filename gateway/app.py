@@ -50,6 +50,8 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
         Route("/v1/models/{model:path}", admin.delete_model, methods=["DELETE"]),
+        Route("/v0/nodes", admin.list_nodes, methods=["GET"]),
+        Route("/v0/nodes/{node_id}/{verb}", admin.node_command, methods=["POST"]),
         Route("/v0/models", admin.list_models, methods=["GET"]),
         Route("/v0/models/hub", admin.hub, methods=["GET"]),
         Route("/v0/models/hf", admin.hf, methods=["GET"]),
@@ -107,7 +109,7 @@ class Gateway:
         self.history = HistoryWriter(self.js)
         self.history.start()
         self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history)
-        self.admin = AdminRoutes(self.nc, self.catalog, self.directory)
+        self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
         self.app = build_app(self)
 
         # Bind first, so that port 0 resolves to a real port before we print the URL.

@@ -88,6 +88,8 @@ def unavailable_message(record: ModelRecord) -> str:
 def call_headers(call: Call) -> dict[str, str]:
     """``x-request-id``, plus ``x-queue-wait-ms`` when the request waited for a free node."""
     headers = {"x-request-id": call.request_id}
+    if call.node_id:
+        headers["x-node-id"] = call.node_id
     if call.waited_ms > 0:
         headers.update({"x-queue-status": "queued", "x-queue-wait-ms": str(round(call.waited_ms))})
     return headers

@@ -63,12 +63,13 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Proc:
     """A component started as its own process (``python -m llm_router ...``), output captured."""
 
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, script: str | None = None) -> None:
+        """``script``: run that Python file instead of ``-m llm_router`` (bench/stack.py's nodes)."""
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "llm_router", *args],
+            [sys.executable, *([script] if script else ["-m", "llm_router"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -179,20 +180,21 @@ class Stack:
     """
 
     def __init__(self, nats_url: str, data_dir: Path, *, registry_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, node: bool = True) -> None:
+                 gateway_args: tuple[str, ...] = (), env: dict[str, str] | None = None, node: bool = True) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.env = env
         self.registered: list[str] = []
         self.registry = Proc(["registry", "--nats-url", nats_url, *registry_args], env=env)
-        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0"], env=env)
+        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0", *gateway_args], env=env)
         self.registry.wait_for("registry ready")
         self.url = self.gateway.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
         self.node = self.start_node() if node else None
 
-    def start_node(self, name: str = "node") -> Proc:
-        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name), "--allow-cpu"], env=self.env)
-        node.wait_for("node .* ready")
+    def start_node(self, name: str = "node", *args: str) -> Proc:
+        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name), "--allow-cpu", *args],
+                    env=self.env)
+        node.node_id = node.wait_for(r"node (\S+) ready").group(1)
         return node
 
     def admin(self, verb: str, payload: object) -> dict:
