@@ -177,3 +177,28 @@ def test_a_node_without_gpu_needs_allow_cpu(spawn, nats_url, tmp_path) -> None:
     node = spawn("node", "--nats-url", nats_url, "--data-dir", str(tmp_path))
     assert node.popen.wait(30) == 1
     assert "no GPU found" in node.output() and "--allow-cpu" in node.output()
+
+
+def test_two_gateways_share_one_node_without_overloading_it(nats_url, tiny_gguf, tmp_path) -> None:
+    stack = Stack(nats_url, tmp_path, node=False)  # default queue: 100 requests, 60 s
+    stack.extra_nodes = []
+    other = Proc(["gateway", "--nats-url", stack.nats_url, "--port", "0"])
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        node = delay_node(stack, 800)  # one slot
+        serving(stack, 1)
+        other_url = other.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
+        wait_until(lambda: httpx.get(f"{other_url}/v0/models/{MODEL}").json()["nodes"], message="second gateway sees the node")
+        calls = [in_background(chat, url) for url in (stack.url, other_url, stack.url, other_url)]
+        for thread, _ in calls:
+            thread.join()
+        answers = [result[0] for _, result in calls]
+        # Neither gateway knows the other's work: the node refuses what it cannot start
+        # (node_busy) and the refused gateway queues the request again, so all are answered.
+        assert [a.status_code for a in answers] == [200] * 4
+        assert {a.headers["x-node-id"] for a in answers} == {node.node_id}
+    finally:
+        other.stop()
+        for proc in stack.extra_nodes:
+            proc.stop()
+        stack.close()
