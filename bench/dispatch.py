@@ -81,6 +81,8 @@ sys.path.insert(1, str(ROOT))
 
 from minimal_engine import TEXT  # noqa: E402
 from overhead import (  # noqa: E402
+    CHAT_BODY,
+    MODEL,
     Child,
     HttpConnection,
     _event_loop_run,
@@ -91,7 +93,6 @@ from overhead import (  # noqa: E402
     write_section,
 )
 
-MODEL = "bench-tiny"
 BEGIN, END = "<!-- dispatch:begin -->", "<!-- dispatch:end -->"
 NODES = [("slow", 4), ("medium", 2), ("fast", 1)]  # name, service time in multiples of --base-ms
 NODE_PREFIX = "bench-"
@@ -102,9 +103,6 @@ TARGET_JSQ_RATIO = 1.10  # ours p99 <= 110% of the simulated ideal JSQ p99
 TARGET_RANDOM_FACTOR = 2.0  # ours p99 at least 2x better than random, at 90% load
 MAX_ARRIVALS = 200_000  # a bound on every trace, whatever the rate and duration
 IDLE_CONN_S = 3.0  # keep-alive connections idle longer are dropped (uvicorn closes them at 5 s)
-CHAT_BODY = json.dumps(
-    {"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 8}, separators=(",", ":")
-).encode()
 
 
 # ---------------------------------------------------------------------------- results
