@@ -60,7 +60,6 @@ import asyncio
 import gc
 import itertools
 import json
-import logging
 import math
 import random
 import shutil
@@ -89,7 +88,7 @@ from overhead import (  # noqa: E402
     connect,
     http_request,
     machine,
-    machine_busy,
+    quiet_logs_and_check_machine,
     write_section,
 )
 
@@ -710,14 +709,7 @@ def main() -> int:
     command = ("python bench/dispatch.py " + " ".join(sys.argv[1:])).strip()
     started = time.time()
 
-    from llm_router import logs
-
-    logs.configure("warning", "json")
-    logging.getLogger().setLevel(logging.WARNING)
-    busy = machine_busy()
-    if busy > 20:
-        print(f"warning: the machine is already busy ({busy:.0f}% of one core used by other processes); "
-              "latencies will be noisier than on an idle machine", file=sys.stderr, flush=True)
+    quiet_logs_and_check_machine()
 
     rows, text = _event_loop_run(run_all(args, started, command))
     print(text)

@@ -686,6 +686,18 @@ def machine_busy(seconds: float = 1.0) -> float:
     return 100 * (_cpu_times({})[SYSTEM] - before) / seconds
 
 
+def quiet_logs_and_check_machine() -> None:
+    """Warnings-only logs for the components, and a warning when the machine is already busy."""
+    from llm_router import logs
+
+    logs.configure("warning", "json")
+    logging.getLogger().setLevel(logging.WARNING)
+    busy = machine_busy()
+    if busy > 20:
+        print(f"warning: the machine is already busy ({busy:.0f}% of one core used by other processes); "
+              "the numbers will be noisier than on an idle machine", file=sys.stderr, flush=True)
+
+
 def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the text between ``begin`` and ``end`` in ``path`` (append it when absent)."""
     section = f"{begin}\n{text}{end}\n"
@@ -742,14 +754,7 @@ def main() -> int:
     command = "python bench/overhead.py " + " ".join(sys.argv[1:])
     started = time.time()
 
-    from llm_router import logs
-
-    logs.configure("warning", "json")
-    logging.getLogger().setLevel(logging.WARNING)
-    busy = machine_busy()
-    if busy > 20:
-        print(f"warning: the machine is already busy ({busy:.0f}% of one core used by other processes); "
-              "the numbers will be lower and noisier than on an idle machine", file=sys.stderr, flush=True)
+    quiet_logs_and_check_machine()
 
     results: list[Result] = []
     sent: dict[str, int] = {}

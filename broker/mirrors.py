@@ -94,9 +94,9 @@ class NodeView:
 
 
 class NodeDirectory:
-    def __init__(self, ttl: float = storage.NODE_TTL_S, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, ttl: float = storage.NODE_TTL_S) -> None:
         self.ttl = ttl
-        self.on_change = on_change  # called after every heartbeat or goodbye (the registry's lifecycle)
+        self._listeners: list[Callable[[], None]] = []
         self._nodes: dict[str, NodeView] = {}
         self._subs: list = []
 
@@ -130,8 +130,7 @@ class NodeDirectory:
         except msgspec.DecodeError:
             log.warning("undecodable heartbeat", subject=msg.subject)
             return
-        if self.on_change is not None:
-            self.on_change()
+        self._changed()
 
     async def _on_goodbye(self, msg: Msg) -> None:
         try:
@@ -139,14 +138,21 @@ class NodeDirectory:
         except msgspec.DecodeError:
             log.warning("undecodable goodbye", subject=msg.subject)
             return
-        if self.on_change is not None:
-            self.on_change()
+        self._changed()
 
     def note_state(self, node_id: str, state: str) -> None:
         """Apply a state a node just told us (drain, resume) before its next heartbeat says it."""
         view = self._nodes.get(node_id)
         if view is not None and state:
             view.beat = msgspec.structs.replace(view.beat, state=state)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every heartbeat or goodbye (lifecycle, queued requests)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def forget(self, node_id: str) -> None:
         """Drop a node that failed to answer (no responders); its next heartbeat restores it."""

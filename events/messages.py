@@ -165,16 +165,21 @@ class NodeHeartbeat(Struct, kw_only=True):
         )
 
 
+class Answer(Struct, kw_only=True):
+    """What every admin answer starts with; ``status`` follows HTTP so the gateway can pass it on."""
+
+    ok: bool
+    status: int = 200
+    message: str = ""
+
+
 class NodeCommand(Struct, kw_only=True):
     """Admin request to one node (``admin.node.<id>.<verb>``); the body may be empty."""
 
     reason: str = ""
 
 
-class NodeCommandReply(Struct, kw_only=True):
-    ok: bool
-    status: int = 200
-    message: str = ""
+class NodeCommandReply(Answer, kw_only=True):
     node_id: str = ""
     state: str = ""
     active_requests: int = 0
@@ -278,12 +283,9 @@ class DeleteModel(Struct, kw_only=True):
     name: str
 
 
-class AdminReply(Struct, kw_only=True):
-    """Answer to an admin request; ``status`` follows HTTP so the gateway can pass it on."""
+class AdminReply(Answer, kw_only=True):
+    """Answer to a model register/delete request."""
 
-    ok: bool
-    status: int = 200
-    message: str = ""
     record: ModelRecord | None = None
 
 
@@ -339,10 +341,7 @@ class HubQuery(Struct, kw_only=True):
     search: str = ""
 
 
-class HubReply(Struct, kw_only=True):
-    ok: bool
-    status: int = 200
-    message: str = ""
+class HubReply(Answer, kw_only=True):
     models: list[HubEntry] = field(default_factory=list)
 
 
@@ -382,10 +381,7 @@ class HfPage(Struct, kw_only=True):
     stale: bool = False  # Hugging Face failed: this is the last page fetched
 
 
-class HfReply(Struct, kw_only=True):
-    ok: bool
-    status: int = 200
-    message: str = ""
+class HfReply(Answer, kw_only=True):
     page: HfPage | None = None
 
 

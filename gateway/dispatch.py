@@ -72,7 +72,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
-        self.directory.on_change = self._serve_waiters  # a heartbeat may bring a node or free slots
+        self.directory.on_change(self._serve_waiters)  # a heartbeat may bring a node or free slots
 
     async def stop(self) -> None:
         if self._sub is not None:

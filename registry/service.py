@@ -91,7 +91,8 @@ class Registry:
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
         self.models = RegisteredModels()
         await self.models.start(self.js)
-        self.nodes = NodeDirectory(on_change=self._dirty.set)
+        self.nodes = NodeDirectory()
+        self.nodes.on_change(self._dirty.set)
         await self.nodes.start(self.nc, self.js)
         for subject, kind, action in (
             (subjects.ADMIN_MODEL_REGISTER, RegisterModel, self.register),

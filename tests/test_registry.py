@@ -20,7 +20,7 @@ from fake_hf import FakeHub
 from events import codec, encode_token, storage, subjects
 from events.messages import DownloadProgress, LoadedModel, NodeGoodbye, NodeHeartbeat
 from nodes import cache
-from registry.catalog import CatalogError, load_catalog
+from registry.catalog import DEFAULT_PATH, CatalogError, load_catalog
 from registry.hf import parse_quantization, parse_reference
 
 GB = 10**9
@@ -118,7 +118,7 @@ def test_shipped_catalog_is_valid_and_covers_every_kind() -> None:
     ],
 )
 def test_a_broken_catalog_is_refused_with_the_entry_named(tmp_path, change, complaint) -> None:
-    data = json.loads(Path(load_catalog.__globals__["DEFAULT_PATH"]).read_text())
+    data = json.loads(DEFAULT_PATH.read_text())
     change(data)
     bad = tmp_path / "catalog.json"
     bad.write_text(json.dumps(data))
