@@ -203,6 +203,7 @@ class DownloadProgress(Struct, kw_only=True):
     eta_s: float | None = None
     error: str | None = None
     task_id: str | None = None
+    source: str | None = None  # where the bytes come from: object store, origin URL, shared path
     at: float = field(default_factory=now)
     schema: int = SCHEMA_VERSION
 
@@ -246,6 +247,7 @@ class ModelRecord(Struct, kw_only=True):
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     download: DownloadProgress | None = None  # the most advanced download in progress
+    predownload: bool = False  # nodes fetch it as soon as it is registered, not on first use
     created_at: float = field(default_factory=now)
     updated_at: float = field(default_factory=now)
     schema: int = SCHEMA_VERSION
@@ -277,10 +279,55 @@ class RegisterModel(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     name: str | None = None
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    predownload: bool = False
 
 
 class DeleteModel(Struct, kw_only=True):
     name: str
+
+
+class DownloadModel(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """"Download now" (``admin.model.download``, ``POST /v0/models/{model}/download``).
+
+    Targets: ``node`` (one node id), ``all`` (every live node that can run the model), or
+    neither: one node, chosen by the registry (what a request for a missing model does).
+    """
+
+    model: str = ""
+    node: str | None = None
+    all: bool = False
+
+
+class NodeDownload(Struct, kw_only=True):
+    """The registry's order to one node (``admin.node.<id>.download``)."""
+
+    model: str
+    task_id: str
+
+
+NodeDownloadState = Literal["present", "started", "running", "not_found", "unsupported", "failed"]
+
+
+class NodeDownloadReply(Answer, kw_only=True):
+    node_id: str = ""
+    model: str = ""
+    task_id: str = ""
+    state: NodeDownloadState = "failed"
+    source: str = ""  # where the node gets (or has) the file
+
+
+class DownloadTask(Struct, kw_only=True):
+    """A "download now" task, kept in the ``downloads`` bucket under ``task.<id>``."""
+
+    task_id: str
+    model: str
+    nodes: list[NodeDownloadReply]
+    created_at: float = field(default_factory=now)
+    schema: int = SCHEMA_VERSION
+
+
+class DownloadReply(Answer, kw_only=True):
+    task: DownloadTask | None = None
 
 
 class AdminReply(Answer, kw_only=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
 
 from . import subjects
+from .tokens import encode_token
 
 DAY = 24 * 3600.0
 GiB = 1024**3
@@ -28,6 +29,9 @@ KV_MODELS = "models"
 KV_NODES = "nodes"
 KV_DOWNLOADS = "downloads"
 KV_SETTINGS = "settings"
+KV_LEASES = "leases"
+# A download lease lives this long unless its holder renews it (every third of it).
+LEASE_TTL_S = 15.0
 OBJ_MODEL_BLOBS = "model-blobs"
 
 STREAMS: tuple[StreamConfig, ...] = (
@@ -63,8 +67,18 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
     KeyValueConfig(bucket=KV_NODES, description="last heartbeat of each live node", ttl=NODE_TTL_S),
     KeyValueConfig(bucket=KV_DOWNLOADS, description="download tasks and progress", ttl=7 * DAY),
     KeyValueConfig(bucket=KV_SETTINGS, description="users, hashed API keys and settings", history=5),
+    KeyValueConfig(bucket=KV_LEASES, description="who downloads a model into a shared models dir", ttl=LEASE_TTL_S),
 )
 
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
     ObjectStoreConfig(bucket=OBJ_MODEL_BLOBS, description="model files hosted by the registry"),
 )
+
+
+def download_key(node_id: str, model: str) -> str:
+    """``downloads`` bucket key of a node's latest progress report on a model."""
+    return f"progress.{encode_token(node_id)}.{encode_token(model)}"
+
+
+def download_task_key(task_id: str) -> str:
+    return f"task.{encode_token(task_id)}"

@@ -58,6 +58,7 @@ def node_goodbye(node_id: str) -> str:
 # Admin commands to one node: drain (finish in-flight work, take no new work), resume.
 NODE_DRAIN = "drain"
 NODE_RESUME = "resume"
+NODE_DOWNLOAD = "download"  # fetch a model now (sent by the registry for admin.model.download)
 
 
 def admin_node(node_id: str, verb: str) -> str:
@@ -69,6 +70,7 @@ ADMIN_MODEL_REGISTER = "admin.model.register"
 ADMIN_MODEL_DELETE = "admin.model.delete"
 ADMIN_MODEL_HUB = "admin.model.hub"  # the curated catalog with per-entry status
 ADMIN_MODEL_HF = "admin.model.hf"  # one page of the Hugging Face GGUF catalog
+ADMIN_MODEL_DOWNLOAD = "admin.model.download"  # "download now" on one node, or all
 ADMIN_ALL = "admin.>"
 
 REGISTRY_EVENTS_ALL = "registry.events.>"

@@ -46,7 +46,8 @@ class AdminRoutes:
         self.directory = directory
         self.dispatcher = dispatcher
 
-    async def _ask(self, subject: str, request: Any, reply_type: type) -> Any:
+    async def ask(self, subject: str, request: Any, reply_type: type) -> Any:
+        """A request to the registry; its refusal becomes the ApiError the client gets."""
         try:
             msg = await self.nc.request(subject, codec.encode(request), timeout=ADMIN_TIMEOUT_S)
         except NoRespondersError:
@@ -83,7 +84,7 @@ class AdminRoutes:
         return json_response(self.model_view(record))
 
     async def hub(self, request: Request) -> Response:
-        reply: HubReply = await self._ask(subjects.ADMIN_MODEL_HUB, HubQuery(search=request.query_params.get("search", "")), HubReply)
+        reply: HubReply = await self.ask(subjects.ADMIN_MODEL_HUB, HubQuery(search=request.query_params.get("search", "")), HubReply)
         return json_response({"object": "list", "data": reply.models})
 
     async def hf(self, request: Request) -> Response:
@@ -94,19 +95,19 @@ class AdminRoutes:
             )
         except msgspec.ValidationError as exc:
             raise ApiError(400, f"Invalid query: {exc}", param=validation_param(exc)) from None
-        reply: HfReply = await self._ask(subjects.ADMIN_MODEL_HF, query, HfReply)
+        reply: HfReply = await self.ask(subjects.ADMIN_MODEL_HF, query, HfReply)
         return json_response(reply.page)
 
     async def register(self, request: Request) -> Response:
         body: RegisterModel = parse_body(await request.body(), RegisterModel)
-        reply: AdminReply = await self._ask(subjects.ADMIN_MODEL_REGISTER, body, AdminReply)
+        reply: AdminReply = await self.ask(subjects.ADMIN_MODEL_REGISTER, body, AdminReply)
         return json_response(self.model_view(reply.record), status=reply.status)
 
     async def delete_model(self, request: Request) -> Response:
         """OpenAI's delete shape; the model leaves this gateway's lists before the answer."""
         name = request.path_params["model"]
         try:
-            await self._ask(subjects.ADMIN_MODEL_DELETE, DeleteModel(name=name), AdminReply)
+            await self.ask(subjects.ADMIN_MODEL_DELETE, DeleteModel(name=name), AdminReply)
         except ApiError as exc:
             if exc.status == 404:
                 raise model_not_found(name) from None

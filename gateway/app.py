@@ -22,6 +22,7 @@ from broker.mirrors import NodeDirectory, RegisteredModels
 
 from .admin_routes import AdminRoutes
 from .dispatch import Dispatcher
+from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError
 from .history import HistoryWriter
 from .openai_routes import OpenAIRoutes, json_response
@@ -44,7 +45,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Gateway) -> Starlette:
-    api, admin = gateway.routes, gateway.admin
+    api, admin, downloads = gateway.routes, gateway.admin, gateway.downloads
     routes = [
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
@@ -56,6 +57,10 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v0/models/hub", admin.hub, methods=["GET"]),
         Route("/v0/models/hf", admin.hf, methods=["GET"]),
         Route("/v0/models/register", admin.register, methods=["POST"]),
+        Route("/v0/models/blob/{model:path}", downloads.blob, methods=["GET", "HEAD"]),
+        Route("/v0/models/{model:path}/download", downloads.download_now, methods=["POST"]),
+        Route("/v0/downloads", downloads.list, methods=["GET"]),
+        Route("/v0/downloads/{task_id}", downloads.task, methods=["GET"]),
         Route("/v0/models/{model:path}", admin.get_model, methods=["GET"]),
         Route("/v0/models/{model:path}", admin.delete_model, methods=["DELETE"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
@@ -108,8 +113,10 @@ class Gateway:
         await self.dispatcher.start()
         self.history = HistoryWriter(self.js)
         self.history.start()
-        self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history)
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
+        self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask))
+        self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
+        await self.downloads.start()
         self.app = build_app(self)
 
         # Bind first, so that port 0 resolves to a real port before we print the URL.

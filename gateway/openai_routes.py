@@ -101,12 +101,15 @@ def failure_error(failure: Failure) -> ApiError:
 
 class OpenAIRoutes:
     def __init__(
-        self, catalog: RegisteredModels, directory: NodeDirectory, dispatcher: Dispatcher, history: HistoryWriter
+        self, catalog: RegisteredModels, directory: NodeDirectory, dispatcher: Dispatcher, history: HistoryWriter,
+        on_demand: Any = None,
     ) -> None:
+        """``on_demand`` (gateway.downloads.OnDemand): asks for a download of a model no node has."""
         self.catalog = catalog
         self.directory = directory
         self.dispatcher = dispatcher
         self.history = history
+        self.on_demand = on_demand
 
     # ------------------------------------------------------------ models
 
@@ -140,7 +143,7 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------ inference
 
-    def resolve(self, model: str, capability: str) -> None:
+    async def resolve(self, model: str, capability: str) -> None:
         record = self.catalog.get(model)
         if record is None:
             raise model_not_found(model)
@@ -158,7 +161,10 @@ class OpenAIRoutes:
                 code="model_pending_conversion",
             )
         if not self.directory.serving(model, capability):
-            raise ApiError(503, unavailable_message(record), code="model_unavailable", headers={"Retry-After": "5"})
+            error = ApiError(503, unavailable_message(record), code="model_unavailable", headers={"Retry-After": "5"})
+            if self.on_demand is not None and not self.directory.serving(model):
+                error = await self.on_demand.error_for(record, error)
+            raise error
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._text(request, subjects.CHAT, ChatCompletionBody)
@@ -173,7 +179,7 @@ class OpenAIRoutes:
             body: EmbeddingBody = parse_body(raw, EmbeddingBody)
             if any(not text for text in body.inputs):
                 raise ApiError(400, "input must not contain empty strings", param="input")
-            self.resolve(body.model, subjects.EMBEDDING)
+            await self.resolve(body.model, subjects.EMBEDDING)
         except ApiError as exc:
             self._refused(subjects.EMBEDDING, raw, started, t0, exc)
             raise
@@ -199,7 +205,7 @@ class OpenAIRoutes:
         raw = await request.body()
         try:
             body = parse_body(raw, kind)
-            self.resolve(body.model, capability)
+            await self.resolve(body.model, capability)
         except ApiError as exc:
             self._refused(capability, raw, started, t0, exc)
             raise

@@ -45,6 +45,24 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--parallel", "PARALLEL", 1, "requests one loaded model runs at once on this node", type=int)
+    _add(parser, "--shared-models-dir", "SHARED_MODELS_DIR", None,
+         "models dir shared by several nodes (e.g. NFS): used in place, and downloads go there, one node at a time")
+    parser.add_argument("--allow-origin", action="append", metavar="HOST",
+                        default=[o for o in env("ALLOW_ORIGINS", "").split(",") if o] or None,
+                        help="host nodes may download models from (repeatable; 'none' for no origin) "
+                             f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]")
+    _add(parser, "--predownload", "PREDOWNLOAD", "registered",
+         "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
+         choices=["all", "registered", "none"])
+
+
+def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "parallel": int(args.parallel),
+        "shared_models_dir": Path(args.shared_models_dir).expanduser() if args.shared_models_dir else None,
+        "allow_origins": args.allow_origin,
+        "predownload": args.predownload,
+    }
 
 
 def _registry_options(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +187,7 @@ async def _up(args: argparse.Namespace) -> int:
     registry = _registry(args, nats_url)
     gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
                       queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout))
-    node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", parallel=int(args.parallel), allow_cpu=True)
+    node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", allow_cpu=True, **_node_settings(args))
 
     models: list[tuple[Path, str | None, dict[str, str]]] = [(Path(p), None, {}) for p in args.model]
     if args.demo:
@@ -234,8 +252,8 @@ async def _single(args: argparse.Namespace) -> int:
         return await _run_components([_registry(args, args.nats_url)], registry_ready)
     from nodes import NodeAgent
 
-    node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node", parallel=int(args.parallel),
-                     allow_cpu=bool(args.allow_cpu))
+    node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node",
+                     allow_cpu=bool(args.allow_cpu), **_node_settings(args))
 
     async def node_ready() -> int:
         print(f"LLM Router node {node.node_id} ready, serving: {', '.join(sorted(node.served)) or 'nothing yet'}", flush=True)

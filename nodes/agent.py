@@ -18,7 +18,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from broker import connect, provision
 from events import codec, encode_token, storage, subjects
@@ -29,11 +29,15 @@ from events.messages import (
     ModelEvent,
     ModelRecord,
     NodeCommandReply,
+    NodeDownload,
+    NodeDownloadReply,
     NodeGoodbye,
     NodeHeartbeat,
 )
 
 from . import cache, system
+from .downloads import Downloads
+from .resolution import ModelNotFound, Resolver, SourceUnavailable
 from .runtimes import Runtime, default_runtimes
 from .serving import ServedModel
 
@@ -51,7 +55,12 @@ class NodeAgent:
         node_id: str | None = None,
         heartbeat_interval: float = storage.HEARTBEAT_INTERVAL_S,
         allow_cpu: bool = True,
+        shared_models_dir: Path | None = None,
+        allow_origins: list[str] | None = None,
+        predownload: str = "registered",
     ) -> None:
+        """``predownload``: "all" fetches every model it can run as soon as it is registered,
+        "registered" only those registered with ``predownload``, "none" waits for a request."""
         self.nats_url = nats_url
         self.data_dir = Path(data_dir)
         self.models_dir = self.data_dir / "models"
@@ -61,6 +70,9 @@ class NodeAgent:
         self.hostname = socket.gethostname()
         self.heartbeat_interval = heartbeat_interval
         self.allow_cpu = allow_cpu
+        self.shared_models_dir = Path(shared_models_dir) if shared_models_dir else None
+        self.allow_origins = allow_origins
+        self.predownload = predownload
         self.draining = False
         self.started_at = time.time()
         self.served: dict[str, ServedModel] = {}
@@ -86,10 +98,15 @@ class NodeAgent:
         await provision(self.js)
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
         self.kv_models = await self.js.key_value(storage.KV_MODELS)
+        self.resolver = Resolver(self.js, self.models_dir, shared_dir=self.shared_models_dir, allow_origins=self.allow_origins)
+        self.downloads = Downloads(self.nc, self.js, self.node_id, self.resolver, on_complete=self._ensure_loaded)
+        await self.downloads.start()
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
         self._control_subs.append(await self.nc.subscribe(subjects.INFER_CANCEL_ALL, cb=self._on_cancel))
         for verb in (subjects.NODE_DRAIN, subjects.NODE_RESUME):
             self._control_subs.append(await self.nc.subscribe(subjects.admin_node(self.node_id, verb), cb=self._on_command))
+        self._control_subs.append(await self.nc.subscribe(
+            subjects.admin_node(self.node_id, subjects.NODE_DOWNLOAD), cb=self._spawn(self._on_download_command)))
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._control_subs.append(await self.js.subscribe(
             subjects.REGISTRY_EVENTS_ALL,
@@ -111,6 +128,7 @@ class NodeAgent:
     async def stop(self) -> None:
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
+        await self.downloads.stop()
         for sub in [s for subs in self._subs.values() for s in subs] + self._control_subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -148,6 +166,7 @@ class NodeAgent:
             await msg.term()
             return
         if event.event == "deleted":
+            await self.downloads.cancel(event.name, reason="deleted from the registry")
             await self._unload(event.name, reason="deleted from the registry")
             if await asyncio.to_thread(cache.remove, self.models_dir, event.name):
                 log.info("local copy deleted", model=event.name)
@@ -165,13 +184,15 @@ class NodeAgent:
                 await self._unload_locked(record.name, reason="source changed")
             if record.state == "pending_conversion":
                 return  # never distributed until converted
-            runtime = next((r for r in self.runtimes if r.accepts(record)), None)
-            status = next((s for s in self._runtime_status if runtime and s.name == runtime.name), None)
-            if runtime is None or status is None or not status.available:
+            runtime, _ = self._runtime_for(record)
+            if runtime is None:
                 return  # this node cannot run it: another node will
-            path = await asyncio.to_thread(self._local_artifact, record)
-            if path is None:
-                return  # not here (fetching from other origins comes with the download issue)
+            location = await asyncio.to_thread(self.resolver.local, record)
+            if location is None:
+                if self._wants_predownload(record) and record.name not in self.downloads.failed:
+                    await self._spawn(self._prefetch)(record)
+                return
+            path = str(location.path)
             failed = self.failed.get(record.name)
             if failed is not None and failed.artifact_path == path:
                 return  # this file already failed to load; registry state updates do not change that
@@ -199,12 +220,81 @@ class NodeAgent:
             log.info("model loaded", model=record.name, runtime=runtime.name, path=path)
             self._beat_now.set()
 
-    def _local_artifact(self, record: ModelRecord) -> str | None:
-        """A file this node can load now: the registered path, or a complete copy in its cache."""
-        if record.source.kind == "path":
-            return record.source.path if record.source.path and Path(record.source.path).is_file() else None
-        cached = cache.cached_artifact(self.models_dir, record)
-        return str(cached) if cached else None
+    def _runtime_for(self, record: ModelRecord) -> tuple[Runtime | None, str]:
+        runtime = next((r for r in self.runtimes if r.accepts(record)), None)
+        if runtime is None:
+            return None, f"node {self.node_id} has no {record.runtime} runtime"
+        status = next((s for s in self._runtime_status if s.name == runtime.name), None)
+        if status is None or not status.available:
+            why = status.error if status and status.error else "not installed"
+            return None, f"runtime {runtime.name} is unavailable on node {self.node_id}: {why}"
+        return runtime, ""
+
+    def _wants_predownload(self, record: ModelRecord) -> bool:
+        return self.predownload == "all" or (self.predownload == "registered" and record.predownload)
+
+    def _spawn(self, action):
+        """Run ``action(arg)`` in its own task, kept until done (NATS runs one callback at a time)."""
+
+        async def start(arg) -> None:
+            task = asyncio.create_task(action(arg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return start
+
+    async def _prefetch(self, record: ModelRecord) -> None:
+        try:
+            await self.downloads.ensure(record)
+        except (ModelNotFound, SourceUnavailable) as exc:
+            log.warning("pre-download impossible", model=record.name, error=str(exc))
+        self._beat_now.set()
+
+    async def _registered(self, name: str) -> ModelRecord | None:
+        try:
+            entry = await self.kv_models.get(encode_token(name))
+        except KeyNotFoundError:
+            return None
+        return codec.decode(entry.value, ModelRecord) if entry.value else None
+
+    async def _on_download_command(self, msg: Msg) -> None:
+        """``admin.node.<id>.download``: fetch the model now; the reply says from where."""
+        try:
+            order = codec.decode(msg.data, NodeDownload)
+        except msgspec.DecodeError as exc:
+            await msg.respond(codec.encode(NodeDownloadReply(ok=False, status=400, node_id=self.node_id,
+                                                             message=f"bad download order: {exc}")))
+            return
+        reply = await self._download_now(order)
+        log.info("download command", model=order.model, state=reply.state, task_id=reply.task_id, message=reply.message)
+        self._beat_now.set()
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _download_now(self, order: NodeDownload) -> NodeDownloadReply:
+        answer = {"node_id": self.node_id, "model": order.model, "task_id": order.task_id}
+        record = await self._registered(order.model)
+        if record is None:
+            return NodeDownloadReply(ok=False, status=404, state="not_found", **answer,
+                                     message=f"model {order.model!r} is not registered")
+        runtime, why = self._runtime_for(record)
+        if runtime is None:
+            return NodeDownloadReply(ok=False, status=422, state="unsupported", message=why, **answer)
+        try:
+            state, what = await self.downloads.ensure(record, order.task_id)
+        except ModelNotFound as exc:
+            return NodeDownloadReply(ok=False, status=404, state="not_found", message=str(exc), **answer)
+        except SourceUnavailable as exc:
+            return NodeDownloadReply(ok=False, status=503, state="failed", message=str(exc), **answer)
+        if state == "present":
+            await self.downloads.report_present(record, what, order.task_id)
+            self.failed.pop(record.name, None)  # asked again: try loading again too
+            await self._ensure_loaded(record)
+            return NodeDownloadReply(ok=True, status=200, state="present", source=what.source,
+                                     message=f"already on node {self.node_id}", **answer)
+        answer["task_id"] = what.task_id
+        return NodeDownloadReply(ok=True, status=202, state=state, source=what.location.source,
+                                 message=f"downloading from {what.location.source}", **answer)
 
     async def _unload(self, name: str, *, reason: str) -> None:
         async with self._sync_lock:
@@ -292,6 +382,7 @@ class NodeAgent:
     def heartbeat(self) -> NodeHeartbeat:
         cpu, mem_total, mem_used = system.cpu_and_memory()
         models = [s.report() for s in self.served.values()] + list(self.failed.values())
+        models += [m for m in self.downloads.reports() if m.name not in self.served and m.name not in self.failed]
         return NodeHeartbeat(
             node_id=self.node_id,
             hostname=self.hostname,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,22 @@ from typing import Any
 import msgspec
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
+from broker.blobs import blob_prefix
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, encode_token, storage, subjects
 from events.messages import (
     AdminReply,
     CatalogEntry,
     DeleteModel,
+    DownloadModel,
     DownloadProgress,
+    DownloadReply,
+    DownloadTask,
     HfQuery,
     HfReply,
     HubEntry,
@@ -35,6 +42,9 @@ from events.messages import (
     HubReply,
     ModelEvent,
     ModelRecord,
+    NodeDownload,
+    NodeDownloadReply,
+    NodeHeartbeat,
     RegisterModel,
 )
 
@@ -47,6 +57,7 @@ log = structlog.get_logger("registry")
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]|\.\.")
 LARGE_MODEL_BYTES = 50 * 10**9
 LIFECYCLE_SWEEP_S = 1.0  # also notices nodes that died without a goodbye
+NODE_ORDER_TIMEOUT_S = 15.0
 
 
 def check_model_name(name: str) -> str | None:
@@ -88,6 +99,7 @@ class Registry:
         self.js = self.nc.jetstream()
         await provision(self.js)
         self.kv = await self.js.key_value(storage.KV_MODELS)
+        self.kv_downloads = await self.js.key_value(storage.KV_DOWNLOADS)
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
         self.models = RegisteredModels()
         await self.models.start(self.js)
@@ -99,6 +111,7 @@ class Registry:
             (subjects.ADMIN_MODEL_DELETE, DeleteModel, lambda request: self.delete(request.name)),
             (subjects.ADMIN_MODEL_HUB, HubQuery, self.hub),
             (subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
+            (subjects.ADMIN_MODEL_DOWNLOAD, DownloadModel, self.download),
         ):
             self._subs.append(await self.nc.subscribe(subject, queue="registry", cb=self._handler(kind, action)))
         self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
@@ -152,7 +165,7 @@ class Registry:
         problem = check_model_name(record.name)
         if problem:
             return AdminReply(ok=False, status=400, message=problem)
-        record = msgspec.structs.replace(record, warnings=self._warnings(record))
+        record = msgspec.structs.replace(record, warnings=self._warnings(record), predownload=request.predownload)
         try:
             revision = await self.kv.create(encode_token(record.name), codec.encode(record))
         except KeyWrongLastSequenceError:
@@ -201,7 +214,7 @@ class Registry:
 
     async def _delete_blobs(self, name: str) -> int:
         """Objects the registry hosts for the model are named ``<model token>/<file>``."""
-        prefix = encode_token(name) + "/"
+        prefix = blob_prefix(name)
         try:
             objects = await self.blobs.list(ignore_deletes=True)
         except NotFoundError:
@@ -212,6 +225,60 @@ class Registry:
                 await self.blobs.delete(info.name)
                 removed += 1
         return removed
+
+    # ------------------------------------------------------------ download now
+
+    async def download(self, request: DownloadModel) -> DownloadReply:
+        """Order one node, a chosen node or every capable node to fetch the model now."""
+        record = await self._current(request.model)
+        if record is None:
+            return DownloadReply(ok=False, status=404, message=f"model {request.model!r} is not registered")
+        if record.state == "pending_conversion":
+            return DownloadReply(ok=False, status=409, message=f"model {record.name!r} is awaiting conversion; nodes cannot fetch it yet")
+        live = self.nodes.live()
+        if request.node:
+            targets = [beat for beat in live if beat.node_id == request.node]
+            if not targets:
+                return DownloadReply(ok=False, status=404, message=f"no live node {request.node!r}")
+        else:
+            targets = [beat for beat in live if beat.state == "online" and _runs(beat, record.runtime)]
+            if not targets:
+                names = ", ".join(sorted(b.node_id for b in live)) or "none"
+                return DownloadReply(ok=False, status=503, message=(
+                    f"no live node can run {record.runtime} models now (live nodes: {names})"))
+            if not request.all:
+                targets = [self._pick(record, targets)]
+        task_id = uuid.uuid4().hex[:12]
+        replies = await asyncio.gather(*(self._order(beat.node_id, record.name, task_id) for beat in targets))
+        task = DownloadTask(task_id=task_id, model=record.name, nodes=list(replies))
+        await self.kv_downloads.put(storage.download_task_key(task_id), codec.encode(task))
+        message = "; ".join(f"node {r.node_id}: {r.message}" for r in replies)
+        if any(r.state in ("started", "running") for r in replies):
+            return DownloadReply(ok=True, status=202, message=message, task=task)
+        if all(r.ok for r in replies):
+            return DownloadReply(ok=True, status=200, message=message, task=task)
+        worst = next(r for r in replies if not r.ok)
+        return DownloadReply(ok=False, status=worst.status, message=message, task=task)
+
+    def _pick(self, record: ModelRecord, beats: list[NodeHeartbeat]) -> NodeHeartbeat:
+        """A node already fetching the model, else the one with the most free memory."""
+        for beat in beats:
+            if any(m.name == record.name and m.state == "downloading" for m in beat.models):
+                return beat
+        return max(beats, key=lambda b: b.memory_total_bytes - b.memory_used_bytes)
+
+    async def _order(self, node_id: str, model: str, task_id: str) -> NodeDownloadReply:
+        try:
+            msg = await self.nc.request(subjects.admin_node(node_id, subjects.NODE_DOWNLOAD),
+                                        codec.encode(NodeDownload(model=model, task_id=task_id)), timeout=NODE_ORDER_TIMEOUT_S)
+            return codec.decode(msg.data, NodeDownloadReply)
+        except (NoRespondersError, NatsTimeout) as exc:
+            why = "is not answering" if isinstance(exc, NatsTimeout) else "is gone"
+            return NodeDownloadReply(ok=False, status=504, node_id=node_id, model=model, task_id=task_id,
+                                     state="failed", message=f"node {node_id} {why}")
+        except msgspec.DecodeError as exc:
+            return NodeDownloadReply(ok=False, status=502, node_id=node_id, model=model, task_id=task_id,
+                                     state="failed", message=f"unreadable answer from node {node_id}: {exc}")
 
     # ------------------------------------------------------------ catalogs
 
@@ -336,3 +403,7 @@ class Registry:
             task.add_done_callback(self._tasks.discard)
 
         return handle
+
+
+def _runs(beat: NodeHeartbeat, runtime: str) -> bool:
+    return any(status.name == runtime and status.available for status in beat.runtimes)

@@ -1,0 +1,383 @@
+"""Model downloads on a node: one per model, resumable, reported every half second.
+
+A download writes ``<file>.part`` and ``<file>.part.json`` (where the bytes come from, and for
+the object store the stream sequence to continue at), checks size and sha256, and only then
+renames the file into place, so a partial file is never loaded. A node that crashed resumes
+from what its ``.part`` holds. Downloads into a shared models dir take a lease in the
+``leases`` bucket first: the other nodes wait for the holder and use its file, or take the
+lease over (and its ``.part``) when the holder stops renewing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
+from tqdm.auto import tqdm
+
+from broker.blobs import ResumePoint, file_sha256, read_blob
+from events import codec, encode_token, storage, subjects
+from events.messages import DownloadProgress, LoadedModel, ModelRecord
+
+from . import cache
+from .resolution import Location, ModelNotFound, Resolver, SourceUnavailable
+
+log = structlog.get_logger("node")
+
+REPORT_INTERVAL_S = 0.5
+JOURNAL_INTERVAL_S = 0.25
+LEASE_POLL_S = 0.5
+
+
+class DownloadFailed(Exception):
+    pass
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Download:
+    record: ModelRecord
+    location: Location
+    task_id: str
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task | None = None
+    _samples: deque = field(default_factory=lambda: deque(maxlen=12))
+
+    @property
+    def total(self) -> int:
+        return self.location.size or self.record.size_bytes
+
+    def progress(self, node_id: str, state: str = "running", error: str | None = None) -> DownloadProgress:
+        now = time.monotonic()
+        self._samples.append((now, self.done))
+        first_t, first_done = self._samples[0]
+        speed = (self.done - first_done) / (now - first_t) if now - first_t > 0.2 else 0.0
+        left = max(self.total - self.done, 0)
+        return DownloadProgress(
+            node_id=node_id, model=self.record.name, state=state, bytes_done=self.done, bytes_total=self.total,
+            speed_bps=round(speed, 1), eta_s=round(left / speed, 1) if speed > 0 and state == "running" else None,
+            error=error, task_id=self.task_id, source=self.location.source,
+        )
+
+
+class _Sink:
+    """The ``.part`` file as huggingface_hub's http_get sees it: counts bytes, stops when told."""
+
+    def __init__(self, fh: BinaryIO, download: Download) -> None:
+        self.fh = fh
+        self.download = download
+
+    def write(self, data: bytes) -> int:
+        if self.download.cancelled.is_set():
+            raise DownloadFailed("cancelled")
+        written = self.fh.write(data)
+        self.download.done += len(data)
+        return written
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.fh.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        if size is None:
+            size = self.fh.tell()
+        self.download.done = size
+        return self.fh.truncate(size)
+
+
+class _Quiet(tqdm):
+    """No progress bar in node logs: progress goes to NATS instead."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+class Downloads:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        node_id: str,
+        resolver: Resolver,
+        on_complete: Callable[[ModelRecord], Awaitable[None]],
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.node_id = node_id
+        self.resolver = resolver
+        self.on_complete = on_complete
+        self.running: dict[str, Download] = {}
+        self.failed: dict[str, tuple[ModelRecord, str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def start(self) -> None:
+        self.kv = await self.js.key_value(storage.KV_DOWNLOADS)
+        self.leases = await self.js.key_value(storage.KV_LEASES)
+
+    async def stop(self) -> None:
+        for name in list(self.running):
+            await self.cancel(name, reason="node stopping")
+
+    # ------------------------------------------------------------ public
+
+    async def ensure(self, record: ModelRecord, task_id: str | None = None) -> tuple[str, Download | Location]:
+        """Make sure the model is here or on its way: ("present", location), ("running" | "started", download).
+
+        Raises ModelNotFound or SourceUnavailable, after recording the failure for the heartbeat.
+        """
+        lock = self._locks.setdefault(record.name, asyncio.Lock())
+        async with lock:
+            running = self.running.get(record.name)
+            if running is not None:
+                return "running", running
+            try:
+                location = await self.resolver.locate(record)
+            except (ModelNotFound, SourceUnavailable) as exc:
+                self.failed[record.name] = (record, str(exc))
+                await self._publish(DownloadProgress(
+                    node_id=self.node_id, model=record.name, state="failed", error=str(exc), task_id=task_id,
+                    bytes_total=record.size_bytes,
+                ))
+                raise
+            self.failed.pop(record.name, None)
+            if location.local:
+                return "present", location
+            download = Download(record, location, task_id or new_task_id())
+            self.running[record.name] = download
+            download.task = asyncio.create_task(self._run(download), name=f"download:{record.name}")
+            log.info("download started", model=record.name, source=location.source, task_id=download.task_id)
+            return "started", download
+
+    async def report_present(self, record: ModelRecord, location: Location, task_id: str | None) -> None:
+        """A "download now" for a file already here ends at once, as a finished download."""
+        size = location.path.stat().st_size
+        await self._publish(DownloadProgress(
+            node_id=self.node_id, model=record.name, state="done", bytes_done=size, bytes_total=size,
+            task_id=task_id, source=location.source,
+        ))
+
+    async def cancel(self, name: str, *, reason: str) -> None:
+        self.failed.pop(name, None)
+        download = self.running.get(name)
+        if download is None or download.task is None:
+            return
+        download.cancelled.set()
+        download.task.cancel()
+        try:
+            await download.task
+        except asyncio.CancelledError:
+            log.info("download cancelled", model=name, reason=reason)
+
+    def reports(self) -> list[LoadedModel]:
+        """Heartbeat entries: downloads in progress and failures."""
+        entries = [
+            LoadedModel(name=d.record.name, runtime=d.record.runtime, capabilities=d.record.capabilities,
+                        state="downloading", artifact_path=str(d.location.path), artifact_bytes=d.done)
+            for d in self.running.values()
+        ]
+        entries += [
+            LoadedModel(name=name, runtime=record.runtime, capabilities=record.capabilities, state="error", error=why)
+            for name, (record, why) in self.failed.items() if name not in self.running
+        ]
+        return entries
+
+    # ------------------------------------------------------------ one download
+
+    async def _run(self, download: Download) -> None:
+        record = download.record
+        reporter = asyncio.create_task(self._report_loop(download))
+        try:
+            if download.location.into_shared:
+                await self._shared(download)
+            else:
+                await self._fetch(download)
+        except asyncio.CancelledError:
+            await self._publish(download.progress(self.node_id, "failed", "cancelled"))
+            raise
+        except Exception as exc:
+            reason = f"download from {download.location.source} failed: {exc}"
+            log.error("download failed", model=record.name, error=reason)
+            self.failed[record.name] = (record, reason)
+            await self._publish(download.progress(self.node_id, "failed", reason))
+            return
+        finally:
+            reporter.cancel()
+            self.running.pop(record.name, None)
+        download.done = download.total
+        await self._publish(download.progress(self.node_id, "done"))
+        log.info("download finished", model=record.name, path=str(download.location.path),
+                 seconds=round(time.monotonic() - download.started, 2))
+        await self.on_complete(record)
+
+    async def _report_loop(self, download: Download) -> None:
+        while True:
+            await self._publish(download.progress(self.node_id))
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _publish(self, progress: DownloadProgress) -> None:
+        data = codec.encode(progress)
+        try:
+            await self.nc.publish(subjects.downloads_progress(self.node_id, progress.model), data)
+            await self.kv.put(storage.download_key(self.node_id, progress.model), data)
+        except Exception as exc:  # a NATS hiccup must not fail the download itself
+            log.warning("progress not published", model=progress.model, error=str(exc))
+
+    async def _shared(self, download: Download) -> None:
+        """Download into the shared dir under a lease, or wait for the node that holds it."""
+        final = download.location.path
+        key = encode_token(f"{await asyncio.to_thread(self.resolver.share_id)}:{download.record.name}")
+        while True:
+            if await asyncio.to_thread(cache.problem, final, download.record) is None:
+                return  # another node finished it
+            try:
+                revision = await self.leases.create(key, self.node_id.encode())
+                break
+            except KeyWrongLastSequenceError:
+                part = cache.part_path(final)
+                download.done = part.stat().st_size if part.exists() else 0
+                await asyncio.sleep(LEASE_POLL_S)
+        renew = asyncio.create_task(self._renew(key, revision, asyncio.current_task()))
+        try:
+            if await asyncio.to_thread(cache.problem, final, download.record) is not None:
+                await self._fetch(download)
+        finally:
+            renew.cancel()
+            try:
+                await self.leases.delete(key)
+            except Exception as exc:  # the TTL frees it anyway
+                log.warning("lease not released", model=download.record.name, error=str(exc))
+
+    async def _renew(self, key: str, revision: int, holder: asyncio.Task | None) -> None:
+        while True:
+            await asyncio.sleep(storage.LEASE_TTL_S / 3)
+            try:
+                revision = await self.leases.update(key, self.node_id.encode(), last=revision)
+            except Exception as exc:
+                log.error("download lease lost", key=key, error=str(exc))
+                if holder is not None:
+                    holder.cancel()  # someone else may be writing the same .part now
+                return
+
+    # ------------------------------------------------------------ fetching
+
+    async def _fetch(self, download: Download) -> None:
+        location = download.location
+        final = location.path
+        part, journal = cache.part_path(final), cache.journal_path(final)
+        await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
+        if location.kind == "object_store":
+            await self._from_object_store(download, part, journal)
+        elif location.kind == "origin":
+            await self._from_origin(download, part, journal)
+        else:
+            raise DownloadFailed(f"nothing to download from {location.kind}")
+        await asyncio.to_thread(self._finish, download, part, journal)
+
+    async def _from_object_store(self, download: Download, part: Path, journal: Path) -> None:
+        info = download.location.blob
+        assert info is not None
+        ident = {"origin": "object_store", "name": info.name, "nuid": info.nuid, "size": info.size}
+        seen = _read_journal(journal)
+        resume = None
+        offset = 0
+        if seen.get("ident") == ident and part.exists() and seen.get("offset", 0) <= part.stat().st_size:
+            offset = seen["offset"]
+            resume = ResumePoint(nuid=info.nuid, offset=offset, next_seq=seen.get("next_seq", 0))
+            if not resume.next_seq:
+                offset, resume = 0, None
+        _write_journal(journal, {"ident": ident, "offset": offset, "next_seq": resume.next_seq if resume else 0})
+        download.done = offset
+        last_write = [time.monotonic()]
+
+        with open(part, "r+b" if part.exists() else "w+b") as fh:
+            fh.truncate(offset)
+            fh.seek(offset)
+            if offset:
+                log.info("download resumed", model=download.record.name, offset=offset)
+
+            def on_chunk(n: int, point: ResumePoint) -> None:
+                download.done = point.offset
+                if download.cancelled.is_set():
+                    raise DownloadFailed("cancelled")
+                now = time.monotonic()
+                if now - last_write[0] >= JOURNAL_INTERVAL_S:
+                    fh.flush()
+                    _write_journal(journal, {"ident": ident, "offset": point.offset, "next_seq": point.next_seq})
+                    last_write[0] = now
+
+            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk)
+
+    async def _from_origin(self, download: Download, part: Path, journal: Path) -> None:
+        location = download.location
+        ident = {"origin": location.url, "etag": location.etag, "size": location.size}
+        seen = _read_journal(journal)
+        resume = part.stat().st_size if seen.get("ident") == ident and part.exists() else 0
+        if location.size and resume > location.size:
+            resume = 0
+        _write_journal(journal, {"ident": ident})
+
+        def get() -> None:
+            with open(part, "r+b" if part.exists() else "w+b") as fh:
+                fh.truncate(resume)
+                fh.seek(resume)
+                download.done = resume
+                if resume:
+                    log.info("download resumed", model=download.record.name, offset=resume)
+                http_get(location.url, _Sink(fh, download), resume_size=resume, headers=build_hf_headers(),
+                         expected_size=location.size or None, displayed_filename=part.name, tqdm_class=_Quiet)
+
+        await asyncio.to_thread(get)
+
+    def _finish(self, download: Download, part: Path, journal: Path) -> None:
+        """Check size and digest of the ``.part``, then rename it into place (blocking)."""
+        location = download.location
+        size = part.stat().st_size
+        if location.size and size != location.size:
+            raise DownloadFailed(f"got {size} bytes, expected {location.size}")
+        digest = location.sha256
+        if digest:
+            actual = file_sha256(part)
+            if actual != digest.lower():
+                part.unlink(missing_ok=True)
+                journal.unlink(missing_ok=True)
+                raise DownloadFailed(f"sha256 mismatch ({actual[:12]}…, expected {digest.lower()[:12]}…); partial file discarded")
+        os.replace(part, location.path)
+        journal.unlink(missing_ok=True)
+        if digest:
+            cache.mark_verified(location.path, digest)
+
+
+def _read_journal(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_journal(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, path)

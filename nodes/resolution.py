@@ -1,0 +1,190 @@
+"""Where a node gets a model's file, in a fixed order of preference.
+
+1. the node's own cache (``<data-dir>/models/<model>/``), or the registered path itself;
+2. a shared models dir (``--shared-models-dir``, e.g. on NFS), used in place, never copied;
+3. the registry's object store over NATS;
+4. the origin (Hugging Face through huggingface_hub), only when its host is allowed;
+5. nowhere: :class:`ModelNotFound`, which says where it looked.
+
+The first two are local (:meth:`Resolver.local`) and need no network; the last two are
+remote and give the place to download from. Steps 1-3 and a disallowed origin answer in
+milliseconds, so a model that exists nowhere is reported at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import structlog
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_url
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from nats.js import JetStreamContext
+from nats.js.api import ObjectInfo
+
+from broker.blobs import blob_info, blob_name, object_sha256
+from events.messages import ModelRecord
+
+from . import cache
+
+log = structlog.get_logger("node")
+
+ORIGIN_HEAD_TIMEOUT_S = 10.0
+SHARE_ID_FILE = ".llm-router-share-id"
+
+
+class ModelNotFound(Exception):
+    """No source has the model; the message lists what was tried."""
+
+
+class SourceUnavailable(Exception):
+    """A source that should have the model could not be reached (worth retrying later)."""
+
+
+@dataclass
+class Location:
+    kind: Literal["cache", "path", "shared", "object_store", "origin"]
+    path: Path  # where the file is (local kinds) or goes (remote kinds)
+    source: str  # for people: the path, "object store model-blobs/<name>", or the origin URL
+    size: int = 0
+    sha256: str | None = None  # expected digest of a remote file, when known
+    blob: ObjectInfo | None = None
+    url: str | None = None  # origin: pinned to the commit
+    etag: str | None = None
+    commit: str | None = None
+    into_shared: bool = False  # a remote file that goes into the shared dir (under a lease)
+    tried: list[str] = field(default_factory=list)
+
+    @property
+    def local(self) -> bool:
+        return self.kind in ("cache", "path", "shared")
+
+
+def origin_host(endpoint: str) -> tuple[str, str]:
+    parsed = urlparse(endpoint)
+    return parsed.hostname or "", parsed.netloc
+
+
+class Resolver:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        models_dir: Path,
+        *,
+        shared_dir: Path | None = None,
+        allow_origins: list[str] | None = None,
+        hf_endpoint: str | None = None,
+    ) -> None:
+        self.js = js
+        self.models_dir = models_dir
+        self.shared_dir = shared_dir
+        self.hf_endpoint = (hf_endpoint or hf_constants.ENDPOINT).rstrip("/")
+        host, netloc = origin_host(self.hf_endpoint)
+        # Default: the Hugging Face endpoint in use, so HF_ENDPOINT (a mirror) just works.
+        self.allow_origins = [netloc] if allow_origins is None else [o for o in allow_origins if o and o != "none"]
+        self._origin_allowed = host in self.allow_origins or netloc in self.allow_origins
+
+    # ------------------------------------------------------------ where files go
+
+    def download_path(self, record: ModelRecord) -> tuple[Path, bool]:
+        """Where a download of ``record`` is written, and whether that is the shared dir."""
+        if self.shared_dir is not None and os.access(self.shared_dir, os.W_OK):
+            path = cache.artifact_path(self.shared_dir, record)
+            if path is not None:
+                return path, True
+        path = cache.artifact_path(self.models_dir, record)
+        if path is None:
+            raise ModelNotFound(f"model {record.name!r} has no file name this node can store")
+        return path, False
+
+    def share_id(self) -> str:
+        """An id stored in the shared dir itself, so nodes mounting it anywhere agree on it."""
+        assert self.shared_dir is not None
+        marker = self.shared_dir / SHARE_ID_FILE
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return marker.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(uuid.uuid4().hex)
+        return marker.read_text().strip()
+
+    # ------------------------------------------------------------ resolution
+
+    def local(self, record: ModelRecord) -> Location | None:
+        """A complete copy this node can load now (blocking: it may hash a file once)."""
+        if record.source.kind == "path" and record.source.path:
+            path = Path(record.source.path)
+            if cache.problem(path, record) is None:
+                return Location("path", path, str(path))
+        cached = cache.cached_artifact(self.models_dir, record)
+        if cached is not None:
+            return Location("cache", cached, str(cached))
+        if self.shared_dir is not None:
+            shared = cache.cached_artifact(self.shared_dir, record)
+            if shared is not None:
+                return Location("shared", shared, str(shared))
+        return None
+
+    async def locate(self, record: ModelRecord) -> Location:
+        """The best place to get the model from; raises ModelNotFound with what was tried."""
+        found = await asyncio.to_thread(self.local, record)
+        if found is not None:
+            return found
+        tried = [self._local_summary(record)]
+        name = cache.artifact_name(record)
+        if name is None:
+            raise ModelNotFound(f"model {record.name!r} has no file to fetch")
+        target, into_shared = self.download_path(record)
+        info = await blob_info(self.js, blob_name(record.name, name))
+        if info is not None and info.size > 0:
+            return Location(
+                "object_store", target, f"object store {info.bucket}/{info.name}", size=info.size,
+                sha256=record.sha256 or object_sha256(info), blob=info, into_shared=into_shared, tried=tried,
+            )
+        tried.append("not in the object store")
+        if record.source.kind != "hf":
+            raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried))
+        if not self._origin_allowed:
+            tried.append(f"origin {origin_host(self.hf_endpoint)[1]} is not allowed (--allow-origin)")
+            raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried))
+        return await self._origin(record, target, into_shared, tried)
+
+    def _local_summary(self, record: ModelRecord) -> str:
+        parts = []
+        if record.source.kind == "path":
+            parts.append(f"{record.source.path}: {cache.problem(Path(record.source.path or ''), record)}")
+        cached = cache.artifact_path(self.models_dir, record)
+        if cached is not None:
+            parts.append(f"cache: {cache.problem(cached, record)}")
+        if self.shared_dir is None:
+            parts.append("no shared models dir")
+        else:
+            shared = cache.artifact_path(self.shared_dir, record)
+            parts.append(f"shared dir: {cache.problem(shared, record) if shared else 'no file name'}")
+        return ", ".join(parts)
+
+    async def _origin(self, record: ModelRecord, target: Path, into_shared: bool, tried: list[str]) -> Location:
+        source = record.source
+        url = hf_hub_url(source.repo, source.filename, revision=source.revision or "main", endpoint=self.hf_endpoint)
+        try:
+            meta = await asyncio.to_thread(get_hf_file_metadata, url, timeout=ORIGIN_HEAD_TIMEOUT_S)
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+            tried.append(f"origin: {type(exc).__name__} for {url}")
+            raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried)) from None
+        except (HfHubHTTPError, OSError) as exc:
+            raise SourceUnavailable(f"origin {url} unreachable: {exc}") from None
+        commit = meta.commit_hash or source.revision or "main"
+        pinned = hf_hub_url(source.repo, source.filename, revision=commit, endpoint=self.hf_endpoint)
+        etag = meta.etag
+        digest = record.sha256 or (etag if etag and len(etag) == 64 else None)
+        return Location(
+            "origin", target, pinned, size=meta.size or record.size_bytes, sha256=digest, url=pinned,
+            etag=etag, commit=commit, into_shared=into_shared, tried=tried,
+        )
