@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
@@ -80,18 +80,16 @@ class DownloadRoutes:
     async def list(self, request: Request) -> Response:
         model = request.query_params.get("model")
         pattern = f"progress.*.{encode_token(model)}" if model else "progress.>"
-        try:
-            keys = await self.kv.keys(filters=[pattern])
-        except NoKeysError:
-            keys = []
+        watcher = await self.kv.watch(pattern, ignore_deletes=True)  # the latest value of each matching key
         reports = []
-        for key in keys:
-            try:
-                entry = await self.kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                reports.append(codec.decode(entry.value, DownloadProgress))
+        try:
+            async for entry in watcher:
+                if entry is None:  # caught up
+                    break
+                if entry.value:
+                    reports.append(codec.decode(entry.value, DownloadProgress))
+        finally:
+            await watcher.stop()
         return json_response({"object": "list", "data": sorted(reports, key=lambda r: (r.model, r.node_id))})
 
     async def _progress(self, node_id: str, model: str) -> DownloadProgress | None:

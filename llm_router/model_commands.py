@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -46,6 +48,15 @@ def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
     add_cmd.add_argument("--file", help="the GGUF file in the repository")
     add_cmd.add_argument("--revision", help="branch, tag or commit (default: main)")
     add_cmd.add_argument("--name", help="register under this name instead of ORG/REPO:QUANT")
+    add_cmd.add_argument("--predownload", action="store_true",
+                         help="nodes fetch it right away, not on the first request")
+
+    download = verbs.add_parser("download", help="fetch a model onto nodes now, with a progress bar per node")
+    download.add_argument("model")
+    where = download.add_mutually_exclusive_group(required=True)
+    where.add_argument("--all", action="store_true", help="every live node that can run the model")
+    where.add_argument("--node", help="this node id")
+    download.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after this many seconds")
 
     rm = verbs.add_parser("rm", help="delete a registration; nodes delete their copies")
     rm.add_argument("model")
@@ -137,6 +148,8 @@ def _add(client: _Client, args: argparse.Namespace) -> Any:
         body["revision"] = args.revision
     if args.name:
         body["name"] = args.name
+    if args.predownload:
+        body["predownload"] = True
     return client.request("POST", "/v0/models/register", body)
 
 
@@ -152,7 +165,59 @@ def _ls(client: _Client, args: argparse.Namespace) -> Any:
     return client.request("GET", "/v0/models")
 
 
-_VERBS = {"list": _list, "hub": _hub, "add": _add, "rm": _rm, "show": _show, "ls": _ls}
+def _download(client: _Client, args: argparse.Namespace) -> Any:
+    """Start the task, follow each node's report until done or failed, then wait for ``ready``."""
+    body = {"all": True} if args.all else {"node": args.node}
+    answer = client.request("POST", f"/v0/models/{_quote(args.model)}/download", body)
+    task = answer["task"]
+    replies = {reply["node_id"]: reply for reply in task["nodes"]}
+    finals: dict[str, dict] = {}
+    for node_id, reply in replies.items():
+        if not reply["ok"]:
+            finals[node_id] = {"state": "failed", "error": reply["message"]}
+    deadline = time.monotonic() + args.timeout
+    interactive = sys.stdout.isatty() and not args.json
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=Console(highlight=False), disable=args.json, auto_refresh=interactive) as progress:
+        bars = {node_id: progress.add_task(f"node {node_id}", total=None, note=reply["message"][:60])
+                for node_id, reply in replies.items()}
+        while len(finals) < len(replies):
+            if time.monotonic() > deadline:
+                raise CommandError(f"timed out after {args.timeout:g} s; the download goes on (task {task['task_id']})")
+            status = client.request("GET", f"/v0/downloads/{task['task_id']}")
+            for node_id, report in (status.get("progress") or {}).items():
+                if node_id in finals or not report or report.get("task_id") != replies[node_id]["task_id"]:
+                    continue
+                progress.update(bars[node_id], completed=report["bytes_done"], total=report["bytes_total"] or None,
+                                note=report["state"])
+                if report["state"] in ("done", "failed"):
+                    finals[node_id] = report
+                    if not interactive:
+                        progress.console.print(f"node {node_id}: {report['state']}"
+                                               f"{' - ' + report['error'] if report.get('error') else ''}")
+            if not interactive:
+                progress.refresh()
+            time.sleep(0.3)
+    failed = {node: final for node, final in finals.items() if final["state"] == "failed"}
+    if failed:
+        raise CommandError("; ".join(f"node {node}: {final.get('error')}" for node, final in failed.items()))
+    model = _wait_ready(client, args.model, set(replies), deadline)
+    return {"task": task, "progress": finals, "model": model}
+
+
+def _wait_ready(client: _Client, name: str, nodes: set[str], deadline: float) -> dict:
+    """After the files arrive the nodes load the model; done when all of them serve it."""
+    while True:
+        model = client.request("GET", "/v0/models/" + _quote(name))
+        if nodes <= set(model.get("nodes") or []):
+            return model
+        if model.get("state") == "error" or time.monotonic() > deadline:
+            raise CommandError(f"downloaded, but not ready on every node: {model.get('error') or model.get('state')}")
+        time.sleep(0.2)
+
+
+_VERBS = {"list": _list, "hub": _hub, "add": _add, "rm": _rm, "show": _show, "ls": _ls, "download": _download}
 
 
 # ---------------------------------------------------------------- output
@@ -224,5 +289,9 @@ def _print_ls(out: Console, data: dict) -> None:
     out.print(table)
 
 
+def _print_downloaded(out: Console, data: dict) -> None:
+    out.print(f"{data['model']['id']} is ready on " + ", ".join(sorted(data["progress"])))
+
+
 _PRINTERS = {"list": _print_list, "hub": _print_hub, "add": _print_registered, "rm": _print_deleted,
-             "show": _print_model, "ls": _print_ls}
+             "show": _print_model, "ls": _print_ls, "download": _print_downloaded}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import structlog
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 from nats.aio.client import Client
@@ -40,6 +41,9 @@ from .resolution import Location, ModelNotFound, Resolver, SourceUnavailable
 log = structlog.get_logger("node")
 
 REPORT_INTERVAL_S = 0.5
+# http_get reads the body in DOWNLOAD_CHUNK_SIZE pieces (10 MiB by default) and writes each one
+# whole: smaller pieces make progress reports fine-grained and lose less on a crash.
+hf_constants.DOWNLOAD_CHUNK_SIZE = 128 * 1024
 JOURNAL_INTERVAL_S = 0.25
 LEASE_POLL_S = 0.5
 

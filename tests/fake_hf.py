@@ -268,6 +268,8 @@ class FakeHub:
         self.fail_status: int | None = None
         self.page_size: int = 25
         self.serve_declared_as_zeros: bool = False
+        self.bytes_per_s: float = 0.0  # > 0: file downloads are throttled to this rate
+        self.bytes_served: dict[str, int] = {}  # file path -> content bytes written to clients
         self.requests: list[tuple[str, str]] = []
         self._repos: dict[str, FakeRepo] = {}
         self._lock = threading.Lock()
@@ -588,17 +590,16 @@ class FakeHub:
         h.send_header("Content-Length", str(length))
         h.send_header("Connection", "close")
         h.end_headers()
-        if f.content is not None:
-            view = memoryview(f.content)[start : start + length]
-            for i in range(0, length, _CHUNK):
-                h.wfile.write(view[i : i + _CHUNK])
-        else:
-            zeros = bytes(min(_CHUNK, length))
-            left = length
-            while left > 0:
-                n = min(left, _CHUNK)
-                h.wfile.write(zeros[:n])
-                left -= n
+        chunk = min(_CHUNK, max(int(self.bytes_per_s / 20), 1024)) if self.bytes_per_s else _CHUNK
+        view = memoryview(f.content)[start : start + length] if f.content is not None else None
+        zeros = bytes(min(chunk, length)) if view is None else b""
+        for i in range(0, length, chunk):
+            n = min(chunk, length - i)
+            h.wfile.write(view[i : i + n] if view is not None else zeros[:n])
+            with self._lock:
+                self.bytes_served[filename] = self.bytes_served.get(filename, 0) + n
+            if self.bytes_per_s:
+                time.sleep(n / self.bytes_per_s)
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:

@@ -1,0 +1,336 @@
+"""Node model resolution and downloads, end to end: real NATS, real nodes as processes, and the
+real huggingface_hub client downloading from the local fake Hub (``HF_ENDPOINT``).
+
+Order of sources: cache → shared dir → object store → allowed origin → "not found".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from conftest import Stack, requires_llama, wait_until
+from fake_hf import FakeHub
+
+from broker.blobs import blob_name
+from events import storage
+from nodes import cache
+
+pytestmark = requires_llama
+
+TINY_REPO, TINY_FILE = "dl/Tiny-GGUF", "tiny-q8_0.gguf"
+BIG_REPO, BIG_FILE = "dl/Big-GGUF", "big-q8_0.gguf"
+BIG_SIZE = 10_000_000  # the tiny GGUF padded with zeros: llama.cpp still loads it
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_gguf: Path):
+    hub = FakeHub()
+    tiny = tiny_gguf.read_bytes()
+    hub.add_repo(TINY_REPO, {TINY_FILE: tiny})
+    hub.add_repo(BIG_REPO, {BIG_FILE: tiny + bytes(BIG_SIZE - len(tiny))})
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(nats_url, hub, tmp_path_factory):
+    stack = Stack(nats_url, tmp_path_factory.mktemp("downloads"), env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+                  node=False)
+    yield stack
+    stack.close()
+
+
+@pytest.fixture
+def fresh(hub, stack):
+    """The fake Hub with its counters at zero; the test's registrations are deleted after it."""
+    hub.clear_requests()
+    hub.bytes_served.clear()
+    hub.bytes_per_s = 0.0
+    yield hub
+    hub.bytes_per_s = 0.0
+    for name in stack.registered:
+        stack.admin("delete", {"name": name})
+    stack.registered.clear()
+
+
+def register(stack: Stack, name: str, repo: str = TINY_REPO, filename: str = TINY_FILE, **extra) -> dict:
+    response = httpx.post(stack.url + "/v0/models/register",
+                          json={"repo": repo, "filename": filename, "name": name, **extra}, timeout=30)
+    assert response.status_code == 201, response.text
+    stack.registered.append(name)
+    return response.json()
+
+
+def content(hub: FakeHub, repo: str = TINY_REPO, filename: str = TINY_FILE) -> bytes:
+    return hub.repo(repo).files[filename].content
+
+
+def node_models_dir(stack: Stack, node: str) -> Path:
+    return stack.data_dir / node / "node" / "models"
+
+
+def served_by(stack: Stack, name: str) -> list[str]:
+    return httpx.get(f"{stack.url}/v0/models/{name}").json()["nodes"]
+
+
+def heartbeat_entry(stack: Stack, node_id: str, name: str) -> dict | None:
+    nodes = httpx.get(stack.url + "/v0/nodes").json()["data"]
+    beat = next((n for n in nodes if n["node_id"] == node_id), None)
+    return next((m for m in beat["models"] if m["name"] == name), None) if beat else None
+
+
+def chat(stack: Stack, name: str) -> httpx.Response:
+    return httpx.post(stack.url + "/v1/chat/completions", timeout=30,
+                      json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+
+def resolve_gets(hub: FakeHub, repo: str) -> int:
+    return hub.count("GET", f"/{repo}/resolve/")
+
+
+def file_requests(hub: FakeHub) -> int:
+    """Requests for file contents or file metadata (not the registry's repository lookups)."""
+    return hub.count("GET", "/dl/") + hub.count("HEAD", "/dl/")
+
+
+# ---------------------------------------------------------------- local sources
+
+
+def test_a_valid_cache_is_used_without_any_download(stack, fresh) -> None:
+    name = "cached"
+    register(stack, name)
+    copy = cache.artifact_path(node_models_dir(stack, "n-cached"), _record(stack, name))
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(content(fresh))
+    node = stack.start_node("n-cached")
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 15, message="served from the cache")
+    assert file_requests(fresh) == 0  # not even a metadata request
+    assert chat(stack, name).status_code == 200
+    node.stop()
+
+
+@pytest.mark.parametrize("damage", ["empty", "same size, other bytes"])
+def test_a_damaged_cache_is_fetched_again(stack, fresh, damage) -> None:
+    name = f"damaged-{damage.split()[0].strip(',')}"
+    record = register(stack, name, predownload=True)
+    copy = cache.artifact_path(node_models_dir(stack, f"n-{name}"), _record(stack, name))
+    copy.parent.mkdir(parents=True)
+    good = content(fresh)
+    copy.write_bytes(b"" if damage == "empty" else bytes(len(good)))
+    node = stack.start_node(f"n-{name}")
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 20, message="re-downloaded and served")
+    assert copy.read_bytes() == good and record["sha256"] == hashlib.sha256(good).hexdigest()
+    assert resolve_gets(fresh, TINY_REPO) == 1
+    assert not cache.part_path(copy).exists() and not cache.journal_path(copy).exists()
+    node.stop()
+
+
+def test_a_shared_dir_is_used_in_place(stack, fresh, tmp_path) -> None:
+    name = "shared-in-place"
+    register(stack, name)
+    shared = tmp_path / "nfs"
+    original = cache.artifact_path(shared, _record(stack, name))
+    original.parent.mkdir(parents=True)
+    original.write_bytes(content(fresh))
+    node = stack.start_node("n-shared", "--shared-models-dir", str(shared))
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 15, message="served from the shared dir")
+    loaded = heartbeat_entry(stack, node.node_id, name)
+    assert os.stat(loaded["artifact_path"]).st_ino == original.stat().st_ino  # the same file, not a copy
+    assert not cache.model_dir(node_models_dir(stack, "n-shared"), name).exists()
+    assert file_requests(fresh) == 0
+    node.stop()
+
+
+# ---------------------------------------------------------------- remote sources
+
+
+def test_the_object_store_comes_before_the_origin(stack, fresh, nats_url) -> None:
+    name = "from-object-store"
+    register(stack, name, predownload=True)
+    data = content(fresh)
+    asyncio.run(_put_blob(nats_url, blob_name(name, TINY_FILE), data))
+    node = stack.start_node("n-objstore")
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 20, message="downloaded from the object store")
+    assert resolve_gets(fresh, TINY_REPO) == 0
+    report = _progress(stack, name)[0]
+    assert report["state"] == "done" and report["source"].startswith("object store")
+    copy = cache.artifact_path(node_models_dir(stack, "n-objstore"), _record(stack, name))
+    assert copy.read_bytes() == data
+
+    # HTTP clients get the same file from the gateway, with ranges.
+    whole = httpx.get(f"{stack.url}/v0/models/blob/{name}")
+    assert whole.status_code == 200 and whole.content == data
+    part = httpx.get(f"{stack.url}/v0/models/blob/{name}", headers={"Range": "bytes=4-99"})
+    assert part.status_code == 206 and part.content == data[4:100]
+    node.stop()
+
+
+def test_eight_requests_for_a_missing_model_make_one_download_from_the_origin(stack, fresh) -> None:
+    name = "on-first-request"
+    register(stack, name)
+    node = stack.start_node("n-origin", "--predownload", "none")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: chat(stack, name), range(8)))
+    assert {a.status_code for a in answers} == {503}, [a.text for a in answers]
+    assert all(a.headers.get("retry-after") for a in answers)
+    assert any("downloading from" in a.json()["error"]["message"] for a in answers)
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 20, message="downloaded on request")
+    assert resolve_gets(fresh, TINY_REPO) == 1
+    assert chat(stack, name).status_code == 200
+    report = _progress(stack, name)[0]
+    assert report["state"] == "done" and report["source"].startswith(fresh.url)
+
+    # The node itself shares one download between concurrent orders.
+    second = "ordered-eight-times"
+    register(stack, second)
+    fresh.clear_requests()
+    fresh.bytes_per_s = 2_000_000  # slow enough that all eight orders overlap the download
+    replies = asyncio.run(_order_many(stack.nats_url, node.node_id, second, 8))
+    assert sorted(r["state"] for r in replies) == ["running"] * 7 + ["started"]
+    assert len({r["task_id"] for r in replies}) == 1
+    wait_until(lambda: served_by(stack, second) == [node.node_id], 20, message="ordered download served")
+    assert resolve_gets(fresh, TINY_REPO) == 1
+    node.stop()
+
+
+def test_a_model_found_nowhere_is_a_fast_404(stack, fresh) -> None:
+    name = "nowhere"
+    register(stack, name)
+    node = stack.start_node("n-nowhere", "--allow-origin", "none")
+    httpx.get(stack.url + "/healthz")
+    started = time.perf_counter()
+    answer = chat(stack, name)
+    elapsed = time.perf_counter() - started
+    error = answer.json()["error"]
+    assert answer.status_code == 404 and error["code"] == "model_not_found", answer.text
+    assert "not in the object store" in error["message"] and "is not allowed" in error["message"]
+    assert elapsed < 0.1, f"took {elapsed * 1000:.0f} ms"
+    assert file_requests(fresh) == 0
+    wait_until(lambda: httpx.get(f"{stack.url}/v0/models/{name}").json()["state"] == "error", 10)
+    node.stop()
+
+
+def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stack, fresh) -> None:
+    name = "resumed"
+    record = register(stack, name, repo=BIG_REPO, filename=BIG_FILE, predownload=True)
+    fresh.bytes_per_s = 5_000_000  # about 2 s for the whole file
+    node = stack.start_node("n-resume")
+    wait_until(lambda: (r := _progress(stack, name)) and r[0]["state"] == "running" and r[0]["bytes_done"] >= BIG_SIZE * 0.45,
+               20, interval=0.05, message="half of the download")
+    node.kill()
+    final = cache.artifact_path(node_models_dir(stack, "n-resume"), _record(stack, name))
+    part = cache.part_path(final)
+    assert not final.exists() and 0 < part.stat().st_size < BIG_SIZE
+    assert chat(stack, name).status_code != 200
+
+    restarted = stack.start_node("n-resume")
+    wait_until(lambda: served_by(stack, name) == [restarted.node_id], 20, message="resumed download served")
+    resent = sum(fresh.bytes_served.values()) - BIG_SIZE
+    assert resent < BIG_SIZE * 0.10, f"{resent} bytes downloaded twice"
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == record["sha256"]
+    assert not part.exists()
+    assert chat(stack, name).status_code == 200
+    restarted.stop()
+
+
+# ---------------------------------------------------------------- download now
+
+
+def test_cli_download_all_follows_every_node_until_ready(stack, fresh) -> None:
+    name = "download-now"
+    register(stack, name, repo=BIG_REPO, filename=BIG_FILE)
+    fresh.bytes_per_s = 6_000_000
+    nodes = [stack.start_node(n) for n in ("n-cli-a", "n-cli-b")]
+    result = _cli(stack, "download", name, "--all")
+    assert result.returncode == 0, result.stderr + result.stdout
+    for node in nodes:
+        assert f"node {node.node_id}: done" in result.stdout
+    assert f"{name} is ready on" in result.stdout
+    assert sorted(served_by(stack, name)) == sorted(n.node_id for n in nodes)
+    assert resolve_gets(fresh, BIG_REPO) == 2  # one per node: their caches are their own
+
+    again = _cli(stack, "download", name, "--node", nodes[0].node_id)  # already there: done at once
+    assert again.returncode == 0, again.stderr
+
+    missing = _cli(stack, "download", "not-registered", "--all")
+    assert missing.returncode == 1 and "not registered" in missing.stderr
+    for node in nodes:
+        node.stop()
+
+
+def test_download_now_over_nats_and_http_reports_within_seconds(stack, fresh) -> None:
+    name = "download-task"
+    register(stack, name, repo=BIG_REPO, filename=BIG_FILE)
+    fresh.bytes_per_s = 2_000_000
+    node = stack.start_node("n-task")
+    started = time.monotonic()
+    answer = httpx.post(f"{stack.url}/v0/models/{name}/download", json={"node": node.node_id}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    task = answer.json()["task"]
+    assert task["nodes"][0]["state"] == "started"
+
+    def running():
+        report = httpx.get(f"{stack.url}/v0/downloads/{task['task_id']}").json()["progress"][node.node_id]
+        return report and report["bytes_total"] == BIG_SIZE and report
+    first = wait_until(running, 5, interval=0.05, message="first progress")
+    assert time.monotonic() - started < 5 and first["task_id"] == task["task_id"]
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 20)
+
+    unknown = httpx.post(f"{stack.url}/v0/models/{name}/download", json={"node": "no-such-node"})
+    assert unknown.status_code == 404 and "no live node" in unknown.json()["error"]["message"]
+    node.stop()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _record(stack: Stack, name: str):
+    from events.messages import ModelRecord
+    import msgspec
+
+    view = httpx.get(f"{stack.url}/v0/models/{name}").json()
+    return msgspec.convert({k: view[k] for k in ModelRecord.__struct_fields__ if k in view}, ModelRecord)
+
+
+def _progress(stack: Stack, name: str) -> list[dict]:
+    return httpx.get(f"{stack.url}/v0/downloads", params={"model": name}).json()["data"]
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm_router", "model", "--url", stack.url, *args],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+async def _put_blob(nats_url: str, name: str, data: bytes) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        store = await nc.jetstream().object_store(storage.OBJ_MODEL_BLOBS)
+        await store.put(name, data)
+    finally:
+        await nc.close()
+
+
+async def _order_many(nats_url: str, node_id: str, model: str, count: int) -> list[dict]:
+    from events import subjects
+
+    nc = await nats.connect(nats_url)
+    try:
+        subject = subjects.admin_node(node_id, subjects.NODE_DOWNLOAD)
+        msgs = await asyncio.gather(*(
+            nc.request(subject, json.dumps({"model": model, "task_id": f"t{i}"}).encode(), timeout=10) for i in range(count)
+        ))
+        return [json.loads(m.data) for m in msgs]
+    finally:
+        await nc.close()
