@@ -153,6 +153,28 @@ def test_a_shared_dir_is_used_in_place(stack, fresh, tmp_path) -> None:
     node.stop()
 
 
+def test_nodes_sharing_a_dir_download_once(stack, fresh, tmp_path) -> None:
+    """Two nodes on one shared dir: one takes the lease and downloads, the other uses its file."""
+    name = "shared-download"
+    register(stack, name, repo=BIG_REPO, filename=BIG_FILE, predownload=True)
+    fresh.bytes_per_s = 10_000_000
+    shared = tmp_path / "nfs"
+    shared.mkdir()
+    nodes = [stack.start_node(n, "--shared-models-dir", str(shared)) for n in ("n-share-a", "n-share-b")]
+    wait_until(lambda: sorted(served_by(stack, name)) == sorted(n.node_id for n in nodes), 30, message="both serve")
+    assert resolve_gets(fresh, BIG_REPO) == 1
+    original = cache.artifact_path(shared, _record(stack, name))
+    for node in nodes:
+        assert os.stat(heartbeat_entry(stack, node.node_id, name)["artifact_path"]).st_ino == original.stat().st_ino
+    # Deleting the model unloads it everywhere, but a shared dir is never deleted from.
+    stack.admin("delete", {"name": name})
+    stack.registered.remove(name)
+    wait_until(lambda: all(heartbeat_entry(stack, n.node_id, name) is None for n in nodes), 15, message="unloaded")
+    assert original.exists()
+    for node in nodes:
+        node.stop()
+
+
 # ---------------------------------------------------------------- remote sources
 
 
