@@ -180,10 +180,10 @@ def test_nodes_sharing_a_dir_download_once(stack, fresh, tmp_path) -> None:
 
 def test_the_object_store_comes_before_the_origin(stack, fresh, nats_url) -> None:
     name = "from-object-store"
-    register(stack, name, predownload=True)
     data = content(fresh)
     asyncio.run(_put_blob(nats_url, blob_name(name, TINY_FILE), data))
     node = stack.start_node("n-objstore")
+    register(stack, name, predownload=True)  # the node hears model.added and fetches it at once
     wait_until(lambda: served_by(stack, name) == [node.node_id], 20, message="downloaded from the object store")
     assert resolve_gets(fresh, TINY_REPO) == 0
     report = _progress(stack, name)[0]
@@ -308,6 +308,8 @@ def test_download_now_over_nats_and_http_reports_within_seconds(stack, fresh) ->
         return report and report["bytes_total"] == BIG_SIZE and report
     first = wait_until(running, 5, interval=0.05, message="first progress")
     assert time.monotonic() - started < 5 and first["task_id"] == task["task_id"]
+    busy = wait_until(lambda: "is downloading (" in (r := chat(stack, name)).text and r, 5, message="503 with progress")
+    assert busy.status_code == 503 and "%" in busy.json()["error"]["message"] and busy.headers["retry-after"]
     wait_until(lambda: served_by(stack, name) == [node.node_id], 20)
 
     unknown = httpx.post(f"{stack.url}/v0/models/{name}/download", json={"node": "no-such-node"})
