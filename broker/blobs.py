@@ -15,6 +15,7 @@ import base64
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import BinaryIO
 
 from nats.js import JetStreamContext
@@ -23,10 +24,24 @@ from nats.js.errors import NotFoundError
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE
 
 from events import encode_token
+from events.messages import ModelRecord
 from events.storage import OBJ_MODEL_BLOBS
 
 CHUNK_IDLE_TIMEOUT_S = 30.0
 WRITE_BATCH_BYTES = 2 * 1024 * 1024
+
+
+def artifact_name(record: ModelRecord) -> str | None:
+    """The model's file name: in a node's model directory, and in the object store."""
+    if record.source.kind == "path":
+        return PurePosixPath(record.source.path).name if record.source.path else None
+    filename = record.source.filename
+    if not filename:
+        return None
+    relative = PurePosixPath(filename)
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    return filename
 
 
 def blob_name(model: str, filename: str) -> str:

@@ -27,7 +27,7 @@ from nats.js.errors import KeyNotFoundError
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-from broker.blobs import blob_info, blob_name, object_sha256, read_blob
+from broker.blobs import artifact_name, blob_info, blob_name, object_sha256, read_blob
 from events import codec, encode_token, storage, subjects
 from events.messages import DownloadModel, DownloadProgress, DownloadReply, DownloadTask, ModelRecord
 
@@ -106,7 +106,7 @@ class DownloadRoutes:
         record = self.catalog.get(name)
         if record is None:
             raise model_not_found(name)
-        filename = (record.source.filename or Path(record.source.path or "").name) if record.source else ""
+        filename = artifact_name(record)
         info = await blob_info(self.js, blob_name(name, filename)) if filename else None
         if info is None:
             raise ApiError(404, f"Model '{name}' has no file in the object store.", code="blob_not_found")

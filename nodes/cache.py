@@ -19,8 +19,9 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
-from broker.blobs import file_sha256
+from broker.blobs import artifact_name, file_sha256
 from events.messages import ModelRecord
+from registry.artifacts import artifact_size
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -33,19 +34,6 @@ def _segment(text: str) -> str:
 
 def model_dir(models_root: Path, name: str) -> Path:
     return models_root.joinpath(*(_segment(part) for part in name.split("/")))
-
-
-def artifact_name(record: ModelRecord) -> str | None:
-    """The model's file name inside its model directory (and in the object store)."""
-    if record.source.kind == "path":
-        return Path(record.source.path).name if record.source.path else None
-    filename = record.source.filename
-    if not filename:
-        return None
-    relative = PurePosixPath(filename)
-    if relative.is_absolute() or ".." in relative.parts:
-        return None
-    return filename
 
 
 def artifact_path(models_root: Path, record: ModelRecord) -> Path | None:
@@ -74,6 +62,8 @@ def problem(path: Path, record: ModelRecord, *, expected_sha256: str | None = No
         stat = path.stat()
     except FileNotFoundError:
         return "no file"
+    if record.source.kind == "path" and (path.is_dir() or path.suffix == ".onnx"):
+        return _multi_file_problem(path, record)
     if not path.is_file():
         return "not a file"
     if stat.st_size == 0:
@@ -94,6 +84,17 @@ def problem(path: Path, record: ModelRecord, *, expected_sha256: str | None = No
     if actual != digest.lower():
         return f"sha256 {actual[:12]}…, expected {digest.lower()[:12]}…"
     mark_verified(path, actual)
+    return None
+
+
+def _multi_file_problem(path: Path, record: ModelRecord) -> str | None:
+    """A registered folder (diffusers, CTranslate2) or Piper voice: complete when its total size,
+    counted as the registry counted it, is the registered one (they have no single digest)."""
+    size = artifact_size(path)
+    if size == 0:
+        return "empty folder" if path.is_dir() else "empty file"
+    if record.size_bytes and size != record.size_bytes:
+        return f"{size} bytes in all, expected {record.size_bytes}"
     return None
 
 

@@ -28,7 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, Repositor
 from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo
 
-from broker.blobs import blob_info, blob_name, object_sha256
+from broker.blobs import artifact_name, blob_info, blob_name, object_sha256
 from events.messages import ModelRecord
 
 from . import cache
@@ -138,7 +138,7 @@ class Resolver:
         if found is not None:
             return found
         tried = [self._local_summary(record)]
-        name = cache.artifact_name(record)
+        name = artifact_name(record)
         if name is None:
             raise ModelNotFound(f"model {record.name!r} has no file to fetch")
         target, into_shared = self.download_path(record)
