@@ -36,7 +36,7 @@ from .openai_routes import json_response, parse_body
 
 Ask = Callable[[str, Any, type], Awaitable[Any]]
 
-ON_DEMAND_INTERVAL_S = 3.0  # a model found nowhere is asked about again after this long
+ON_DEMAND_INTERVAL_S = 1.0  # requests within this long share one answer; later ones ask again
 ON_DEMAND_TIMEOUT_S = 5.0
 
 

@@ -227,7 +227,7 @@ def test_eight_requests_for_a_missing_model_make_one_download_from_the_origin(st
     node.stop()
 
 
-def test_a_model_found_nowhere_is_a_fast_404(stack, fresh) -> None:
+def test_a_model_found_nowhere_is_a_fast_404_and_retried_on_the_next_request(stack, fresh, nats_url) -> None:
     name = "nowhere"
     register(stack, name)
     node = stack.start_node("n-nowhere", "--allow-origin", "none")
@@ -241,7 +241,49 @@ def test_a_model_found_nowhere_is_a_fast_404(stack, fresh) -> None:
     assert elapsed < 0.1, f"took {elapsed * 1000:.0f} ms"
     assert file_requests(fresh) == 0
     wait_until(lambda: httpx.get(f"{stack.url}/v0/models/{name}").json()["state"] == "error", 10)
+
+    # Once the file is somewhere, the next request starts the download.
+    asyncio.run(_put_blob(nats_url, blob_name(name, TINY_FILE), content(fresh)))
+    time.sleep(1.1)  # past the gateway's one-second sharing of the last answer
+    retried = chat(stack, name)
+    assert retried.status_code == 503 and "downloading from object store" in retried.json()["error"]["message"], retried.text
+    wait_until(lambda: served_by(stack, name) == [node.node_id], 15, message="served after the retry")
     node.stop()
+
+
+async def test_an_object_store_read_resumes_at_its_chunk_sequence(nats_url) -> None:
+    """What a restarted node does with the sequence it recorded next to its ``.part``."""
+    import io
+
+    from broker.blobs import ResumePoint, blob_info, read_blob
+
+    data = os.urandom(6 * 1024 * 1024)
+    await _put_blob(nats_url, "resume-test/blob.bin", data)
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await blob_info(js, "resume-test/blob.bin")
+        out, points = io.BytesIO(), []
+
+        class Crash(Exception):
+            pass
+
+        def crash_after_a_third(n: int, point: ResumePoint) -> None:
+            points.append(ResumePoint(point.nuid, point.offset, point.next_seq))
+            if point.offset >= len(data) // 3:
+                raise Crash
+        with pytest.raises(Crash):
+            await read_blob(js, info, out, on_chunk=crash_after_a_third)
+        stopped = points[-1]
+        out.truncate(stopped.offset)
+        out.seek(stopped.offset)
+        reread = []
+        await read_blob(js, info, out, resume=stopped, on_chunk=lambda n, _: reread.append(n))
+        assert out.getvalue() == data
+        assert sum(reread) == len(data) - stopped.offset  # nothing before the resume point again
+        await (await js.object_store(storage.OBJ_MODEL_BLOBS)).delete("resume-test/blob.bin")
+    finally:
+        await nc.close()
 
 
 def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stack, fresh) -> None:
