@@ -175,6 +175,24 @@ def test_nodes_sharing_a_dir_download_once(stack, fresh, tmp_path) -> None:
         node.stop()
 
 
+def test_when_the_lease_holder_dies_another_node_resumes_its_part(stack, fresh, tmp_path) -> None:
+    name = "lease-takeover"
+    register(stack, name, repo=BIG_REPO, filename=BIG_FILE, predownload=True)
+    fresh.bytes_per_s = 2_500_000  # 4 s for the file
+    shared = tmp_path / "nfs"
+    shared.mkdir()
+    nodes = {n.node_id: n for n in (stack.start_node(f"n-lease-{x}", "--shared-models-dir", str(shared)) for x in "ab")}
+    holder = wait_until(lambda: asyncio.run(_lease_holder(stack.nats_url)), 10, message="a lease")
+    part = cache.part_path(cache.artifact_path(shared, _record(stack, name)))
+    wait_until(lambda: part.exists() and part.stat().st_size > BIG_SIZE * 0.3, 10, interval=0.05)
+    nodes.pop(holder).kill()
+    survivor = next(iter(nodes.values()))
+    wait_until(lambda: served_by(stack, name) == [survivor.node_id], 40, message="taken over after the lease expired")
+    assert resolve_gets(fresh, BIG_REPO) == 2  # the holder's GET, then the survivor's ranged one
+    assert sum(fresh.bytes_served.values()) - BIG_SIZE < BIG_SIZE * 0.10
+    survivor.stop()
+
+
 # ---------------------------------------------------------------- remote sources
 
 
@@ -398,5 +416,21 @@ async def _order_many(nats_url: str, node_id: str, model: str, count: int) -> li
             nc.request(subject, json.dumps({"model": model, "task_id": f"t{i}"}).encode(), timeout=10) for i in range(count)
         ))
         return [json.loads(m.data) for m in msgs]
+    finally:
+        await nc.close()
+
+
+async def _lease_holder(nats_url: str) -> str | None:
+    """The node id holding a download lease, if any (``nats kv ls leases`` shows the same)."""
+    from nats.js.errors import NoKeysError
+
+    nc = await nats.connect(nats_url)
+    try:
+        leases = await nc.jetstream().key_value(storage.KV_LEASES)
+        try:
+            keys = await leases.keys()
+        except NoKeysError:
+            return None
+        return (await leases.get(keys[0])).value.decode()
     finally:
         await nc.close()
