@@ -154,6 +154,9 @@ class Resolver:
         if not self._origin_allowed:
             tried.append(f"origin {origin_host(self.hf_endpoint)[1]} is not allowed (--allow-origin)")
             raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried))
+        if hf_constants.HF_HUB_OFFLINE:
+            tried.append("origin not tried: HF_HUB_OFFLINE is set")
+            raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried))
         return await self._origin(record, target, into_shared, tried)
 
     def _local_summary(self, record: ModelRecord) -> str:
