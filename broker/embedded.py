@@ -53,6 +53,7 @@ class EmbeddedNats:
         self.host = host
         self.port = port
         self.url: str | None = None
+        self.monitor_url: str | None = None  # the HTTP monitoring endpoint (/connz, /subsz)
         self._proc: subprocess.Popen | None = None
 
     def _write_config(self) -> Path:
@@ -101,6 +102,7 @@ class EmbeddedNats:
                     ports = None  # written but not flushed yet
                 if ports and ports.get("nats"):
                     self.url = ports["nats"][0]
+                    self.monitor_url = (ports.get("monitoring") or [None])[0]
                     log.info("embedded nats-server ready", url=self.url, pid=self._proc.pid)
                     return self.url
             time.sleep(0.02)

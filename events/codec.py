@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 
 from . import messages as m
-from .openai import ChatCompletionBody, CompletionBody, EmbeddingBody
-from .subjects import CHAT, COMPLETION, EMBEDDING
+from .openai import ChatCompletionBody, CompletionBody, EmbeddingBody, ImageBody, SpeechBody, TranscriptionBody
+from .subjects import CHAT, COMPLETION, EMBEDDING, IMAGE, SPEECH, TRANSCRIPTION, TRANSLATION, VISION
 
 encoder = msgspec.json.Encoder()
 encode = encoder.encode
@@ -29,10 +29,15 @@ def decode(data: bytes, kind: Any) -> Any:
 
 
 # Body type of each capability; a node decodes its requests with REQUEST_TYPES[capability].
-BODY_TYPES: dict[str, type] = {
+BODY_TYPES: dict[str, Any] = {
     CHAT: ChatCompletionBody,
     COMPLETION: CompletionBody,
     EMBEDDING: EmbeddingBody,
+    VISION: ChatCompletionBody,  # a chat with image parts, sent only to vision-capable nodes
+    IMAGE: ImageBody,  # tagged union on "operation": generate, edit, variation
+    TRANSCRIPTION: TranscriptionBody,
+    TRANSLATION: TranscriptionBody,
+    SPEECH: SpeechBody,
 }
 REQUEST_TYPES: dict[str, Any] = {cap: m.InferenceRequest[body] for cap, body in BODY_TYPES.items()}
 

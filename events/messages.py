@@ -82,6 +82,54 @@ class EmbeddingResult(Struct, tag_field="kind", tag="embeddings", kw_only=True):
     usage: Usage
 
 
+class Attachment(Struct, kw_only=True, omit_defaults=True):
+    """Binary payload of a request or reply (claim check): the bytes themselves when small,
+    else the name of an object in the temporary ``payloads`` object store.
+
+    NATS messages are limited (1 MB by default) while an audio upload may be 25 MB, so large
+    bytes travel through the object store and only this small reference in the message.
+    """
+
+    size: int
+    content_type: str = "application/octet-stream"
+    filename: str = ""
+    data: bytes | None = None  # inline bytes (base64 in JSON)
+    object: str | None = None  # name in events.storage.OBJ_PAYLOADS
+
+    @property
+    def inline(self) -> bool:
+        return self.object is None
+
+
+class ImageResult(Struct, tag_field="kind", tag="images", kw_only=True):
+    """Generated or edited images, PNG each, in request order."""
+
+    request_id: str
+    node_id: str
+    images: list[Attachment]
+
+
+class TranscriptionResult(Struct, tag_field="kind", tag="transcription", kw_only=True):
+    """A transcript (or translation) already rendered in the requested response_format."""
+
+    request_id: str
+    node_id: str
+    body: Attachment  # JSON for json/verbose_json, text for text/srt/vtt; content_type says which
+    text: str = ""  # the plain transcript, for the history record (truncated)
+    language: str = ""
+    duration_s: float = 0.0
+
+
+class SpeechResult(Struct, tag_field="kind", tag="speech", kw_only=True):
+    """Synthesised speech, encoded in the requested response_format."""
+
+    request_id: str
+    node_id: str
+    audio: Attachment
+    sample_rate: int
+    duration_s: float = 0.0
+
+
 class Failure(Struct, tag_field="kind", tag="error", kw_only=True):
     """Ends an answer with an error; ``status`` is the HTTP status the gateway should use."""
 
@@ -94,8 +142,8 @@ class Failure(Struct, tag_field="kind", tag="error", kw_only=True):
     param: str | None = None
 
 
-Reply = Accepted | TextDelta | TextDone | EmbeddingResult | Failure
-FINAL_REPLIES = (TextDone, EmbeddingResult, Failure)
+Reply = Accepted | TextDelta | TextDone | EmbeddingResult | ImageResult | TranscriptionResult | SpeechResult | Failure
+FINAL_REPLIES = (TextDone, EmbeddingResult, ImageResult, TranscriptionResult, SpeechResult, Failure)
 
 
 class CancelRequest(Struct, kw_only=True):
@@ -116,12 +164,14 @@ class GpuInfo(Struct, kw_only=True):
 
 
 class RuntimeStatus(Struct, kw_only=True):
-    """Whether an engine library is importable on the node, and why not."""
+    """Whether an engine library is importable on the node (and why not), and what it serves."""
 
     name: str
     available: bool
     version: str | None = None
     error: str | None = None
+    capabilities: list[str] = field(default_factory=list)  # what this runtime can offer
+    models: list[str] = field(default_factory=list)  # models of this runtime loaded now
 
 
 class LoadedModel(Struct, kw_only=True):

@@ -33,6 +33,10 @@ KV_LEASES = "leases"
 # A download lease lives this long unless its holder renews it (every third of it).
 LEASE_TTL_S = 15.0
 OBJ_MODEL_BLOBS = "model-blobs"
+# Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
+# Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.
+OBJ_PAYLOADS = "payloads"
+PAYLOAD_TTL_S = 3600.0
 
 STREAMS: tuple[StreamConfig, ...] = (
     StreamConfig(
@@ -72,6 +76,10 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
 
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
     ObjectStoreConfig(bucket=OBJ_MODEL_BLOBS, description="model files hosted by the registry"),
+    ObjectStoreConfig(
+        bucket=OBJ_PAYLOADS, description="temporary request/response payloads (claim checks)",
+        ttl=PAYLOAD_TTL_S, max_bytes=8 * GiB,
+    ),
 )
 
 

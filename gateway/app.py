@@ -25,6 +25,7 @@ from .dispatch import Dispatcher
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError
 from .history import HistoryWriter
+from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes, json_response
 
 log = structlog.get_logger("gateway")
@@ -45,7 +46,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Gateway) -> Starlette:
-    api, admin, downloads = gateway.routes, gateway.admin, gateway.downloads
+    api, admin, downloads, media = gateway.routes, gateway.admin, gateway.downloads, gateway.media
     routes = [
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
@@ -66,6 +67,13 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+        Route("/v1/images/generations", media.image_generations, methods=["POST"]),
+        Route("/v1/images/edits", media.image_edits, methods=["POST"]),
+        Route("/v1/images/variations", media.image_variations, methods=["POST"]),
+        Route("/v1/audio/transcriptions", media.transcriptions, methods=["POST"]),
+        Route("/v1/audio/translations", media.translations, methods=["POST"]),
+        Route("/v1/audio/speech", media.speech, methods=["POST"]),
+        Route("/v0/files/{name}", media.file, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -115,6 +123,7 @@ class Gateway:
         self.history.start()
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
         self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask))
+        self.media = MediaRoutes(self.routes, self.js)
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
         self.app = build_app(self)

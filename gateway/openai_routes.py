@@ -29,6 +29,7 @@ from events.openai import (
     ChatCompletionBody,
     CompletionBody,
     EmbeddingBody,
+    has_image_parts,
     validation_param,
 )
 
@@ -43,11 +44,21 @@ CAPABILITY_LABELS = {
     subjects.CHAT: "chat completions",
     subjects.COMPLETION: "text completions",
     subjects.EMBEDDING: "embeddings",
+    subjects.VISION: "images in chat (vision)",
+    subjects.IMAGE: "image generation (images)",
+    subjects.TRANSCRIPTION: "speech to text (transcription)",
+    subjects.TRANSLATION: "speech translation (translation)",
+    subjects.SPEECH: "text to speech (speech)",
 }
 ENDPOINTS = {
     subjects.CHAT: "/v1/chat/completions",
     subjects.COMPLETION: "/v1/completions",
     subjects.EMBEDDING: "/v1/embeddings",
+    subjects.VISION: "/v1/chat/completions",
+    subjects.IMAGE: "/v1/images/generations",
+    subjects.TRANSCRIPTION: "/v1/audio/transcriptions",
+    subjects.TRANSLATION: "/v1/audio/translations",
+    subjects.SPEECH: "/v1/audio/speech",
 }
 
 
@@ -144,9 +155,19 @@ class OpenAIRoutes:
     # ------------------------------------------------------------ inference
 
     async def resolve(self, model: str, capability: str) -> None:
+        """Refuse, before anything is published, a model that is unknown, cannot do
+        ``capability`` (400 naming it), or has no live node serving it."""
         record = self.catalog.get(model)
         if record is None:
             raise model_not_found(model)
+        if capability == subjects.VISION and capability not in record.capabilities:
+            raise ApiError(
+                400,
+                f"Model '{model}' does not accept images: the messages have image_url content parts, which need "
+                f"a model with the vision capability (it supports: {', '.join(record.capabilities)}).",
+                param="messages",
+                code="unsupported_capability",
+            )
         if capability not in record.capabilities:
             raise ApiError(
                 400,
@@ -181,23 +202,23 @@ class OpenAIRoutes:
                 raise ApiError(400, "input must not contain empty strings", param="input")
             await self.resolve(body.model, subjects.EMBEDDING)
         except ApiError as exc:
-            self._refused(subjects.EMBEDDING, raw, started, t0, exc)
+            self.refused(subjects.EMBEDDING, raw, started, t0, exc)
             raise
         call = self.dispatcher.call(subjects.EMBEDDING, body.model, body, stream=False)
         try:
             async with call:
                 reply = await call.next()
         except ApiError as exc:
-            self._record(call, raw, started, t0, exc.status, error=exc.message)
+            self.record(call, raw, started, t0, exc.status, error=exc.message)
             raise
         if isinstance(reply, Failure):
-            self._record(call, raw, started, t0, reply.status, error=reply.message)
+            self.record(call, raw, started, t0, reply.status, error=reply.message)
             raise failure_error(reply)
         if not isinstance(reply, EmbeddingResult):
             raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {"object": "list", "model": body.model, "count": len(reply.vectors), "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
-        self._record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
+        self.record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
         return json_response(payload, headers=call_headers(call))
 
     async def _text(self, request: Request, capability: str, kind: type) -> Response:
@@ -205,11 +226,13 @@ class OpenAIRoutes:
         raw = await request.body()
         try:
             body = parse_body(raw, kind)
+            if capability == subjects.CHAT and has_image_parts(body):
+                capability = subjects.VISION  # only nodes with a vision model subscribe there
             await self.resolve(body.model, capability)
         except ApiError as exc:
-            self._refused(capability, raw, started, t0, exc)
+            self.refused(capability, raw, started, t0, exc)
             raise
-        chat = capability == subjects.CHAT
+        chat = capability in (subjects.CHAT, subjects.VISION)
         created = int(started)
         call = self.dispatcher.call(capability, body.model, body, stream=body.stream)
         cid = ("chatcmpl-" if chat else "cmpl-") + call.request_id
@@ -219,14 +242,14 @@ class OpenAIRoutes:
             first = await call.next()
         except ApiError as exc:
             await call.__aexit__(None, None, None)
-            self._record(call, raw, started, t0, exc.status, error=exc.message)
+            self.record(call, raw, started, t0, exc.status, error=exc.message)
             raise
         except BaseException:
             await call.__aexit__(None, None, None)
             raise
         if isinstance(first, Failure):
             await call.__aexit__(None, None, None)
-            self._record(call, raw, started, t0, first.status, error=first.message)
+            self.record(call, raw, started, t0, first.status, error=first.message)
             raise failure_error(first)
 
         if not body.stream:
@@ -234,7 +257,7 @@ class OpenAIRoutes:
             if not isinstance(first, TextDone):
                 raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
             payload = make(cid, created, body.model, first.text, first.finish_reason, first.usage)
-            self._record(call, raw, started, t0, 200, usage=first.usage, response=payload)
+            self.record(call, raw, started, t0, 200, usage=first.usage, response=payload)
             return json_response(payload, headers=call_headers(call))
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -282,31 +305,35 @@ class OpenAIRoutes:
             with anyio.CancelScope(shield=True):
                 await call.__aexit__(None, None, None)
             response = make(cid, created, model, "".join(parts), finish, usage)
-            self._record(call, raw, started, t0, status, usage=usage, response=response, stream=True,
+            self.record(call, raw, started, t0, status, usage=usage, response=response, stream=True,
                          error=error, first_byte_ms=first_byte_ms)
 
-    def _refused(self, capability: str, raw: bytes, started: float, t0: float, exc: ApiError) -> None:
-        """History of a request refused before any node saw it (bad input, unknown model...)."""
+    def refused(self, capability: str, raw: bytes, started: float, t0: float, exc: ApiError,
+                 endpoint: str | None = None) -> None:
+        """History of a request refused before any node saw it (bad input, unknown model...).
+
+        ``raw``: the JSON body (a multipart request passes a JSON summary of its fields)."""
         parsed = _parsed_json(raw)
         model = parsed.get("model") if isinstance(parsed, dict) else None
         self.history.append(
             HistoryRecord(
-                id=uuid.uuid4().hex, capability=capability, endpoint=ENDPOINTS[capability],
+                id=uuid.uuid4().hex, capability=capability, endpoint=endpoint or ENDPOINTS[capability],
                 model=model if isinstance(model, str) and model else "-", status_code=exc.status,
                 started_at=started, duration_ms=(time.perf_counter() - t0) * 1000, error=exc.message,
                 request=msgspec.Raw(raw if parsed is not None else b"null"),
             )
         )
 
-    def _record(
+    def record(
         self, call: Call, raw: bytes, started: float, t0: float, status: int, *, usage: Usage | None = None,
         response: Any = None, stream: bool = False, error: str | None = None, first_byte_ms: float | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.history.append(
             HistoryRecord(
                 id=call.request_id,
                 capability=call.capability,
-                endpoint=ENDPOINTS[call.capability],
+                endpoint=endpoint or ENDPOINTS[call.capability],
                 model=call.model,
                 status_code=status,
                 started_at=started,

@@ -51,6 +51,9 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
                         default=[o for o in env("ALLOW_ORIGINS", "").split(",") if o] or None,
                         help="host nodes may download models from (repeatable; 'none' for no origin) "
                              f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]")
+    _add(parser, "--runtimes", "RUNTIMES", None,
+         "comma-separated engine runtimes this node may use (llama_cpp, diffusers, faster_whisper, piper); "
+         "default: all that are installed")
     _add(parser, "--predownload", "PREDOWNLOAD", "registered",
          "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
          choices=["all", "registered", "none"])
@@ -62,7 +65,19 @@ def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
         "shared_models_dir": Path(args.shared_models_dir).expanduser() if args.shared_models_dir else None,
         "allow_origins": args.allow_origin,
         "predownload": args.predownload,
+        "runtimes": _runtimes(args.runtimes),
     }
+
+
+def _runtimes(names: str | None) -> list[Any] | None:
+    if not names:
+        return None
+    from nodes.runtimes import default_runtimes
+
+    try:
+        return default_runtimes([n.strip() for n in names.split(",") if n.strip()])
+    except ValueError as exc:
+        raise SystemExit(f"llm-router: --runtimes: {exc}") from None
 
 
 def _registry_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_option(up, required=False)
     _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
     up.add_argument("--model", action="append", default=[], metavar="PATH",
-                    help="register a GGUF file under its file stem (repeatable)")
+                    help="register a model under its file or folder name (repeatable): a GGUF file, a Piper voice "
+                         "(.onnx beside its .onnx.json), a diffusers pipeline folder or a CTranslate2 Whisper folder")
     up.add_argument("--demo", action="store_true",
                     help=f"write a tiny random-weight GGUF and serve it as '{DEMO_MODEL}' (a plumbing demo: its text is random)")
     _node_options(up)

@@ -33,6 +33,7 @@ from events.messages import (
     NodeDownloadReply,
     NodeGoodbye,
     NodeHeartbeat,
+    RuntimeStatus,
 )
 
 from . import cache, system
@@ -379,6 +380,13 @@ class NodeAgent:
 
     # ------------------------------------------------------------ heartbeat
 
+    def runtime_report(self) -> list[RuntimeStatus]:
+        """Each runtime's availability with the models of its kind loaded now (FR-007)."""
+        return [
+            msgspec.structs.replace(status, models=sorted(s.name for s in self.served.values() if s.runtime == status.name))
+            for status in self._runtime_status
+        ]
+
     def heartbeat(self) -> NodeHeartbeat:
         cpu, mem_total, mem_used = system.cpu_and_memory()
         models = [s.report() for s in self.served.values()] + list(self.failed.values())
@@ -389,7 +397,7 @@ class NodeAgent:
             started_at=self.started_at,
             sent_at=time.time(),
             interval_s=self.heartbeat_interval,
-            runtimes=list(self._runtime_status),
+            runtimes=self.runtime_report(),
             models=models,
             gpus=self._gpus,
             cpu_percent=cpu,

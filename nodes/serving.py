@@ -21,7 +21,8 @@ from events import codec, subjects
 from events.messages import Accepted, EmbeddingResult, Failure, InferenceRequest, LoadedModel, ModelRecord, TextDelta, TextDone
 from events.openai import EmbeddingBody
 
-from .runtimes.base import Engine, EngineError
+from . import media
+from .runtimes.base import AnyEngine, EngineError
 
 log = structlog.get_logger("node")
 
@@ -29,7 +30,7 @@ _END = object()
 
 
 class ServedModel:
-    def __init__(self, record: ModelRecord, runtime: str, engine: Engine, path: str, parallel: int = 1) -> None:
+    def __init__(self, record: ModelRecord, runtime: str, engine: AnyEngine, path: str, parallel: int = 1) -> None:
         self.record = record
         self.runtime = runtime
         self.engine = engine
@@ -106,12 +107,15 @@ class ServedModel:
     async def _run(self, nc: Client, node_id: str, request: InferenceRequest, reply: str, cancelled: threading.Event):
         loop = asyncio.get_running_loop()
         rid = request.request_id
+        if request.capability in media.MEDIA_CAPABILITIES:
+            return await media.run(self.engine, request, node_id, self._pool, nc.jetstream(), cancelled)
         if request.capability == subjects.EMBEDDING:
             body: EmbeddingBody = request.params
             vectors, usage = await loop.run_in_executor(self._pool, self.engine.embed, body)
             return EmbeddingResult(request_id=rid, node_id=node_id, vectors=vectors, usage=usage)
 
-        method: Callable[..., Any] = self.engine.chat if request.capability == subjects.CHAT else self.engine.complete
+        chat = request.capability in (subjects.CHAT, subjects.VISION)
+        method: Callable[..., Any] = self.engine.chat if chat else self.engine.complete
         if not request.stream:
             outcome = await loop.run_in_executor(self._pool, method, request.params, None, cancelled)
             return TextDone(

@@ -7,7 +7,8 @@ from Hugging Face (documented in the README):
   or ``<org>/<repo>:<file stem>`` when the file name has no quantisation in it;
 - a repository without GGUF files (safetensors): ``<org>/<repo>``, state ``pending_conversion``;
 - a catalog entry: its catalog id (``qwen2.5-0.5b-instruct``);
-- a local file: its file stem.
+- a local file: its file stem (a Piper voice ``en-amy.onnx``: ``en-amy``); a local folder
+  (diffusers pipeline, CTranslate2 Whisper): its name.
 
 ``name`` in the request overrides all of these.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from events import subjects
 from events.messages import CatalogEntry, ModelRecord, ModelSource, RegisterModel
 
-from .artifacts import UnrecognisedModel, detect
+from .artifacts import UnrecognisedModel, artifact_size, detect
 from .hf import (
     PREFERRED_QUANT,
     HfNotFound,
@@ -86,9 +87,10 @@ def from_path(request: RegisterModel) -> ModelRecord:
         kind = detect(path)
     except UnrecognisedModel as exc:
         raise RegistrationError(422, str(exc)) from None
-    size = path.stat().st_size
+    size = artifact_size(path)  # a folder's total; a Piper voice with its .onnx.json
+    # A folder keeps its whole name (``whisper-small.en``); a file drops its extension.
     return ModelRecord(
-        name=request.name or path.stem,
+        name=request.name or (path.name if path.is_dir() else path.stem),
         format=kind.format,
         runtime=kind.runtime,
         capabilities=kind.capabilities,

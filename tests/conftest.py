@@ -16,6 +16,7 @@ import pytest
 # One engine thread: on 2 cores, 2 threads are 2-10x slower when anything else runs.
 os.environ.setdefault("LLM_ROUTER_LLAMA_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LLM_ROUTER_ENGINE_THREADS", "1")
 os.environ.setdefault("LLM_ROUTER_LOG_FORMAT", "json")
 
 
@@ -49,8 +50,18 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
         return
     server = EmbeddedNats(tmp_path_factory.mktemp("nats"), port=0)
     url = server.start_sync()
+    NATS_MONITORS[url] = server.monitor_url
     yield url
     server.stop_sync()
+
+
+NATS_MONITORS: dict[str, str | None] = {}
+
+
+@pytest.fixture(scope="session")
+def nats_monitor_url(nats_url: str) -> str | None:
+    """The embedded server's HTTP monitoring URL (None for an external NATS_URL or a container)."""
+    return NATS_MONITORS.get(nats_url)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +69,39 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nodes.demo_model import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+# Tiny multimodal models, built once per session (tests/tiny_models.py); each skips without its extra.
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from tiny_models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("faster_whisper")
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch").set_num_threads(1)
+    from tiny_models import build_tiny_whisper
+
+    return build_tiny_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
+
+
+@pytest.fixture(scope="session")
+def voice_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("torch").set_num_threads(1)
+    from tiny_models import build_tiny_piper_voice
+
+    return build_tiny_piper_voice(tmp_path_factory.mktemp("models") / "tiny-voice", sample_rate=22050)
 
 
 class Proc:

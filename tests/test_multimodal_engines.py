@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from tiny_models import (
     build_tiny_piper_voice,
-    build_tiny_sd,
     build_tiny_whisper,
     make_mask_png,
     make_png,
@@ -49,14 +48,6 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 # =========================================================================== images (diffusers)
-
-
-@pytest.fixture(scope="session")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
@@ -158,14 +149,6 @@ def test_a_cancelled_image_request_stops(images) -> None:
 
 
 # =========================================================================== speech to text (faster-whisper)
-
-
-@pytest.fixture(scope="session")
-def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("faster_whisper")
-    pytest.importorskip("transformers")
-    pytest.importorskip("torch").set_num_threads(1)
-    return build_tiny_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
 
 
 @pytest.fixture(scope="session")
@@ -346,14 +329,6 @@ def test_unknown_transcript_format_is_400() -> None:
 
 
 # =========================================================================== text to speech (Piper voice)
-
-
-@pytest.fixture(scope="session")
-def voice_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    pytest.importorskip("torch").set_num_threads(1)
-    return build_tiny_piper_voice(tmp_path_factory.mktemp("models") / "tiny-voice", sample_rate=22050)
 
 
 @pytest.fixture(scope="session")

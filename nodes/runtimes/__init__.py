@@ -1,6 +1,7 @@
 """One module per engine; ``default_runtimes`` lists the ones this build knows.
 
-Importing a runtime module is cheap: each imports its engine library only in probe()/load().
+Importing a runtime module is cheap: each imports its engine library only in load(); probe()
+reads package metadata.
 """
 
 from .base import Engine, EngineError, Runtime, TextOutcome
@@ -10,8 +11,16 @@ from .llama_cpp import LlamaCppRuntime
 from .piper_tts import PiperRuntime
 
 
-def default_runtimes() -> list[Runtime]:
-    return [LlamaCppRuntime()]
+def default_runtimes(names: list[str] | None = None) -> list[Runtime]:
+    """Every runtime this build knows, or only those ``names`` (``--runtimes``)."""
+    runtimes: list[Runtime] = [LlamaCppRuntime(), DiffusersRuntime(), FasterWhisperRuntime(), PiperRuntime()]
+    if names is None:
+        return runtimes
+    known = {r.name for r in runtimes}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return [r for r in runtimes if r.name in names]
 
 
 __all__ = [

@@ -35,6 +35,8 @@ OnDelta = Callable[[str], None]
 
 
 class Engine(Protocol):
+    """A text engine (llama.cpp): chat, completion, embeddings."""
+
     capabilities: list[str]
     artifact_bytes: int
 
@@ -47,13 +49,70 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+# The multimodal engines take and return bytes; ``nodes.media`` calls them by capability.
+# (Full signatures and error conventions: the runtimes' docstrings.)
+
+
+class ImageEngine(Protocol):
+    """diffusers: PNG bytes out."""
+
+    capabilities: list[str]
+    artifact_bytes: int
+
+    def generate(self, prompt: str, n: int = 1, width: int = 512, height: int = 512, seed: int | None = None,
+                 steps: int | None = None, negative_prompt: str | None = None, *,
+                 cancelled: threading.Event | None = None) -> list[bytes]: ...
+
+    def edit(self, image: bytes, mask: bytes | None, prompt: str, n: int = 1, width: int | None = None,
+             height: int | None = None, seed: int | None = None, steps: int | None = None, *,
+             cancelled: threading.Event | None = None) -> list[bytes]: ...
+
+    def variation(self, image: bytes, n: int = 1, width: int | None = None, height: int | None = None,
+                  seed: int | None = None, steps: int | None = None, *,
+                  cancelled: threading.Event | None = None) -> list[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class TranscriptionEngine(Protocol):
+    """faster-whisper: audio bytes in, a ``Transcript`` out (rendered by ``transcript_formats``)."""
+
+    capabilities: list[str]
+    artifact_bytes: int
+
+    def transcribe(self, audio: bytes, *, task: str = "transcribe", language: str | None = None,
+                   prompt: str | None = None, temperature: float = 0.0, word_timestamps: bool = False,
+                   cancelled: threading.Event | None = None) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class SpeechEngine(Protocol):
+    """Piper voices: text to int16 samples, then encoded to a response format."""
+
+    capabilities: list[str]
+    artifact_bytes: int
+
+    def speak(self, text: str, *, speed: float = 1.0, voice: str | None = None,
+              cancelled: threading.Event | None = None) -> tuple[Any, int]: ...
+
+    def encode(self, pcm: Any, sample_rate: int, response_format: str = "mp3") -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+AnyEngine = Engine | ImageEngine | TranscriptionEngine | SpeechEngine
+
+
 class Runtime(Protocol):
     name: str
+    capabilities: list[str]  # what models of this runtime can offer (reported in heartbeats)
 
     def probe(self) -> RuntimeStatus:
-        """Whether the engine library imports here; never raises."""
+        """Whether the engine library is installed here; never raises, and is cheap (no import
+        of the library: every node start probes every runtime; ``load`` imports it)."""
         ...
 
     def accepts(self, record: ModelRecord) -> bool: ...
 
-    def load(self, record: ModelRecord, path: str) -> Engine: ...
+    def load(self, record: ModelRecord, path: str) -> AnyEngine: ...

@@ -27,7 +27,7 @@ from events import subjects
 from events.messages import ModelRecord, RuntimeStatus
 
 from .base import EngineError
-from .common import artifact_bytes, engine_threads
+from .common import artifact_bytes, engine_threads, probe_packages
 
 NAME = "diffusers"
 CAPABILITIES = [subjects.IMAGE]
@@ -346,18 +346,15 @@ def _png(image: Any) -> bytes:
 
 class DiffusersRuntime:
     name = NAME
+    capabilities = CAPABILITIES
 
     def __init__(self, *, threads: int | None = None, device: str | None = None) -> None:
         self.threads = engine_threads() if threads is None else threads
         self.device = device
 
     def probe(self) -> RuntimeStatus:
-        try:
-            import diffusers
-            import torch
-        except Exception as exc:  # a broken torch build raises OSError, not ImportError
-            return RuntimeStatus(name=NAME, available=False, error=f"{type(exc).__name__}: {exc}")
-        return RuntimeStatus(name=NAME, available=True, version=f"{diffusers.__version__} (torch {torch.__version__})")
+        return probe_packages(NAME, CAPABILITIES, [("diffusers", "diffusers"), ("torch", "torch"),
+                                                   ("transformers", "transformers"), ("PIL", "pillow")])
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.runtime == NAME

@@ -24,12 +24,13 @@ from events import subjects
 from events.messages import ModelRecord, RuntimeStatus
 
 from .base import EngineError
-from .common import artifact_bytes, engine_threads
+from .common import artifact_bytes, engine_threads, probe_packages
 from .transcript_formats import LANGUAGES
 
 NAME = "faster_whisper"
 SAMPLE_RATE = 16000
 TASKS = ("transcribe", "translate")
+CAPABILITIES = [subjects.TRANSCRIPTION, subjects.TRANSLATION]  # translation: multilingual models only
 # OpenAI's "temperature 0": start greedy, raise the temperature when decoding fails its checks.
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 DEFAULT_BEAM_SIZE = 5
@@ -222,20 +223,15 @@ def _setting(labels: dict[str, str], label: str, env: str) -> str | None:
 
 class FasterWhisperRuntime:
     name = NAME
+    capabilities = CAPABILITIES
 
     def __init__(self, *, threads: int | None = None, device: str | None = None) -> None:
         self.threads = engine_threads() if threads is None else threads
         self.device = device
 
     def probe(self) -> RuntimeStatus:
-        try:
-            import ctranslate2
-            import faster_whisper
-        except Exception as exc:  # a broken native build raises OSError, not ImportError
-            return RuntimeStatus(name=NAME, available=False, error=f"{type(exc).__name__}: {exc}")
-        return RuntimeStatus(
-            name=NAME, available=True, version=f"{faster_whisper.__version__} (ctranslate2 {ctranslate2.__version__})"
-        )
+        return probe_packages(NAME, CAPABILITIES, [("faster_whisper", "faster-whisper"), ("ctranslate2", "ctranslate2"),
+                                                   ("av", "av")])
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.runtime == NAME

@@ -18,6 +18,7 @@ from events.messages import ModelRecord, RuntimeStatus, Usage
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
 
 from .base import EngineError, OnDelta, TextOutcome
+from .common import probe_packages
 
 NAME = "llama_cpp"
 CAPABILITIES = [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING]
@@ -252,17 +253,14 @@ def _plain_message(message: Any) -> dict[str, Any]:
 
 class LlamaCppRuntime:
     name = NAME
+    capabilities = CAPABILITIES
 
     def __init__(self, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _threads()
 
     def probe(self) -> RuntimeStatus:
-        try:
-            import llama_cpp
-        except Exception as exc:  # a broken native build raises OSError, not ImportError
-            return RuntimeStatus(name=NAME, available=False, error=f"{type(exc).__name__}: {exc}")
-        return RuntimeStatus(name=NAME, available=True, version=getattr(llama_cpp, "__version__", None))
+        return probe_packages(NAME, CAPABILITIES, [("llama_cpp", "llama-cpp-python")])
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.format == "gguf"

@@ -28,7 +28,7 @@ from events import subjects
 from events.messages import ModelRecord, RuntimeStatus
 
 from .base import EngineError
-from .common import artifact_bytes, engine_threads
+from .common import artifact_bytes, engine_threads, probe_packages
 
 NAME = "piper"
 CAPABILITIES = [subjects.SPEECH]
@@ -307,16 +307,13 @@ def _av_encode(samples: Any, sample_rate: int, response_format: str) -> bytes:
 
 class PiperRuntime:
     name = NAME
+    capabilities = CAPABILITIES
 
     def __init__(self, *, threads: int | None = None) -> None:
         self.threads = engine_threads() if threads is None else threads
 
     def probe(self) -> RuntimeStatus:
-        try:
-            import onnxruntime
-        except Exception as exc:  # a broken native build raises OSError, not ImportError
-            return RuntimeStatus(name=NAME, available=False, error=f"{type(exc).__name__}: {exc}")
-        return RuntimeStatus(name=NAME, available=True, version=f"onnxruntime {onnxruntime.__version__}")
+        return probe_packages(NAME, CAPABILITIES, [("onnxruntime", "onnxruntime"), ("numpy", "numpy")])
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.runtime == NAME
