@@ -9,8 +9,10 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-# Engines that need torch (image, asr extras) must get exactly torch==2.13.0 first (CPU build):
+# Engines that need torch (image, asr extras; the tests' tiny-model builders) must get exactly
+# torch==2.13.0 first (CPU build), or the extras would pull a CUDA torch:
 case "$extras" in
-  *image*|*asr*|*all*) .venv/bin/python -m pip install --quiet "torch==2.13.0" ;;
+  # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) picks the CPU build on plain PyPI.
+  *image*|*asr*|*all*) .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ;;
 esac
 .venv/bin/python -m pip install --quiet -e ".[$extras]"

@@ -1,0 +1,260 @@
+"""What the router adds to the image and audio endpoints, over calling the engine directly.
+
+    python bench/multimodal.py                           # ~1 min on 2 cores
+    python bench/multimodal.py --rounds 30 --output docs/benchmarks.md
+
+The tiny models of ``tests/tiny_models.py`` are built in a temporary folder, then:
+
+- ``direct``: each engine (``DiffusersRuntime``, ``FasterWhisperRuntime``, ``PiperRuntime``)
+  loaded in this process and called as the node calls it (``nodes/media.py``): generate /
+  edit / variation returning PNG bytes, transcribe + render to JSON, speak + encode to WAV;
+- ``gateway``: ``llm-router up --model SD_DIR --model WHISPER_DIR --model VOICE.onnx`` (NATS,
+  registry, gateway and node in one process, the single-machine default, which also checks
+  that ``up`` takes all three kinds of local model), asked over HTTP on 127.0.0.1 with the
+  same inputs: multipart uploads, claim checks, base64 images, raw audio answers.
+
+Rounds alternate direct and gateway calls, so both see the same machine state; the table
+gives medians and the ratio. Engines run with one thread (``LLM_ROUTER_ENGINE_THREADS=1``) in
+both. ``--output FILE`` writes the section between ``<!-- multimodal:begin -->`` and
+``<!-- multimodal:end -->`` of FILE (see ``bench/overhead.py``'s ``write_section``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT))
+sys.path.insert(2, str(ROOT / "tests"))
+
+os.environ.setdefault("LLM_ROUTER_ENGINE_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LLM_ROUTER_WHISPER_BEAM_SIZE", "1")  # greedy: random weights otherwise beam to the limit
+
+BEGIN, END = "<!-- multimodal:begin -->", "<!-- multimodal:end -->"
+SIZE = 64
+AUDIO_SECONDS = 2.0
+BIG_SIZE = 384  # a noise PNG of ~430 KB: over the inline budget, so the reply goes through the object store
+BIG_AUDIO_SECONDS = 70.0  # 2.2 MB of WAV: the upload goes through the object store
+
+
+def build_models(folder: Path) -> dict[str, Path]:
+    from tiny_models import build_tiny_piper_voice, build_tiny_sd, build_tiny_whisper
+
+    return {
+        "sd": build_tiny_sd(folder / "bench-sd"),
+        "whisper": build_tiny_whisper(folder / "bench-whisper"),
+        "voice": build_tiny_piper_voice(folder / "bench-voice", sample_rate=22050),
+    }
+
+
+def load_engines(models: dict[str, Path]) -> dict[str, object]:
+    from events.messages import ModelRecord, ModelSource
+    from nodes.runtimes import DiffusersRuntime, FasterWhisperRuntime, PiperRuntime
+
+    def record(name: str, runtime: str, path: Path) -> ModelRecord:
+        return ModelRecord(name=name, format=runtime, runtime=runtime, capabilities=[],
+                           source=ModelSource(kind="path", path=str(path)))
+
+    return {
+        "sd": DiffusersRuntime().load(record("sd", "diffusers", models["sd"]), str(models["sd"])),
+        "whisper": FasterWhisperRuntime().load(record("w", "faster_whisper", models["whisper"]), str(models["whisper"])),
+        "voice": PiperRuntime().load(record("v", "piper", models["voice"]), str(models["voice"])),
+    }
+
+
+class Up:
+    """``llm-router up`` with the three models, in its own process."""
+
+    def __init__(self, models: dict[str, Path], data_dir: Path) -> None:
+        args = [sys.executable, "-m", "llm_router", "--log-level", "warning", "up", "--port", "0",
+                "--nats-port", "0", "--data-dir", str(data_dir)]
+        for path in models.values():
+            args += ["--model", str(path)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            match = re.search(r"LLM Router ready: (http://\S+)/v1", line)
+            if match:
+                self.url = match.group(1)
+            if line.startswith("Serving:"):
+                self._ready.set()
+        self._ready.set()
+
+    def wait(self, timeout: float = 120.0) -> str:
+        if not self._ready.wait(timeout) or self.url is None or self.proc.poll() is not None:
+            raise RuntimeError("llm-router up did not start:\n" + "\n".join(self.lines[-30:]))
+        return self.url
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def endpoints(engines: dict, names: dict[str, str], url: str) -> dict[str, tuple[Callable, Callable]]:
+    """Per endpoint: (direct call, gateway call), both on the same input."""
+    import httpx
+    from tiny_models import make_mask_png, make_png, make_wav
+
+    from events import codec
+    from nodes.runtimes.transcript_formats import render
+
+    http = httpx.Client(base_url=url, timeout=120)
+    sd, whisper, voice = engines["sd"], engines["whisper"], engines["voice"]
+    image, mask = make_png(SIZE, SIZE), make_mask_png(SIZE, SIZE, (16, 16, 48, 48))
+    wav = make_wav(seconds=AUDIO_SECONDS)
+    big_wav = make_wav(seconds=BIG_AUDIO_SECONDS)
+    text = "Hello there. This is a short sentence."
+
+    def ok(response: httpx.Response) -> None:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.request.url}: {response.status_code} {response.text[:300]}")
+
+    def gen_gateway(size: int) -> Callable:
+        def call() -> None:
+            ok(http.post("/v1/images/generations", json={"model": names["sd"], "prompt": "a red square",
+                                                       "size": f"{size}x{size}", "response_format": "b64_json",
+                                                       "seed": 1}))
+        return call
+
+    def edit_gateway() -> None:
+        ok(http.post("/v1/images/edits", data={"model": names["sd"], "prompt": "a cat", "response_format": "b64_json",
+                                              "seed": "1"},
+                     files={"image": ("in.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")}))
+
+    def variation_gateway() -> None:
+        ok(http.post("/v1/images/variations", data={"model": names["sd"], "response_format": "b64_json", "seed": "1"},
+                     files={"image": ("in.png", image, "image/png")}))
+
+    def stt_gateway(path: str, audio: bytes) -> Callable:
+        def call() -> None:
+            ok(http.post(path, data={"model": names["whisper"]}, files={"file": ("a.wav", audio, "audio/wav")}))
+        return call
+
+    def stt_direct(task: str, audio: bytes) -> Callable:
+        def call() -> None:
+            codec.encode(render(whisper.transcribe(audio, task=task), "json"))
+        return call
+
+    def speech_direct() -> None:
+        pcm, rate = voice.speak(text)
+        voice.encode(pcm, rate, "wav")
+
+    def speech_gateway() -> None:
+        ok(http.post("/v1/audio/speech", json={"model": names["voice"], "input": text, "voice": "alloy",
+                                              "response_format": "wav"}))
+
+    return {
+        "POST /v1/images/generations": (lambda: sd.generate("a red square", width=SIZE, height=SIZE, seed=1),
+                                        gen_gateway(SIZE)),
+        f"POST /v1/images/generations {BIG_SIZE}x{BIG_SIZE} (reply via object store)": (
+            lambda: sd.generate("a red square", width=BIG_SIZE, height=BIG_SIZE, seed=1), gen_gateway(BIG_SIZE)),
+        "POST /v1/images/edits": (lambda: sd.edit(image, mask, "a cat", seed=1), edit_gateway),
+        "POST /v1/images/variations": (lambda: sd.variation(image, seed=1), variation_gateway),
+        "POST /v1/audio/transcriptions": (stt_direct("transcribe", wav), stt_gateway("/v1/audio/transcriptions", wav)),
+        f"POST /v1/audio/transcriptions {BIG_AUDIO_SECONDS:g} s, 2.2 MB (upload via object store)": (
+            stt_direct("transcribe", big_wav), stt_gateway("/v1/audio/transcriptions", big_wav)),
+        "POST /v1/audio/translations": (stt_direct("translate", wav), stt_gateway("/v1/audio/translations", wav)),
+        "POST /v1/audio/speech": (speech_direct, speech_gateway),
+    }
+
+
+def timed(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def measure(calls: dict[str, tuple[Callable, Callable]], rounds: int, warmup: int) -> list[tuple[str, float, float]]:
+    rows = []
+    for name, (direct, gateway) in calls.items():
+        for _ in range(warmup):
+            direct()
+            gateway()
+        d, g = [], []
+        for i in range(rounds):  # alternate which goes first, so neither always runs on a warmer cache
+            if i % 2:
+                d.append(timed(direct))
+                g.append(timed(gateway))
+            else:
+                g.append(timed(gateway))
+                d.append(timed(direct))
+        rows.append((name, statistics.median(d), statistics.median(g)))
+        print(f"{name}: direct {rows[-1][1]:.1f} ms, gateway {rows[-1][2]:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def render_table(rows: list[tuple[str, float, float]], rounds: int, command: str) -> str:
+    from overhead import machine
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Gateway path vs the engine called directly, tiny models, median of {rounds} alternating rounds "
+        f"(`{command}`; {when}, {machine()}). Images {SIZE}x{SIZE}, {AUDIO_SECONDS:g} s of 16 kHz WAV, "
+        "one engine thread; gateway = `llm-router up` (NATS, registry, gateway, node in one process).",
+        "",
+        "| endpoint | direct (ms) | via gateway (ms) | added (ms) | ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, direct, gateway in rows:
+        lines.append(f"| `{name}` | {direct:.1f} | {gateway:.1f} | {gateway - direct:+.1f} | {gateway / direct:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", type=Path, help="write the results section into this Markdown file")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-multimodal-") as tmp:
+        folder = Path(tmp)
+        models = build_models(folder / "models")
+        up = Up(models, folder / "up")
+        try:
+            url = up.wait()
+            engines = load_engines(models)
+            # The names `up` registers: a folder's name, a file's stem.
+            names = {"sd": models["sd"].name, "whisper": models["whisper"].name, "voice": models["voice"].stem}
+            rows = measure(endpoints(engines, names, url), args.rounds, args.warmup)
+        finally:
+            up.stop()
+    command = "python bench/multimodal.py" + (f" --rounds {args.rounds}" if args.rounds != 15 else "")
+    text = render_table(rows, args.rounds, command)
+    print(text)
+    if args.output:
+        from overhead import write_section
+
+        write_section(args.output, text, BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

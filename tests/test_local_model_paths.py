@@ -1,0 +1,40 @@
+"""Registering local models of every kind by path, and nodes serving them in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from events.messages import RegisterModel
+from nodes import cache
+from registry.artifacts import artifact_size
+from registry.sources import RegistrationError, from_path
+
+
+@pytest.mark.parametrize(
+    "fixture, name, runtime, capabilities",
+    [
+        ("sd_dir", "tiny-sd", "diffusers", ["image"]),
+        ("whisper_dir", "tiny-whisper", "faster_whisper", ["transcription", "translation"]),
+        ("voice_path", "voice", "piper", ["speech"]),
+    ],
+)
+def test_a_folder_or_voice_registers_with_its_total_size_and_is_served_in_place(
+    request, fixture, name, runtime, capabilities
+) -> None:
+    path: Path = request.getfixturevalue(fixture)
+    record = from_path(RegisterModel(path=str(path)))
+    assert (record.name, record.runtime, record.capabilities) == (name, runtime, capabilities)
+    assert record.size_bytes == artifact_size(path) > 0
+    assert record.source.kind == "path" and record.source.path == str(path.resolve())
+    assert cache.problem(path, record) is None
+    assert "expected" in cache.problem(path, msgspec.structs.replace(record, size_bytes=1))
+
+
+def test_an_unrecognised_folder_is_a_clear_422(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(RegistrationError) as err:
+        from_path(RegisterModel(path=str(tmp_path)))
+    assert err.value.status == 422 and "unrecognised model folder" in err.value.message
