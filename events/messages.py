@@ -275,6 +275,7 @@ class ModelSource(Struct, kw_only=True, omit_defaults=True):
     repo: str | None = None
     filename: str | None = None
     revision: str | None = None
+    projector: str | None = None  # a GGUF's multimodal projector (mmproj), path kind: gives "vision"
 
 
 class ModelRecord(Struct, kw_only=True):
@@ -326,6 +327,7 @@ class RegisterModel(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     revision: str | None = None
     url: str | None = None
     path: str | None = None
+    projector: str | None = None  # with path: a GGUF's mmproj (default: the one mmproj*.gguf beside it)
     name: str | None = None
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)

@@ -21,7 +21,7 @@ from pathlib import Path
 from events import subjects
 from events.messages import CatalogEntry, ModelRecord, ModelSource, RegisterModel
 
-from .artifacts import UnrecognisedModel, artifact_size, detect
+from .artifacts import UnrecognisedModel, artifact_size, detect, find_projector
 from .hf import (
     PREFERRED_QUANT,
     HfNotFound,
@@ -56,6 +56,8 @@ def chosen_source(request: RegisterModel) -> str:
         raise RegistrationError(
             400, "give exactly one of catalog_id, repo, url or path" + (f" (got {', '.join(given)})" if given else "")
         )
+    if request.projector and given[0] != "path":
+        raise RegistrationError(400, "projector goes with path (a local GGUF and its mmproj)")
     if request.filename and given[0] not in ("repo",):
         raise RegistrationError(400, "filename goes with repo (a URL names its file itself)")
     return given[0]
@@ -87,14 +89,25 @@ def from_path(request: RegisterModel) -> ModelRecord:
         kind = detect(path)
     except UnrecognisedModel as exc:
         raise RegistrationError(422, str(exc)) from None
+    capabilities = list(kind.capabilities)
+    projector = None
+    if kind.format == "gguf":
+        try:
+            projector = find_projector(path, request.projector)
+        except UnrecognisedModel as exc:
+            raise RegistrationError(422, str(exc)) from None
+        if projector is not None:
+            capabilities.append(subjects.VISION)
+    elif request.projector:
+        raise RegistrationError(400, "projector goes with a GGUF model")
     size = artifact_size(path)  # a folder's total; a Piper voice with its .onnx.json
     # A folder keeps its whole name (``whisper-small.en``); a file drops its extension.
     return ModelRecord(
         name=request.name or (path.name if path.is_dir() else path.stem),
         format=kind.format,
         runtime=kind.runtime,
-        capabilities=kind.capabilities,
-        source=ModelSource(kind="path", path=str(path)),
+        capabilities=capabilities,
+        source=ModelSource(kind="path", path=str(path), projector=str(projector) if projector else None),
         size_bytes=size,
         required_memory_bytes=estimated_memory(size),
         quantization=parse_quantization(path.name) if kind.format == "gguf" else None,

@@ -33,6 +33,24 @@ def test_a_folder_or_voice_registers_with_its_total_size_and_is_served_in_place(
     assert "expected" in cache.problem(path, msgspec.structs.replace(record, size_bytes=1))
 
 
+def test_a_gguf_with_a_projector_beside_it_offers_vision(tiny_gguf: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from tiny_models import build_tiny_mmproj
+
+    model = tmp_path / "chat.gguf"
+    model.write_bytes(tiny_gguf.read_bytes())
+    plain = from_path(RegisterModel(path=str(model)))
+    assert "vision" not in plain.capabilities and plain.source.projector is None
+    projector = build_tiny_mmproj(tmp_path / "mmproj-chat.gguf")
+    record = from_path(RegisterModel(path=str(model)))
+    assert record.capabilities[-1] == "vision" and record.source.projector == str(projector)
+    with pytest.raises(RegistrationError) as err:  # the projector alone is not a model
+        from_path(RegisterModel(path=str(projector)))
+    assert "multimodal projector" in err.value.message
+    with pytest.raises(RegistrationError):
+        from_path(RegisterModel(path=str(model), projector=str(model)))  # not a projector
+
+
 def test_an_unrecognised_folder_is_a_clear_422(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(RegistrationError) as err:

@@ -22,9 +22,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("multipart")  # python-multipart: Starlette's form parser
 pytest.importorskip("PIL")
 pytest.importorskip("numpy")
-from tiny_models import make_mask_png, make_png, make_wav  # noqa: E402
+from tiny_models import build_tiny_mmproj, make_mask_png, make_png, make_wav  # noqa: E402
 
-SD, WHISPER, VOICE, CHAT = "mm-sd", "mm-whisper", "mm-voice", "mm-chat"
+SD, WHISPER, VOICE, CHAT, VISION = "mm-sd", "mm-whisper", "mm-voice", "mm-chat", "mm-vision"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,11 @@ def stack(nats_url, sd_dir, whisper_dir, voice_path, tiny_gguf, tmp_path_factory
     models = {SD: sd_dir, WHISPER: whisper_dir, VOICE: voice_path}
     if has_llama():
         models[CHAT] = tiny_gguf
+        # The same tiny GGUF with a projector beside it (llama.cpp's layout): a vision model.
+        vision_dir = tmp_path_factory.mktemp("vision")
+        (vision_dir / "tiny-vision.gguf").write_bytes(tiny_gguf.read_bytes())
+        build_tiny_mmproj(vision_dir / "mmproj-tiny.gguf")
+        models[VISION] = vision_dir / "tiny-vision.gguf"
     for name, path in models.items():
         # Greedy decoding: a random-weight Whisper otherwise beam-searches to its length limit.
         labels = {"beam_size": "1"} if name == WHISPER else {}
@@ -253,13 +258,31 @@ def test_a_model_on_the_wrong_endpoint_is_400_naming_the_capability(client) -> N
     assert "chat completions" in err.message
 
 
+def image_messages(size: int = 8) -> list[dict]:
+    data_url = "data:image/png;base64," + base64.b64encode(make_png(size, size)).decode()
+    return [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                         {"type": "image_url", "image_url": {"url": data_url}}]}]
+
+
+def test_vision_chat_through_the_tiny_projector(stack, client) -> None:
+    if not has_llama():
+        pytest.skip("llama-cpp-python is not installed")
+    assert "vision" in client.models.retrieve(VISION).model_extra["capabilities"]
+    out = client.chat.completions.create(model=VISION, messages=image_messages(40), max_tokens=4)
+    assert isinstance(out.choices[0].message.content, str)
+    assert out.usage.prompt_tokens > 16  # the 16 image tokens of the projector, plus the text
+    text_only = client.chat.completions.create(model=VISION, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2)
+    assert text_only.choices[0].message.role == "assistant"
+    nodes = {n["id"]: n for n in httpx.get(stack.url + "/v0/nodes").json()["data"]}
+    llama = {r["name"]: r for r in nodes[stack.full.node_id]["runtimes"]}["llama_cpp"]
+    assert VISION in llama["models"] and "vision" in llama["capabilities"]
+
+
 def test_an_image_to_a_text_only_model_is_400(client) -> None:
     if not has_llama():
         pytest.skip("llama-cpp-python is not installed")
-    data_url = "data:image/png;base64," + base64.b64encode(make_png(8, 8)).decode()
-    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                             {"type": "image_url", "image_url": {"url": data_url}}]}]
-    err = bad_request(lambda: client.chat.completions.create(model=CHAT, messages=messages), param="messages")
+    err = bad_request(lambda: client.chat.completions.create(model=CHAT, messages=image_messages()), param="messages")
     assert "does not accept images" in err.message
     # The same model still chats when the message has no image.
     out = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=2)

@@ -5,6 +5,8 @@ format the engine reads (a diffusers pipeline folder, a CTranslate2 Whisper fold
 voice) with made-up weights. The outputs are noise, but every code path of the real library
 runs. Recipes and their pitfalls: shared/offline-runtimes.md sections 2-4.
 
+A tiny llama.cpp vision projector (mmproj GGUF) is built too, for vision chat.
+
 Heavy imports (torch, transformers, diffusers, ctranslate2) happen inside the builders, so
 importing this module costs nothing where the extras are absent.
 """
@@ -312,6 +314,72 @@ def _phoneme_id_map(phoneme_type: str) -> dict[str, list[int]]:
         raise ValueError(f"phoneme_type must be 'text' or 'espeak', not {phoneme_type!r}")
     symbols = ["_", "^", "$", " "] + [chr(c) for c in range(ord("!"), ord("~") + 1) if chr(c) not in "_^$"]
     return {s: [i] for i, s in enumerate(symbols)}
+
+
+# --------------------------------------------------------------------------- vision projector
+
+
+def build_tiny_mmproj(path: Path, *, text_embedding: int = 64) -> Path:
+    """A LLaVA-1.5-style multimodal projector GGUF (llama.cpp "clip" arch, "mlp" projector, ~80 KB).
+
+    A one-block ViT on 32x32 images in 8x8 patches (16 image tokens), then the two-layer MLP
+    projector into the text model's embedding size (``text_embedding``: 64 for the tiny GGUF
+    of ``nodes.demo_model``); libmtmd refuses a projector whose output size differs.
+    """
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEED)
+    width, ffn, patch, image = 32, 64, 8, 32
+    positions = (image // patch) ** 2 + 1  # + the class embedding
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_text_encoder", False)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", image)
+    writer.add_uint32("clip.vision.patch_size", patch)
+    writer.add_uint32("clip.vision.embedding_length", width)
+    writer.add_uint32("clip.vision.feed_forward_length", ffn)
+    writer.add_uint32("clip.vision.projection_dim", text_embedding)
+    writer.add_uint32("clip.vision.block_count", 1)
+    writer.add_uint32("clip.vision.attention.head_count", 4)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    writer.add_file_type(0)  # all float32
+
+    def random(name: str, *shape: int) -> None:  # numpy shape = ggml ne reversed
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    def norm(name: str, size: int) -> None:
+        writer.add_tensor(f"{name}.weight", np.ones(size, dtype=np.float32))
+        writer.add_tensor(f"{name}.bias", np.zeros(size, dtype=np.float32))
+
+    def linear(name: str, out: int, inp: int) -> None:
+        random(f"{name}.weight", out, inp)
+        writer.add_tensor(f"{name}.bias", np.zeros(out, dtype=np.float32))
+
+    random("v.patch_embd.weight", width, 3, patch, patch)
+    random("v.class_embd", width)
+    random("v.position_embd.weight", positions, width)
+    norm("v.pre_ln", width)
+    for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        linear(f"v.blk.0.{part}", width, width)
+    norm("v.blk.0.ln1", width)
+    norm("v.blk.0.ln2", width)
+    linear("v.blk.0.ffn_up", ffn, width)
+    linear("v.blk.0.ffn_down", width, ffn)
+    linear("mm.0", text_embedding, width)
+    linear("mm.2", text_embedding, text_embedding)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 # --------------------------------------------------------------------------- test inputs

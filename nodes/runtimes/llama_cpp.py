@@ -4,6 +4,11 @@ One ``Llama`` instance generates; a second one, created on the first embeddings 
 runs in embedding mode with mean pooling (llama architectures have no default pooling, so
 without it llama.cpp returns one vector per token). The weights are mmap-ed, so the second
 instance shares their pages.
+
+A model registered with a multimodal projector (``source.projector``, an mmproj GGUF) also
+offers "vision": chats go through llama-cpp-python's LLaVA-1.5 chat handler (libmtmd), which
+turns ``image_url`` parts (data: URLs, or http(s) URLs it fetches) into image embeddings. That
+handler formats every chat of the model with the LLaVA-1.5 prompt, not the GGUF's template.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class _TokenCounter:
 
 
 class LlamaEngine:
-    def __init__(self, path: str, *, n_ctx: int, n_threads: int) -> None:
+    def __init__(self, path: str, *, n_ctx: int, n_threads: int, projector: str | None = None) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
@@ -71,10 +76,23 @@ class LlamaEngine:
         self.n_threads = n_threads
         self.capabilities = list(CAPABILITIES)
         self.artifact_bytes = Path(path).stat().st_size
+        self.vision = projector is not None
+        handler = None
+        if projector is not None:
+            if not Path(projector).is_file():
+                raise RuntimeError(f"the multimodal projector {projector} of {path} is missing")
+            from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+            try:
+                handler = Llava15ChatHandler(clip_model_path=projector, verbose=False)
+            except Exception as exc:  # libmtmd reports a bad projector as a generic failure
+                raise RuntimeError(f"llama.cpp could not load the projector {projector}: {exc}") from exc
+            self.capabilities.append(subjects.VISION)
         try:
             # Never allocate a context longer than the model was trained for.
             n_ctx = min(n_ctx, _trained_context(path) or n_ctx)
-            self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+            self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False,
+                                        chat_handler=handler)
         except ValueError as exc:
             raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
         self.n_ctx = n_ctx
@@ -140,7 +158,7 @@ class LlamaEngine:
 
     def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         counter = _TokenCounter(cancelled, self._llm.token_eos())
-        messages = [_plain_message(m) for m in body.messages]
+        messages = [_message(m, images=self.vision) for m in body.messages]
         chunks = self._llm.create_chat_completion(
             messages=messages, max_tokens=body.token_limit, stream=True, **self._sampling(body, counter)
         )
@@ -234,9 +252,12 @@ def _trained_context(path: str) -> int:
     return int(field.contents()) if field is not None else 0
 
 
-def _plain_message(message: Any) -> dict[str, Any]:
+def _message(message: Any, *, images: bool) -> dict[str, Any]:
+    """A chat message for llama-cpp-python: text parts joined, image parts kept for a vision model."""
     content = message.content
     if isinstance(content, list):
+        if images and any(part.get("type") == "image_url" for part in content):
+            return {"role": message.role, "content": [_part(part) for part in content]}
         texts = []
         for part in content:
             if part.get("type") != "text":
@@ -251,19 +272,33 @@ def _plain_message(message: Any) -> dict[str, Any]:
     return out
 
 
+def _part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "text", "text": str(part.get("text", ""))}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url.startswith(("data:image/", "http://", "https://")):
+            raise EngineError("image_url.url must be a data:image/... URL or an http(s) URL", param="messages")
+        return {"type": "image_url", "image_url": {"url": url}}
+    raise EngineError(f"this model does not accept content parts of type {kind!r}", param="messages")
+
+
 class LlamaCppRuntime:
     name = NAME
-    capabilities = CAPABILITIES
+    capabilities = [*CAPABILITIES, subjects.VISION]  # vision: models registered with a projector
 
     def __init__(self, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _threads()
 
     def probe(self) -> RuntimeStatus:
-        return probe_packages(NAME, CAPABILITIES, [("llama_cpp", "llama-cpp-python")])
+        return probe_packages(NAME, self.capabilities, [("llama_cpp", "llama-cpp-python")])
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.format == "gguf"
 
     def load(self, record: ModelRecord, path: str) -> LlamaEngine:
-        return LlamaEngine(path, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        projector = record.source.projector if subjects.VISION in record.capabilities else None
+        return LlamaEngine(path, n_ctx=self.n_ctx, n_threads=self.n_threads, projector=projector)
