@@ -145,16 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _wait_for_stop() -> None:
+def _stop_event() -> asyncio.Event:
+    """Set on SIGINT/SIGTERM. Installed before anything prints "ready", so that a signal sent as
+    soon as the ready line appears stops the components cleanly instead of interrupting them."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def _run_components(components: list[Any], after_start: Any = None) -> int:
     started: list[Any] = []
+    stop = _stop_event()
     try:
         for component in components:
             await component.start()
@@ -163,7 +166,7 @@ async def _run_components(components: list[Any], after_start: Any = None) -> int
             code = await after_start()
             if code:
                 return code
-        await _wait_for_stop()
+        await stop.wait()
         return 0
     finally:
         for component in reversed(started):
