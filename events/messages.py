@@ -267,8 +267,25 @@ class DownloadProgress(Struct, kw_only=True):
 ModelState = Literal["registered", "downloading", "ready", "pending_conversion", "error"]
 
 
+class ModelFile(Struct, kw_only=True, omit_defaults=True):
+    """One file of a model made of several (a pipeline folder, a voice and its config, a split GGUF)."""
+
+    path: str  # in the repository
+    size: int = 0
+    sha256: str | None = None
+    local: str | None = None  # its name on the node when it differs (``x.fp16.safetensors`` → ``x.safetensors``)
+
+    @property
+    def local_path(self) -> str:
+        return self.local or self.path
+
+
 class ModelSource(Struct, kw_only=True, omit_defaults=True):
-    """Where nodes get the artifact: a path they can see, or an origin repository."""
+    """Where nodes get the artifact: a path they can see, or an origin repository.
+
+    ``filename`` is what runtimes load (or, for a folder model, the file at its root); when the
+    model has more files than that one, ``files`` lists all of them, ``filename`` included.
+    """
 
     kind: Literal["path", "hf"]
     path: str | None = None
@@ -276,6 +293,7 @@ class ModelSource(Struct, kw_only=True, omit_defaults=True):
     filename: str | None = None
     revision: str | None = None
     projector: str | None = None  # a GGUF's multimodal projector (mmproj), path kind: gives "vision"
+    files: list[ModelFile] = field(default_factory=list)
 
 
 class ModelRecord(Struct, kw_only=True):

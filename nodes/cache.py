@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from broker.blobs import artifact_name, file_sha256
-from events.messages import ModelRecord
+from events.messages import ModelFile, ModelRecord
 from registry.artifacts import artifact_size
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -36,12 +36,39 @@ def model_dir(models_root: Path, name: str) -> Path:
     return models_root.joinpath(*(_segment(part) for part in name.split("/")))
 
 
+# Formats a runtime loads as a folder (the folder holding ``filename``), not as one file.
+FOLDER_FORMATS = frozenset({"diffusers", "ctranslate2"})
+
+
+def _relative(name: str) -> PurePosixPath | None:
+    relative = PurePosixPath(name)
+    return None if relative.is_absolute() or ".." in relative.parts or not relative.parts else relative
+
+
+def manifest(record: ModelRecord) -> list[ModelFile]:
+    """The files of a model fetched from its origin ([] for a path model, or a name that cannot be placed)."""
+    if record.source.kind != "hf":
+        return []
+    files = record.source.files or (
+        [ModelFile(path=name, size=record.size_bytes, sha256=record.sha256)] if (name := artifact_name(record)) else []
+    )
+    return files if all(_relative(f.local_path) for f in files) else []
+
+
+def file_path(models_root: Path, record: ModelRecord, file: ModelFile) -> Path:
+    return model_dir(models_root, record.name).joinpath(*PurePosixPath(file.local_path).parts)
+
+
 def artifact_path(models_root: Path, record: ModelRecord) -> Path | None:
-    """Where the record's file lives under ``models_root`` (None when it cannot be placed)."""
+    """What the runtime loads under ``models_root``: the model's file, or its folder (None: cannot be placed)."""
     name = artifact_name(record)
-    if name is None:
+    if name is None or _relative(name) is None:
         return None
-    return model_dir(models_root, record.name).joinpath(*PurePosixPath(name).parts)
+    base = model_dir(models_root, record.name)
+    relative = PurePosixPath(name)
+    if record.source.kind == "hf" and record.format in FOLDER_FORMATS:
+        return base.joinpath(*relative.parent.parts)
+    return base.joinpath(*relative.parts)
 
 
 def part_path(final: Path) -> Path:
@@ -56,33 +83,52 @@ def _marker_path(final: Path) -> Path:
     return final.with_name(final.name + ".verified")
 
 
-def problem(path: Path, record: ModelRecord, *, expected_sha256: str | None = None) -> str | None:
-    """Why ``path`` is not a complete copy of the record's file, or None when it is."""
+def problem(path: Path, record: ModelRecord) -> str | None:
+    """Why ``path`` (a registered path, or a one-file copy) is not the record's artifact, or None."""
+    if record.source.kind == "path" and (path.is_dir() or path.suffix == ".onnx"):
+        return _multi_file_problem(path, record)
+    return file_problem(path, record.size_bytes, record.sha256)
+
+
+def missing(models_root: Path, record: ModelRecord) -> str | None:
+    """Why the model's copy under ``models_root`` is incomplete (the first file that is), or None."""
+    if record.source.kind == "path":  # a copy of a registered file or folder, by its own name
+        path = artifact_path(models_root, record)
+        return problem(path, record) if path is not None else "no file name"
+    files = manifest(record)
+    if not files:
+        return "no file this node can store"
+    for file in files:
+        why = file_problem(file_path(models_root, record, file), file.size, file.sha256)
+        if why is not None:
+            return why if len(files) == 1 else f"{file.local_path}: {why}"
+    return None
+
+
+def file_problem(path: Path, size: int, sha256: str | None) -> str | None:
+    """Why ``path`` is not a complete file of ``size`` bytes (0: any) with ``sha256`` (when given)."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return "no file"
-    if record.source.kind == "path" and (path.is_dir() or path.suffix == ".onnx"):
-        return _multi_file_problem(path, record)
     if not path.is_file():
         return "not a file"
     if stat.st_size == 0:
         return "empty file"
-    if record.size_bytes and stat.st_size != record.size_bytes:
-        return f"{stat.st_size} bytes, expected {record.size_bytes}"
-    digest = expected_sha256 or record.sha256
-    if not digest:
+    if size and stat.st_size != size:
+        return f"{stat.st_size} bytes, expected {size}"
+    if not sha256:
         return None
     marker = _marker_path(path)
     try:
         seen = json.loads(marker.read_text())
-        if seen == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.lower()}:
+        if seen == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256.lower()}:
             return None
     except (OSError, ValueError):
         pass  # no marker, or a stale or broken one: hash the file
     actual = file_sha256(path)
-    if actual != digest.lower():
-        return f"sha256 {actual[:12]}…, expected {digest.lower()[:12]}…"
+    if actual != sha256.lower():
+        return f"sha256 {actual[:12]}…, expected {sha256.lower()[:12]}…"
     mark_verified(path, actual)
     return None
 
@@ -108,11 +154,9 @@ def mark_verified(path: Path, sha256: str) -> None:
 
 
 def cached_artifact(models_root: Path, record: ModelRecord) -> Path | None:
-    """The file under ``models_root`` when it is complete, else None."""
+    """What the runtime loads, when the copy under ``models_root`` is complete; else None."""
     path = artifact_path(models_root, record)
-    if path is None or problem(path, record) is not None:
-        return None
-    return path
+    return path if path is not None and missing(models_root, record) is None else None
 
 
 def remove(models_root: Path, name: str) -> bool:

@@ -35,8 +35,10 @@ from broker.blobs import ResumePoint, file_sha256, read_blob
 from events import codec, encode_token, storage, subjects
 from events.messages import DownloadProgress, LoadedModel, ModelRecord
 
+from registry.artifacts import artifact_size
+
 from . import cache
-from .resolution import Location, ModelNotFound, Resolver, SourceUnavailable
+from .resolution import Location, ModelNotFound, RemoteFile, Resolver, SourceUnavailable
 
 log = structlog.get_logger("node")
 
@@ -62,7 +64,8 @@ class Download:
     location: Location
     task_id: str
     started: float = field(default_factory=time.monotonic)
-    done: int = 0
+    done: int = 0  # bytes of all its files
+    base: int = 0  # bytes of the files finished before the one being fetched
     cancelled: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task | None = None
     _samples: deque = field(default_factory=lambda: deque(maxlen=12))
@@ -107,7 +110,7 @@ class _Sink:
     def truncate(self, size: int | None = None) -> int:
         if size is None:
             size = self.fh.tell()
-        self.download.done = size
+        self.download.done = self.download.base + size
         return self.fh.truncate(size)
 
 
@@ -177,7 +180,7 @@ class Downloads:
 
     async def report_present(self, record: ModelRecord, location: Location, task_id: str | None) -> None:
         """A "download now" for a file already here ends at once, as a finished download."""
-        size = location.path.stat().st_size
+        size = await asyncio.to_thread(artifact_size, location.path)
         await self._publish(DownloadProgress(
             node_id=self.node_id, model=record.name, state="done", bytes_done=size, bytes_total=size,
             task_id=task_id, source=location.source,
@@ -251,21 +254,20 @@ class Downloads:
 
     async def _shared(self, download: Download) -> None:
         """Download into the shared dir under a lease, or wait for the node that holds it."""
-        final = download.location.path
-        key = encode_token(f"{await asyncio.to_thread(self.resolver.share_id)}:{download.record.name}")
+        shared, record = self.resolver.shared_dir, download.record
+        key = encode_token(f"{await asyncio.to_thread(self.resolver.share_id)}:{record.name}")
         while True:
-            if await asyncio.to_thread(cache.problem, final, download.record) is None:
+            if await asyncio.to_thread(cache.missing, shared, record) is None:
                 return  # another node finished it
             try:
                 revision = await self.leases.create(key, self.node_id.encode())
                 break
             except KeyWrongLastSequenceError:
-                part = cache.part_path(final)
-                download.done = part.stat().st_size if part.exists() else 0
+                download.done = await asyncio.to_thread(_bytes_on_disk, download.location)
                 await asyncio.sleep(LEASE_POLL_S)
         renew = asyncio.create_task(self._renew(key, revision, asyncio.current_task()))
         try:
-            if await asyncio.to_thread(cache.problem, final, download.record) is not None:
+            if await asyncio.to_thread(cache.missing, shared, record) is not None:
                 await self._fetch(download)
         finally:
             renew.cancel()
@@ -288,20 +290,28 @@ class Downloads:
     # ------------------------------------------------------------ fetching
 
     async def _fetch(self, download: Download) -> None:
-        location = download.location
-        final = location.path
-        part, journal = cache.part_path(final), cache.journal_path(final)
-        await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
-        if location.kind == "object_store":
-            await self._from_object_store(download, part, journal)
-        elif location.kind == "origin":
-            await self._from_origin(download, part, journal)
-        else:
-            raise DownloadFailed(f"nothing to download from {location.kind}")
-        await asyncio.to_thread(self._finish, download, part, journal)
+        """Each file in turn; a file already complete (a crash between two files) is kept."""
+        completed = 0
+        for remote in download.location.files:
+            if await asyncio.to_thread(cache.file_problem, remote.target, remote.size, remote.sha256) is None:
+                completed += remote.size
+                download.done = completed
+                continue
+            await asyncio.to_thread(remote.target.parent.mkdir, parents=True, exist_ok=True)
+            part, journal = cache.part_path(remote.target), cache.journal_path(remote.target)
+            download.base = completed
+            if download.location.kind == "object_store":
+                await self._from_object_store(download, remote, part, journal)
+            elif download.location.kind == "origin":
+                await self._from_origin(download, remote, part, journal)
+            else:
+                raise DownloadFailed(f"nothing to download from {download.location.kind}")
+            await asyncio.to_thread(_finish, remote, part, journal)
+            completed += remote.size
+            download.done = completed
 
-    async def _from_object_store(self, download: Download, part: Path, journal: Path) -> None:
-        info = download.location.blob
+    async def _from_object_store(self, download: Download, remote: RemoteFile, part: Path, journal: Path) -> None:
+        info = remote.blob
         assert info is not None
         ident = {"origin": "object_store", "name": info.name, "nuid": info.nuid, "size": info.size}
         seen = _read_journal(journal)
@@ -313,17 +323,17 @@ class Downloads:
             if not resume.next_seq:
                 offset, resume = 0, None
         _write_journal(journal, {"ident": ident, "offset": offset, "next_seq": resume.next_seq if resume else 0})
-        download.done = offset
+        download.done = download.base + offset
         last_write = [time.monotonic()]
 
         with open(part, "r+b" if part.exists() else "w+b") as fh:
             fh.truncate(offset)
             fh.seek(offset)
             if offset:
-                log.info("download resumed", model=download.record.name, offset=offset)
+                log.info("download resumed", model=download.record.name, file=remote.name, offset=offset)
 
             def on_chunk(n: int, point: ResumePoint) -> None:
-                download.done = point.offset
+                download.done = download.base + point.offset
                 if download.cancelled.is_set():
                     raise DownloadFailed("cancelled")
                 now = time.monotonic()
@@ -334,12 +344,11 @@ class Downloads:
 
             await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk)
 
-    async def _from_origin(self, download: Download, part: Path, journal: Path) -> None:
-        location = download.location
-        ident = {"origin": location.url, "etag": location.etag, "size": location.size}
+    async def _from_origin(self, download: Download, remote: RemoteFile, part: Path, journal: Path) -> None:
+        ident = {"origin": remote.url, "etag": remote.etag, "size": remote.size}
         seen = _read_journal(journal)
         resume = part.stat().st_size if seen.get("ident") == ident and part.exists() else 0
-        if location.size and resume > location.size:
+        if remote.size and resume > remote.size:
             resume = 0
         _write_journal(journal, {"ident": ident})
 
@@ -347,31 +356,42 @@ class Downloads:
             with open(part, "r+b" if part.exists() else "w+b") as fh:
                 fh.truncate(resume)
                 fh.seek(resume)
-                download.done = resume
+                download.done = download.base + resume
                 if resume:
-                    log.info("download resumed", model=download.record.name, offset=resume)
-                http_get(location.url, _Sink(fh, download), resume_size=resume, headers=build_hf_headers(),
-                         expected_size=location.size or None, displayed_filename=part.name, tqdm_class=_Quiet)
+                    log.info("download resumed", model=download.record.name, file=remote.name, offset=resume)
+                http_get(remote.url, _Sink(fh, download), resume_size=resume, headers=build_hf_headers(),
+                         expected_size=remote.size or None, displayed_filename=part.name, tqdm_class=_Quiet)
 
         await asyncio.to_thread(get)
 
-    def _finish(self, download: Download, part: Path, journal: Path) -> None:
-        """Check size and digest of the ``.part``, then rename it into place (blocking)."""
-        location = download.location
-        size = part.stat().st_size
-        if location.size and size != location.size:
-            raise DownloadFailed(f"got {size} bytes, expected {location.size}")
-        digest = location.sha256
-        if digest:
-            actual = file_sha256(part)
-            if actual != digest.lower():
-                part.unlink(missing_ok=True)
-                journal.unlink(missing_ok=True)
-                raise DownloadFailed(f"sha256 mismatch ({actual[:12]}…, expected {digest.lower()[:12]}…); partial file discarded")
-        os.replace(part, location.path)
-        journal.unlink(missing_ok=True)
-        if digest:
-            cache.mark_verified(location.path, digest)
+
+def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
+    """Check size and digest of the ``.part``, then rename it into place (blocking)."""
+    size = part.stat().st_size
+    if remote.size and size != remote.size:
+        raise DownloadFailed(f"{remote.name}: got {size} bytes, expected {remote.size}")
+    if remote.sha256:
+        actual = file_sha256(part)
+        if actual != remote.sha256.lower():
+            part.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+            raise DownloadFailed(f"{remote.name}: sha256 mismatch ({actual[:12]}…, expected "
+                                 f"{remote.sha256.lower()[:12]}…); partial file discarded")
+    os.replace(part, remote.target)
+    journal.unlink(missing_ok=True)
+    if remote.sha256:
+        cache.mark_verified(remote.target, remote.sha256)
+
+
+def _bytes_on_disk(location: Location) -> int:
+    """What another node's download into the shared dir has written so far."""
+    done = 0
+    for remote in location.files:
+        for path in (remote.target, cache.part_path(remote.target)):
+            if path.exists():
+                done += path.stat().st_size
+                break
+    return done
 
 
 def _read_journal(path: Path) -> dict:

@@ -48,22 +48,34 @@ class SourceUnavailable(Exception):
 
 
 @dataclass
+class RemoteFile:
+    """One file to download: where it goes, and where from (an object, or a URL pinned to a commit)."""
+
+    name: str  # in the repository / object store
+    target: Path
+    size: int = 0
+    sha256: str | None = None
+    blob: ObjectInfo | None = None
+    url: str | None = None
+    etag: str | None = None
+
+
+@dataclass
 class Location:
     kind: Literal["cache", "path", "shared", "object_store", "origin"]
-    path: Path  # where the file is (local kinds) or goes (remote kinds)
+    path: Path  # what the runtime loads: where it is (local kinds) or will be (remote kinds)
     source: str  # for people: the path, "object store model-blobs/<name>", or the origin URL
-    size: int = 0
-    sha256: str | None = None  # expected digest of a remote file, when known
-    blob: ObjectInfo | None = None
-    url: str | None = None  # origin: pinned to the commit
-    etag: str | None = None
-    commit: str | None = None
-    into_shared: bool = False  # a remote file that goes into the shared dir (under a lease)
+    files: list[RemoteFile] = field(default_factory=list)  # remote kinds: what to download
+    into_shared: bool = False  # remote files that go into the shared dir (under a lease)
     tried: list[str] = field(default_factory=list)
 
     @property
     def local(self) -> bool:
         return self.kind in ("cache", "path", "shared")
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 def origin_host(endpoint: str) -> tuple[str, str]:
@@ -92,16 +104,11 @@ class Resolver:
 
     # ------------------------------------------------------------ where files go
 
-    def download_path(self, record: ModelRecord) -> tuple[Path, bool]:
-        """Where a download of ``record`` is written, and whether that is the shared dir."""
+    def download_root(self, record: ModelRecord) -> tuple[Path, bool]:
+        """The models root a download of ``record`` goes to, and whether that is the shared dir."""
         if self.shared_dir is not None and os.access(self.shared_dir, os.W_OK):
-            path = cache.artifact_path(self.shared_dir, record)
-            if path is not None:
-                return path, True
-        path = cache.artifact_path(self.models_dir, record)
-        if path is None:
-            raise ModelNotFound(f"model {record.name!r} has no file name this node can store")
-        return path, False
+            return self.shared_dir, True
+        return self.models_dir, False
 
     def share_id(self) -> str:
         """An id stored in the shared dir itself, so nodes mounting it anywhere agree on it."""
@@ -138,16 +145,20 @@ class Resolver:
         if found is not None:
             return found
         tried = [self._local_summary(record)]
+        files = cache.manifest(record)
         name = artifact_name(record)
-        if name is None:
+        if name is None or (record.source.kind == "hf" and not files):
             raise ModelNotFound(f"model {record.name!r} has no file to fetch")
-        target, into_shared = self.download_path(record)
-        info = await blob_info(self.js, blob_name(record.name, name))
-        if info is not None and info.size > 0:
-            return Location(
-                "object_store", target, f"object store {info.bucket}/{info.name}", size=info.size,
-                sha256=record.sha256 or object_sha256(info), blob=info, into_shared=into_shared, tried=tried,
-            )
+        root, into_shared = self.download_root(record)
+        target = cache.artifact_path(root, record)
+        plan = [(f.path, cache.file_path(root, record, f), f.size, f.sha256) for f in files] or [
+            (name, cache.model_dir(root, record.name) / name, record.size_bytes, record.sha256)]
+        blobs = [await blob_info(self.js, blob_name(record.name, path)) for path, *_ in plan]
+        if all(info is not None and info.size > 0 for info in blobs):
+            remote = [RemoteFile(path, dest, info.size, digest or object_sha256(info), blob=info)
+                      for (path, dest, _, digest), info in zip(plan, blobs)]
+            where = f"object store {blobs[0].bucket}/{blob_name(record.name, name)}"
+            return Location("object_store", target, where, remote, into_shared=into_shared, tried=tried)
         tried.append("not in the object store")
         if record.source.kind != "hf":
             raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried))
@@ -157,23 +168,18 @@ class Resolver:
         if hf_constants.HF_HUB_OFFLINE:
             tried.append("origin not tried: HF_HUB_OFFLINE is set")
             raise ModelNotFound(f"model {record.name!r} was not found: " + "; ".join(tried))
-        return await self._origin(record, target, into_shared, tried)
+        return await self._origin(record, target, plan, into_shared, tried)
 
     def _local_summary(self, record: ModelRecord) -> str:
         parts = []
         if record.source.kind == "path":
             parts.append(f"{record.source.path}: {cache.problem(Path(record.source.path or ''), record)}")
-        cached = cache.artifact_path(self.models_dir, record)
-        if cached is not None:
-            parts.append(f"cache: {cache.problem(cached, record)}")
-        if self.shared_dir is None:
-            parts.append("no shared models dir")
-        else:
-            shared = cache.artifact_path(self.shared_dir, record)
-            parts.append(f"shared dir: {cache.problem(shared, record) if shared else 'no file name'}")
+        parts.append(f"cache: {cache.missing(self.models_dir, record)}")
+        parts.append(f"shared dir: {cache.missing(self.shared_dir, record)}" if self.shared_dir else "no shared models dir")
         return ", ".join(parts)
 
-    async def _origin(self, record: ModelRecord, target: Path, into_shared: bool, tried: list[str]) -> Location:
+    async def _origin(self, record: ModelRecord, target: Path, plan: list, into_shared: bool, tried: list[str]) -> Location:
+        """One HEAD, for the file the runtime loads: it gives the commit every URL is pinned to."""
         source = record.source
         url = hf_hub_url(source.repo, source.filename, revision=source.revision or "main", endpoint=self.hf_endpoint)
         try:
@@ -184,10 +190,15 @@ class Resolver:
         except (HfHubHTTPError, OSError) as exc:
             raise SourceUnavailable(f"origin {url} unreachable: {exc}") from None
         commit = meta.commit_hash or source.revision or "main"
-        pinned = hf_hub_url(source.repo, source.filename, revision=commit, endpoint=self.hf_endpoint)
-        etag = meta.etag
-        digest = record.sha256 or (etag if etag and len(etag) == 64 else None)
-        return Location(
-            "origin", target, pinned, size=meta.size or record.size_bytes, sha256=digest, url=pinned,
-            etag=etag, commit=commit, into_shared=into_shared, tried=tried,
-        )
+        remote = []
+        for path, dest, size, digest in plan:
+            pinned = hf_hub_url(source.repo, path, revision=commit, endpoint=self.hf_endpoint)
+            if path == source.filename:
+                etag = meta.etag
+                size = meta.size or size
+                digest = digest or (etag if etag and len(etag) == 64 else None)
+            else:
+                etag = digest
+            remote.append(RemoteFile(path, dest, size, digest, url=pinned, etag=etag))
+        entry = hf_hub_url(source.repo, source.filename, revision=commit, endpoint=self.hf_endpoint)
+        return Location("origin", target, entry, remote, into_shared=into_shared, tried=tried)
