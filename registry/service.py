@@ -155,7 +155,7 @@ class Registry:
         try:
             kind = sources.chosen_source(request)
             if kind == "catalog_id":
-                record = sources.from_catalog(request, self.catalog)
+                record = await sources.from_catalog(request, self.catalog, self.hf)
             elif kind == "path":
                 record = sources.from_path(request)
             else:

@@ -16,10 +16,10 @@ from Hugging Face (documented in the README):
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from events import subjects
-from events.messages import CatalogEntry, ModelRecord, ModelSource, RegisterModel
+from events.messages import CatalogEntry, ModelFile, ModelRecord, ModelSource, RegisterModel
 
 from .artifacts import UnrecognisedModel, artifact_size, detect, find_projector
 from .hf import (
@@ -63,17 +63,27 @@ def chosen_source(request: RegisterModel) -> str:
     return given[0]
 
 
-def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry]) -> ModelRecord:
+async def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry], hf: HuggingFace) -> ModelRecord:
+    """A GGUF entry is one file and needs no lookup; a folder model or a voice is listed on the
+    Hub, so that nodes know every file it needs, with exact sizes and digests."""
     entry = catalog.get(request.catalog_id or "")
     if entry is None:
         raise RegistrationError(404, f"no catalog entry {request.catalog_id!r} (GET /v0/models/hub lists them)")
+    files: list[ModelFile] = []
+    size, revision = entry.size_bytes, request.revision
+    if entry.format != "gguf":
+        listing = await _listing(entry.repo, request.revision, hf)
+        if entry.recommended_filename not in listing.files:
+            raise RegistrationError(404, f"file {entry.recommended_filename!r} not found in repository {entry.repo!r}")
+        files = model_files(entry.format, listing, entry.recommended_filename)
+        size, revision = sum(f.size for f in files) or size, listing.revision
     return ModelRecord(
         name=request.name or entry.id,
         format=entry.format,
         runtime=entry.engine,
         capabilities=list(entry.capabilities),
-        source=ModelSource(kind="hf", repo=entry.repo, filename=entry.recommended_filename, revision=request.revision),
-        size_bytes=entry.size_bytes,
+        source=ModelSource(kind="hf", repo=entry.repo, filename=entry.recommended_filename, revision=revision, files=files),
+        size_bytes=size,
         required_memory_bytes=entry.required_memory_bytes,
         quantization=entry.quantization,
         catalog_id=entry.id,
@@ -124,14 +134,11 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
     revision = request.revision or revision
     filename = request.filename or (selector if selector and not selector.startswith(":") else None)
     quant = selector[1:].upper() if selector and selector.startswith(":") else None
-    try:
-        listing = await hf.repo(repo, revision)
-    except HfNotFound as exc:
-        raise RegistrationError(404, str(exc)) from None
-    except HfUnavailable as exc:
-        raise RegistrationError(503, f"{exc}; retry when Hugging Face is reachable") from None
-
+    listing = await _listing(repo, revision, hf)
     ggufs = listing.gguf_files()
+    folder = _folder_model(listing, filename) if not ggufs or (filename and not filename.endswith(".gguf")) else None
+    if folder is not None:
+        return _multi_file_record(request, listing, *folder)
     if filename is None:
         if not ggufs:
             if listing.has_safetensors():
@@ -151,6 +158,7 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
     if missing:
         raise RegistrationError(422, f"split GGUF {filename!r} in {repo!r} is incomplete: missing {', '.join(missing)}")
     size = sum(listing.files[p].size for p in parts)
+    files = model_files("gguf", listing, filename) if len(parts) > 1 else []
     quantization = parse_quantization(filename)
     default_name = f"{listing.repo}:{quantization or Path(filename).name.removesuffix('.gguf')}"
     return ModelRecord(
@@ -158,13 +166,101 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
         format="gguf",
         runtime="llama_cpp",
         capabilities=_capabilities(listing),
-        source=ModelSource(kind="hf", repo=listing.repo, filename=filename, revision=listing.revision),
+        source=ModelSource(kind="hf", repo=listing.repo, filename=filename, revision=listing.revision, files=files),
         size_bytes=size,
         required_memory_bytes=estimated_memory(size),
         sha256=listing.files[filename].sha256 if len(parts) == 1 else None,
         quantization=quantization,
         description=request.description,
         tags=["gguf"],
+        labels=dict(request.labels),
+    )
+
+
+async def _listing(repo: str, revision: str | None, hf: HuggingFace) -> RepoListing:
+    try:
+        return await hf.repo(repo, revision)
+    except HfNotFound as exc:
+        raise RegistrationError(404, str(exc)) from None
+    except HfUnavailable as exc:
+        raise RegistrationError(503, f"{exc}; retry when Hugging Face is reachable") from None
+
+
+# ---------------------------------------------------------------- models of several files
+
+FOLDER_KINDS = {  # format: (runtime, capabilities)
+    "diffusers": ("diffusers", [subjects.IMAGE]),
+    "ctranslate2": ("faster_whisper", [subjects.TRANSCRIPTION, subjects.TRANSLATION]),
+    "piper": ("piper", [subjects.SPEECH]),
+}
+_DOCS = (".md", ".gitattributes", ".gitignore")
+
+
+def _folder_model(listing: RepoListing, filename: str | None) -> tuple[str, str] | None:
+    """(format, entry file) of a repository holding a model runtimes load as several files."""
+    files = listing.files
+    if filename and filename.endswith(".onnx") and filename + ".json" in files:
+        return "piper", filename
+    if filename is None and "model_index.json" in files:
+        return "diffusers", "model_index.json"
+    if filename is None and {"model.bin", "config.json"} <= set(files) and any(
+        name.startswith("vocabulary.") or name == "tokenizer.json" for name in files
+    ):
+        return "ctranslate2", "model.bin"
+    return None
+
+
+def model_files(format: str, listing: RepoListing, entry: str) -> list[ModelFile]:
+    """Every file a node needs for the model whose runtime loads ``entry`` (or its folder)."""
+    def file(name: str, local: str | None = None) -> ModelFile:
+        info = listing.files[name]
+        return ModelFile(path=name, size=info.size, sha256=info.sha256, local=local)
+
+    if format == "gguf":
+        return [file(part) for part in split_parts(listing, entry)]
+    if format == "piper":
+        return [file(entry), file(entry + ".json")]
+    if format == "ctranslate2":
+        folder = str(PurePosixPath(entry).parent)
+        return [file(n) for n in sorted(listing.files)
+                if str(PurePosixPath(n).parent) == folder and not n.endswith(_DOCS) and not PurePosixPath(n).name.startswith(".")]
+    if format == "diffusers":
+        return [file(entry)] + _pipeline_components(listing, file)
+    return [file(entry)]
+
+
+def _pipeline_components(listing: RepoListing, file) -> list[ModelFile]:
+    """Per component folder: its configs, and one set of weights, safetensors first, fp16 when
+    offered (stored under the plain name, so the pipeline loads without a variant)."""
+    chosen: list[ModelFile] = []
+    folders = sorted({PurePosixPath(n).parts[0] for n in listing.files if len(PurePosixPath(n).parts) == 2})
+    for folder in folders:
+        names = sorted(n for n in listing.files if PurePosixPath(n).parent == PurePosixPath(folder))
+        chosen += [file(n) for n in names if n.endswith((".json", ".txt"))]
+        for suffix in (".safetensors", ".bin"):
+            fp16 = [n for n in names if n.endswith(".fp16" + suffix)]
+            plain = [n for n in names if n.endswith(suffix) and ".fp16." not in n and "." not in PurePosixPath(n).name[:-len(suffix)]]
+            if fp16 or plain:
+                chosen += [file(n, n.replace(".fp16" + suffix, suffix)) for n in fp16] if fp16 else [file(n) for n in plain]
+                break
+    return chosen
+
+
+def _multi_file_record(request: RegisterModel, listing: RepoListing, format: str, entry: str) -> ModelRecord:
+    files = model_files(format, listing, entry)
+    size = sum(f.size for f in files)
+    runtime, capabilities = FOLDER_KINDS[format]
+    default_name = f"{listing.repo}:{PurePosixPath(entry).name.removesuffix('.onnx')}" if format == "piper" else listing.repo
+    return ModelRecord(
+        name=request.name or default_name,
+        format=format,
+        runtime=runtime,
+        capabilities=list(capabilities),
+        source=ModelSource(kind="hf", repo=listing.repo, filename=entry, revision=listing.revision, files=files),
+        size_bytes=size,
+        required_memory_bytes=estimated_memory(size),
+        description=request.description,
+        tags=[format],
         labels=dict(request.labels),
     )
 

@@ -327,6 +327,47 @@ def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stac
     restarted.stop()
 
 
+def test_models_of_several_files_are_fetched_file_by_file(stack, fresh, whisper_dir, voice_path, sd_dir) -> None:
+    """A CTranslate2 Whisper repository, a Piper voice in a repository of many voices, and a
+    diffusers pipeline."""
+    whisper_files = {p.name: p.read_bytes() for p in whisper_dir.iterdir() if p.is_file()}
+    fresh.add_repo("dl/tiny-whisper-ct2", {**whisper_files, "README.md": b"# tiny"})
+    voice = {"en/tiny/voice.onnx": voice_path.read_bytes(),
+             "en/tiny/voice.onnx.json": voice_path.with_name(voice_path.name + ".json").read_bytes(),
+             "de/other/voice.onnx": b"another voice", "de/other/voice.onnx.json": b"{}"}
+    fresh.add_repo("dl/voices", voice)
+    stt = httpx.post(stack.url + "/v0/models/register", timeout=30,
+                     json={"repo": "dl/tiny-whisper-ct2", "name": "stt", "predownload": True}).json()
+    stack.registered.append("stt")
+    assert stt["format"] == "ctranslate2" and sorted(f["path"] for f in stt["source"]["files"]) == sorted(whisper_files)
+    tts = httpx.post(stack.url + "/v0/models/register", timeout=30, json={
+        "repo": "dl/voices", "filename": "en/tiny/voice.onnx", "name": "tts", "predownload": True}).json()
+    stack.registered.append("tts")
+    assert tts["format"] == "piper" and len(tts["source"]["files"]) == 2
+    pipeline = {p.relative_to(sd_dir).as_posix(): p.read_bytes() for p in sd_dir.rglob("*") if p.is_file()}
+    fresh.add_repo("dl/tiny-sd", pipeline)
+    sd = httpx.post(stack.url + "/v0/models/register", timeout=30,
+                    json={"repo": "dl/tiny-sd", "name": "sd", "predownload": True}).json()
+    stack.registered.append("sd")
+    assert sd["format"] == "diffusers" and len(sd["source"]["files"]) == len(pipeline)
+    node = stack.start_node("n-files")
+    wait_until(lambda: all(served_by(stack, m) == [node.node_id] for m in ("stt", "tts", "sd")), 60,
+               message="all three served")
+    assert resolve_gets(fresh, "dl/tiny-whisper-ct2") == len(whisper_files)  # not the README
+    assert resolve_gets(fresh, "dl/voices") == 2  # not the other voice
+    speech = httpx.post(stack.url + "/v1/audio/speech", json={"model": "tts", "input": "hello there", "response_format": "wav"}, timeout=60)
+    assert speech.status_code == 200 and speech.content[:4] == b"RIFF"
+    from tiny_models import make_wav
+
+    text = httpx.post(stack.url + "/v1/audio/transcriptions", data={"model": "stt"}, timeout=60,
+                      files={"file": ("a.wav", make_wav(seconds=1.0), "audio/wav")})
+    assert text.status_code == 200, text.text
+    image = httpx.post(stack.url + "/v1/images/generations", timeout=60,
+                       json={"model": "sd", "prompt": "a red square", "size": "64x64", "steps": 1})
+    assert image.status_code == 200, image.text
+    node.stop()
+
+
 # ---------------------------------------------------------------- download now
 
 

@@ -43,6 +43,8 @@ def hub(tiny_gguf: Path):
     hub.add_repo("tests/Safetensors-Only", {"model.safetensors": 5 * GB, "config.json": b"{}", "tokenizer.json": b"{}"},
                  extra={"pipeline_tag": "text-generation"})
     hub.add_repo("tests/Embedder-GGUF", {"embed-Q4_K_M.gguf": 50_000_000}, extra={"pipeline_tag": "feature-extraction"})
+    hub.add_repo("Systran/faster-whisper-base", {"model.bin": 145_217_532, "config.json": b"{}", "tokenizer.json": 2_203_239,
+                                                 "vocabulary.txt": 459_861, "README.md": b"# whisper"})
     hub.start()
     yield hub
     hub.stop()
@@ -355,6 +357,42 @@ async def test_lifecycle_follows_node_reports(stack, nats_url) -> None:
         assert await asyncio.to_thread(hub_status) == "available"
     finally:
         await nc.close()
+
+
+def test_a_catalog_model_of_several_files_lists_them_with_exact_sizes(stack) -> None:
+    record = register(stack, {"catalog_id": "faster-whisper-base"}).json()
+    files = {f["path"]: f["size"] for f in record["source"]["files"]}
+    assert files == {"model.bin": 145_217_532, "config.json": 2, "tokenizer.json": 2_203_239, "vocabulary.txt": 459_861}
+    assert record["size_bytes"] == sum(files.values()) and record["runtime"] == "faster_whisper"
+    assert record["source"]["revision"]  # pinned to the commit the listing came from
+
+
+def test_a_pipeline_repository_needs_configs_and_one_set_of_weights() -> None:
+    """What nodes fetch of a diffusers repository laid out like stabilityai/sd-turbo."""
+    from registry.hf import RepoFile, RepoListing
+    from registry.sources import model_files
+
+    names = ["model_index.json", "README.md", "sd_turbo.safetensors", "scheduler/scheduler_config.json",
+             "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+             "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "unet/diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    listing = RepoListing(repo="org/sd", revision="abc", files={n: RepoFile(n, 10, None) for n in names},
+                          pipeline_tag="text-to-image", tags=[], last_modified=None)
+    chosen = {f.path: f.local_path for f in model_files("diffusers", listing, "model_index.json")}
+    assert chosen == {
+        "model_index.json": "model_index.json",
+        "scheduler/scheduler_config.json": "scheduler/scheduler_config.json",
+        "text_encoder/config.json": "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors": "text_encoder/model.safetensors",
+        "tokenizer/merges.txt": "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json": "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json": "tokenizer/vocab.json",
+        "unet/config.json": "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors": "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json": "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors": "vae/diffusion_pytorch_model.safetensors",
+    }
 
 
 # ---------------------------------------------------------------- deletion
