@@ -206,14 +206,15 @@ async def admin_request(nats_url: str, subject: str, payload: object) -> dict:
         await nc.close()
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message: str = "condition"):
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message="condition"):
+    """``message``: a string, or a callable giving one (e.g. a process's output) at the timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 
 class Stack:

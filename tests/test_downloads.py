@@ -115,7 +115,8 @@ def test_a_valid_cache_is_used_without_any_download(stack, fresh) -> None:
     copy.parent.mkdir(parents=True)
     copy.write_bytes(content(fresh))
     node = stack.start_node("n-cached")
-    wait_until(lambda: served_by(stack, name) == [node.node_id], 15, message="served from the cache")
+    wait_until(lambda: node.node_id in served_by(stack, name), 30,
+               message=lambda: f"served from the cache; node output:\n{node.output()[-3000:]}")
     assert file_requests(fresh) == 0  # not even a metadata request
     assert chat(stack, name).status_code == 200
     node.stop()
