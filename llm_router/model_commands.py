@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
@@ -44,7 +45,8 @@ def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
     hub.add_argument("--search", default="", help="words in the id, name, repository or tags")
 
     add_cmd = verbs.add_parser("add", help="register a model (metadata only; nodes fetch the files)")
-    add_cmd.add_argument("source", help="ORG/REPO, ORG/REPO:QUANT, a Hugging Face URL, or a catalog id")
+    add_cmd.add_argument("source", help="ORG/REPO, ORG/REPO:QUANT, a Hugging Face URL, a catalog id, "
+                                        "or a local path the nodes can see (GGUF, diffusers or Whisper folder, Piper voice)")
     add_cmd.add_argument("--file", help="the GGUF file in the repository")
     add_cmd.add_argument("--revision", help="branch, tag or commit (default: main)")
     add_cmd.add_argument("--name", help="register under this name instead of ORG/REPO:QUANT")
@@ -134,7 +136,11 @@ def _hub(client: _Client, args: argparse.Namespace) -> Any:
 def _add(client: _Client, args: argparse.Namespace) -> Any:
     source = args.source.strip()
     body: dict[str, Any] = {}
-    if "/" in source or "://" in source:
+    if source.startswith(("/", "./", "../", "~")):  # a path, as the nodes (and the registry) see it
+        if args.file:
+            raise CommandError("--file goes with ORG/REPO; a path names its file itself", 2)
+        body["path"] = str(Path(source).expanduser().absolute())
+    elif "/" in source or "://" in source:
         body["url" if "://" in source else "repo"] = source
         if args.file:
             if "://" in source:

@@ -472,7 +472,7 @@ def cli(stack: Stack | None, *args: str, url: str | None = None) -> subprocess.C
                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
 
 
-def test_cli_model_commands(stack) -> None:
+def test_cli_model_commands(stack, tiny_gguf) -> None:
     listing = cli(stack, "list", "--search", "model-00", "--per-page", "5")
     assert listing.returncode == 0, listing.stderr
     assert "fakeorg/model-000-GGUF" in listing.stdout and "Q4_K_M" in listing.stdout and "More: --page 2" in listing.stdout
@@ -492,6 +492,11 @@ def test_cli_model_commands(stack) -> None:
     assert twice.returncode == 1 and twice.stderr.count("\n") == 1 and "already registered" in twice.stderr
     missing = cli(stack, "add", "tests/Tiny-GGUF", "--file", "nope.gguf")
     assert missing.returncode == 1 and "'nope.gguf' not found in repository 'tests/Tiny-GGUF'" in missing.stderr
+
+    local = cli(stack, "--json", "add", str(tiny_gguf), "--name", "cli-local")
+    assert local.returncode == 0, local.stderr
+    stack.registered.append("cli-local")
+    assert json.loads(local.stdout)["source"] == {"kind": "path", "path": str(tiny_gguf)}
 
     removed = cli(stack, "rm", "tests/Tiny-GGUF:F16")
     assert removed.returncode == 0 and "deleted tests/Tiny-GGUF:F16" in removed.stdout
