@@ -4,8 +4,9 @@
   is the registry's ``admin.model.download``; the answer is the task with each node's reply.
 * ``GET /v0/downloads/{task}`` and ``GET /v0/downloads?model=`` read the ``downloads``
   bucket, where nodes keep their latest progress report.
-* ``GET /v0/models/blob/{model}`` serves the model's file from the object store to HTTP
-  clients, with Range requests, from a local spool named by the object's digest.
+* ``GET /v0/models/blob/{model}[?file=PATH]`` serves the model's file (or one of its files)
+  from the object store to HTTP clients, with Range requests, from a local spool named by the
+  object's digest.
 * :class:`OnDemand`: a request for a registered model that no node has asks the registry
   for a download once (requests arriving meanwhile share that answer), so the first
   request starts the fetch and a model found nowhere is reported at once.
@@ -106,10 +107,14 @@ class DownloadRoutes:
         record = self.catalog.get(name)
         if record is None:
             raise model_not_found(name)
-        filename = artifact_name(record)
+        filename = request.query_params.get("file") or artifact_name(record)
+        known = {f.path for f in record.source.files} | {artifact_name(record)}
+        if filename not in known:
+            raise ApiError(404, f"Model '{name}' has no file {filename!r} (files: {', '.join(sorted(k for k in known if k))}).",
+                           param="file", code="blob_not_found")
         info = await blob_info(self.js, blob_name(name, filename)) if filename else None
         if info is None:
-            raise ApiError(404, f"Model '{name}' has no file in the object store.", code="blob_not_found")
+            raise ApiError(404, f"Model '{name}' has no file {filename!r} in the object store.", code="blob_not_found")
         digest = object_sha256(info) or f"{info.nuid}"
         path = self.spool_dir / digest
         if not path.exists():

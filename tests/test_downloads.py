@@ -215,6 +215,8 @@ def test_the_object_store_comes_before_the_origin(stack, fresh, nats_url) -> Non
     assert whole.status_code == 200 and whole.content == data
     part = httpx.get(f"{stack.url}/v0/models/blob/{name}", headers={"Range": "bytes=4-99"})
     assert part.status_code == 206 and part.content == data[4:100]
+    other = httpx.get(f"{stack.url}/v0/models/blob/{name}", params={"file": "../secret"})
+    assert other.status_code == 404 and other.json()["error"]["param"] == "file"
     node.stop()
 
 
