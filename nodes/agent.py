@@ -199,7 +199,7 @@ class NodeAgent:
                 return  # this file already failed to load; registry state updates do not change that
             self.failed.pop(record.name, None)
             try:
-                engine = await asyncio.to_thread(runtime.load, record, path)
+                engine = await asyncio.to_thread(runtime.load, cache.for_loading(record, location.path), path)
             except Exception as exc:
                 log.error("model load failed", model=record.name, error=str(exc))
                 self.failed[record.name] = LoadedModel(

@@ -19,6 +19,8 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
+import msgspec
+
 from broker.blobs import artifact_name, file_sha256
 from events.messages import ModelFile, ModelRecord
 from registry.artifacts import artifact_size
@@ -69,6 +71,17 @@ def artifact_path(models_root: Path, record: ModelRecord) -> Path | None:
     if record.source.kind == "hf" and record.format in FOLDER_FORMATS:
         return base.joinpath(*relative.parent.parts)
     return base.joinpath(*relative.parts)
+
+
+def for_loading(record: ModelRecord, artifact: Path) -> ModelRecord:
+    """The record as the runtime needs it: a downloaded projector named by its path on this node."""
+    projector = record.source.projector
+    if record.source.kind != "hf" or not projector or _relative(projector) is None:
+        return record
+    depth = len(PurePosixPath(artifact_name(record) or "").parts)
+    root = artifact.parents[depth - 1] if record.format not in FOLDER_FORMATS else artifact
+    local = root.joinpath(*PurePosixPath(projector).parts)
+    return msgspec.structs.replace(record, source=msgspec.structs.replace(record.source, projector=str(local)))
 
 
 def part_path(final: Path) -> Path:

@@ -70,13 +70,13 @@ class RepoListing:
     last_modified: str | None
 
     def gguf_files(self) -> list[str]:
-        return sorted(name for name in self.files if name.endswith(".gguf") and not _is_projector(name))
+        return sorted(name for name in self.files if name.endswith(".gguf") and not is_projector(name))
 
     def has_safetensors(self) -> bool:
         return any(name.endswith((".safetensors", ".safetensors.index.json")) for name in self.files)
 
 
-def _is_projector(name: str) -> bool:
+def is_projector(name: str) -> bool:
     """A vision projector (mmproj) is a companion file, not a model variant."""
     return "mmproj" in name.rsplit("/", 1)[-1].lower()
 

@@ -28,6 +28,7 @@ from .hf import (
     HfUnavailable,
     HuggingFace,
     RepoListing,
+    is_projector,
     parse_quantization,
     parse_reference,
     split_parts,
@@ -157,16 +158,23 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
     missing = [p for p in parts if p not in listing.files]
     if missing:
         raise RegistrationError(422, f"split GGUF {filename!r} in {repo!r} is incomplete: missing {', '.join(missing)}")
-    size = sum(listing.files[p].size for p in parts)
-    files = model_files("gguf", listing, filename) if len(parts) > 1 else []
+    projector = _projector(listing)
+    files = model_files("gguf", listing, filename) if len(parts) > 1 or projector else []
+    capabilities = _capabilities(listing)
+    if projector is not None:  # llama.cpp's vision layout: the projector beside the model
+        files.append(ModelFile(path=projector, size=listing.files[projector].size, sha256=listing.files[projector].sha256))
+        if subjects.CHAT in capabilities:
+            capabilities.append(subjects.VISION)
+    size = sum(f.size for f in files) or sum(listing.files[p].size for p in parts)
     quantization = parse_quantization(filename)
     default_name = f"{listing.repo}:{quantization or Path(filename).name.removesuffix('.gguf')}"
     return ModelRecord(
         name=request.name or default_name,
         format="gguf",
         runtime="llama_cpp",
-        capabilities=_capabilities(listing),
-        source=ModelSource(kind="hf", repo=listing.repo, filename=filename, revision=listing.revision, files=files),
+        capabilities=capabilities,
+        source=ModelSource(kind="hf", repo=listing.repo, filename=filename, revision=listing.revision, files=files,
+                           projector=projector),
         size_bytes=size,
         required_memory_bytes=estimated_memory(size),
         sha256=listing.files[filename].sha256 if len(parts) == 1 else None,
@@ -263,6 +271,14 @@ def _multi_file_record(request: RegisterModel, listing: RepoListing, format: str
         tags=[format],
         labels=dict(request.labels),
     )
+
+
+def _projector(listing: RepoListing) -> str | None:
+    """The repository's multimodal projector GGUF: the only one, or its f16 among several."""
+    projectors = sorted(n for n in listing.files if n.endswith(".gguf") and is_projector(n))
+    if len(projectors) > 1:
+        projectors = [n for n in projectors if "f16" in n.lower() and "bf16" not in n.lower()]
+    return projectors[0] if len(projectors) == 1 else None
 
 
 def _pick_variant(listing: RepoListing, ggufs: list[str], quant: str | None) -> str:

@@ -105,7 +105,14 @@ def voice_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Proc:
-    """A component started as its own process (``python -m llm_router ...``), output captured."""
+    """A component started as its own process (``python -m llm_router ...``), output captured.
+
+    Every one is remembered in ``Proc.started``: a process a test started and left running
+    (a node it forgot, or one a failed assertion skipped the stop of) is stopped after that
+    test, so it cannot answer another test's requests.
+    """
+
+    started: list[Proc] = []
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None, script: str | None = None) -> None:
         """``script``: run that Python file instead of ``-m llm_router`` (bench/stack.py's nodes)."""
@@ -121,6 +128,7 @@ class Proc:
             env={**os.environ, **(env or {})},
         )
         threading.Thread(target=self._pump, daemon=True).start()
+        Proc.started.append(self)
 
     def _pump(self) -> None:
         assert self.popen.stdout is not None
@@ -163,6 +171,17 @@ class Proc:
     def kill(self) -> None:
         self.popen.kill()
         self.popen.wait()
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started():
+    """Processes of module- and session-scoped fixtures exist before this runs and are kept."""
+    before = set(Proc.started)
+    yield
+    for proc in reversed(Proc.started):
+        if proc not in before and proc.popen.poll() is None:
+            proc.stop()
+    Proc.started[:] = [proc for proc in Proc.started if proc.popen.poll() is None]
 
 
 @pytest.fixture

@@ -371,6 +371,29 @@ def test_models_of_several_files_are_fetched_file_by_file(stack, fresh, whisper_
     node.stop()
 
 
+def test_a_vision_gguf_repository_brings_its_projector(stack, fresh, tiny_gguf, tmp_path) -> None:
+    import base64
+
+    from tiny_models import build_tiny_mmproj, make_png
+
+    projector = build_tiny_mmproj(tmp_path / "mmproj-model-f16.gguf").read_bytes()
+    fresh.add_repo("dl/Vision-GGUF", {"model-Q8_0.gguf": content(fresh), "mmproj-model-f16.gguf": projector})
+    record = register(stack, "seeing", repo="dl/Vision-GGUF", filename="model-Q8_0.gguf", predownload=True)
+    assert "vision" in record["capabilities"] and record["source"]["projector"] == "mmproj-model-f16.gguf"
+    assert record["size_bytes"] == len(content(fresh)) + len(projector)
+    node = stack.start_node("n-vision")
+    wait_until(lambda: served_by(stack, "seeing") == [node.node_id], 20, message="vision model served")
+    assert resolve_gets(fresh, "dl/Vision-GGUF") == 2
+    image = "data:image/png;base64," + base64.b64encode(make_png(32, 32)).decode()
+    answer = httpx.post(stack.url + "/v1/chat/completions", timeout=60, json={
+        "model": "seeing", "max_tokens": 2,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                                  {"type": "image_url", "image_url": {"url": image}}]}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] > 16  # the projector's 16 image tokens were used
+    node.stop()
+
+
 # ---------------------------------------------------------------- download now
 
 
