@@ -45,7 +45,14 @@ def stack(nats_url, sd_dir, whisper_dir, voice_path, tiny_gguf, tmp_path_factory
         labels = {"beam_size": "1"} if name == WHISPER else {}
         reply = stack.admin("register", {"path": str(path), "name": name, "labels": labels})
         assert reply["ok"], reply
-    wait_until(lambda: set(models) <= set(stack.models()), timeout=60, message="every model served")
+    # Every node loads what its runtimes can run, one model after another: wait for all of them.
+    wanted = {stack.full.node_id: set(models), stack.noimage.node_id: set(models) - {SD}}
+
+    def loaded() -> bool:
+        nodes = httpx.get(stack.url + "/v0/nodes").json()["data"]
+        have = {n["id"]: {m["name"] for m in n["models"] if m["state"] == "ready"} for n in nodes}
+        return all(want <= have.get(node, set()) for node, want in wanted.items())
+    wait_until(loaded, timeout=90, message="every model served by every node that can run it")
     yield stack
     for node in (stack.full, stack.noimage):
         if node.popen.poll() is None:
