@@ -311,48 +311,54 @@ class Downloads:
             download.done = completed
 
     async def _from_object_store(self, download: Download, remote: RemoteFile, part: Path, journal: Path) -> None:
+        """Continue at the chunk sequence the journal recorded, when it is for this very object."""
         info = remote.blob
         assert info is not None
         ident = {"origin": "object_store", "name": info.name, "nuid": info.nuid, "size": info.size}
-        seen = _read_journal(journal)
-        resume = None
-        offset = 0
-        if seen.get("ident") == ident and part.exists() and seen.get("offset", 0) <= part.stat().st_size:
-            offset = seen["offset"]
-            resume = ResumePoint(nuid=info.nuid, offset=offset, next_seq=seen.get("next_seq", 0))
-            if not resume.next_seq:
-                offset, resume = 0, None
-        _write_journal(journal, {"ident": ident, "offset": offset, "next_seq": resume.next_seq if resume else 0})
-        download.done = download.base + offset
-        last_write = [time.monotonic()]
 
-        with open(part, "r+b" if part.exists() else "w+b") as fh:
+        def open_part() -> tuple[BinaryIO, ResumePoint | None]:
+            seen = _read_journal(journal)
+            resume = None
+            if seen.get("ident") == ident and part.exists() and seen.get("next_seq") \
+                    and seen.get("offset", 0) <= part.stat().st_size:
+                resume = ResumePoint(nuid=info.nuid, offset=seen["offset"], next_seq=seen["next_seq"])
+            offset = resume.offset if resume else 0
+            _write_journal(journal, {"ident": ident, "offset": offset, "next_seq": resume.next_seq if resume else 0})
+            fh = open(part, "r+b" if part.exists() else "w+b")
             fh.truncate(offset)
             fh.seek(offset)
-            if offset:
-                log.info("download resumed", model=download.record.name, file=remote.name, offset=offset)
+            return fh, resume
 
-            def on_chunk(n: int, point: ResumePoint) -> None:
-                download.done = download.base + point.offset
-                if download.cancelled.is_set():
-                    raise DownloadFailed("cancelled")
-                now = time.monotonic()
-                if now - last_write[0] >= JOURNAL_INTERVAL_S:
-                    fh.flush()
-                    _write_journal(journal, {"ident": ident, "offset": point.offset, "next_seq": point.next_seq})
-                    last_write[0] = now
+        fh, resume = await asyncio.to_thread(open_part)
+        download.done = download.base + (resume.offset if resume else 0)
+        if resume:
+            log.info("download resumed", model=download.record.name, file=remote.name, offset=resume.offset)
+        last_write = [time.monotonic()]
 
+        def on_chunk(n: int, point: ResumePoint) -> None:  # in the writer thread, after each write
+            download.done = download.base + point.offset
+            if download.cancelled.is_set():
+                raise DownloadFailed("cancelled")
+            if time.monotonic() - last_write[0] >= JOURNAL_INTERVAL_S:
+                fh.flush()
+                _write_journal(journal, {"ident": ident, "offset": point.offset, "next_seq": point.next_seq})
+                last_write[0] = time.monotonic()
+
+        try:
             await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk)
+        finally:
+            await asyncio.to_thread(fh.close)
 
     async def _from_origin(self, download: Download, remote: RemoteFile, part: Path, journal: Path) -> None:
+        """Continue with a ranged GET when the journal is for the same URL, ETag and size."""
         ident = {"origin": remote.url, "etag": remote.etag, "size": remote.size}
-        seen = _read_journal(journal)
-        resume = part.stat().st_size if seen.get("ident") == ident and part.exists() else 0
-        if remote.size and resume > remote.size:
-            resume = 0
-        _write_journal(journal, {"ident": ident})
 
         def get() -> None:
+            seen = _read_journal(journal)
+            resume = part.stat().st_size if seen.get("ident") == ident and part.exists() else 0
+            if remote.size and resume > remote.size:
+                resume = 0
+            _write_journal(journal, {"ident": ident})
             with open(part, "r+b" if part.exists() else "w+b") as fh:
                 fh.truncate(resume)
                 fh.seek(resume)
