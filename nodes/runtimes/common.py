@@ -1,13 +1,12 @@
-"""Settings and helpers the runtimes share (threads, artifact size, cheap availability probe)."""
+"""What the runtimes share: threads and per-model settings, the cheap availability probe, the runtime shape."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 import os
-from pathlib import Path
 
-from events.messages import RuntimeStatus
+from events.messages import ModelRecord, RuntimeStatus
 
 THREADS_ENV = "LLM_ROUTER_ENGINE_THREADS"
 
@@ -28,12 +27,9 @@ def engine_threads() -> int:
     return threads
 
 
-def artifact_bytes(path: Path) -> int:
-    """Bytes on disk of a model file, or of every file under a model folder."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def setting(labels: dict[str, str], label: str, env: str) -> str | None:
+    """A per-model setting: the registration's label, else the environment variable, else None."""
+    return (labels or {}).get(label) or os.environ.get(env) or None
 
 
 def probe_packages(name: str, capabilities: list[str], packages: list[tuple[str, str]]) -> RuntimeStatus:
@@ -56,3 +52,25 @@ def probe_packages(name: str, capabilities: list[str], packages: list[tuple[str,
         except importlib.metadata.PackageNotFoundError:
             versions.append(distribution)
     return RuntimeStatus(name=name, available=True, version=", ".join(versions), capabilities=list(capabilities))
+
+
+class PackageRuntime:
+    """A runtime known by its name, capabilities and the packages it needs (``(module, distribution)``).
+
+    Subclasses add ``load``; ``threads`` (None: LLM_ROUTER_ENGINE_THREADS) and ``device`` (None:
+    the library's choice) are passed on to their engines.
+    """
+
+    name: str
+    capabilities: list[str]
+    packages: list[tuple[str, str]]
+
+    def __init__(self, *, threads: int | None = None, device: str | None = None) -> None:
+        self.threads = engine_threads() if threads is None else threads
+        self.device = device
+
+    def probe(self) -> RuntimeStatus:
+        return probe_packages(self.name, self.capabilities, self.packages)
+
+    def accepts(self, record: ModelRecord) -> bool:
+        return record.runtime == self.name

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from events import subjects
-from events.messages import ModelRecord, RuntimeStatus
+from events.messages import ModelRecord
+
+from registry.artifacts import artifact_size
 
 from .base import EngineError
-from .common import artifact_bytes, engine_threads, probe_packages
+from .common import PackageRuntime, setting
 
 NAME = "diffusers"
 CAPABILITIES = [subjects.IMAGE]
@@ -43,9 +44,9 @@ VARIATION_STRENGTH = 0.6  # how far a variation departs from its source image
 EDIT_STRENGTH = 0.8  # whole-image edit (an opaque image and no mask): img2img at this strength
 
 
-def _setting(labels: dict[str, str], label: str, env: str, default: float) -> float:
-    raw = labels.get(label) or os.environ.get(env)
-    if raw is None or raw == "":
+def _number(labels: dict[str, str], label: str, env: str, default: float) -> float:
+    raw = setting(labels, label, env)
+    if raw is None:
         return default
     try:
         return float(raw)
@@ -75,7 +76,7 @@ class DiffusersEngine:
             raise RuntimeError(f"no diffusers pipeline folder at {path}")
         self.path = path
         self.capabilities = list(CAPABILITIES)
-        self.artifact_bytes = artifact_bytes(Path(path))
+        self.artifact_bytes = artifact_size(Path(path))
         self.default_steps = steps
         self.guidance_scale = guidance_scale
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -344,27 +345,17 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-class DiffusersRuntime:
+class DiffusersRuntime(PackageRuntime):
     name = NAME
     capabilities = CAPABILITIES
-
-    def __init__(self, *, threads: int | None = None, device: str | None = None) -> None:
-        self.threads = engine_threads() if threads is None else threads
-        self.device = device
-
-    def probe(self) -> RuntimeStatus:
-        return probe_packages(NAME, CAPABILITIES, [("diffusers", "diffusers"), ("torch", "torch"),
-                                                   ("transformers", "transformers"), ("PIL", "pillow")])
-
-    def accepts(self, record: ModelRecord) -> bool:
-        return record.runtime == NAME
+    packages = [("diffusers", "diffusers"), ("torch", "torch"), ("transformers", "transformers"), ("PIL", "pillow")]
 
     def load(self, record: ModelRecord, path: str) -> DiffusersEngine:
         labels = record.labels or {}
-        steps = _setting(labels, "steps", "LLM_ROUTER_IMAGE_STEPS", DEFAULT_STEPS)
+        steps = _number(labels, "steps", "LLM_ROUTER_IMAGE_STEPS", DEFAULT_STEPS)
         if steps != int(steps) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"model setting steps must be an integer from 1 to {MAX_STEPS}, not {steps}")
-        guidance = _setting(labels, "guidance_scale", "LLM_ROUTER_IMAGE_GUIDANCE", DEFAULT_GUIDANCE)
+        guidance = _number(labels, "guidance_scale", "LLM_ROUTER_IMAGE_GUIDANCE", DEFAULT_GUIDANCE)
         return DiffusersEngine(
             path, steps=int(steps), guidance_scale=guidance, threads=self.threads, device=self.device
         )

@@ -14,17 +14,18 @@ Per-model settings come from the model record's labels, then environment variabl
 from __future__ import annotations
 
 import io
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from events import subjects
-from events.messages import ModelRecord, RuntimeStatus
+from events.messages import ModelRecord
+
+from registry.artifacts import artifact_size
 
 from .base import EngineError
-from .common import artifact_bytes, engine_threads, probe_packages
+from .common import PackageRuntime, setting
 from .transcript_formats import LANGUAGES
 
 NAME = "faster_whisper"
@@ -110,7 +111,7 @@ class FasterWhisperEngine:
         self.multilingual = bool(self._model.model.is_multilingual)
         self.languages = list(self._model.supported_languages)
         self.capabilities = [subjects.TRANSCRIPTION] + ([subjects.TRANSLATION] if self.multilingual else [])
-        self.artifact_bytes = artifact_bytes(Path(path))
+        self.artifact_bytes = artifact_size(Path(path))
 
     def transcribe(
         self,
@@ -217,28 +218,14 @@ def decode(audio: bytes) -> Any:
     return samples
 
 
-def _setting(labels: dict[str, str], label: str, env: str) -> str | None:
-    return labels.get(label) or os.environ.get(env) or None
-
-
-class FasterWhisperRuntime:
+class FasterWhisperRuntime(PackageRuntime):
     name = NAME
     capabilities = CAPABILITIES
-
-    def __init__(self, *, threads: int | None = None, device: str | None = None) -> None:
-        self.threads = engine_threads() if threads is None else threads
-        self.device = device
-
-    def probe(self) -> RuntimeStatus:
-        return probe_packages(NAME, CAPABILITIES, [("faster_whisper", "faster-whisper"), ("ctranslate2", "ctranslate2"),
-                                                   ("av", "av")])
-
-    def accepts(self, record: ModelRecord) -> bool:
-        return record.runtime == NAME
+    packages = [("faster_whisper", "faster-whisper"), ("ctranslate2", "ctranslate2"), ("av", "av")]
 
     def load(self, record: ModelRecord, path: str) -> FasterWhisperEngine:
         labels = record.labels or {}
-        beam = _setting(labels, "beam_size", "LLM_ROUTER_WHISPER_BEAM_SIZE")
+        beam = setting(labels, "beam_size", "LLM_ROUTER_WHISPER_BEAM_SIZE")
         try:
             beam_size = int(beam) if beam is not None else DEFAULT_BEAM_SIZE
         except ValueError:
@@ -248,7 +235,7 @@ class FasterWhisperRuntime:
         return FasterWhisperEngine(
             path,
             threads=self.threads,
-            compute_type=_setting(labels, "compute_type", "LLM_ROUTER_WHISPER_COMPUTE_TYPE"),
+            compute_type=setting(labels, "compute_type", "LLM_ROUTER_WHISPER_COMPUTE_TYPE"),
             beam_size=beam_size,
             device=self.device,
         )

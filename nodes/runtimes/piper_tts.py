@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from events import subjects
-from events.messages import ModelRecord, RuntimeStatus
+from events.messages import ModelRecord
 
 from .base import EngineError
-from .common import artifact_bytes, engine_threads, probe_packages
+from .common import PackageRuntime
 
 NAME = "piper"
 CAPABILITIES = [subjects.SPEECH]
@@ -109,7 +109,7 @@ class PiperEngine:
         self.path = str(path)
         self.sample_rate = self.config.sample_rate
         self.capabilities = list(CAPABILITIES)
-        self.artifact_bytes = artifact_bytes(path) + artifact_bytes(config_file)
+        self.artifact_bytes = Path(path).stat().st_size + config_file.stat().st_size
         self.formats = available_formats()
 
     # ------------------------------------------------------------ synthesis
@@ -305,18 +305,10 @@ def _av_encode(samples: Any, sample_rate: int, response_format: str) -> bytes:
     return out.getvalue()
 
 
-class PiperRuntime:
+class PiperRuntime(PackageRuntime):
     name = NAME
     capabilities = CAPABILITIES
-
-    def __init__(self, *, threads: int | None = None) -> None:
-        self.threads = engine_threads() if threads is None else threads
-
-    def probe(self) -> RuntimeStatus:
-        return probe_packages(NAME, CAPABILITIES, [("onnxruntime", "onnxruntime"), ("numpy", "numpy")])
-
-    def accepts(self, record: ModelRecord) -> bool:
-        return record.runtime == NAME
+    packages = [("onnxruntime", "onnxruntime"), ("numpy", "numpy")]
 
     def load(self, record: ModelRecord, path: str) -> PiperEngine:
         """``path``: the voice's .onnx file, or a folder holding exactly one voice pair."""
