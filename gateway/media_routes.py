@@ -16,7 +16,6 @@ import re
 import time
 from typing import Any
 
-import anyio
 import msgspec
 from nats.js import JetStreamContext
 from starlette.datastructures import FormData, UploadFile
@@ -25,7 +24,7 @@ from starlette.responses import Response
 
 from broker import payloads
 from events import codec, subjects
-from events.messages import Attachment, Failure, ImageResult, Reply, SpeechResult, TranscriptionResult
+from events.messages import Attachment, ImageResult, Reply, SpeechResult, TranscriptionResult
 from events.openai import (
     ImageEditBody,
     ImageGenerationBody,
@@ -38,7 +37,7 @@ from events.storage import PAYLOAD_TTL_S
 
 from .dispatch import Call
 from .errors import ApiError
-from .openai_routes import OpenAIRoutes, call_headers, failure_error, json_response, parse_body
+from .openai_routes import OpenAIRoutes, call_headers, json_response
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit for audio uploads; images get the same
 FORM_OVERHEAD_BYTES = 1024 * 1024  # multipart boundaries and text fields on top of the files
@@ -58,14 +57,8 @@ class MediaRoutes:
     # ------------------------------------------------------------ images
 
     async def image_generations(self, request: Request) -> Response:
-        started, t0 = time.time(), time.perf_counter()
-        raw = await request.body()
-        try:
-            body: ImageGenerationBody = parse_body(raw, ImageGenerationBody)
-            await self.api.resolve(body.model, subjects.IMAGE)
-        except ApiError as exc:
-            self.api.refused(subjects.IMAGE, raw, started, t0, exc, ENDPOINT_GENERATIONS)
-            raise
+        body, raw, started, t0 = await self.api.accept_json(request, ImageGenerationBody, subjects.IMAGE,
+                                                            endpoint=ENDPOINT_GENERATIONS)
         return await self._images(request, body, raw, started, t0, ENDPOINT_GENERATIONS, [])
 
     async def image_edits(self, request: Request) -> Response:
@@ -155,14 +148,7 @@ class MediaRoutes:
         return Response(data, 200, call_headers(call), media_type=reply.body.content_type)
 
     async def speech(self, request: Request) -> Response:
-        started, t0 = time.time(), time.perf_counter()
-        raw = await request.body()
-        try:
-            body: SpeechBody = parse_body(raw, SpeechBody)
-            await self.api.resolve(body.model, subjects.SPEECH)
-        except ApiError as exc:
-            self.api.refused(subjects.SPEECH, raw, started, t0, exc)
-            raise
+        body, raw, started, t0 = await self.api.accept_json(request, SpeechBody, subjects.SPEECH)
         call, reply = await self._dispatch(subjects.SPEECH, body, raw, started, t0, None, [], SpeechResult)
         audio = await payloads.load(self.js, reply.audio, consume=True)
         self.api.record(call, raw, started, t0, 200, response={
@@ -190,23 +176,9 @@ class MediaRoutes:
 
     async def _dispatch(self, capability: str, body: Any, raw: bytes, started: float, t0: float,
                         endpoint: str | None, uploads: list[Attachment], expected: type) -> tuple[Call, Reply]:
-        """Send, wait for the final reply, delete the request's uploads; errors are recorded."""
-        call = self.api.dispatcher.call(capability, body.model, body, stream=False)
-        try:
-            async with call:
-                reply = await call.next()
-        except ApiError as exc:
-            self.api.record(call, raw, started, t0, exc.status, error=exc.message, endpoint=endpoint)
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await payloads.discard(self.js, uploads)
-        if isinstance(reply, Failure):
-            self.api.record(call, raw, started, t0, reply.status, error=reply.message, endpoint=endpoint)
-            raise failure_error(reply)
-        if not isinstance(reply, expected):
-            raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
-        return call, reply
+        """The shared final-reply path, deleting the request's uploads once the call is over."""
+        return await self.api.final_reply(capability, body, raw, started, t0, expected, endpoint=endpoint,
+                                          cleanup=lambda: payloads.discard(self.js, uploads))
 
 
 class _form:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -194,32 +194,57 @@ class OpenAIRoutes:
         return await self._text(request, subjects.COMPLETION, CompletionBody)
 
     async def embeddings(self, request: Request) -> Response:
-        started, t0 = time.time(), time.perf_counter()
-        raw = await request.body()
-        try:
-            body: EmbeddingBody = parse_body(raw, EmbeddingBody)
+        def no_empty_input(body: EmbeddingBody) -> None:
             if any(not text for text in body.inputs):
                 raise ApiError(400, "input must not contain empty strings", param="input")
-            await self.resolve(body.model, subjects.EMBEDDING)
-        except ApiError as exc:
-            self.refused(subjects.EMBEDDING, raw, started, t0, exc)
-            raise
-        call = self.dispatcher.call(subjects.EMBEDDING, body.model, body, stream=False)
-        try:
-            async with call:
-                reply = await call.next()
-        except ApiError as exc:
-            self.record(call, raw, started, t0, exc.status, error=exc.message)
-            raise
-        if isinstance(reply, Failure):
-            self.record(call, raw, started, t0, reply.status, error=reply.message)
-            raise failure_error(reply)
-        if not isinstance(reply, EmbeddingResult):
-            raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
+
+        body, raw, started, t0 = await self.accept_json(request, EmbeddingBody, subjects.EMBEDDING, check=no_empty_input)
+        call, reply = await self.final_reply(subjects.EMBEDDING, body, raw, started, t0, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {"object": "list", "model": body.model, "count": len(reply.vectors), "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
         self.record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
         return json_response(payload, headers=call_headers(call))
+
+    async def accept_json(self, request: Request, kind: type, capability: str, *, endpoint: str | None = None,
+                          check: Callable[[Any], None] | None = None) -> tuple[Any, bytes, float, float]:
+        """Parse a JSON body, check it, resolve its model for ``capability``; a refusal is recorded.
+
+        Returns ``(body, raw, started, t0)``: what the rest of the handler records history with."""
+        started, t0 = time.time(), time.perf_counter()
+        raw = await request.body()
+        try:
+            body = parse_body(raw, kind)
+            if check is not None:
+                check(body)
+            await self.resolve(body.model, capability)
+        except ApiError as exc:
+            self.refused(capability, raw, started, t0, exc, endpoint)
+            raise
+        return body, raw, started, t0
+
+    async def final_reply(self, capability: str, body: Any, raw: bytes, started: float, t0: float, expected: type, *,
+                          endpoint: str | None = None, cleanup: Callable[[], Awaitable[None]] | None = None) -> tuple[Call, Any]:
+        """Dispatch a non-streamed request and wait for its one reply, of type ``expected``.
+
+        A failure is recorded and raised as the node's error; ``cleanup`` runs whatever happens
+        (shielded: a client that went away must not leave it half done)."""
+        call = self.dispatcher.call(capability, body.model, body, stream=False)
+        try:
+            async with call:
+                reply = await call.next()
+        except ApiError as exc:
+            self.record(call, raw, started, t0, exc.status, error=exc.message, endpoint=endpoint)
+            raise
+        finally:
+            if cleanup is not None:
+                with anyio.CancelScope(shield=True):
+                    await cleanup()
+        if isinstance(reply, Failure):
+            self.record(call, raw, started, t0, reply.status, error=reply.message, endpoint=endpoint)
+            raise failure_error(reply)
+        if not isinstance(reply, expected):
+            raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
+        return call, reply
 
     async def _text(self, request: Request, capability: str, kind: type) -> Response:
         started, t0 = time.time(), time.perf_counter()
