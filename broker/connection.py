@@ -1,49 +1,137 @@
-"""Connecting to NATS: one place for URL, credentials, reconnect and backoff."""
+"""Connecting to NATS: one place for URL, credentials, reconnect and backoff.
+
+Every component uses :class:`ResilientClient`, nats-py's client with two changes that keep a
+component online whatever it is asked to send:
+
+- a subject the server would refuse (over its control-line limit) is refused here first, with
+  :class:`SubjectTooLong`, before anything reaches the wire;
+- a server ``-ERR`` that nats-py would answer by closing the client for good (any error but a
+  stale connection or a permissions violation, ``Client._process_err``) is treated like a lost
+  connection instead: the client reconnects and replays its subscriptions, JetStream consumers
+  and KV watchers included, as after a broker restart.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 
-import nats
 import structlog
 from nats.aio.client import Client
+from nats.errors import BadSubjectError, Error
 
 log = structlog.get_logger("broker")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+
+# nats-server refuses a control line (``PUB <subject> <reply> <size>``) over 4096 bytes with
+# -ERR and closes the connection. Subjects are bounded well inside it, reply inboxes too.
+MAX_SUBJECT_BYTES = 2048
+MAX_REPLY_BYTES = 1024
+
+_STALE = "stale connection"
+_PERMISSIONS = "permissions violation"
+
+
+class SubjectTooLong(BadSubjectError):
+    """A subject longer than :data:`MAX_SUBJECT_BYTES`: refused locally, the client stays up."""
+
+    def __str__(self) -> str:
+        return f"nats: subject longer than {MAX_SUBJECT_BYTES} bytes"
+
+
+def _check(subject: str, limit: int) -> None:
+    if len(subject) > limit // 4 and len(subject.encode()) > limit:
+        raise SubjectTooLong
+
+
+class ResilientClient(Client):
+    """nats-py's ``Client`` that never closes itself on a server error (see the module doc)."""
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: dict | None = None) -> None:
+        _check(subject, MAX_SUBJECT_BYTES)
+        if reply:
+            _check(reply, MAX_REPLY_BYTES)
+        await super().publish(subject, payload, reply, headers)
+
+    async def subscribe(self, subject: str, *args, **kwargs):
+        _check(subject, MAX_SUBJECT_BYTES)
+        return await super().subscribe(subject, *args, **kwargs)
+
+    async def _process_err(self, err_msg: str) -> None:
+        lowered = err_msg.lower()
+        if _STALE in lowered or _PERMISSIONS in lowered or not self.is_connected:
+            await super()._process_err(err_msg)
+            return
+        # The server closes this connection after the -ERR: reconnect as after any lost link.
+        err = Error(f"nats: {err_msg.strip(chr(39))}")
+        self._err = err
+        await self._error_cb(err)
+        await self._process_op_err(err)
 
 
 def nats_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("LLM_ROUTER_NATS_URL") or DEFAULT_URL
 
 
-async def connect(url: str | None = None, *, name: str, credentials: str | None = None) -> Client:
+async def connect(
+    url: str | None = None,
+    *,
+    name: str,
+    credentials: str | None = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    on_disconnect: Callable[[], None] | None = None,
+) -> ResilientClient:
     """Connect with unlimited reconnects and jittered backoff; logs every state change.
 
-    ``credentials`` is a NATS ``.creds`` file (per-role users come with the security issue).
+    ``on_reconnect`` runs after every reconnection, once the subscriptions are replayed: where a
+    component re-creates what the server may have lost (a fresh server has no streams, no
+    consumers); it runs in its own task, so the client is serving meanwhile. ``on_disconnect``
+    runs when the link drops (a gateway fails its queued requests fast). ``credentials`` is a
+    NATS ``.creds`` file.
     """
     url = nats_url(url)
+    recoveries: set[asyncio.Task] = set()
 
-    async def on_error(exc: Exception) -> None:
+    async def error_cb(exc: Exception) -> None:
         log.warning("nats error", component=name, error=str(exc))
 
-    async def on_disconnect() -> None:
+    async def disconnected_cb() -> None:
         log.warning("nats disconnected", component=name)
+        if on_disconnect is not None:
+            on_disconnect()
 
-    async def on_reconnect() -> None:
+    async def recover() -> None:
+        try:
+            await on_reconnect()
+        except Exception:
+            log.exception("recovery after reconnect failed", component=name)
+
+    async def reconnected_cb() -> None:
         log.info("nats reconnected", component=name)
+        if on_reconnect is not None:
+            task = asyncio.create_task(recover(), name=f"{name}-recover")
+            recoveries.add(task)
+            task.add_done_callback(recoveries.discard)
 
-    return await nats.connect(
+    async def closed_cb() -> None:
+        log.info("nats connection closed", component=name)
+
+    client = ResilientClient()
+    await client.connect(
         servers=[s.strip() for s in url.split(",")],
         name=name,
         user_credentials=credentials or os.environ.get("LLM_ROUTER_NATS_CREDS") or None,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=1.0,
+        reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        closed_cb=closed_cb,
         # Requests may carry several MB (answers, embeddings); let the server's limit decide.
         pending_size=64 * 1024 * 1024,
     )
+    return client

@@ -123,5 +123,22 @@ class EmbeddedNats:
     async def start(self) -> str:
         return await asyncio.to_thread(self.start_sync)
 
+    async def keep_running(self, poll_s: float = 0.5) -> None:
+        """Start the server again, on the same port and store, whenever it dies; the clients'
+        reconnect logic does the rest. Runs until cancelled."""
+        if self.url:
+            self.port = int(self.url.rsplit(":", 1)[1])  # port 0 resolved: come back on the same one
+        while True:
+            await asyncio.sleep(poll_s)
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                continue
+            log.error("embedded nats-server died; starting it again", code=proc.returncode, port=self.port)
+            try:
+                await self.start()
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                log.error("embedded nats-server did not start again", error=str(exc))
+                self._proc = proc  # try again at the next poll
+
     async def stop(self) -> None:
         await asyncio.to_thread(self.stop_sync)

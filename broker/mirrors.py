@@ -39,19 +39,41 @@ class RegisteredModels:
 
     async def start(self, js: JetStreamContext) -> None:
         kv = await js.key_value(storage.KV_MODELS)
-        self._watcher = await kv.watchall()
+        watcher = await kv.watchall()
         initial_done = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._follow(initial_done), name="registered-models")
-        await asyncio.wait_for(initial_done, timeout=10)
+        task = asyncio.create_task(self._follow(watcher, initial_done), name="registered-models")
+        try:
+            await asyncio.wait_for(initial_done, timeout=10)
+        except BaseException:
+            task.cancel()
+            await watcher.stop()
+            raise
+        old_watcher, old_task = self._watcher, self._task
+        self._watcher, self._task = watcher, task
+        if old_task is not None:
+            old_task.cancel()
+            await old_watcher.stop()
 
-    async def _follow(self, initial_done: asyncio.Future) -> None:
-        async for entry in self._watcher:
+    async def resync(self, js: JetStreamContext) -> None:
+        """Follow the bucket again from a new snapshot, swapped in whole once it is read: after a
+        reconnection the server may have restarted or lost its store, and revisions from before
+        mean nothing to a fresh one. Until then the old view keeps answering."""
+        await self.start(js)
+
+    async def _follow(self, watcher, initial_done: asyncio.Future) -> None:
+        fresh: dict[str, ModelRecord] = {}
+        revisions: dict[str, int] = {}
+        async for entry in watcher:
             if entry is None:  # end of the initial values
                 if not initial_done.done():
+                    self.records, self.revisions = fresh, revisions
+                    self._deleted.clear()
                     initial_done.set_result(True)
                 continue
             if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                 name = decode_token(entry.key)
+                fresh.pop(name, None)
+                revisions.pop(name, None)
                 self.forget(name)
                 self._deleted.discard(name)
                 continue
@@ -60,7 +82,9 @@ class RegisteredModels:
             except msgspec.DecodeError:
                 log.error("undecodable model record", key=entry.key)
                 continue
-            if record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
+            if not initial_done.done():
+                fresh[record.name], revisions[record.name] = record, entry.revision
+            elif record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
                 self.records[record.name] = record
                 self.revisions[record.name] = entry.revision
 
@@ -91,6 +115,8 @@ class RegisteredModels:
 class NodeView:
     beat: NodeHeartbeat
     seen: float  # monotonic time the heartbeat was received
+    # The beat before ``beat``: (when received, the request ids it listed, None if not listed).
+    earlier: tuple[float, frozenset[str] | None] | None = None
 
 
 class NodeDirectory:
@@ -121,8 +147,23 @@ class NodeDirectory:
 
     def _remember(self, beat: NodeHeartbeat, seen: float) -> None:
         known = self._nodes.get(beat.node_id)
-        if known is None or known.beat.sent_at <= beat.sent_at:
+        if known is None:
             self._nodes[beat.node_id] = NodeView(beat, seen)
+        elif known.beat.sent_at <= beat.sent_at:
+            previous = known.beat.requests
+            earlier = (known.seen, frozenset(previous) if previous is not None else None)
+            self._nodes[beat.node_id] = NodeView(beat, seen, earlier)
+
+    def lost(self, node_id: str, request_id: str, sent: float) -> bool:
+        """Whether the node's last two heartbeats, both received after ``sent`` (monotonic), list
+        its requests and not this one: it finished it (the reply is lost) or never got it. The
+        first beat after sending may predate the request's arrival; the second cannot."""
+        view = self._nodes.get(node_id)
+        if view is None or view.beat.requests is None or view.earlier is None:
+            return False
+        seen_before, before = view.earlier
+        return (seen_before > sent and before is not None and request_id not in before
+                and request_id not in view.beat.requests)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

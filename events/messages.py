@@ -202,6 +202,10 @@ class NodeHeartbeat(Struct, kw_only=True):
     queue_depth: int = 0
     max_parallel: int = 1
     state: Literal["online", "draining", "drained"] = "online"
+    # Ids of the requests the node holds (running or waiting for a slot). A gateway fails a call
+    # its node no longer knows: the reply was lost (core NATS is at-most-once, e.g. across a
+    # broker restart). None: a node that does not report them (older than this field).
+    requests: list[str] | None = None
     schema: int = SCHEMA_VERSION
 
     def serves(self, model: str, capability: str | None = None) -> bool:

@@ -12,15 +12,35 @@ from __future__ import annotations
 
 import re
 
+# A name becomes a subject token, a KV key and an object name: bounded so that the subjects it
+# appears in stay far inside nats-server's 4 KB control-line limit (escaping can triple it).
+MAX_NAME_BYTES = 256
+
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _ESCAPE = re.compile(r"=([0-9A-F]{2})")
 _VALID_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
 
 
+class NameTooLong(ValueError):
+    """A name over :data:`MAX_NAME_BYTES` UTF-8 bytes: refused before it reaches NATS."""
+
+
+def name_error(name: object, what: str = "model name") -> str | None:
+    """Why ``name`` cannot be used as a subject token, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"the {what} must be a non-empty string"
+    if len(name) > MAX_NAME_BYTES // 4 and len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"the {what} is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
 def encode_token(name: str) -> str:
-    """Encode a non-empty name into a subject token (``a.b`` -> ``a=2Eb``)."""
+    """Encode a non-empty name of at most MAX_NAME_BYTES into a subject token (``a.b`` -> ``a=2Eb``)."""
     if not name:
         raise ValueError("a model name must not be empty")
+    error = name_error(name, "name")
+    if error:
+        raise NameTooLong(error)
     out: list[str] = []
     for byte in name.encode("utf-8"):
         out.append(chr(byte) if byte in _SAFE else f"={byte:02X}")

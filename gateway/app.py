@@ -21,7 +21,7 @@ from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
 
 from .admin_routes import AdminRoutes
-from .dispatch import Dispatcher
+from .dispatch import ClientDisconnected, Dispatcher
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError
 from .history import HistoryWriter
@@ -33,6 +33,10 @@ log = structlog.get_logger("gateway")
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
     return exc.response()
+
+
+async def _client_gone(request: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -77,7 +81,9 @@ def build_app(gateway: Gateway) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            ApiError: _api_error, ClientDisconnected: _client_gone, HTTPException: _http_error, Exception: _server_error,
+        },
     )
 
 
@@ -99,6 +105,7 @@ class Gateway:
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self._server: uvicorn.Server | None = None
+        self.dispatcher: Dispatcher | None = None
         self._serve_task: asyncio.Task | None = None
         self._socket: socket.socket | None = None
 
@@ -107,7 +114,8 @@ class Gateway:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self.nc = await connect(self.nats_url, name="gateway")
+        self.nc = await connect(self.nats_url, name="gateway", on_reconnect=self._recover,
+                                on_disconnect=self._broker_lost)
         self.js = self.nc.jetstream()
         await provision(self.js)
         self.catalog = RegisteredModels()
@@ -119,7 +127,7 @@ class Gateway:
             queue_size=self.queue_size, queue_timeout=self.queue_timeout,
         )
         await self.dispatcher.start()
-        self.history = HistoryWriter(self.js)
+        self.history = HistoryWriter(self.nc)
         self.history.start()
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
         self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask))
@@ -144,7 +152,19 @@ class Gateway:
             if self._serve_task.done():
                 self._serve_task.result()
             await asyncio.sleep(0.01)
+        await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
         log.info("gateway listening", url=self.url)
+
+    def _broker_lost(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.broker_lost()
+
+    async def _recover(self) -> None:
+        """After a reconnection: the server may be a new one (or have lost its store), so
+        provision again and re-read the models bucket; heartbeats refill the node directory."""
+        await provision(self.js)
+        await self.catalog.resync(self.js)
+        log.info("gateway state recovered", models=len(self.catalog.records))
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -161,8 +181,9 @@ class Gateway:
         connected = self.nc.is_connected
         body = {
             "status": "ok" if connected else "degraded",
-            "nats": "connected" if connected else "disconnected",
+            "nats": "connected" if connected else ("reconnecting" if self.nc.is_reconnecting else "disconnected"),
             "nodes": len(self.directory.live()),
             "models": len(self.catalog.records),
+            "history": {"pending": self.history.pending, "dropped": self.history.dropped},
         }
         return json_response(body, 200 if connected else 503)

@@ -36,13 +36,28 @@ from .errors import ApiError
 log = structlog.get_logger("gateway")
 
 NO_RESPONDERS = "503"
+_ABANDONED = object()  # put in a call's reply queue when its client left
 BUSY_BACKOFF_S = 0.05  # a node that said busy is skipped this long (or until one of ours ends there)
 EWMA = 0.2
 SlotKey = tuple[str, str]  # (node id, model)
 
 
 class NodeGone(Exception):
-    """The chosen node cannot answer (no responders, heartbeat expired, draining)."""
+    """The chosen node cannot answer (no responders, heartbeat expired, draining), or no longer
+    knows the request (``lost``: its reply was lost; the node itself is fine)."""
+
+    def __init__(self, reason: str, *, lost: bool = False) -> None:
+        super().__init__(reason)
+        self.lost = lost
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away while its request waited: nobody needs the answer."""
+
+
+def broker_unavailable() -> ApiError:
+    return ApiError(503, "The message broker (NATS) is unreachable; the gateway is reconnecting. Retry shortly.",
+                    code="broker_unavailable", headers={"Retry-After": "2"})
 
 
 class Dispatcher:
@@ -125,6 +140,14 @@ class Dispatcher:
             self.service_s[key] = service_s if before is None else before + EWMA * (service_s - before)
         self._serve_waiters()
 
+    def broker_lost(self) -> None:
+        """The NATS connection dropped: fail every queued request now (503, retry shortly) rather
+        than let it wait out the queue timeout; calls already sent wait for their replies."""
+        for queue in self._waiters.values():
+            for future, _ in queue:
+                if not future.done():
+                    future.set_exception(broker_unavailable())
+
     def mark_busy(self, node_id: str, model: str) -> None:
         """The node said it has no free slot (another gateway's work): skip it for a moment."""
         self._busy_until[(node_id, model)] = time.monotonic() + BUSY_BACKOFF_S
@@ -147,6 +170,7 @@ class Dispatcher:
                 code="queue_full", headers={"Retry-After": str(max(1, round(self.queue_timeout)))},
             )
         future = asyncio.get_running_loop().create_future()
+        call.waiting = future
         queue = self._waiters.setdefault(key, deque())
         entry = (future, call)
         queue.append(entry)
@@ -163,6 +187,7 @@ class Dispatcher:
                 self.release(future.result().node_id, call.model)  # assigned just as the client left
             raise
         finally:
+            call.waiting = None
             self.waiting -= 1
             if entry in queue:
                 queue.remove(entry)
@@ -217,6 +242,9 @@ class Call:
         self.excluded: set[str] = set()  # nodes that died under this call
         self._failovers = 0
         self._sent_at = 0.0
+        self.waiting: asyncio.Future | None = None  # while queued for a free slot
+        self.abandoned = False
+        self._sent = False
         self._inbox = f"{dispatcher._prefix}.{next(dispatcher._ids)}"
         self._queue: asyncio.Queue = asyncio.Queue()
         self._deadline = time.monotonic() + dispatcher.request_timeout
@@ -226,13 +254,17 @@ class Call:
         return self.request.request_id
 
     async def __aenter__(self) -> Call:
+        """Registers the reply inbox; the request is sent (after a free slot) by the first next()."""
         self.d._calls[self._inbox] = self._queue
-        try:
-            await self._send()
-        except BaseException:
-            self.d._calls.pop(self._inbox, None)
-            raise
         return self
+
+    def abandon(self) -> None:
+        """The client left: a queued call leaves the queue, a sent one stops waiting (its
+        ``__aexit__`` then cancels it on the node). ``next()`` raises ClientDisconnected."""
+        self.abandoned = True
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_exception(ClientDisconnected())
+        self._queue.put_nowait(_ABANDONED)
 
     async def __aexit__(self, *exc: object) -> None:
         self.d._calls.pop(self._inbox, None)
@@ -255,6 +287,11 @@ class Call:
 
     async def _send(self) -> None:
         self._release()
+        if self.abandoned:
+            raise ClientDisconnected()
+        if not self.d.nc.is_connected:
+            raise broker_unavailable()
+        self._sent = True
         node = await self.d.acquire(self)
         self.node_id = self._slot = node.node_id
         self._sent_at = time.monotonic()
@@ -264,15 +301,19 @@ class Call:
     async def next(self) -> Reply:
         """The next reply. Before anything has arrived, a busy node means "queue again" and a
         dead or draining node means "retry once elsewhere"."""
+        if not self._sent:
+            await self._send()
         while True:
             try:
                 reply = await self._next_from_node()
             except NodeGone as gone:
                 if self.received or self._failovers >= 1:
-                    raise ApiError(503, f"node {self.node_id} stopped answering: {gone}", code="node_unavailable") from None
-                log.warning("retrying on another node", request_id=self.request_id, node=self.node_id, reason=str(gone))
+                    raise ApiError(503, f"node {self.node_id} stopped answering: {gone}", code="node_unavailable",
+                                   headers={"Retry-After": "1"}) from None
+                log.warning("retrying", request_id=self.request_id, node=self.node_id, reason=str(gone))
                 self._failovers += 1
-                self.excluded.add(self.node_id)
+                if not gone.lost:  # a node that lost one reply is still fine to use
+                    self.excluded.add(self.node_id)
                 await self._send()
                 continue
             if not self.received and isinstance(reply, Failure) and reply.code == "node_busy":
@@ -295,7 +336,11 @@ class Call:
             except TimeoutError:
                 if not self.d.directory.is_live(self.node_id):
                     raise NodeGone("its heartbeat expired") from None
+                if self.d.directory.lost(self.node_id, self.request_id, self._sent_at):
+                    raise NodeGone("it no longer knows the request (its reply was lost)", lost=True) from None
                 continue
+            if msg is _ABANDONED:
+                raise ClientDisconnected()
             if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
                 # Nobody listens on the node's subject: it died or unloaded the model.
                 self.d.directory.forget(self.node_id)

@@ -91,7 +91,8 @@ class MediaRoutes:
 
     async def _images(self, request: Request, body: Any, raw: bytes, started: float, t0: float, endpoint: str,
                       uploads: list[Attachment]) -> Response:
-        call, reply = await self._dispatch(subjects.IMAGE, body, raw, started, t0, endpoint, uploads, ImageResult)
+        call, reply = await self._dispatch(request, subjects.IMAGE, body, raw, started, t0, endpoint, uploads,
+                                           ImageResult)
         data = []
         stored = 0
         for image in reply.images:
@@ -138,7 +139,7 @@ class MediaRoutes:
         raw = codec.encode(summary)
         attachment = await _attach(self.js, upload)
         body = msgspec.structs.replace(body, file=attachment)
-        call, reply = await self._dispatch(capability, body, raw, started, t0, endpoint, [attachment],
+        call, reply = await self._dispatch(request, capability, body, raw, started, t0, endpoint, [attachment],
                                            TranscriptionResult)
         data = await payloads.load(self.js, reply.body, consume=True)
         self.api.record(call, raw, started, t0, 200, endpoint=endpoint, response={
@@ -149,7 +150,7 @@ class MediaRoutes:
 
     async def speech(self, request: Request) -> Response:
         body, raw, started, t0 = await self.api.accept_json(request, SpeechBody, subjects.SPEECH)
-        call, reply = await self._dispatch(subjects.SPEECH, body, raw, started, t0, None, [], SpeechResult)
+        call, reply = await self._dispatch(request, subjects.SPEECH, body, raw, started, t0, None, [], SpeechResult)
         audio = await payloads.load(self.js, reply.audio, consume=True)
         self.api.record(call, raw, started, t0, 200, response={
             "bytes": len(audio), "sample_rate": reply.sample_rate, "duration": reply.duration_s,
@@ -174,10 +175,10 @@ class MediaRoutes:
 
     # ------------------------------------------------------------ shared
 
-    async def _dispatch(self, capability: str, body: Any, raw: bytes, started: float, t0: float,
+    async def _dispatch(self, request: Request, capability: str, body: Any, raw: bytes, started: float, t0: float,
                         endpoint: str | None, uploads: list[Attachment], expected: type) -> tuple[Call, Reply]:
         """The shared final-reply path, deleting the request's uploads once the call is over."""
-        return await self.api.final_reply(capability, body, raw, started, t0, expected, endpoint=endpoint,
+        return await self.api.final_reply(request, capability, body, raw, started, t0, expected, endpoint=endpoint,
                                           cleanup=lambda: payloads.discard(self.js, uploads))
 
 

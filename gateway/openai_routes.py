@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import codec, subjects
+from events import codec, name_error, subjects
 from events.messages import (
     Accepted,
     EmbeddingResult,
@@ -34,7 +34,8 @@ from events.openai import (
 )
 
 from . import formatting
-from .dispatch import Call, Dispatcher
+from .disconnect import abandon_on_disconnect
+from .dispatch import Call, ClientDisconnected, Dispatcher
 from .errors import ApiError, model_not_found
 from .history import HistoryWriter
 
@@ -157,6 +158,9 @@ class OpenAIRoutes:
     async def resolve(self, model: str, capability: str) -> None:
         """Refuse, before anything is published, a model that is unknown, cannot do
         ``capability`` (400 naming it), or has no live node serving it."""
+        invalid = name_error(model)
+        if invalid:  # never let it near a subject: the server would drop our connection
+            raise ApiError(400, f"Invalid 'model': {invalid}.", param="model", code="invalid_model")
         record = self.catalog.get(model)
         if record is None:
             raise model_not_found(model)
@@ -199,7 +203,7 @@ class OpenAIRoutes:
                 raise ApiError(400, "input must not contain empty strings", param="input")
 
         body, raw, started, t0 = await self.accept_json(request, EmbeddingBody, subjects.EMBEDDING, check=no_empty_input)
-        call, reply = await self.final_reply(subjects.EMBEDDING, body, raw, started, t0, EmbeddingResult)
+        call, reply = await self.final_reply(request, subjects.EMBEDDING, body, raw, started, t0, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {"object": "list", "model": body.model, "count": len(reply.vectors), "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
         self.record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
@@ -222,18 +226,23 @@ class OpenAIRoutes:
             raise
         return body, raw, started, t0
 
-    async def final_reply(self, capability: str, body: Any, raw: bytes, started: float, t0: float, expected: type, *,
-                          endpoint: str | None = None, cleanup: Callable[[], Awaitable[None]] | None = None) -> tuple[Call, Any]:
+    async def final_reply(self, request: Request, capability: str, body: Any, raw: bytes, started: float, t0: float,
+                          expected: type, *, endpoint: str | None = None,
+                          cleanup: Callable[[], Awaitable[None]] | None = None) -> tuple[Call, Any]:
         """Dispatch a non-streamed request and wait for its one reply, of type ``expected``.
 
-        A failure is recorded and raised as the node's error; ``cleanup`` runs whatever happens
-        (shielded: a client that went away must not leave it half done)."""
+        A failure is recorded and raised as the node's error; a client that leaves meanwhile
+        takes its request out of the queue or off the node (recorded as 499). ``cleanup`` runs
+        whatever happens (shielded: a client that went away must not leave it half done)."""
         call = self.dispatcher.call(capability, body.model, body, stream=False)
         try:
-            async with call:
+            async with call, abandon_on_disconnect(request, call):
                 reply = await call.next()
         except ApiError as exc:
             self.record(call, raw, started, t0, exc.status, error=exc.message, endpoint=endpoint)
+            raise
+        except ClientDisconnected:
+            self.record(call, raw, started, t0, 499, error="client disconnected", endpoint=endpoint)
             raise
         finally:
             if cleanup is not None:
@@ -264,10 +273,15 @@ class OpenAIRoutes:
         make = formatting.chat_completion if chat else formatting.text_completion
         await call.__aenter__()
         try:
-            first = await call.next()
+            async with abandon_on_disconnect(request, call):
+                first = await call.next()
         except ApiError as exc:
             await call.__aexit__(None, None, None)
             self.record(call, raw, started, t0, exc.status, error=exc.message)
+            raise
+        except ClientDisconnected:
+            await call.__aexit__(None, None, None)
+            self.record(call, raw, started, t0, 499, error="client disconnected")
             raise
         except BaseException:
             await call.__aexit__(None, None, None)
@@ -340,6 +354,8 @@ class OpenAIRoutes:
         ``raw``: the JSON body (a multipart request passes a JSON summary of its fields)."""
         parsed = _parsed_json(raw)
         model = parsed.get("model") if isinstance(parsed, dict) else None
+        if name_error(model):  # absent, or not one a history subject can hold
+            model = None
         self.history.append(
             HistoryRecord(
                 id=uuid.uuid4().hex, capability=capability, endpoint=endpoint or ENDPOINTS[capability],

@@ -177,23 +177,47 @@ async def _run_components(components: list[Any], after_start: Any = None) -> int
 
 
 class _EmbeddedNatsComponent:
+    """The embedded nats-server, started again (same port, same store) if it dies."""
+
     def __init__(self, data_dir: Path, port: int) -> None:
         from broker import EmbeddedNats
 
         self.server = EmbeddedNats(data_dir / "nats", port=port)
         self.url: str | None = None
+        self._keeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.url = await self.server.start()
+        self._keeper = asyncio.create_task(self.server.keep_running(), name="keep-nats-running")
 
     async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
         await self.server.stop()
+
+
+def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[str]:
+    """``llm-router node`` with ``up``'s node options: the node ``up`` runs as its own process."""
+    argv = [sys.executable, "-m", "llm_router", "--log-level", str(args.log_level)]
+    if args.log_format:
+        argv += ["--log-format", str(args.log_format)]
+    argv += ["node", "--nats-url", nats_url, "--data-dir", str(data_dir), "--allow-cpu",
+             "--parallel", str(args.parallel), "--predownload", str(args.predownload)]
+    if args.shared_models_dir:
+        argv += ["--shared-models-dir", str(Path(args.shared_models_dir).expanduser())]
+    for origin in args.allow_origin or []:
+        argv += ["--allow-origin", origin]
+    if args.runtimes:
+        argv += ["--runtimes", str(args.runtimes)]
+    return argv
 
 
 async def _up(args: argparse.Namespace) -> int:
     from events.messages import RegisterModel
     from gateway import Gateway
-    from nodes import NodeAgent
+    from nodes.system import persistent_node_id
+
+    from .supervisor import SupervisedProcess
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +230,10 @@ async def _up(args: argparse.Namespace) -> int:
     registry = _registry(args, nats_url)
     gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
                       queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout))
-    node = NodeAgent(nats_url=nats_url, data_dir=data_dir / "node", allow_cpu=True, **_node_settings(args))
+    _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
+    # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
+    node_id = persistent_node_id(data_dir / "node")
+    node = SupervisedProcess("node", _node_argv(args, nats_url, data_dir))
 
     models: list[tuple[Path, str | None, dict[str, str]]] = [(Path(p), None, {}) for p in args.model]
     if args.demo:
@@ -228,7 +255,9 @@ async def _up(args: argparse.Namespace) -> int:
                 return 2
             names.append(reply.record.name)
         deadline = time.monotonic() + 60
-        while any(not gateway.directory.serving(n) for n in names) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            not gateway.directory.is_live(node_id) or any(not gateway.directory.serving(n) for n in names)
+        ):
             await asyncio.sleep(0.05)
         base = f"http://{args.host}:{gateway.port}"
         print(f"LLM Router ready: {base}/v1  (NATS {nats_url})", flush=True)
@@ -238,7 +267,8 @@ async def _up(args: argparse.Namespace) -> int:
                 print(f"'{DEMO_MODEL}' is a plumbing demo with random weights: its answers are random text.", flush=True)
         else:
             print("No model yet. Start again with --model PATH/TO/model.gguf, or --demo for a tiny test model.", flush=True)
-        if not node.gpus:
+        beat = next((b for b in gateway.directory.live() if b.node_id == node_id), None)
+        if beat is not None and not beat.gpus:
             print("No GPU found: models run on the CPU (`up` allows that; `llm-router node` needs --allow-cpu).", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         return 0

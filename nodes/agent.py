@@ -18,7 +18,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import connect, provision
 from events import codec, encode_token, storage, subjects
@@ -94,7 +94,7 @@ class NodeAgent:
         self._gpus = await asyncio.to_thread(system.gpus)
         if not self._gpus and not self.allow_cpu:
             raise RuntimeError("no GPU found on this machine; start the node with --allow-cpu to serve on CPU")
-        self.nc = await connect(self.nats_url, name=f"node-{self.node_id}")
+        self.nc = await connect(self.nats_url, name=f"node-{self.node_id}", on_reconnect=self._recover)
         self.js = self.nc.jetstream()
         await provision(self.js)
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
@@ -109,9 +109,22 @@ class NodeAgent:
         self._control_subs.append(await self.nc.subscribe(
             subjects.admin_node(self.node_id, subjects.NODE_DOWNLOAD), cb=self._spawn(self._on_download_command)))
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
-        self._control_subs.append(await self.js.subscribe(
+        self._events_sub = await self._follow_registry()
+        await self._sync_snapshot()
+        await self._publish_heartbeat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
+        log.info("node started", node_id=self.node_id, models=sorted(self.served))
+
+    @property
+    def _durable(self) -> str:
+        return f"node-{encode_token(self.node_id)}"
+
+    async def _follow_registry(self) -> Subscription:
+        """The durable consumer of registry events (created, or bound again after a restart)."""
+        return await self.js.subscribe(
             subjects.REGISTRY_EVENTS_ALL,
-            durable=f"node-{encode_token(self.node_id)}",
+            durable=self._durable,
             cb=self._on_event,
             manual_ack=True,
             config=ConsumerConfig(
@@ -120,17 +133,26 @@ class NodeAgent:
                 ack_wait=60,
                 inactive_threshold=storage.NODE_CONSUMER_RETENTION_S,  # a node gone for good
             ),
-        ))
-        await self._sync_snapshot()
-        await self._publish_heartbeat()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        log.info("node started", node_id=self.node_id, models=sorted(self.served))
+        )
+
+    async def _recover(self) -> None:
+        """After a reconnection: beat at once (gateways route to us again), and re-create what a
+        server that lost its store no longer has (streams, buckets, our durable consumer)."""
+        self._beat_now.set()
+        await provision(self.js)
+        try:
+            await self.js.consumer_info(storage.REGISTRY_EVENTS, self._durable)
+        except NotFoundError:
+            log.warning("registry consumer lost with the server's store; subscribing again")
+            await self._events_sub.unsubscribe()
+            self._events_sub = await self._follow_registry()
+            await self._sync_snapshot()
 
     async def stop(self) -> None:
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
         await self.downloads.stop()
-        for sub in [s for subs in self._subs.values() for s in subs] + self._control_subs:
+        for sub in [s for subs in self._subs.values() for s in subs] + self._control_subs + [self._events_sub]:
             await sub.unsubscribe()
         self._subs.clear()
         if self._tasks:  # let in-flight requests finish their answers
@@ -407,6 +429,7 @@ class NodeAgent:
             queue_depth=sum(s.waiting for s in self.served.values()),
             max_parallel=sum(s.parallel for s in self.served.values()) or self.parallel,
             state=self.state,
+            requests=list(self._cancels),
         )
 
     async def _publish_heartbeat(self) -> None:

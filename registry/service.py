@@ -95,7 +95,7 @@ class Registry:
         self._lifecycle_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.nats_url, name="registry")
+        self.nc = await connect(self.nats_url, name="registry", on_reconnect=self._recover)
         self.js = self.nc.jetstream()
         await provision(self.js)
         self.kv = await self.js.key_value(storage.KV_MODELS)
@@ -116,7 +116,15 @@ class Registry:
             self._subs.append(await self.nc.subscribe(subject, queue="registry", cb=self._handler(kind, action)))
         self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
         self._lifecycle_task = asyncio.create_task(self._lifecycle_loop(), name="lifecycle")
+        await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
         log.info("registry started", catalog=len(self.catalog), hf_endpoint=self.hf.endpoint)
+
+    async def _recover(self) -> None:
+        """After a reconnection (the server may have restarted, or lost its store): provision
+        again and re-read the models bucket, the one state this service writes from."""
+        await provision(self.js)
+        await self.models.resync(self.js)
+        self._dirty.set()
 
     async def stop(self) -> None:
         if self._lifecycle_task is not None:
