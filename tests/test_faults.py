@@ -1,0 +1,275 @@
+"""Faults are normal: a protocol error, a broker restart under load, clients that give up.
+
+Every test runs real processes (nats-server, registry, gateway, nodes) and breaks them for real:
+a server ``-ERR``, ``kill -9`` of nats-server, clients that time out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from conftest import Proc, Stack, requires_llama, wait_until
+from nats.aio.client import Client
+
+from broker import EmbeddedNats, connect
+from broker.connection import SubjectTooLong
+from events import MAX_NAME_BYTES
+
+STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")
+MODEL = "faults-tiny"
+
+
+def chat(url: str, model: str = MODEL, *, max_tokens: int = 4, timeout: float = 30.0) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ protocol errors
+
+
+async def test_a_server_error_reconnects_the_client_with_its_subscriptions(nats_url) -> None:
+    """nats-py closes its client for good on a server -ERR; ours reconnects and replays."""
+    nc = await connect(nats_url, name="test-err")
+    try:
+        async def echo(msg) -> None:
+            await msg.respond(msg.data)
+
+        await nc.subscribe("test.err.echo", cb=echo)
+        with pytest.raises(SubjectTooLong):  # refused before the wire: nothing happens to the link
+            await nc.publish("x" * 5000, b"")
+        assert nc.is_connected
+        # Bypass our check, as a path we forgot would: the server answers -ERR and drops us.
+        await Client.publish(nc, "test." + "x" * 5000, b"")
+        deadline = time.monotonic() + 10
+        while (nc.stats["reconnects"] < 1 or not nc.is_connected) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert nc.stats["reconnects"] >= 1 and nc.is_connected and not nc.is_closed
+        reply = await nc.request("test.err.echo", b"still here", timeout=5)
+        assert reply.data == b"still here"
+    finally:
+        await nc.close()
+
+
+@requires_llama
+def test_an_over_long_model_name_is_refused_and_the_gateway_keeps_serving(nats_url, tiny_gguf, tmp_path) -> None:
+    stack = Stack(nats_url, tmp_path)
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        long_name = "m" * 5000
+        for path, body in (
+            ("/v1/chat/completions", {"model": long_name, "messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"model": long_name, "prompt": "hi"}),
+            ("/v1/embeddings", {"model": long_name, "input": "hi"}),
+            ("/v1/audio/speech", {"model": long_name, "input": "hi", "voice": "x"}),
+            ("/v1/images/generations", {"model": "é" * (MAX_NAME_BYTES // 2 + 1), "prompt": "x"}),
+        ):
+            answer = httpx.post(stack.url + path, json=body, timeout=10)
+            assert answer.status_code == 400, (path, answer.text)
+            error = answer.json()["error"]
+            assert error["param"] == "model" and error["code"] == "invalid_model", error
+        for path in ("/v1/models/" + long_name, "/v0/models/" + long_name):
+            assert httpx.get(stack.url + path, timeout=10).status_code == 404
+        health = httpx.get(stack.url + "/healthz", timeout=10)
+        assert health.status_code == 200 and health.json()["nats"] == "connected"
+        assert chat(stack.url).status_code == 200
+        assert "nats error" not in stack.gateway.output()
+    finally:
+        stack.close()
+
+
+# ------------------------------------------------------------------ broker restart
+
+
+def _history_ids(url: str) -> set[str]:
+    """Every request id in the HISTORY stream."""
+
+    async def read() -> set[str]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info("HISTORY")
+            ids: set[str] = set()
+            if info.state.messages == 0:
+                return ids
+            sub = await js.subscribe("history.>", ordered_consumer=True)
+            while len(ids) < info.state.messages:
+                msg = await sub.next_msg(timeout=5)
+                ids.add(json.loads(msg.data)["id"])
+            await sub.unsubscribe()
+            return ids
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+class Load:
+    """``clients`` threads looping short chats, each answer noted with its time and status."""
+
+    def __init__(self, url: str, clients: int = 4, timeout: float = 30.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.results: list[tuple[float, float, int, str, dict]] = []  # (start, end, status, id, headers)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=self.timeout) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 4}
+                try:
+                    answer = client.post(self.url + "/v1/chat/completions", json=body)
+                    status, rid, headers = answer.status_code, answer.headers.get("x-request-id", ""), dict(answer.headers)
+                except httpx.HTTPError as exc:
+                    status, rid, headers = -1, "", {"error": repr(exc)}
+                self.results.append((started, time.monotonic(), status, rid, headers))
+                if status != 200:
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 5)
+
+
+@requires_llama
+def test_kill_9_of_nats_under_load_recovers_within_5_s_and_loses_no_history(tiny_gguf, tmp_path) -> None:
+    store = tmp_path / "nats"
+    port = free_port()
+    server = EmbeddedNats(store, port=port)
+    url = server.start_sync()
+    stack = Stack(url, tmp_path)
+    load = None
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        load = Load(stack.url)
+        time.sleep(2.0)
+        server._proc.kill()  # kill -9: nothing flushed, every connection cut
+        server._proc.wait()
+        killed = time.monotonic()
+        time.sleep(2.0)
+        during = httpx.get(stack.url + "/healthz", timeout=5)
+        server = EmbeddedNats(store, port=port)
+        server.start_sync()
+        restarted = time.monotonic()
+        time.sleep(8.0)
+        load.stop()
+        results = load.results
+
+        # During the outage: fast 503s with Retry-After, nothing hangs to the client's timeout.
+        assert during.status_code == 503 and during.json()["nats"] in ("reconnecting", "disconnected")
+        assert all(end - start < 12 for start, end, *_ in results), max(end - start for start, end, *_ in results)
+        failed = [r for r in results if r[2] != 200]
+        assert all(r[2] == 503 and "retry-after" in r[4] for r in failed), failed[:5]
+        # Serving again within 5 s of the restart, and steadily afterwards.
+        after = [r for r in results if r[0] >= restarted]
+        first_ok = min(end for start, end, status, *_ in after if status == 200)
+        assert first_ok - restarted < 5, first_ok - restarted
+        late = [r for r in results if r[0] >= restarted + 5]
+        assert late and all(r[2] == 200 for r in late), [r[2] for r in late]
+        # No slot left held by a reply lost in the outage.
+        nodes = httpx.get(stack.url + "/v0/nodes", timeout=5).json()
+        assert nodes["queue"]["waiting"] == 0 and all(n["gateway_inflight"] == 0 for n in nodes["data"]), nodes
+        # Every answered request is in history, including those recorded during the outage.
+        answered = {r[3] for r in results if r[3]}
+        assert any(r[2] == 503 and killed <= r[0] < restarted for r in results)
+        wait_until(lambda: httpx.get(stack.url + "/healthz").json()["history"]["pending"] == 0,
+                   message="history written")
+        missing = answered - _history_ids(url)
+        assert not missing, f"{len(missing)} of {len(answered)} history records missing"
+        assert httpx.get(stack.url + "/healthz").json()["history"]["dropped"] == 0
+    finally:
+        if load is not None:
+            load.stop()
+        stack.close()
+        server.stop_sync()
+
+
+# ------------------------------------------------------------------ clients that give up
+
+
+def _delay_node(stack: Stack, delay_ms: float) -> Proc:
+    """A node whose engine holds its one slot ``delay_ms`` per request, ended early by a cancel."""
+    node_id = f"slow{int(delay_ms)}"
+    proc = Proc(["--role", "node", "--nats-url", stack.nats_url, "--data-dir", str(stack.data_dir / node_id),
+                 "--parallel", "1", "--node-id", node_id, "--delay-ms", str(delay_ms)], script=STACK_SCRIPT)
+    proc.wait_for("READY")
+    return proc
+
+
+def test_clients_that_give_up_leave_the_queue_and_free_the_node(nats_url, tiny_gguf, tmp_path) -> None:
+    stack = Stack(nats_url, tmp_path, node=False, gateway_args=("--queue-timeout", "30"))
+    node = None
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        node = _delay_node(stack, 4000)  # one slot; every request would hold it 4 s
+        wait_until(lambda: MODEL in stack.models(), message="model ready")
+
+        def impatient() -> None:
+            with pytest.raises(httpx.TimeoutException):
+                chat(stack.url, timeout=1.0)
+
+        threads = [threading.Thread(target=impatient) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # Six abandoned requests were 24 s of work; none of it may run or wait any longer.
+        wait_until(lambda: httpx.get(stack.url + "/v0/nodes").json()["queue"]["waiting"] == 0, timeout=3,
+                   message="queue empty")
+        started = time.monotonic()
+        fresh = chat(stack.url, timeout=30)
+        took = time.monotonic() - started
+        assert fresh.status_code == 200
+        assert took < 4.0 + 1.5, f"a new request waited {took:.1f} s behind abandoned work"
+        assert "x-queue-wait-ms" not in fresh.headers or int(fresh.headers["x-queue-wait-ms"]) < 1000
+
+        def abandoned() -> int:
+            return sum(1 for rid in _history_statuses(stack.nats_url).values() if rid == 499)
+
+        wait_until(lambda: abandoned() >= 6, timeout=10, message="six 499 records")
+    finally:
+        if node is not None:
+            node.stop()
+        stack.close()
+
+
+def _history_statuses(url: str) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            found: dict[str, int] = {}
+            sub = await js.subscribe(f"history.chat.{MODEL}", ordered_consumer=True)
+            while True:  # until the stream has nothing more for half a second
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    break
+                record = json.loads(msg.data)
+                found[record["id"]] = record["status_code"]
+            await sub.unsubscribe()
+            return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
