@@ -76,3 +76,38 @@ def test_help_documents_environment_defaults() -> None:
     helptext.popen.wait(20)
     out = helptext.output()
     assert "LLM_ROUTER_PORT" in out and "LLM_ROUTER_NATS_URL" in out and "--demo" in out
+
+
+def _chat_ok(url: str) -> bool:
+    import httpx
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    try:
+        return httpx.post(url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tiny_gguf, tmp_path) -> None:
+    """The engines run in their own process: kill -9 costs the requests on it, never the endpoint."""
+    from conftest import wait_until
+
+    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)])
+    try:
+        url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
+        assert _chat_ok(url)
+        node = next(c for c in _children(up) if "llm_router" in " ".join(c.cmdline()) and "node" in c.cmdline())
+        node.kill()
+        up.wait_for("process died; restarting it", timeout=10)
+        started = wait_until(lambda: _chat_ok(url), timeout=30, message=lambda: up.output()[-3000:])
+        assert started
+        new_node = next(c for c in _children(up) if "node" in c.cmdline() and c.pid != node.pid)
+        assert new_node.is_running()
+
+        server = next(c for c in _children(up) if "nats-server" in c.name())
+        server.kill()
+        up.wait_for("embedded nats-server died; starting it again", timeout=10)
+        wait_until(lambda: _chat_ok(url), timeout=20, message=lambda: up.output()[-3000:])
+    finally:
+        code = up.stop(signal.SIGTERM)
+    assert code == 0, up.output()[-2000:]
