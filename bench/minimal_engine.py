@@ -31,8 +31,9 @@ DELAY_ENV = "BENCH_ENGINE_DELAY_MS"
 
 
 class MinimalEngine:
-    def __init__(self, path: str, delay_s: float = 0.0) -> None:
+    def __init__(self, path: str, delay_s: float = 0.0, slots: int = 1) -> None:
         self.capabilities = [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING]
+        self.slots = slots  # it holds no per-call state, so any number of calls run at once
         self.artifact_bytes = Path(path).stat().st_size
         self.delay_s = max(0.0, delay_s)
 
@@ -75,5 +76,5 @@ class MinimalRuntime:
     def accepts(self, record: ModelRecord) -> bool:
         return record.format == "gguf"
 
-    def load(self, record: ModelRecord, path: str) -> MinimalEngine:
-        return MinimalEngine(path, self.delay_s)
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> MinimalEngine:
+        return MinimalEngine(path, self.delay_s, slots)

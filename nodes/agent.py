@@ -221,7 +221,9 @@ class NodeAgent:
                 return  # this file already failed to load; registry state updates do not change that
             self.failed.pop(record.name, None)
             try:
-                engine = await asyncio.to_thread(runtime.load, cache.for_loading(record, location.path), path)
+                engine = await asyncio.to_thread(
+                    runtime.load, cache.for_loading(record, location.path), path, slots=self.parallel
+                )
             except Exception as exc:
                 log.error("model load failed", model=record.name, error=str(exc))
                 self.failed[record.name] = LoadedModel(
@@ -230,7 +232,7 @@ class NodeAgent:
                 )
                 self._beat_now.set()
                 return
-            served = ServedModel(record, runtime.name, engine, path, parallel=self.parallel)
+            served = ServedModel(record, runtime.name, engine, path)
             self.served[record.name] = served
             subs = []
             for capability in served.capabilities:

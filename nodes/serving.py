@@ -1,9 +1,11 @@
 """Runs inference requests for one loaded model: slots, worker thread, streamed replies.
 
-Each loaded model has ``parallel`` slots (llama.cpp contexts are not thread-safe, so one by
-default) and its own worker threads, so a long generation never blocks the event loop that
-sends heartbeats. Streamed text is handed from the worker thread to the loop and published
-in batches: whatever accumulated while the previous message was being sent goes in one.
+Each loaded model has as many slots as its engine runs calls at once (``engine.slots``: the
+node's ``--parallel``, or fewer where the engine cannot), so no engine is given more calls
+than it can run, and as many worker threads of its own, so a long generation never blocks
+the event loop that sends heartbeats. Streamed text is handed from the worker thread to the
+loop and published in batches: whatever accumulated while the previous message was being
+sent goes in one.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ _END = object()
 
 
 class ServedModel:
-    def __init__(self, record: ModelRecord, runtime: str, engine: AnyEngine, path: str, parallel: int = 1) -> None:
+    def __init__(self, record: ModelRecord, runtime: str, engine: AnyEngine, path: str) -> None:
         self.record = record
         self.runtime = runtime
         self.engine = engine
         self.path = path
-        self.parallel = parallel
+        self.parallel = engine.slots  # what the engine really runs at once, not what was asked
         self.active = 0
         self.waiting = 0
-        self._slots = asyncio.Semaphore(parallel)
-        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"engine-{record.name}")
+        self._slots = asyncio.Semaphore(self.parallel)
+        self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix=f"engine-{record.name}")
 
     @property
     def name(self) -> str:

@@ -12,9 +12,11 @@ import io
 import json
 import threading
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from tiny_models import (
     build_tiny_piper_voice,
     build_tiny_whisper,
@@ -51,13 +53,28 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="session")
-def images(sd_dir: Path):
+def images_loaded(sd_dir: Path):
+    """The engine, asked for two slots, and what its load logged."""
     from nodes.runtimes.diffusers_images import DiffusersRuntime
 
     runtime = DiffusersRuntime(threads=1, device="cpu")
-    engine = runtime.load(record("diffusers", sd_dir, steps="2"), str(sd_dir))
-    yield engine
+    with structlog.testing.capture_logs() as logs:
+        engine = runtime.load(record("diffusers", sd_dir, steps="2"), str(sd_dir), slots=2)
+    yield engine, logs
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def images(images_loaded):
+    return images_loaded[0]
+
+
+def test_diffusers_runs_one_call_at_a_time_whatever_was_asked(images_loaded) -> None:
+    """Its pipelines share one scheduler: --parallel 2 gives one slot, and the node says so."""
+    engine, logs = images_loaded
+    assert engine.slots == 1
+    lowered = [e for e in logs if e["event"] == "parallel lowered for this runtime"]
+    assert len(lowered) == 1 and lowered[0]["requested"] == 2 and lowered[0]["slots"] == 1
 
 
 def test_diffusers_runtime_probe_and_accepts(sd_dir: Path) -> None:
@@ -161,9 +178,17 @@ def asr(whisper_dir: Path):
     from nodes.runtimes.faster_whisper import FasterWhisperRuntime
 
     runtime = FasterWhisperRuntime(threads=1)
-    engine = runtime.load(record("faster_whisper", whisper_dir, beam_size="1"), str(whisper_dir))
+    engine = runtime.load(record("faster_whisper", whisper_dir, beam_size="1"), str(whisper_dir), slots=2)
     yield engine
     engine.close()
+
+
+def test_whisper_transcribes_from_several_threads_at_once(asr, speech_wav: bytes) -> None:
+    """Two slots are two CTranslate2 workers (the random tiny model samples, so texts vary)."""
+    assert asr.slots == 2
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: asr.transcribe(speech_wav, language="en"), range(3)))
+    assert all(r.duration == pytest.approx(2.0, abs=0.01) and isinstance(r.text, str) for r in results)
 
 
 @pytest.fixture(scope="session")
@@ -336,9 +361,17 @@ def tts(voice_path: Path):
     from nodes.runtimes.piper_tts import PiperRuntime
 
     runtime = PiperRuntime(threads=1)
-    engine = runtime.load(record("piper", voice_path), str(voice_path))
+    engine = runtime.load(record("piper", voice_path), str(voice_path), slots=2)
     yield engine
     engine.close()
+
+
+def test_piper_speaks_from_several_threads_at_once(tts) -> None:
+    """One onnxruntime session serves concurrent runs (InferenceSession.run is thread-safe)."""
+    assert tts.slots == 2
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda text: tts.speak(text), ["Hello world.", "Another sentence here.", "Three."]))
+    assert all(rate == 22050 and pcm.size > 0 for pcm, rate in results)
 
 
 def test_piper_runtime_probe_accepts_and_loads_a_folder(voice_path: Path) -> None:

@@ -3,6 +3,11 @@
 Engines are blocking: the agent calls them in a worker thread, passing ``on_delta`` (called
 from that thread for each piece of streamed text) and ``cancelled`` (set when the client went
 away; the engine stops at its next token).
+
+``Runtime.load(..., slots=N)`` asks for N calls at once (the node's ``--parallel``); the engine's
+``slots`` says how many it really runs at once, which may be fewer where the library is not
+safe for concurrent calls. The node runs at most that many and reports it in its heartbeat,
+so the gateway never sends an engine more than it can run.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Engine(Protocol):
 
     capabilities: list[str]
     artifact_bytes: int
+    slots: int  # calls it runs at once
 
     def chat(self, body: Any, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome: ...
 
@@ -58,6 +64,7 @@ class ImageEngine(Protocol):
 
     capabilities: list[str]
     artifact_bytes: int
+    slots: int  # calls it runs at once
 
     def generate(self, prompt: str, n: int = 1, width: int = 512, height: int = 512, seed: int | None = None,
                  steps: int | None = None, negative_prompt: str | None = None, *,
@@ -79,6 +86,7 @@ class TranscriptionEngine(Protocol):
 
     capabilities: list[str]
     artifact_bytes: int
+    slots: int  # calls it runs at once
 
     def transcribe(self, audio: bytes, *, task: str = "transcribe", language: str | None = None,
                    prompt: str | None = None, temperature: float = 0.0, word_timestamps: bool = False,
@@ -92,6 +100,7 @@ class SpeechEngine(Protocol):
 
     capabilities: list[str]
     artifact_bytes: int
+    slots: int  # calls it runs at once
 
     def speak(self, text: str, *, speed: float = 1.0, voice: str | None = None,
               cancelled: threading.Event | None = None) -> tuple[Any, int]: ...
@@ -115,4 +124,6 @@ class Runtime(Protocol):
 
     def accepts(self, record: ModelRecord) -> bool: ...
 
-    def load(self, record: ModelRecord, path: str) -> AnyEngine: ...
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> AnyEngine:
+        """An engine for ``slots`` concurrent calls, or fewer (its ``slots`` says how many)."""
+        ...

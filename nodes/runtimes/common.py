@@ -6,7 +6,11 @@ import importlib.metadata
 import importlib.util
 import os
 
+import structlog
+
 from events.messages import ModelRecord, RuntimeStatus
+
+log = structlog.get_logger("node")
 
 THREADS_ENV = "LLM_ROUTER_ENGINE_THREADS"
 
@@ -25,6 +29,14 @@ def engine_threads() -> int:
     if threads < 0:
         raise ValueError(f"{THREADS_ENV} must be 0 (library default) or more, not {threads}")
     return threads
+
+
+def single_slot(runtime: str, model: str, requested: int, why: str) -> int:
+    """1, for an engine that cannot run calls at once; says so when more were asked for."""
+    if requested > 1:
+        log.warning("parallel lowered for this runtime", runtime=runtime, model=model, requested=requested,
+                    slots=1, reason=why)
+    return 1
 
 
 def setting(labels: dict[str, str], label: str, env: str) -> str | None:

@@ -2,7 +2,9 @@
 
 One text-to-image pipeline is loaded; the image-to-image and inpainting pipelines are built
 from it with ``from_pipe``, which shares every module, so the three cost one model's memory.
-A lock serialises calls: the pipelines share one scheduler, whose timesteps each call resets.
+A lock serialises calls: the pipelines share one scheduler, whose timesteps each call resets;
+so the engine has one slot whatever ``--parallel`` asks (a second pipeline would double the
+model's memory).
 
 Per-model settings come from the model record's labels, then environment variables:
 
@@ -28,7 +30,7 @@ from events.messages import ModelRecord
 from registry.artifacts import artifact_size
 
 from .base import EngineError
-from .common import PackageRuntime, setting
+from .common import PackageRuntime, setting, single_slot
 
 NAME = "diffusers"
 CAPABILITIES = [subjects.IMAGE]
@@ -77,6 +79,7 @@ class DiffusersEngine:
         self.path = path
         self.capabilities = list(CAPABILITIES)
         self.artifact_bytes = artifact_size(Path(path))
+        self.slots = 1  # see the module docstring: one shared scheduler
         self.default_steps = steps
         self.guidance_scale = guidance_scale
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -350,7 +353,8 @@ class DiffusersRuntime(PackageRuntime):
     capabilities = CAPABILITIES
     packages = [("diffusers", "diffusers"), ("torch", "torch"), ("transformers", "transformers"), ("PIL", "pillow")]
 
-    def load(self, record: ModelRecord, path: str) -> DiffusersEngine:
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> DiffusersEngine:
+        single_slot(NAME, record.name, slots, "the pipelines share one scheduler: calls run one at a time")
         labels = record.labels or {}
         steps = _number(labels, "steps", "LLM_ROUTER_IMAGE_STEPS", DEFAULT_STEPS)
         if steps != int(steps) or not 1 <= steps <= MAX_STEPS:

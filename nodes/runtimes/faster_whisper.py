@@ -8,7 +8,10 @@ Per-model settings come from the model record's labels, then environment variabl
 - ``compute_type`` / ``LLM_ROUTER_WHISPER_COMPUTE_TYPE``: CTranslate2 compute type; default
   "int8" on CPU (the fastest there, on any saved precision) and "float16" on CUDA;
 - ``beam_size`` / ``LLM_ROUTER_WHISPER_BEAM_SIZE``: beam width (default 5, faster-whisper's);
-- ``LLM_ROUTER_ENGINE_THREADS``: CTranslate2 CPU threads (0 = its default).
+- ``LLM_ROUTER_ENGINE_THREADS``: CTranslate2 CPU threads (0 = its default), per slot.
+
+``slots`` (the node's ``--parallel``) becomes CTranslate2's ``num_workers``: that many
+transcriptions run at once, from as many threads, with the weights shared (same device).
 """
 
 from __future__ import annotations
@@ -82,9 +85,14 @@ class FasterWhisperEngine:
         compute_type: str | None = None,
         beam_size: int = DEFAULT_BEAM_SIZE,
         device: str | None = None,
+        slots: int = 1,
     ) -> None:
         import ctranslate2
         from faster_whisper import WhisperModel
+
+        if slots < 1:
+            raise ValueError(f"slots must be 1 or more, not {slots}")
+        self.slots = slots
 
         self.path = path
         self.device = device or ("cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu")
@@ -104,6 +112,7 @@ class FasterWhisperEngine:
                 device=self.device,
                 compute_type=self.compute_type,
                 cpu_threads=threads,
+                num_workers=slots,
                 local_files_only=True,
             )
         except (RuntimeError, OSError, ValueError) as exc:
@@ -223,7 +232,7 @@ class FasterWhisperRuntime(PackageRuntime):
     capabilities = CAPABILITIES
     packages = [("faster_whisper", "faster-whisper"), ("ctranslate2", "ctranslate2"), ("av", "av")]
 
-    def load(self, record: ModelRecord, path: str) -> FasterWhisperEngine:
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> FasterWhisperEngine:
         labels = record.labels or {}
         beam = setting(labels, "beam_size", "LLM_ROUTER_WHISPER_BEAM_SIZE")
         try:
@@ -238,4 +247,5 @@ class FasterWhisperRuntime(PackageRuntime):
             compute_type=setting(labels, "compute_type", "LLM_ROUTER_WHISPER_COMPUTE_TYPE"),
             beam_size=beam_size,
             device=self.device,
+            slots=slots,
         )

@@ -1,22 +1,29 @@
 """llama.cpp (llama-cpp-python) on GGUF files: chat, completion, embeddings, streaming.
 
-One ``Llama`` instance generates; a second one, created on the first embeddings request,
-runs in embedding mode with mean pooling (llama architectures have no default pooling, so
-without it llama.cpp returns one vector per token). The weights are mmap-ed, so the second
-instance shares their pages.
+A llama.cpp context is not thread-safe (two generations in one crash the process), so an
+engine with ``slots=N`` holds N ``Llama`` instances over the same GGUF, one per slot, and
+each call takes a free one for its duration. Embeddings run in instances of their own, in
+embedding mode with mean pooling (llama architectures have no default pooling, so without
+it llama.cpp returns one vector per token), created on demand up to N. The weights are
+mmap-ed, so all instances share their pages (on CPU; this runtime offloads no layers to a
+GPU); what each slot adds is its own KV cache of ``n_ctx`` tokens and compute buffers.
 
 A model registered with a multimodal projector (``source.projector``, an mmproj GGUF) also
 offers "vision": chats go through llama-cpp-python's LLaVA-1.5 chat handler (libmtmd), which
 turns ``image_url`` parts (data: URLs, or http(s) URLs it fetches) into image embeddings. That
 handler formats every chat of the model with the LLaVA-1.5 prompt, not the GGUF's template.
+The handler holds the projector's libmtmd context, bound to one ``Llama`` and used for every
+image it encodes, so each slot gets a handler of its own: each slot also loads the projector.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from events import subjects
 from events.messages import ModelRecord, RuntimeStatus, Usage
@@ -66,38 +73,98 @@ class _TokenCounter:
         return Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
 
 
+class _Instances:
+    """``Llama`` instances handed out one call at a time: never two threads in one context.
+
+    ``make`` builds one; up to ``size`` are built, ``eager`` ones at once (so a load fails at
+    load, and a slot's memory is taken then), the rest when every built one is busy.
+    """
+
+    def __init__(self, make: Callable[[], Any], size: int, *, eager: int = 0) -> None:
+        self._make = make
+        self._size = size
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._built: list[Any] = []
+        self._lock = threading.Lock()
+        try:
+            for _ in range(eager):
+                self._free.put(self._build())
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> Any:
+        instance = self._make()
+        self._built.append(instance)
+        return instance
+
+    @contextmanager
+    def use(self) -> Iterator[Any]:
+        try:
+            instance = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                instance = self._build() if len(self._built) < self._size else None
+            if instance is None:
+                instance = self._free.get()  # every one is busy: wait for the first returned
+        try:
+            yield instance
+        finally:
+            self._free.put(instance)
+
+    def first(self) -> Any:
+        """Any built instance, for what does not touch its context (vocabulary, tokens)."""
+        return self._built[0]
+
+    def close(self) -> None:
+        """Only once no call is running (the node closes an engine after taking every slot)."""
+        with self._lock:
+            built, self._built = self._built, []
+        for instance in built:
+            instance.close()
+
+
 class LlamaEngine:
-    def __init__(self, path: str, *, n_ctx: int, n_threads: int, projector: str | None = None) -> None:
+    """``slots`` calls run at once, each in its own context; each slot costs one KV cache of
+    ``n_ctx`` tokens (plus compute buffers, and the projector of a vision model) in memory."""
+
+    def __init__(self, path: str, *, n_ctx: int, n_threads: int, projector: str | None = None,
+                 slots: int = 1) -> None:
         import llama_cpp
 
+        if slots < 1:
+            raise ValueError(f"slots must be 1 or more, not {slots}")
         self._llama_cpp = llama_cpp
         self.path = path
-        self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.slots = slots
         self.capabilities = list(CAPABILITIES)
         self.artifact_bytes = Path(path).stat().st_size
         self.vision = projector is not None
-        handler = None
         if projector is not None:
             if not Path(projector).is_file():
                 raise RuntimeError(f"the multimodal projector {projector} of {path} is missing")
-            from llama_cpp.llama_chat_format import Llava15ChatHandler
-
-            try:
-                handler = Llava15ChatHandler(clip_model_path=projector, verbose=False)
-            except Exception as exc:  # libmtmd reports a bad projector as a generic failure
-                raise RuntimeError(f"llama.cpp could not load the projector {projector}: {exc}") from exc
             self.capabilities.append(subjects.VISION)
-        try:
-            # Never allocate a context longer than the model was trained for.
-            n_ctx = min(n_ctx, _trained_context(path) or n_ctx)
-            self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False,
-                                        chat_handler=handler)
-        except ValueError as exc:
-            raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
-        self.n_ctx = n_ctx
-        self._embedder: Any = None
-        self._embed_lock = threading.Lock()
+        # Never allocate a context longer than the model was trained for.
+        self.n_ctx = min(n_ctx, _trained_context(path) or n_ctx)
+
+        def generator() -> Any:
+            handler = _vision_handler(projector) if projector is not None else None
+            try:
+                return llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, verbose=False,
+                                       chat_handler=handler)
+            except ValueError as exc:
+                raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
+
+        def embedder() -> Any:
+            return llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, embedding=True,
+                                   pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
+
+        self._generators = _Instances(generator, slots, eager=slots)
+        self._embedders = _Instances(embedder, slots)
+        first = self._generators.first()
+        self._n_vocab = first.n_vocab()
+        self._eos = first.token_eos()
 
     # ------------------------------------------------------------ generation
 
@@ -106,7 +173,7 @@ class LlamaEngine:
         if body.logit_bias:
             # Applied here, not through llama-cpp-python's logit_bias argument: combined with a
             # logits_processor, 0.3.x drops both (it assigns the result of list.extend, None).
-            processors.append(_logit_bias_processor(body.logit_bias, self._llm.n_vocab()))
+            processors.append(_logit_bias_processor(body.logit_bias, self._n_vocab))
         processors.append(counter)
         kwargs: dict[str, Any] = {
             "stop": body.stop or [],
@@ -157,12 +224,13 @@ class LlamaEngine:
         return TextOutcome("".join(parts), finish_reason, counter.usage(finish_reason, limit))
 
     def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
-        counter = _TokenCounter(cancelled, self._llm.token_eos())
+        counter = _TokenCounter(cancelled, self._eos)
         messages = [_message(m, images=self.vision) for m in body.messages]
-        chunks = self._llm.create_chat_completion(
-            messages=messages, max_tokens=body.token_limit, stream=True, **self._sampling(body, counter)
-        )
-        return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter, body.token_limit)
+        sampling = self._sampling(body, counter)
+        with self._generators.use() as llm:
+            chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **sampling)
+            return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter,
+                               body.token_limit)
 
     def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         if not isinstance(body.prompt, str):
@@ -171,33 +239,20 @@ class LlamaEngine:
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-        counter = _TokenCounter(cancelled, self._llm.token_eos())
-        chunks = self._llm.create_completion(
-            prompt=prompt,
-            suffix=body.suffix,
-            max_tokens=body.token_limit,
-            echo=body.echo,
-            stream=True,
-            **self._sampling(body, counter),
-        )
-        return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit)
+        counter = _TokenCounter(cancelled, self._eos)
+        sampling = self._sampling(body, counter)
+        with self._generators.use() as llm:
+            chunks = llm.create_completion(
+                prompt=prompt, suffix=body.suffix, max_tokens=body.token_limit, echo=body.echo, stream=True, **sampling
+            )
+            return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit)
 
     # ------------------------------------------------------------ embeddings
 
     def embed(self, body: EmbeddingBody) -> tuple[list[list[float]], Usage]:
-        with self._embed_lock:
-            if self._embedder is None:
-                self._embedder = self._llama_cpp.Llama(
-                    model_path=self.path,
-                    n_ctx=self.n_ctx,
-                    n_threads=self.n_threads,
-                    embedding=True,
-                    pooling_type=self._llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                    verbose=False,
-                )
-        inputs = body.inputs
         try:
-            result = self._embedder.create_embedding(inputs)
+            with self._embedders.use() as embedder:
+                result = embedder.create_embedding(body.inputs)
         except ValueError as exc:
             raise EngineError(str(exc), param="input") from exc
         vectors = [item["embedding"] for item in result["data"]]
@@ -211,10 +266,18 @@ class LlamaEngine:
         return vectors, Usage(prompt_tokens, 0, prompt_tokens)
 
     def close(self) -> None:
-        for llm in (self._llm, self._embedder):
-            if llm is not None:
-                llm.close()
-        self._embedder = None
+        self._generators.close()
+        self._embedders.close()
+
+
+def _vision_handler(projector: str) -> Any:
+    """A LLaVA-1.5 chat handler; it binds its libmtmd context to the first ``Llama`` it serves."""
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    try:
+        return Llava15ChatHandler(clip_model_path=projector, verbose=False)
+    except Exception as exc:  # libmtmd reports a bad projector as a generic failure
+        raise RuntimeError(f"llama.cpp could not load the projector {projector}: {exc}") from exc
 
 
 def _logit_bias_processor(bias: dict[str, float], n_vocab: int) -> Any:
@@ -299,6 +362,7 @@ class LlamaCppRuntime:
     def accepts(self, record: ModelRecord) -> bool:
         return record.format == "gguf"
 
-    def load(self, record: ModelRecord, path: str) -> LlamaEngine:
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> LlamaEngine:
+        """``slots``: contexts, so requests run at once; each costs one KV cache of ``n_ctx``."""
         projector = record.source.projector if subjects.VISION in record.capabilities else None
-        return LlamaEngine(path, n_ctx=self.n_ctx, n_threads=self.n_threads, projector=projector)
+        return LlamaEngine(path, n_ctx=self.n_ctx, n_threads=self.n_threads, projector=projector, slots=slots)

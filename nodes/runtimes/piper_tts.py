@@ -9,7 +9,10 @@ Encoding to the OpenAI response formats: wav (``wave`` module) and pcm (raw s16l
 the rate OpenAI documents for pcm) always; flac, mp3, opus (Ogg) and aac (ADTS) through PyAV
 when its encoders are present.
 
-``LLM_ROUTER_ENGINE_THREADS`` sets onnxruntime's intra-op threads (0 = its default).
+``LLM_ROUTER_ENGINE_THREADS`` sets onnxruntime's intra-op threads (0 = its default), per call.
+
+``slots`` calls run at once on one session (``InferenceSession.run`` is thread-safe); only
+espeak phonemization, one global state in the process, takes turns under a lock.
 """
 
 from __future__ import annotations
@@ -78,9 +81,12 @@ class PiperVoiceConfig:
 class PiperEngine:
     """Blocking; the node agent calls it from a worker thread."""
 
-    def __init__(self, onnx_path: str, *, threads: int = 0, config_path: str | None = None) -> None:
+    def __init__(self, onnx_path: str, *, threads: int = 0, config_path: str | None = None, slots: int = 1) -> None:
         import onnxruntime
 
+        if slots < 1:
+            raise ValueError(f"slots must be 1 or more, not {slots}")
+        self.slots = slots
         path = Path(onnx_path)
         config_file = Path(config_path) if config_path else Path(f"{path}.json")
         try:
@@ -310,9 +316,9 @@ class PiperRuntime(PackageRuntime):
     capabilities = CAPABILITIES
     packages = [("onnxruntime", "onnxruntime"), ("numpy", "numpy")]
 
-    def load(self, record: ModelRecord, path: str) -> PiperEngine:
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> PiperEngine:
         """``path``: the voice's .onnx file, or a folder holding exactly one voice pair."""
-        return PiperEngine(str(voice_file(Path(path))), threads=self.threads)
+        return PiperEngine(str(voice_file(Path(path))), threads=self.threads, slots=slots)
 
 
 def voice_file(path: Path) -> Path:
