@@ -7,8 +7,7 @@ from typing import Any
 import msgspec
 
 from . import messages as m
-from .openai import ChatCompletionBody, CompletionBody, EmbeddingBody, ImageBody, SpeechBody, TranscriptionBody
-from .subjects import CHAT, COMPLETION, EMBEDDING, IMAGE, SPEECH, TRANSCRIPTION, TRANSLATION, VISION
+from .capabilities import CAPABILITIES
 
 encoder = msgspec.json.Encoder()
 encode = encoder.encode
@@ -28,18 +27,8 @@ def decode(data: bytes, kind: Any) -> Any:
     return decoder(kind).decode(data)
 
 
-# Body type of each capability; a node decodes its requests with REQUEST_TYPES[capability].
-BODY_TYPES: dict[str, Any] = {
-    CHAT: ChatCompletionBody,
-    COMPLETION: CompletionBody,
-    EMBEDDING: EmbeddingBody,
-    VISION: ChatCompletionBody,  # a chat with image parts, sent only to vision-capable nodes
-    IMAGE: ImageBody,  # tagged union on "operation": generate, edit, variation
-    TRANSCRIPTION: TranscriptionBody,
-    TRANSLATION: TranscriptionBody,
-    SPEECH: SpeechBody,
-}
-REQUEST_TYPES: dict[str, Any] = {cap: m.InferenceRequest[body] for cap, body in BODY_TYPES.items()}
+# Request type of each capability, as a node decodes it (from the capability table).
+REQUEST_TYPES: dict[str, Any] = {name: c.request for name, c in CAPABILITIES.items()}
 
 
 def decode_reply(data: bytes) -> m.Reply:

@@ -34,7 +34,7 @@ from events.openai import validation_param
 
 from .dispatch import Dispatcher
 from .errors import ApiError, model_not_found
-from .openai_routes import json_response, parse_body
+from .http import json_response, parse_body
 
 ADMIN_TIMEOUT_S = 30.0
 

@@ -21,12 +21,13 @@ from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
 
 from .admin_routes import AdminRoutes
-from .dispatch import ClientDisconnected, Dispatcher
+from .dispatch import ClientDisconnected, DispatchError, Dispatcher
 from .downloads import DownloadRoutes, OnDemand
-from .errors import ApiError
+from .errors import ApiError, api_error
 from .history import HistoryWriter
 from .media_routes import MediaRoutes
-from .openai_routes import OpenAIRoutes, json_response
+from .http import json_response
+from .openai_routes import OpenAIRoutes
 
 log = structlog.get_logger("gateway")
 
@@ -35,8 +36,10 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
     return exc.response()
 
 
-async def _client_gone(request: Request, exc: ClientDisconnected) -> Response:
-    return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
+async def _dispatch_error(request: Request, exc: DispatchError) -> Response:
+    if isinstance(exc, ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
+    return api_error(exc).response()
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -82,7 +85,7 @@ def build_app(gateway: Gateway) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers={
-            ApiError: _api_error, ClientDisconnected: _client_gone, HTTPException: _http_error, Exception: _server_error,
+            ApiError: _api_error, DispatchError: _dispatch_error, HTTPException: _http_error, Exception: _server_error,
         },
     )
 

@@ -31,33 +31,74 @@ from broker.mirrors import NodeDirectory
 from events import codec, subjects
 from events.messages import FINAL_REPLIES, CancelRequest, Failure, InferenceRequest, NodeHeartbeat, Reply
 
-from .errors import ApiError
-
 log = structlog.get_logger("gateway")
 
 NO_RESPONDERS = "503"
 _ABANDONED = object()  # put in a call's reply queue when its client left
+_TICK = object()  # put in a waiting call's reply queue once a second (health and deadline checks)
+TICK_S = 1.0
 BUSY_BACKOFF_S = 0.05  # a node that said busy is skipped this long (or until one of ours ends there)
 EWMA = 0.2
 SlotKey = tuple[str, str]  # (node id, model)
 
 
+class DispatchError(Exception):
+    """Why a call got no answer. Scheduling knows nothing of HTTP: ``gateway.errors.api_error``
+    maps each kind to its OpenAI error, in one place."""
+
+
+class NoNode(DispatchError):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"no live node is serving the model {model!r}")
+        self.model = model
+
+
+class QueueFull(DispatchError):
+    def __init__(self, size: int, retry_after_s: float) -> None:
+        super().__init__(f"the request queue is full ({size} waiting)")
+        self.size = size
+        self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(DispatchError):
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(f"waited {waited_s:g} s in the queue for a free node")
+        self.waited_s = waited_s
+
+
+class NodeUnavailable(DispatchError):
+    """The node stopped answering after part of the answer, or twice in a row."""
+
+    def __init__(self, node_id: str | None, reason: str) -> None:
+        super().__init__(f"node {node_id} stopped answering: {reason}")
+        self.node_id = node_id
+
+
+class NodeTimeout(DispatchError):
+    def __init__(self) -> None:
+        super().__init__("the node did not answer in time")
+
+
+class BrokerUnavailable(DispatchError):
+    def __init__(self) -> None:
+        super().__init__("the message broker (NATS) is unreachable; the gateway is reconnecting")
+
+
+class ClientDisconnected(DispatchError):
+    """The HTTP client went away while its request waited: nobody needs the answer."""
+
+    def __init__(self) -> None:
+        super().__init__("client disconnected")
+
+
 class NodeGone(Exception):
     """The chosen node cannot answer (no responders, heartbeat expired, draining), or no longer
-    knows the request (``lost``: its reply was lost; the node itself is fine)."""
+    knows the request (``lost``: its reply was lost; the node itself is fine). Internal: it
+    turns into a retry or a NodeUnavailable."""
 
     def __init__(self, reason: str, *, lost: bool = False) -> None:
         super().__init__(reason)
         self.lost = lost
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away while its request waited: nobody needs the answer."""
-
-
-def broker_unavailable() -> ApiError:
-    return ApiError(503, "The message broker (NATS) is unreachable; the gateway is reconnecting. Retry shortly.",
-                    code="broker_unavailable", headers={"Retry-After": "2"})
 
 
 class Dispatcher:
@@ -84,14 +125,28 @@ class Dispatcher:
         self._ids = itertools.count()
         self._calls: dict[str, asyncio.Queue] = {}
         self._sub = None
+        self._ticker: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
         self.directory.on_change(self._serve_waiters)  # a heartbeat may bring a node or free slots
+        self._ticker = asyncio.create_task(self._tick(), name="dispatch-ticker")
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._sub is not None:
             await self._sub.unsubscribe()
+
+    async def _tick(self) -> None:
+        """Once a second, wake every waiting call to check its deadline and its node's health:
+        one timer for all calls instead of a timeout on every reply (``asyncio.wait_for`` costs a
+        task per await)."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            for queue in self._calls.values():
+                if queue.empty():
+                    queue.put_nowait(_TICK)
 
     async def _on_reply(self, msg: Msg) -> None:
         queue = self._calls.get(msg.subject)
@@ -99,7 +154,28 @@ class Dispatcher:
             queue.put_nowait(msg)
 
     def call(self, capability: str, model: str, params: Any, *, stream: bool) -> Call:
+        """A call with its reply inbox open; ``aclose()`` it when done (the Exchange does)."""
         return Call(self, capability, model, params, stream)
+
+    def open_inbox(self, queue: asyncio.Queue) -> str:
+        """A reply subject whose messages land in ``queue`` (one wildcard subscription for all)."""
+        inbox = f"{self._prefix}.{next(self._ids)}"
+        self._calls[inbox] = queue
+        return inbox
+
+    def close_inbox(self, inbox: str) -> None:
+        self._calls.pop(inbox, None)
+
+    async def send(self, call: Call, node_id: str) -> None:
+        subject = subjects.infer_on_node(call.capability, call.model, node_id)
+        await self.nc.publish(subject, codec.encode(call.request), reply=call.inbox)
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell the node running ``request_id`` to stop (best effort: the client is gone)."""
+        try:
+            await self.nc.publish(subjects.infer_cancel(request_id), codec.encode(CancelRequest(request_id=request_id)))
+        except Exception as err:
+            log.warning("cancel not delivered", request_id=request_id, error=str(err))
 
     def node_inflight(self, node_id: str) -> int:
         return sum(n for (node, _), n in self.inflight.items() if node == node_id)
@@ -146,7 +222,7 @@ class Dispatcher:
         for queue in self._waiters.values():
             for future, _ in queue:
                 if not future.done():
-                    future.set_exception(broker_unavailable())
+                    future.set_exception(BrokerUnavailable())
 
     def mark_busy(self, node_id: str, model: str) -> None:
         """The node said it has no free slot (another gateway's work): skip it for a moment."""
@@ -163,12 +239,9 @@ class Dispatcher:
                 self._reserve(call, beat)
                 return beat
         if not [b for b in self.directory.serving(call.model, call.capability) if b.node_id not in call.excluded]:
-            raise _no_node(call.model)
+            raise NoNode(call.model)
         if self.waiting >= self.queue_size:
-            raise ApiError(
-                429, f"The request queue is full ({self.queue_size} waiting); retry later.",
-                code="queue_full", headers={"Retry-After": str(max(1, round(self.queue_timeout)))},
-            )
+            raise QueueFull(self.queue_size, self.queue_timeout)
         future = asyncio.get_running_loop().create_future()
         call.waiting = future
         queue = self._waiters.setdefault(key, deque())
@@ -179,9 +252,7 @@ class Dispatcher:
         try:
             beat = await asyncio.wait_for(asyncio.shield(future), timeout=self.queue_timeout)
         except TimeoutError:
-            raise ApiError(
-                504, f"Waited {self.queue_timeout:g} s in the queue for a free node; retry later.", code="queue_timeout"
-            ) from None
+            raise QueueTimeout(self.queue_timeout) from None
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result().node_id, call.model)  # assigned just as the client left
@@ -207,7 +278,7 @@ class Dispatcher:
                 beat = self._pick(call)
                 if beat is None:
                     if not self.directory.serving(model, capability):
-                        future.set_exception(_no_node(model))
+                        future.set_exception(NoNode(model))
                         queue.popleft()
                         continue
                     break
@@ -216,15 +287,14 @@ class Dispatcher:
                 future.set_result(beat)
 
 
-def _no_node(model: str) -> ApiError:
-    return ApiError(
-        503, f"No live node is serving the model '{model}' right now. Retry shortly.",
-        code="model_unavailable", headers={"Retry-After": "5"},
-    )
-
-
 class Call:
-    """One request's life: ``async with dispatcher.call(...) as call: reply = await call.next()``."""
+    """One request's life, as an async iterator of the node's replies ending with the final one.
+
+    The first ``__anext__`` takes a slot (queueing if none is free) and sends the request; a
+    busy node means "queue again", a dead or draining one "retry once elsewhere", a lost reply
+    "send again". ``aclose()`` gives the slot back and, when the answer was not complete, tells
+    the node to stop. Raises DispatchError subclasses only.
+    """
 
     def __init__(self, dispatcher: Dispatcher, capability: str, model: str, params: Any, stream: bool) -> None:
         self.d = dispatcher
@@ -238,45 +308,47 @@ class Call:
         self._slot: str | None = None  # the node whose slot this call holds
         self.received = 0
         self.finished = False
+        self.closed = False
         self.waited_ms = 0.0
         self.excluded: set[str] = set()  # nodes that died under this call
-        self._failovers = 0
-        self._sent_at = 0.0
         self.waiting: asyncio.Future | None = None  # while queued for a free slot
         self.abandoned = False
+        self._failovers = 0
         self._sent = False
-        self._inbox = f"{dispatcher._prefix}.{next(dispatcher._ids)}"
+        self._sent_at = 0.0
         self._queue: asyncio.Queue = asyncio.Queue()
+        self.inbox = dispatcher.open_inbox(self._queue)
         self._deadline = time.monotonic() + dispatcher.request_timeout
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
-    async def __aenter__(self) -> Call:
-        """Registers the reply inbox; the request is sent (after a free slot) by the first next()."""
-        self.d._calls[self._inbox] = self._queue
+    def __aiter__(self) -> Call:
         return self
 
+    async def __anext__(self) -> Reply:
+        if self.finished:
+            raise StopAsyncIteration
+        return await self.next()
+
+    async def aclose(self) -> None:
+        """Free the slot and the inbox (once); stop the node's work if the answer is incomplete."""
+        if self.closed:
+            return
+        self.closed = True
+        self.d.close_inbox(self.inbox)
+        self._release()
+        if not self.finished and self.node_id is not None:
+            await self.d.cancel(self.request_id)
+
     def abandon(self) -> None:
-        """The client left: a queued call leaves the queue, a sent one stops waiting (its
-        ``__aexit__`` then cancels it on the node). ``next()`` raises ClientDisconnected."""
+        """The client left: a queued call leaves the queue, a sent one stops waiting (``aclose``
+        then cancels it on the node). The pending ``next()`` raises ClientDisconnected."""
         self.abandoned = True
         if self.waiting is not None and not self.waiting.done():
             self.waiting.set_exception(ClientDisconnected())
         self._queue.put_nowait(_ABANDONED)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.d._calls.pop(self._inbox, None)
-        self._release()
-        if not self.finished and self.node_id is not None:
-            # The client left (or we gave up): stop the generation on the node.
-            try:
-                await self.d.nc.publish(
-                    subjects.infer_cancel(self.request_id), codec.encode(CancelRequest(request_id=self.request_id))
-                )
-            except Exception as err:
-                log.warning("cancel not delivered", request_id=self.request_id, error=str(err))
 
     def _release(self, *, finished: bool = False) -> None:
         """Give the slot back (once); a finished answer also teaches the node's speed."""
@@ -290,17 +362,15 @@ class Call:
         if self.abandoned:
             raise ClientDisconnected()
         if not self.d.nc.is_connected:
-            raise broker_unavailable()
+            raise BrokerUnavailable()
         self._sent = True
         node = await self.d.acquire(self)
         self.node_id = self._slot = node.node_id
         self._sent_at = time.monotonic()
-        subject = subjects.infer_on_node(self.capability, self.model, node.node_id)
-        await self.d.nc.publish(subject, codec.encode(self.request), reply=self._inbox)
+        await self.d.send(self, node.node_id)
 
     async def next(self) -> Reply:
-        """The next reply. Before anything has arrived, a busy node means "queue again" and a
-        dead or draining node means "retry once elsewhere"."""
+        """The next reply (see the class doc for what happens before the first one)."""
         if not self._sent:
             await self._send()
         while True:
@@ -308,8 +378,7 @@ class Call:
                 reply = await self._next_from_node()
             except NodeGone as gone:
                 if self.received or self._failovers >= 1:
-                    raise ApiError(503, f"node {self.node_id} stopped answering: {gone}", code="node_unavailable",
-                                   headers={"Retry-After": "1"}) from None
+                    raise NodeUnavailable(self.node_id, str(gone)) from None
                 log.warning("retrying", request_id=self.request_id, node=self.node_id, reason=str(gone))
                 self._failovers += 1
                 if not gone.lost:  # a node that lost one reply is still fine to use
@@ -328,16 +397,14 @@ class Call:
 
     async def _next_from_node(self) -> Reply:
         while True:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise ApiError(504, "the node did not answer in time", code="timeout")
-            try:
-                msg: Msg = await asyncio.wait_for(self._queue.get(), timeout=min(1.0, remaining))
-            except TimeoutError:
+            msg = await self._queue.get()
+            if msg is _TICK:
+                if time.monotonic() >= self._deadline:
+                    raise NodeTimeout()
                 if not self.d.directory.is_live(self.node_id):
-                    raise NodeGone("its heartbeat expired") from None
+                    raise NodeGone("its heartbeat expired")
                 if self.d.directory.lost(self.node_id, self.request_id, self._sent_at):
-                    raise NodeGone("it no longer knows the request (its reply was lost)", lost=True) from None
+                    raise NodeGone("it no longer knows the request (its reply was lost)", lost=True)
                 continue
             if msg is _ABANDONED:
                 raise ClientDisconnected()

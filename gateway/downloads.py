@@ -33,7 +33,7 @@ from events import codec, encode_token, storage, subjects
 from events.messages import DownloadModel, DownloadProgress, DownloadReply, DownloadTask, ModelRecord
 
 from .errors import ApiError, model_not_found
-from .openai_routes import json_response, parse_body
+from .http import json_response, parse_body
 
 Ask = Callable[[str, Any, type], Awaitable[Any]]
 

@@ -6,6 +6,8 @@ from starlette.responses import Response
 
 from events import codec
 
+from . import dispatch as d  # dispatch knows nothing of HTTP: api_error below is the one bridge
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -49,3 +51,28 @@ def model_not_found(model: str) -> ApiError:
     return ApiError(
         404, f"The model '{model}' does not exist or is not registered.", param="model", code="model_not_found"
     )
+
+
+def api_error(exc: Exception) -> ApiError:
+    """The OpenAI error for a dispatch failure (gateway.dispatch raises no HTTP errors itself)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, d.NoNode):
+        return ApiError(503, f"No live node is serving the model '{exc.model}' right now. Retry shortly.",
+                        code="model_unavailable", headers={"Retry-After": "5"})
+    if isinstance(exc, d.QueueFull):
+        return ApiError(429, f"The request queue is full ({exc.size} waiting); retry later.", code="queue_full",
+                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+    if isinstance(exc, d.QueueTimeout):
+        return ApiError(504, f"Waited {exc.waited_s:g} s in the queue for a free node; retry later.",
+                        code="queue_timeout")
+    if isinstance(exc, d.NodeUnavailable):
+        return ApiError(503, str(exc), code="node_unavailable", headers={"Retry-After": "1"})
+    if isinstance(exc, d.NodeTimeout):
+        return ApiError(504, "The node did not answer in time.", code="timeout")
+    if isinstance(exc, d.BrokerUnavailable):
+        return ApiError(503, "The message broker (NATS) is unreachable; the gateway is reconnecting. Retry shortly.",
+                        code="broker_unavailable", headers={"Retry-After": "2"})
+    if isinstance(exc, d.ClientDisconnected):
+        return ApiError(499, "The client disconnected.", type="client_disconnected", code="client_disconnected")
+    return ApiError(500, f"Dispatch failed: {exc}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import mimetypes
 import re
-import time
 from typing import Any
 
 import msgspec
@@ -24,7 +23,7 @@ from starlette.responses import Response
 
 from broker import payloads
 from events import codec, subjects
-from events.messages import Attachment, ImageResult, Reply, SpeechResult, TranscriptionResult
+from events.messages import Attachment, ImageResult, SpeechResult, TranscriptionResult
 from events.openai import (
     ImageEditBody,
     ImageGenerationBody,
@@ -35,9 +34,10 @@ from events.openai import (
 )
 from events.storage import PAYLOAD_TTL_S
 
-from .dispatch import Call
 from .errors import ApiError
-from .openai_routes import OpenAIRoutes, call_headers, json_response
+from .exchange import Exchange
+from .http import json_response
+from .openai_routes import OpenAIRoutes
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit for audio uploads; images get the same
 FORM_OVERHEAD_BYTES = 1024 * 1024  # multipart boundaries and text fields on top of the files
@@ -57,9 +57,9 @@ class MediaRoutes:
     # ------------------------------------------------------------ images
 
     async def image_generations(self, request: Request) -> Response:
-        body, raw, started, t0 = await self.api.accept_json(request, ImageGenerationBody, subjects.IMAGE,
-                                                            endpoint=ENDPOINT_GENERATIONS)
-        return await self._images(request, body, raw, started, t0, ENDPOINT_GENERATIONS, [])
+        exchange = self.api.exchange(request, subjects.IMAGE, ENDPOINT_GENERATIONS)
+        body = await exchange.accept(ImageGenerationBody, self.api.resolve)
+        return await self._images(exchange, body, [])
 
     async def image_edits(self, request: Request) -> Response:
         return await self._image_upload(request, ImageEditBody, ENDPOINT_EDITS, with_mask=True)
@@ -68,7 +68,7 @@ class MediaRoutes:
         return await self._image_upload(request, ImageVariationBody, ENDPOINT_VARIATIONS, with_mask=False)
 
     async def _image_upload(self, request: Request, kind: type, endpoint: str, *, with_mask: bool) -> Response:
-        started, t0 = time.time(), time.perf_counter()
+        exchange = self.api.exchange(request, subjects.IMAGE, endpoint)
         summary: dict[str, Any] = {}
         try:
             async with _form(request) as form:
@@ -81,18 +81,16 @@ class MediaRoutes:
             body = _convert(fields | {k: {"size": len(v[0])} for k, v in files.items()}, kind)
             await self.api.resolve(body.model, subjects.IMAGE)
         except ApiError as exc:
-            self.api.refused(subjects.IMAGE, codec.encode(summary), started, t0, exc, endpoint)
+            _refused(exchange, summary, exc)
             raise
+        exchange.raw = codec.encode(summary)  # what history keeps of a multipart request
         # One inline budget for image and mask together: both go in the same message.
         attachments = dict(zip(files, await payloads.pack(self.js, files.values())))
         body = msgspec.structs.replace(body, **attachments)
-        return await self._images(request, body, codec.encode(summary), started, t0, endpoint,
-                                  list(attachments.values()))
+        return await self._images(exchange, body, list(attachments.values()))
 
-    async def _images(self, request: Request, body: Any, raw: bytes, started: float, t0: float, endpoint: str,
-                      uploads: list[Attachment]) -> Response:
-        call, reply = await self._dispatch(request, subjects.IMAGE, body, raw, started, t0, endpoint, uploads,
-                                           ImageResult)
+    async def _images(self, exchange: Exchange, body: Any, uploads: list[Attachment]) -> Response:
+        reply = await self._dispatch(exchange, body, uploads, ImageResult)
         data = []
         stored = 0
         for image in reply.images:
@@ -104,11 +102,11 @@ class MediaRoutes:
                     image = await payloads.store(self.js, image.data or b"", content_type=image.content_type,
                                                  filename=image.filename)
                 stored += 1
-                data.append({"url": f"{str(request.base_url).rstrip('/')}/v0/files/{image.object}"})
+                data.append({"url": f"{str(exchange.request.base_url).rstrip('/')}/v0/files/{image.object}"})
         sizes = {"n": len(reply.images), "bytes": sum(i.size for i in reply.images), "response_format": body.response_format}
-        self.api.record(call, raw, started, t0, 200, response=sizes, endpoint=endpoint)
-        payload: dict[str, Any] = {"created": int(started), "data": data, "output_format": "png"}
-        headers = call_headers(call)
+        exchange.record(200, response=sizes)
+        payload: dict[str, Any] = {"created": int(exchange.started), "data": data, "output_format": "png"}
+        headers = exchange.headers()
         if stored:
             headers["x-files-expire-in-s"] = str(int(PAYLOAD_TTL_S))
         return json_response(payload, headers=headers)
@@ -122,8 +120,7 @@ class MediaRoutes:
         return await self._speech_to_text(request, subjects.TRANSLATION)
 
     async def _speech_to_text(self, request: Request, capability: str) -> Response:
-        started, t0 = time.time(), time.perf_counter()
-        endpoint = f"/v1/audio/{'translations' if capability == subjects.TRANSLATION else 'transcriptions'}"
+        exchange = self.api.exchange(request, capability)
         summary: dict[str, Any] = {}
         try:
             async with _form(request) as form:
@@ -134,29 +131,29 @@ class MediaRoutes:
             body: TranscriptionBody = _convert(fields | {"file": {"size": len(upload[0])}}, TranscriptionBody)
             await self.api.resolve(body.model, capability)
         except ApiError as exc:
-            self.api.refused(capability, codec.encode(summary), started, t0, exc, endpoint)
+            _refused(exchange, summary, exc)
             raise
-        raw = codec.encode(summary)
+        exchange.raw = codec.encode(summary)
         attachment = await _attach(self.js, upload)
         body = msgspec.structs.replace(body, file=attachment)
-        call, reply = await self._dispatch(request, capability, body, raw, started, t0, endpoint, [attachment],
-                                           TranscriptionResult)
+        reply = await self._dispatch(exchange, body, [attachment], TranscriptionResult)
         data = await payloads.load(self.js, reply.body, consume=True)
-        self.api.record(call, raw, started, t0, 200, endpoint=endpoint, response={
+        exchange.record(200, response={
             "text": reply.text, "language": reply.language, "duration": reply.duration_s,
             "response_format": body.response_format,
         })
-        return Response(data, 200, call_headers(call), media_type=reply.body.content_type)
+        return Response(data, 200, exchange.headers(), media_type=reply.body.content_type)
 
     async def speech(self, request: Request) -> Response:
-        body, raw, started, t0 = await self.api.accept_json(request, SpeechBody, subjects.SPEECH)
-        call, reply = await self._dispatch(request, subjects.SPEECH, body, raw, started, t0, None, [], SpeechResult)
+        exchange = self.api.exchange(request, subjects.SPEECH)
+        body = await exchange.accept(SpeechBody, self.api.resolve)
+        reply = await self._dispatch(exchange, body, [], SpeechResult)
         audio = await payloads.load(self.js, reply.audio, consume=True)
-        self.api.record(call, raw, started, t0, 200, response={
+        exchange.record(200, response={
             "bytes": len(audio), "sample_rate": reply.sample_rate, "duration": reply.duration_s,
             "response_format": body.response_format,
         })
-        return Response(audio, 200, call_headers(call), media_type=reply.audio.content_type)
+        return Response(audio, 200, exchange.headers(), media_type=reply.audio.content_type)
 
     # ------------------------------------------------------------ temporary files
 
@@ -175,11 +172,14 @@ class MediaRoutes:
 
     # ------------------------------------------------------------ shared
 
-    async def _dispatch(self, request: Request, capability: str, body: Any, raw: bytes, started: float, t0: float,
-                        endpoint: str | None, uploads: list[Attachment], expected: type) -> tuple[Call, Reply]:
+    async def _dispatch(self, exchange: Exchange, body: Any, uploads: list[Attachment], expected: type) -> Any:
         """The shared final-reply path, deleting the request's uploads once the call is over."""
-        return await self.api.final_reply(request, capability, body, raw, started, t0, expected, endpoint=endpoint,
-                                          cleanup=lambda: payloads.discard(self.js, uploads))
+        return await self.api.final_reply(exchange, body, expected, cleanup=lambda: payloads.discard(self.js, uploads))
+
+
+def _refused(exchange: Exchange, summary: dict[str, Any], exc: ApiError) -> None:
+    exchange.raw = codec.encode(summary)  # a multipart request is recorded as a summary of its fields
+    exchange.record(exc.status, error=exc.message)
 
 
 class _form:

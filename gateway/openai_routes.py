@@ -1,9 +1,13 @@
-"""The OpenAI-compatible ``/v1`` endpoints: validate, resolve the model, dispatch, format."""
+"""The OpenAI-compatible text endpoints (chat, completions, embeddings) and the model list.
+
+Every inference endpoint follows the same steps through an :class:`~gateway.exchange.Exchange`:
+accept (parse, check, resolve), dispatch, wait for the first reply, format, record. Media
+endpoints (gateway/media_routes.py) share ``resolve`` and ``final_reply`` from here.
+"""
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,76 +18,19 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import codec, name_error, subjects
-from events.messages import (
-    Accepted,
-    EmbeddingResult,
-    Failure,
-    HistoryRecord,
-    ModelRecord,
-    TextDelta,
-    TextDone,
-    Usage,
-)
-from events.openai import (
-    ChatCompletionBody,
-    CompletionBody,
-    EmbeddingBody,
-    has_image_parts,
-    validation_param,
-)
+from events import name_error, subjects
+from events.capabilities import CAPABILITIES
+from events.messages import Accepted, EmbeddingResult, Failure, ModelRecord, TextDelta, TextDone, Usage
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts
 
 from . import formatting
-from .disconnect import abandon_on_disconnect
-from .dispatch import Call, ClientDisconnected, Dispatcher
-from .errors import ApiError, model_not_found
+from .dispatch import DispatchError, Dispatcher
+from .errors import ApiError, api_error, model_not_found
+from .exchange import Exchange, failure_error
 from .history import HistoryWriter
+from .http import json_response
 
 log = structlog.get_logger("gateway")
-
-CAPABILITY_LABELS = {
-    subjects.CHAT: "chat completions",
-    subjects.COMPLETION: "text completions",
-    subjects.EMBEDDING: "embeddings",
-    subjects.VISION: "images in chat (vision)",
-    subjects.IMAGE: "image generation (images)",
-    subjects.TRANSCRIPTION: "speech to text (transcription)",
-    subjects.TRANSLATION: "speech translation (translation)",
-    subjects.SPEECH: "text to speech (speech)",
-}
-ENDPOINTS = {
-    subjects.CHAT: "/v1/chat/completions",
-    subjects.COMPLETION: "/v1/completions",
-    subjects.EMBEDDING: "/v1/embeddings",
-    subjects.VISION: "/v1/chat/completions",
-    subjects.IMAGE: "/v1/images/generations",
-    subjects.TRANSCRIPTION: "/v1/audio/transcriptions",
-    subjects.TRANSLATION: "/v1/audio/translations",
-    subjects.SPEECH: "/v1/audio/speech",
-}
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(codec.encode(payload), status, headers, media_type="application/json")
-
-
-def parse_body(raw: bytes, kind: type) -> Any:
-    if not raw.strip():
-        raise ApiError(400, "The request body is empty; expected a JSON object.")
-    try:
-        return codec.decode(raw, kind)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"Invalid request: {exc}", param=validation_param(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
-
-
-def _parsed_json(raw: bytes) -> Any:
-    """The body as JSON, or None when it is not JSON (for recording refused requests)."""
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
 
 
 def unavailable_message(record: ModelRecord) -> str:
@@ -97,18 +44,14 @@ def unavailable_message(record: ModelRecord) -> str:
     return f"Model '{name}' is registered but no live node serves it yet (its files may still be downloading). Retry shortly."
 
 
-def call_headers(call: Call) -> dict[str, str]:
-    """``x-request-id``, plus ``x-queue-wait-ms`` when the request waited for a free node."""
-    headers = {"x-request-id": call.request_id}
-    if call.node_id:
-        headers["x-node-id"] = call.node_id
-    if call.waited_ms > 0:
-        headers.update({"x-queue-status": "queued", "x-queue-wait-ms": str(round(call.waited_ms))})
-    return headers
+def _chat_capability(body: ChatCompletionBody) -> str:
+    """Chats with image parts go to the vision capability: only nodes with a vision model subscribe there."""
+    return subjects.VISION if has_image_parts(body) else subjects.CHAT
 
 
-def failure_error(failure: Failure) -> ApiError:
-    return ApiError(failure.status, failure.message, type=failure.type, param=failure.param, code=failure.code)
+def _no_empty_input(body: EmbeddingBody) -> None:
+    if any(not text for text in body.inputs):
+        raise ApiError(400, "input must not contain empty strings", param="input")
 
 
 class OpenAIRoutes:
@@ -175,7 +118,7 @@ class OpenAIRoutes:
         if capability not in record.capabilities:
             raise ApiError(
                 400,
-                f"Model '{model}' does not support {CAPABILITY_LABELS[capability]}"
+                f"Model '{model}' does not support {CAPABILITIES[capability].label}"
                 f" (it supports: {', '.join(record.capabilities)}).",
                 param="model",
                 code="unsupported_capability",
@@ -191,135 +134,88 @@ class OpenAIRoutes:
                 error = await self.on_demand.error_for(record, error)
             raise error
 
+    def exchange(self, request: Request, capability: str, endpoint: str | None = None) -> Exchange:
+        return Exchange(request, self.history, capability, endpoint)
+
     async def chat_completions(self, request: Request) -> Response:
-        return await self._text(request, subjects.CHAT, ChatCompletionBody)
+        exchange = self.exchange(request, subjects.CHAT)
+        body = await exchange.accept(ChatCompletionBody, self.resolve, capability_of=_chat_capability)
+        return await self._text(exchange, body, chat=True)
 
     async def completions(self, request: Request) -> Response:
-        return await self._text(request, subjects.COMPLETION, CompletionBody)
+        exchange = self.exchange(request, subjects.COMPLETION)
+        body = await exchange.accept(CompletionBody, self.resolve)
+        return await self._text(exchange, body, chat=False)
 
     async def embeddings(self, request: Request) -> Response:
-        def no_empty_input(body: EmbeddingBody) -> None:
-            if any(not text for text in body.inputs):
-                raise ApiError(400, "input must not contain empty strings", param="input")
-
-        body, raw, started, t0 = await self.accept_json(request, EmbeddingBody, subjects.EMBEDDING, check=no_empty_input)
-        call, reply = await self.final_reply(request, subjects.EMBEDDING, body, raw, started, t0, EmbeddingResult)
+        exchange = self.exchange(request, subjects.EMBEDDING)
+        body = await exchange.accept(EmbeddingBody, self.resolve, check=_no_empty_input)
+        reply = await self.final_reply(exchange, body, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
-        summary = {"object": "list", "model": body.model, "count": len(reply.vectors), "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
-        self.record(call, raw, started, t0, 200, usage=reply.usage, response=summary)
-        return json_response(payload, headers=call_headers(call))
+        summary = {"object": "list", "model": body.model, "count": len(reply.vectors),
+                   "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
+        exchange.record(200, usage=reply.usage, response=summary)
+        return json_response(payload, headers=exchange.headers())
 
-    async def accept_json(self, request: Request, kind: type, capability: str, *, endpoint: str | None = None,
-                          check: Callable[[Any], None] | None = None) -> tuple[Any, bytes, float, float]:
-        """Parse a JSON body, check it, resolve its model for ``capability``; a refusal is recorded.
-
-        Returns ``(body, raw, started, t0)``: what the rest of the handler records history with."""
-        started, t0 = time.time(), time.perf_counter()
-        raw = await request.body()
-        try:
-            body = parse_body(raw, kind)
-            if check is not None:
-                check(body)
-            await self.resolve(body.model, capability)
-        except ApiError as exc:
-            self.refused(capability, raw, started, t0, exc, endpoint)
-            raise
-        return body, raw, started, t0
-
-    async def final_reply(self, request: Request, capability: str, body: Any, raw: bytes, started: float, t0: float,
-                          expected: type, *, endpoint: str | None = None,
-                          cleanup: Callable[[], Awaitable[None]] | None = None) -> tuple[Call, Any]:
+    async def final_reply(self, exchange: Exchange, body: Any, expected: type, *,
+                          cleanup: Callable[[], Awaitable[None]] | None = None) -> Any:
         """Dispatch a non-streamed request and wait for its one reply, of type ``expected``.
 
         A failure is recorded and raised as the node's error; a client that leaves meanwhile
         takes its request out of the queue or off the node (recorded as 499). ``cleanup`` runs
         whatever happens (shielded: a client that went away must not leave it half done)."""
-        call = self.dispatcher.call(capability, body.model, body, stream=False)
+        exchange.dispatch(self.dispatcher, body, stream=False)
         try:
-            async with call, abandon_on_disconnect(request, call):
-                reply = await call.next()
-        except ApiError as exc:
-            self.record(call, raw, started, t0, exc.status, error=exc.message, endpoint=endpoint)
-            raise
-        except ClientDisconnected:
-            self.record(call, raw, started, t0, 499, error="client disconnected", endpoint=endpoint)
-            raise
+            reply = await exchange.first_reply()
         finally:
+            await exchange.close()
             if cleanup is not None:
-                with anyio.CancelScope(shield=True):
-                    await cleanup()
-        if isinstance(reply, Failure):
-            self.record(call, raw, started, t0, reply.status, error=reply.message, endpoint=endpoint)
-            raise failure_error(reply)
+                await _shielded(cleanup)
         if not isinstance(reply, expected):
             raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
-        return call, reply
+        return reply
 
-    async def _text(self, request: Request, capability: str, kind: type) -> Response:
-        started, t0 = time.time(), time.perf_counter()
-        raw = await request.body()
-        try:
-            body = parse_body(raw, kind)
-            if capability == subjects.CHAT and has_image_parts(body):
-                capability = subjects.VISION  # only nodes with a vision model subscribe there
-            await self.resolve(body.model, capability)
-        except ApiError as exc:
-            self.refused(capability, raw, started, t0, exc)
-            raise
-        chat = capability in (subjects.CHAT, subjects.VISION)
-        created = int(started)
-        call = self.dispatcher.call(capability, body.model, body, stream=body.stream)
+    async def _text(self, exchange: Exchange, body: ChatCompletionBody | CompletionBody, *, chat: bool) -> Response:
+        call = exchange.dispatch(self.dispatcher, body, stream=body.stream)
         cid = ("chatcmpl-" if chat else "cmpl-") + call.request_id
+        created = int(exchange.started)
         make = formatting.chat_completion if chat else formatting.text_completion
-        await call.__aenter__()
         try:
-            async with abandon_on_disconnect(request, call):
-                first = await call.next()
-        except ApiError as exc:
-            await call.__aexit__(None, None, None)
-            self.record(call, raw, started, t0, exc.status, error=exc.message)
-            raise
-        except ClientDisconnected:
-            await call.__aexit__(None, None, None)
-            self.record(call, raw, started, t0, 499, error="client disconnected")
-            raise
+            first = await exchange.first_reply()
         except BaseException:
-            await call.__aexit__(None, None, None)
+            await exchange.close()
             raise
-        if isinstance(first, Failure):
-            await call.__aexit__(None, None, None)
-            self.record(call, raw, started, t0, first.status, error=first.message)
-            raise failure_error(first)
-
         if not body.stream:
-            await call.__aexit__(None, None, None)
+            await exchange.close()
             if not isinstance(first, TextDone):
                 raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
             payload = make(cid, created, body.model, first.text, first.finish_reason, first.usage)
-            self.record(call, raw, started, t0, 200, usage=first.usage, response=payload)
-            return json_response(payload, headers=call_headers(call))
-
+            exchange.record(200, usage=first.usage, response=payload)
+            return json_response(payload, headers=exchange.headers())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage)
-        first_byte_ms = (time.perf_counter() - t0) * 1000
+        first_byte_ms = (time.perf_counter() - exchange.t0) * 1000
+
+        def summary(text: str, finish: str, usage: Usage) -> dict:
+            return make(cid, created, body.model, text, finish, usage)
+
         return StreamingResponse(
-            self._stream(call, first, writer, make, cid, created, body.model, raw, started, t0, first_byte_ms),
+            self._stream(exchange, first, writer, summary, first_byte_ms),
             media_type="text/event-stream",
-            headers={**call_headers(call), "cache-control": "no-cache"},
+            headers={**exchange.headers(), "cache-control": "no-cache"},
         )
 
-    async def _stream(
-        self, call: Call, reply: Any, writer: formatting.ChunkWriter, make: Any, cid: str, created: int,
-        model: str, raw: bytes, started: float, t0: float, first_byte_ms: float,
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, exchange: Exchange, reply: Any, writer: formatting.ChunkWriter,
+                      summary: Callable[[str, str, Usage], dict], first_byte_ms: float) -> AsyncIterator[bytes]:
+        """SSE chunks from the first reply on; ``summary`` is the answer as the history records it."""
+        call = exchange.call
+        assert call is not None
         parts: list[str] = []
         status, error, usage, finish = 200, None, Usage(), "stop"
         try:
             yield writer.opening()
             while True:
-                if isinstance(reply, Accepted):
-                    pass
-                elif isinstance(reply, TextDelta):
+                if isinstance(reply, TextDelta):
                     parts.append(reply.text)
                     yield writer.delta(reply.text)
                 elif isinstance(reply, TextDone):
@@ -330,61 +226,24 @@ class OpenAIRoutes:
                     status, error = reply.status, reply.message
                     yield formatting.sse(failure_error(reply).body()) + formatting.SSE_DONE
                     return
+                elif not isinstance(reply, Accepted):
+                    raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
                 try:
                     reply = await call.next()
-                except ApiError as exc:  # the node died mid-stream: say so, never truncate silently
-                    status, error = exc.status, exc.message
-                    yield formatting.sse(exc.body()) + formatting.SSE_DONE
+                except DispatchError as exc:  # the node died mid-stream: say so, never truncate silently
+                    failure = api_error(exc)
+                    status, error = failure.status, failure.message
+                    yield formatting.sse(failure.body()) + formatting.SSE_DONE
                     return
         finally:
             if not call.finished and error is None:
                 status, error = 499, "client disconnected"
-            # Starlette cancels this generator when the client leaves; anyio would cancel every
-            # await here too, so shield the clean-up that tells the node to stop.
-            with anyio.CancelScope(shield=True):
-                await call.__aexit__(None, None, None)
-            response = make(cid, created, model, "".join(parts), finish, usage)
-            self.record(call, raw, started, t0, status, usage=usage, response=response, stream=True,
-                         error=error, first_byte_ms=first_byte_ms)
+            # Starlette cancels this generator when the client leaves; the close is shielded.
+            await exchange.close()
+            exchange.record(status, usage=usage, response=summary("".join(parts), finish, usage), stream=True, error=error,
+                            first_byte_ms=first_byte_ms)
 
-    def refused(self, capability: str, raw: bytes, started: float, t0: float, exc: ApiError,
-                 endpoint: str | None = None) -> None:
-        """History of a request refused before any node saw it (bad input, unknown model...).
 
-        ``raw``: the JSON body (a multipart request passes a JSON summary of its fields)."""
-        parsed = _parsed_json(raw)
-        model = parsed.get("model") if isinstance(parsed, dict) else None
-        if name_error(model):  # absent, or not one a history subject can hold
-            model = None
-        self.history.append(
-            HistoryRecord(
-                id=uuid.uuid4().hex, capability=capability, endpoint=endpoint or ENDPOINTS[capability],
-                model=model if isinstance(model, str) and model else "-", status_code=exc.status,
-                started_at=started, duration_ms=(time.perf_counter() - t0) * 1000, error=exc.message,
-                request=msgspec.Raw(raw if parsed is not None else b"null"),
-            )
-        )
-
-    def record(
-        self, call: Call, raw: bytes, started: float, t0: float, status: int, *, usage: Usage | None = None,
-        response: Any = None, stream: bool = False, error: str | None = None, first_byte_ms: float | None = None,
-        endpoint: str | None = None,
-    ) -> None:
-        self.history.append(
-            HistoryRecord(
-                id=call.request_id,
-                capability=call.capability,
-                endpoint=endpoint or ENDPOINTS[call.capability],
-                model=call.model,
-                status_code=status,
-                started_at=started,
-                duration_ms=(time.perf_counter() - t0) * 1000,
-                stream=stream,
-                node_id=call.node_id,
-                first_byte_ms=first_byte_ms,
-                usage=usage,
-                error=error,
-                request=msgspec.Raw(raw),
-                response=response,
-            )
-        )
+async def _shielded(action: Callable[[], Awaitable[None]]) -> None:
+    with anyio.CancelScope(shield=True):
+        await action()

@@ -1,0 +1,153 @@
+"""One HTTP request on an inference endpoint, from its body to its history record.
+
+Every endpoint goes through the same steps: read and check the body, resolve the model,
+dispatch, wait for the answer while watching for the client leaving, format, record. The
+Exchange holds what those steps share (the body, when it started, the capability, the call)
+and records the request in history exactly once, whatever ends it: a refusal, an answer, a
+failure, or a client that left (499).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+from starlette.requests import Request
+
+from events import name_error
+from events.capabilities import CAPABILITIES
+from events.messages import Failure, HistoryRecord, Reply, Usage
+
+from .disconnect import abandon_on_disconnect
+from .dispatch import Call, ClientDisconnected, DispatchError, Dispatcher
+from .errors import ApiError, api_error
+from .history import HistoryWriter
+from .http import parse_body, parsed_json
+
+
+def failure_error(failure: Failure) -> ApiError:
+    return ApiError(failure.status, failure.message, type=failure.type, param=failure.param, code=failure.code)
+
+
+class Exchange:
+    __slots__ = ("request", "history", "capability", "endpoint", "started", "t0", "raw", "call", "recorded")
+
+    def __init__(self, request: Request, history: HistoryWriter, capability: str, endpoint: str | None = None) -> None:
+        self.request = request
+        self.history = history
+        self.capability = capability
+        self.endpoint = endpoint or CAPABILITIES[capability].endpoint
+        self.started = time.time()
+        self.t0 = time.perf_counter()
+        self.raw = b"null"  # the JSON body; a multipart request sets a JSON summary of its fields
+        self.call: Call | None = None
+        self.recorded = False
+
+    # ------------------------------------------------------------ before dispatch
+
+    async def accept(self, kind: type, resolve: Callable[[Any, str], Awaitable[None]], *,
+                     check: Callable[[Any], None] | None = None,
+                     capability_of: Callable[[Any], str] | None = None) -> Any:
+        """The JSON body as ``kind``, checked, its model resolved for the capability (which
+        ``capability_of`` may refine from the body); a refusal is recorded and raised."""
+        self.raw = await self.request.body()
+        with self.refusals():
+            body = parse_body(self.raw, kind)
+            if check is not None:
+                check(body)
+            if capability_of is not None:
+                self.capability = capability_of(body)
+            await resolve(body.model, self.capability)
+        return body
+
+    def refusals(self) -> _Refusals:
+        """``with exchange.refusals():`` records an ApiError raised inside as a refusal."""
+        return _Refusals(self)
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch(self, dispatcher: Dispatcher, body: Any, *, stream: bool) -> Call:
+        self.call = dispatcher.call(self.capability, body.model, body, stream=stream)
+        return self.call
+
+    async def first_reply(self) -> Reply:
+        """The call's first reply, a node failure or dispatch error raised as an ApiError and
+        recorded; the client leaving meanwhile abandons the call (recorded as 499)."""
+        call = self.call
+        assert call is not None
+        try:
+            with abandon_on_disconnect(self.request, call):
+                reply = await call.next()
+        except DispatchError as exc:
+            error = api_error(exc)
+            self.record(error.status, error="client disconnected" if isinstance(exc, ClientDisconnected) else error.message)
+            if isinstance(exc, ClientDisconnected):
+                raise
+            raise error from None
+        if isinstance(reply, Failure):
+            self.record(reply.status, error=reply.message)
+            raise failure_error(reply)
+        return reply
+
+    async def close(self) -> None:
+        """Free the call's slot and stop its work on the node if unfinished; shielded, since a
+        client that left cancels the task that runs this."""
+        if self.call is not None and not self.call.closed:
+            with anyio.CancelScope(shield=True):
+                await self.call.aclose()
+
+    # ------------------------------------------------------------ history
+
+    def record(self, status: int, *, usage: Usage | None = None, response: Any = None, stream: bool = False,
+               error: str | None = None, first_byte_ms: float | None = None) -> None:
+        """The history record of this request; only the first call records anything."""
+        if self.recorded:
+            return
+        self.recorded = True
+        call = self.call
+        if call is None:  # refused before any node saw it
+            parsed = parsed_json(self.raw)
+            model = parsed.get("model") if isinstance(parsed, dict) else None
+            request = msgspec.Raw(self.raw if parsed is not None else b"null")
+            record_id, node_id = uuid.uuid4().hex, None
+            model = model if not name_error(model) else "-"  # absent, or not one a subject can hold
+        else:
+            request, record_id, node_id, model = msgspec.Raw(self.raw), call.request_id, call.node_id, call.model
+        self.history.append(
+            HistoryRecord(
+                id=record_id, capability=self.capability, endpoint=self.endpoint, model=model, status_code=status,
+                started_at=self.started, duration_ms=(time.perf_counter() - self.t0) * 1000, stream=stream,
+                node_id=node_id, first_byte_ms=first_byte_ms, usage=usage, error=error, request=request,
+                response=response,
+            )
+        )
+
+    def headers(self) -> dict[str, str]:
+        """``x-request-id``, ``x-node-id``, and ``x-queue-wait-ms`` when the request waited."""
+        call = self.call
+        assert call is not None
+        headers = {"x-request-id": call.request_id}
+        if call.node_id:
+            headers["x-node-id"] = call.node_id
+        if call.waited_ms > 0:
+            headers.update({"x-queue-status": "queued", "x-queue-wait-ms": str(round(call.waited_ms))})
+        return headers
+
+
+class _Refusals:
+    __slots__ = ("exchange",)
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, ApiError):
+            self.exchange.record(exc.status, error=exc.message)
+        return False

@@ -1,0 +1,37 @@
+"""HTTP helpers every route module shares: JSON responses and JSON bodies parsed into Structs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+from events import codec
+from events.openai import validation_param
+
+from .errors import ApiError
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(codec.encode(payload), status, headers, media_type="application/json")
+
+
+def parse_body(raw: bytes, kind: type) -> Any:
+    """``raw`` decoded into ``kind``, or a 400 naming the offending field."""
+    if not raw.strip():
+        raise ApiError(400, "The request body is empty; expected a JSON object.")
+    try:
+        return codec.decode(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"Invalid request: {exc}", param=validation_param(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
+
+
+def parsed_json(raw: bytes) -> Any:
+    """The body as JSON, or None when it is not JSON (for recording refused requests)."""
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
