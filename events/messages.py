@@ -50,16 +50,16 @@ class InferenceRequest(Struct, Generic[P], kw_only=True):
 class Accepted(Struct, tag_field="kind", tag="accepted", kw_only=True):
     """A node took a streamed request and is starting it, so the gateway can open the stream."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     waited_ms: float = 0.0  # time spent waiting for a free slot on the node
 
 
 class TextDelta(Struct, tag_field="kind", tag="delta", kw_only=True):
     """A piece of generated text of a streamed answer."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     text: str
     index: int = 0
 
@@ -67,8 +67,8 @@ class TextDelta(Struct, tag_field="kind", tag="delta", kw_only=True):
 class TextDone(Struct, tag_field="kind", tag="done", kw_only=True):
     """Ends a text answer. Carries the whole text only when the request was not streamed."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     finish_reason: str
     usage: Usage
     text: str = ""
@@ -76,8 +76,8 @@ class TextDone(Struct, tag_field="kind", tag="done", kw_only=True):
 
 
 class EmbeddingResult(Struct, tag_field="kind", tag="embeddings", kw_only=True):
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     vectors: list[list[float]]
     usage: Usage
 
@@ -104,16 +104,16 @@ class Attachment(Struct, kw_only=True, omit_defaults=True):
 class ImageResult(Struct, tag_field="kind", tag="images", kw_only=True):
     """Generated or edited images, PNG each, in request order."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     images: list[Attachment]
 
 
 class TranscriptionResult(Struct, tag_field="kind", tag="transcription", kw_only=True):
     """A transcript (or translation) already rendered in the requested response_format."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     body: Attachment  # JSON for json/verbose_json, text for text/srt/vtt; content_type says which
     text: str = ""  # the plain transcript, for the history record (truncated)
     language: str = ""
@@ -123,8 +123,8 @@ class TranscriptionResult(Struct, tag_field="kind", tag="transcription", kw_only
 class SpeechResult(Struct, tag_field="kind", tag="speech", kw_only=True):
     """Synthesised speech, encoded in the requested response_format."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     audio: Attachment
     sample_rate: int
     duration_s: float = 0.0
@@ -133,8 +133,8 @@ class SpeechResult(Struct, tag_field="kind", tag="speech", kw_only=True):
 class Failure(Struct, tag_field="kind", tag="error", kw_only=True):
     """Ends an answer with an error; ``status`` is the HTTP status the gateway should use."""
 
-    request_id: str
-    node_id: str
+    request_id: str = ""  # stamped by the node's Responder
+    node_id: str = ""
     status: int
     message: str
     type: str = "server_error"

@@ -21,10 +21,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import connect, provision
+from broker.endpoints import Endpoint, Service
 from events import codec, encode_token, storage, subjects
+from events.capabilities import CAPABILITIES
 from events.messages import (
     CancelRequest,
-    Failure,
+    InferenceRequest,
     LoadedModel,
     ModelEvent,
     ModelRecord,
@@ -39,6 +41,7 @@ from events.messages import (
 from . import cache, system
 from .downloads import Downloads
 from .resolution import ModelNotFound, Resolver, SourceUnavailable
+from .responder import Responder
 from .runtimes import Runtime, default_runtimes
 from .serving import ServedModel
 
@@ -78,14 +81,12 @@ class NodeAgent:
         self.started_at = time.time()
         self.served: dict[str, ServedModel] = {}
         self.failed: dict[str, LoadedModel] = {}
-        self._subs: dict[str, list[Subscription]] = {}
+        self._subs: dict[str, list[Endpoint]] = {}  # each loaded model's inference endpoints
         self._cancels: dict[str, threading.Event] = {}
-        self._tasks: set[asyncio.Task] = set()
         self._sync_lock = asyncio.Lock()
         self._beat_now = asyncio.Event()
         self._runtime_status: list = []
         self._heartbeat_task: asyncio.Task | None = None
-        self._control_subs: list[Subscription] = []
         self._gpus: list = []
 
     # ------------------------------------------------------------ lifecycle
@@ -103,11 +104,17 @@ class NodeAgent:
         self.downloads = Downloads(self.nc, self.js, self.node_id, self.resolver, on_complete=self._ensure_loaded)
         await self.downloads.start()
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
-        self._control_subs.append(await self.nc.subscribe(subjects.INFER_CANCEL_ALL, cb=self._on_cancel))
+        # Every subject the node serves is an endpoint of one micro service: `nats micro ls` lists nodes.
+        self.service = Service(self.nc, "llm-router-node", instance_id=encode_token(self.node_id),
+                               description="LLM Router node: inference on the models it has loaded",
+                               metadata={"node_id": self.node_id, "hostname": self.hostname})
+        await self.service.start()
+        await self.service.add("cancel", subjects.INFER_CANCEL_ALL, self._on_cancel, kind=CancelRequest,
+                               concurrent=False)
         for verb in (subjects.NODE_DRAIN, subjects.NODE_RESUME):
-            self._control_subs.append(await self.nc.subscribe(subjects.admin_node(self.node_id, verb), cb=self._on_command))
-        self._control_subs.append(await self.nc.subscribe(
-            subjects.admin_node(self.node_id, subjects.NODE_DOWNLOAD), cb=self._spawn(self._on_download_command)))
+            await self.service.add(verb, subjects.admin_node(self.node_id, verb), self._on_command, concurrent=False)
+        await self.service.add("download", subjects.admin_node(self.node_id, subjects.NODE_DOWNLOAD),
+                               self._on_download_command, kind=NodeDownload, refuse=self._refuse_download)
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._events_sub = await self._follow_registry()
         await self._sync_snapshot()
@@ -152,11 +159,10 @@ class NodeAgent:
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
         await self.downloads.stop()
-        for sub in [s for subs in self._subs.values() for s in subs] + self._control_subs + [self._events_sub]:
-            await sub.unsubscribe()
+        await self._events_sub.unsubscribe()
         self._subs.clear()
-        if self._tasks:  # let in-flight requests finish their answers
-            await asyncio.wait(self._tasks, timeout=30)
+        await self.service.stop(timeout=30)  # no new requests; in-flight ones finish their answers
+
         try:
             await self.nc.publish(subjects.node_goodbye(self.node_id), codec.encode(NodeGoodbye(node_id=self.node_id)))
             await self.kv_nodes.delete(encode_token(self.node_id))
@@ -234,14 +240,16 @@ class NodeAgent:
                 return
             served = ServedModel(record, runtime.name, engine, path)
             self.served[record.name] = served
-            subs = []
+            endpoints = []
             for capability in served.capabilities:
-                handler = self._request_handler(served, capability)
-                subs.append(
-                    await self.nc.subscribe(subjects.infer(capability, record.name), queue=subjects.INFER_QUEUE, cb=handler)
-                )
-                subs.append(await self.nc.subscribe(subjects.infer_on_node(capability, record.name, self.node_id), cb=handler))
-            self._subs[record.name] = subs
+                handler = self._request_handler(served)
+                options = {"kind": CAPABILITIES[capability].request, "refuse": self._refuse_request,
+                           "metadata": {"model": record.name, "capability": capability}}
+                endpoints.append(await self.service.add(capability, subjects.infer(capability, record.name), handler,
+                                                        queue=subjects.INFER_QUEUE, **options))
+                endpoints.append(await self.service.add(
+                    capability, subjects.infer_on_node(capability, record.name, self.node_id), handler, **options))
+            self._subs[record.name] = endpoints
             log.info("model loaded", model=record.name, runtime=runtime.name, path=path)
             self._beat_now.set()
 
@@ -262,9 +270,7 @@ class NodeAgent:
         """Run ``action(arg)`` in its own task, kept until done (NATS runs one callback at a time)."""
 
         async def start(arg) -> None:
-            task = asyncio.create_task(action(arg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.service.spawn(action(arg))
 
         return start
 
@@ -282,14 +288,13 @@ class NodeAgent:
             return None
         return codec.decode(entry.value, ModelRecord) if entry.value else None
 
-    async def _on_download_command(self, msg: Msg) -> None:
-        """``admin.node.<id>.download``: fetch the model now; the reply says from where."""
-        try:
-            order = codec.decode(msg.data, NodeDownload)
-        except msgspec.DecodeError as exc:
+    async def _refuse_download(self, msg: Msg, why: str) -> None:
+        if msg.reply:
             await msg.respond(codec.encode(NodeDownloadReply(ok=False, status=400, node_id=self.node_id,
-                                                             message=f"bad download order: {exc}")))
-            return
+                                                             message=f"bad download order: {why}")))
+
+    async def _on_download_command(self, order: NodeDownload, msg: Msg) -> None:
+        """``admin.node.<id>.download``: fetch the model now; the reply says from where."""
         reply = await self._download_now(order)
         log.info("download command", model=order.model, state=reply.state, task_id=reply.task_id, message=reply.message)
         self._beat_now.set()
@@ -327,8 +332,8 @@ class NodeAgent:
 
     async def _unload_locked(self, name: str, *, reason: str) -> None:
         self.failed.pop(name, None)
-        for sub in self._subs.pop(name, []):
-            await sub.unsubscribe()
+        for endpoint in self._subs.pop(name, []):
+            await self.service.remove(endpoint)
         served = self.served.pop(name, None)
         if served is not None:
             await served.close()
@@ -337,44 +342,31 @@ class NodeAgent:
 
     # ------------------------------------------------------------ requests
 
-    def _request_handler(self, served: ServedModel, capability: str):
-        request_type = codec.REQUEST_TYPES[capability]
+    async def _refuse_request(self, msg: Msg, why: str) -> None:
+        if msg.reply:
+            await Responder(self.nc, msg.reply, "", self.node_id).fail(400, why, type="invalid_request_error")
 
-        async def handle(msg: Msg) -> None:
+    def _request_handler(self, served: ServedModel):
+        async def handle(request: InferenceRequest, msg: Msg) -> None:
             if not msg.reply:
                 return
-            try:
-                request = codec.decode(msg.data, request_type)
-            except msgspec.DecodeError as exc:
-                failure = Failure(request_id="", node_id=self.node_id, status=400, message=f"bad request: {exc}")
-                await self.nc.publish(msg.reply, codec.encode(failure))
-                return
+            responder = Responder(self.nc, msg.reply, request.request_id, self.node_id)
             if self.draining:  # the gateway sends elsewhere; a direct client learns why
-                failure = Failure(request_id=request.request_id, node_id=self.node_id, status=503,
-                                  type="service_unavailable", message=f"node {self.node_id} is draining", code="node_draining")
-                await self.nc.publish(msg.reply, codec.encode(failure))
+                await responder.fail(503, f"node {self.node_id} is draining", type="service_unavailable",
+                                     code="node_draining")
                 return
             cancelled = threading.Event()
             self._cancels[request.request_id] = cancelled
-            task = asyncio.create_task(self._serve(served, request, msg.reply, cancelled))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            try:
+                await served.serve(request, responder, cancelled, self.js)
+            finally:
+                self._cancels.pop(request.request_id, None)
+                if self.draining:
+                    self._beat_now.set()  # report "drained" as soon as the last request ends
 
         return handle
 
-    async def _serve(self, served: ServedModel, request, reply: str, cancelled: threading.Event) -> None:
-        try:
-            await served.serve(self.nc, self.node_id, request, reply, cancelled)
-        finally:
-            self._cancels.pop(request.request_id, None)
-            if self.draining:
-                self._beat_now.set()  # report "drained" as soon as the last request ends
-
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = codec.decode(msg.data, CancelRequest)
-        except msgspec.DecodeError:
-            return
+    async def _on_cancel(self, cancel: CancelRequest, msg: Msg) -> None:
         event = self._cancels.get(cancel.request_id)
         if event is not None:
             event.set()
@@ -391,7 +383,7 @@ class NodeAgent:
             return "online"
         return "drained" if not any(s.active or s.waiting for s in self.served.values()) else "draining"
 
-    async def _on_command(self, msg: Msg) -> None:
+    async def _on_command(self, msg: Msg, _: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
         self.draining = verb == subjects.NODE_DRAIN
         log.info("node command", command=verb, state=self.state)

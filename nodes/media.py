@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 
 from broker import payloads
 from events import codec, subjects
-from events.messages import Failure, ImageResult, InferenceRequest, SpeechResult, TranscriptionResult
+from events.messages import ImageResult, InferenceRequest, SpeechResult, TranscriptionResult
 from events.openai import (
     SPEECH_CONTENT_TYPES,
     TRANSCRIPT_CONTENT_TYPES,
@@ -31,22 +31,7 @@ from events.openai import (
 from .runtimes.base import EngineError
 from .runtimes.transcript_formats import render
 
-MEDIA_CAPABILITIES = (subjects.IMAGE, subjects.TRANSCRIPTION, subjects.TRANSLATION, subjects.SPEECH)
 HISTORY_TEXT_CHARS = 2000
-
-
-async def run(
-    engine: Any, request: InferenceRequest, node_id: str, pool: Executor, js: JetStreamContext,
-    cancelled: threading.Event,
-) -> ImageResult | TranscriptionResult | SpeechResult | Failure:
-    capability = request.capability
-    if capability == subjects.IMAGE:
-        return await _image(engine, request, node_id, pool, js, cancelled)
-    if capability in (subjects.TRANSCRIPTION, subjects.TRANSLATION):
-        return await _transcription(engine, request, node_id, pool, js, cancelled)
-    if capability == subjects.SPEECH:
-        return await _speech(engine, request, node_id, pool, js, cancelled)
-    raise EngineError(f"capability {capability!r} is not a media capability", status=500)
 
 
 async def _input(js: JetStreamContext, attachment: Any, param: str) -> bytes:
@@ -56,7 +41,8 @@ async def _input(js: JetStreamContext, attachment: Any, param: str) -> bytes:
         raise EngineError(f"{param}: {exc}", status=410, param=param, code="payload_missing") from None
 
 
-async def _image(engine, request, node_id, pool, js, cancelled) -> ImageResult:
+async def image(engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext,
+                cancelled: threading.Event) -> ImageResult:
     body = request.params
     loop = asyncio.get_running_loop()
     size = body.dimensions
@@ -84,10 +70,11 @@ async def _image(engine, request, node_id, pool, js, cancelled) -> ImageResult:
         raise EngineError(f"unknown image operation {type(body).__name__}", status=500)
     pngs = await loop.run_in_executor(pool, work)
     images = await payloads.pack(js, [(png, "image/png", f"image-{i}.png") for i, png in enumerate(pngs)])
-    return ImageResult(request_id=request.request_id, node_id=node_id, images=images)
+    return ImageResult(images=images)
 
 
-async def _transcription(engine, request, node_id, pool, js, cancelled) -> TranscriptionResult:
+async def transcription(engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext,
+                        cancelled: threading.Event) -> TranscriptionResult:
     body: TranscriptionBody = request.params
     audio = await _input(js, body.file, "file")
     task = "translate" if request.capability == subjects.TRANSLATION else "transcribe"
@@ -106,12 +93,13 @@ async def _transcription(engine, request, node_id, pool, js, cancelled) -> Trans
     attachment = await payloads.attach(js, data, content_type=content_type,
                                        filename=f"transcript.{_extension(body.response_format)}")
     return TranscriptionResult(
-        request_id=request.request_id, node_id=node_id, body=attachment, text=transcript.text[:HISTORY_TEXT_CHARS],
+        body=attachment, text=transcript.text[:HISTORY_TEXT_CHARS],
         language=transcript.language, duration_s=transcript.duration,
     )
 
 
-async def _speech(engine, request, node_id, pool, js, cancelled) -> SpeechResult:
+async def speech(engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext,
+                 cancelled: threading.Event) -> SpeechResult:
     body: SpeechBody = request.params
 
     def work() -> tuple[bytes, int, float]:
@@ -121,7 +109,7 @@ async def _speech(engine, request, node_id, pool, js, cancelled) -> SpeechResult
     audio, rate, seconds = await asyncio.get_running_loop().run_in_executor(pool, work)
     attachment = await payloads.attach(js, audio, content_type=SPEECH_CONTENT_TYPES[body.response_format],
                                        filename=f"speech.{body.response_format}")
-    return SpeechResult(request_id=request.request_id, node_id=node_id, audio=attachment, sample_rate=rate,
+    return SpeechResult(audio=attachment, sample_rate=rate,
                         duration_s=round(seconds, 3))
 
 
