@@ -488,7 +488,8 @@ class HfModel(Struct, kw_only=True):
 
 class HfQuery(Struct, kw_only=True):
     search: str = ""
-    page: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # Bounded: page N fetches N * per_page results from Hugging Face (and a huge N overflowed).
+    page: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
     per_page: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
 
 

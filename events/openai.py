@@ -20,6 +20,9 @@ TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 ModelName = Annotated[str, Meta(min_length=1)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+# Token ids (decimal strings, as JSON keys must be) to a bias; OpenAI's range.
+LogitBias = dict[Annotated[str, Meta(pattern=r"^[0-9]+$")], Annotated[float, Meta(ge=-100.0, le=100.0)]]
 
 
 class StreamOptions(Struct, omit_defaults=True):
@@ -49,7 +52,7 @@ class SamplingParams(Struct, omit_defaults=True, kw_only=True):
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     user: str | None = None
 
 
@@ -63,7 +66,7 @@ class ChatCompletionBody(SamplingParams, kw_only=True):
 
 
 class CompletionBody(SamplingParams, kw_only=True):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]  # one prompt: no batches
     echo: bool = False
     suffix: str | None = None
 
@@ -75,7 +78,7 @@ class CompletionBody(SamplingParams, kw_only=True):
 
 class EmbeddingBody(Struct, omit_defaults=True, kw_only=True):
     model: ModelName
-    input: str | Annotated[list[str], Meta(min_length=1)]
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None
@@ -195,13 +198,11 @@ def has_image_parts(body: ChatCompletionBody) -> bool:
 
 
 def validation_param(error: msgspec.ValidationError) -> str | None:
-    """The top-level field a msgspec validation error points at (``$.messages[0].role`` -> ``messages``)."""
+    """The top-level field a msgspec validation error points at (``$.messages[0].role`` -> ``messages``;
+    a dict key's error reads "at `key` in `$.logit_bias`")."""
     text = str(error)
-    marker = "- at `$."
-    if marker in text:
-        path = text.split(marker, 1)[1].rstrip("`")
-        for sep in ("[", "."):
-            path = path.split(sep, 1)[0]
-        return path or None
+    path = re.search(r"`\$\.([^`.\[]+)", text)
+    if path:
+        return path.group(1)
     missing = re.search(r"missing required field `([^`]+)`", text)
     return missing.group(1) if missing else None

@@ -28,6 +28,7 @@ from .history import HistoryWriter
 from .media_routes import MediaRoutes
 from .http import json_response
 from .openai_routes import OpenAIRoutes
+from .openapi import openapi_json
 
 log = structlog.get_logger("gateway")
 
@@ -81,6 +82,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/audio/translations", media.translations, methods=["POST"]),
         Route("/v1/audio/speech", media.speech, methods=["POST"]),
         Route("/v0/files/{name}", media.file, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

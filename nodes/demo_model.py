@@ -20,7 +20,9 @@ CHATML_TEMPLATE = (
 _WORDS = ["hello", "world", "the", "a", "router", "node", "model", "chat", "token", "llm", "fast", "nats"]
 
 
-def write_tiny_gguf(path: str | Path, *, seed: int = 0, n_embd: int = 64, n_layers: int = 2) -> Path:
+def write_tiny_gguf(path: str | Path, *, seed: int = 0, n_embd: int = 64, n_layers: int = 2,
+                    context_length: int = 512) -> Path:
+    """``context_length``: the trained context, which bounds the node's context (and so every generation)."""
     import gguf
     import numpy as np
 
@@ -48,7 +50,7 @@ def write_tiny_gguf(path: str | Path, *, seed: int = 0, n_embd: int = 64, n_laye
     head_dim = n_embd // n_head
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("llm-router tiny demo (random weights)")
-    writer.add_context_length(512)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(n_ff)

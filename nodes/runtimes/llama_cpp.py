@@ -41,33 +41,44 @@ def _threads() -> int:
 
 
 class _TokenCounter:
-    """A logits processor run before every sampled token: counts tokens and enforces cancel.
+    """A logits processor run before every sampled token: counts tokens, enforces the token
+    limit, the context window and cancel.
 
-    It sees the prompt length on its first call and every sampling step after. On cancel it
+    It sees the prompt length on its first call and every sampling step after. To stop it
     leaves only the end-of-generation token possible, so llama.cpp stops at the next token
     even while the stream yields nothing (partial UTF-8 is held back, and random-weight models
-    produce plenty of it).
+    produce plenty of it). llama-cpp-python 0.3 checks ``max_tokens`` only after a complete
+    UTF-8 character, so a run of incomplete ones goes past the limit and on to a full context,
+    where ``llama_decode`` fails: the limit and the context are enforced here instead. The
+    count is its own, not ``len(input_ids)``: llama.cpp pads the context to a multiple of 256
+    while llama-cpp-python's token array keeps the size asked for, and stops growing there.
     """
 
-    def __init__(self, cancelled: threading.Event, eos: int) -> None:
+    def __init__(self, cancelled: threading.Event, eos: int, *, limit: int | None, n_ctx: int) -> None:
         self.cancelled = cancelled
         self.eos = eos
+        self.limit = limit
+        self.n_ctx = n_ctx
         self.prompt_tokens = 0
         self.sampled = 0
+        self.truncated = False  # stopped for the token limit or a full context, not by the model
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.sampled == 0:
             self.prompt_tokens = len(input_ids)
         self.sampled += 1
-        if self.cancelled.is_set():
+        position = self.prompt_tokens + self.sampled - 1  # where the token sampled now is evaluated
+        if (self.limit is not None and self.sampled > self.limit) or position >= self.n_ctx:
+            self.truncated = True
+        if self.truncated or self.cancelled.is_set():
             scores[:] = -float("inf")
             scores[self.eos] = 0.0
         return scores
 
     def usage(self, finish_reason: str, limit: int | None) -> Usage:
-        # A natural stop samples the end token, which produces no text and is not billed;
+        # An end token, natural or forced, produces no text and is not billed;
         # llama-cpp-python samples one token past max_tokens before it notices the limit.
-        completion = max(0, self.sampled - (1 if finish_reason == "stop" else 0))
+        completion = max(0, self.sampled - (1 if finish_reason == "stop" or self.truncated else 0))
         if limit:
             completion = min(completion, limit)
         return Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
@@ -198,6 +209,7 @@ class LlamaEngine:
         cancelled: threading.Event,
         counter: _TokenCounter,
         limit: int | None,
+        param: str,
     ) -> TextOutcome:
         parts: list[str] = []
         finish_reason = "length"
@@ -214,23 +226,28 @@ class LlamaEngine:
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
         except ValueError as exc:  # e.g. prompt longer than the context window
-            raise EngineError(str(exc), param="messages") from exc
+            raise EngineError(str(exc), param=param) from exc
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()  # stops generation at once when we left the loop early
+        if counter.prompt_tokens >= counter.n_ctx:  # a padded context let it in; nothing fits after it
+            raise EngineError(f"The prompt ({counter.prompt_tokens}+ tokens) does not fit the model's context "
+                              f"of {counter.n_ctx} tokens.", param=param, code="context_length_exceeded")
+        if counter.truncated:
+            finish_reason = "length"
         if cancelled.is_set():
             finish_reason = "cancelled"
         return TextOutcome("".join(parts), finish_reason, counter.usage(finish_reason, limit))
 
     def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
-        counter = _TokenCounter(cancelled, self._eos)
+        counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
         messages = [_message(m, images=self.vision) for m in body.messages]
         sampling = self._sampling(body, counter)
         with self._generators.use() as llm:
             chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **sampling)
             return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter,
-                               body.token_limit)
+                               body.token_limit, "messages")
 
     def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         if not isinstance(body.prompt, str):
@@ -239,13 +256,14 @@ class LlamaEngine:
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-        counter = _TokenCounter(cancelled, self._eos)
+        counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
         sampling = self._sampling(body, counter)
         with self._generators.use() as llm:
             chunks = llm.create_completion(
                 prompt=prompt, suffix=body.suffix, max_tokens=body.token_limit, echo=body.echo, stream=True, **sampling
             )
-            return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit)
+            return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit,
+                               "prompt")
 
     # ------------------------------------------------------------ embeddings
 

@@ -1,0 +1,223 @@
+"""The gateway's HTTP API as an OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Request bodies come from the same msgspec Structs the handlers decode with
+(:mod:`events.openai`, :mod:`events.messages`), so the document cannot drift from the
+validation. Multipart endpoints are the same Structs with each :class:`Attachment` field as a
+file part. ``OPERATIONS`` lists every route of :func:`gateway.app.build_app`; a test checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from events.messages import DownloadModel, HfQuery, RegisterModel
+from events.openai import (
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    ImageEditBody,
+    ImageGenerationBody,
+    ImageVariationBody,
+    SpeechBody,
+    TranscriptionBody,
+)
+
+REF = "#/components/schemas/{name}"
+JSON_BODIES = [ChatCompletionBody, CompletionBody, EmbeddingBody, ImageGenerationBody, SpeechBody, RegisterModel,
+               DownloadModel]
+MULTIPART_BODIES = {ImageEditBody: {"image", "mask"}, ImageVariationBody: {"image"}, TranscriptionBody: {"file"}}
+# Form fields whose OpenAI name carries "[]" (repeated parts make a list; see media_routes._fields).
+MULTIPART_ARRAYS = {"timestamp_granularities": "timestamp_granularities[]"}
+TAG_FIELD = "operation"  # the tag of image bodies tells nodes which operation; clients never send it
+
+ERROR_SCHEMA = {
+    "title": "Error",
+    "description": "Every HTTP error of the gateway: OpenAI's error body.",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+OBJECT = {"type": "object"}
+BINARY = {"type": "string", "format": "binary"}
+
+
+def _path(name: str, description: str, **schema: Any) -> dict:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": {"type": "string", "minLength": 1, **schema}}
+
+
+def _query(name: str, description: str, **schema: Any) -> dict:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+def _model_path() -> dict:
+    return _path("model", "A registered model's name; it may contain '/'.")
+
+
+def _json_body(name: str, *, required: bool = True) -> dict:
+    return {"required": required, "content": {"application/json": {"schema": {"$ref": REF.format(name=name)}}}}
+
+
+def _multipart_body(name: str) -> dict:
+    return {"required": True, "content": {"multipart/form-data": {"schema": {"$ref": REF.format(name=name)}}}}
+
+
+def _query_params(kind: type) -> list[dict]:
+    """A query Struct's fields as query parameters (the handler converts them with that Struct)."""
+    (_,), components = msgspec.json.schema_components([kind], ref_template=REF)
+    return [{"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in components[kind.__name__]["properties"].items()]
+
+
+def _op(summary: str, ok: dict[str, dict], *, params: list[dict] | None = None, body: dict | None = None,
+        tag: str = "openai", statuses: tuple[str, ...] = ("200",)) -> dict:
+    """One operation: its success responses (media type -> schema) and the error body for every other status."""
+    op: dict[str, Any] = {"summary": summary, "tags": [tag]}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = body
+    content = {media: {"schema": schema} for media, schema in ok.items()}
+    op["responses"] = {status: {"description": "Success.", "content": copy.deepcopy(content)} for status in statuses}
+    op["responses"]["default"] = {"description": "An error.",
+                                  "content": {"application/json": {"schema": {"$ref": REF.format(name="Error")}}}}
+    return op
+
+
+JSON = {"application/json": OBJECT}
+# A stream is server-sent events: each a JSON chunk (or an error body) as its data, then "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+TEXT_STREAM = {"application/json": OBJECT, "text/event-stream": SSE_EVENT}
+
+# path -> method -> operation; one entry per Route in gateway.app.build_app.
+OPERATIONS: dict[str, dict[str, dict]] = {
+    "/openapi.json": {"get": _op("This document.", JSON, tag="meta")},
+    "/healthz": {"get": _op("Gateway health: 200 while connected to NATS, else 503 (the same body).", JSON, tag="meta",
+                            statuses=("200", "503"))},
+    "/v1/models": {"get": _op("Models some live node serves.", JSON)},
+    "/v1/models/{model}": {
+        "get": _op("One registered model.", JSON, params=[_model_path()]),
+        "delete": _op("Delete a registration (OpenAI's delete shape).", JSON, params=[_model_path()]),
+    },
+    "/v1/chat/completions": {"post": _op("Chat completion (stream: server-sent events).", TEXT_STREAM,
+                                         body=_json_body("ChatCompletionBody"))},
+    "/v1/completions": {"post": _op("Text completion (stream: server-sent events).", TEXT_STREAM,
+                                    body=_json_body("CompletionBody"))},
+    "/v1/embeddings": {"post": _op("Embeddings.", JSON, body=_json_body("EmbeddingBody"))},
+    "/v1/images/generations": {"post": _op("Generate images.", JSON, body=_json_body("ImageGenerationBody"))},
+    "/v1/images/edits": {"post": _op("Edit an image.", JSON, body=_multipart_body("ImageEditBody"))},
+    "/v1/images/variations": {"post": _op("Variations of an image.", JSON, body=_multipart_body("ImageVariationBody"))},
+    "/v1/audio/transcriptions": {"post": _op("Speech to text.", {"application/json": OBJECT, "text/plain": {"type": "string"},
+                                                                 "text/vtt": {"type": "string"}},
+                                             body=_multipart_body("TranscriptionBody"))},
+    "/v1/audio/translations": {"post": _op("Speech to English text.", {"application/json": OBJECT, "text/plain": {"type": "string"},
+                                                                       "text/vtt": {"type": "string"}},
+                                           body=_multipart_body("TranscriptionBody"))},
+    "/v1/audio/speech": {"post": _op("Text to speech: the audio file.", {"audio/*": BINARY}, body=_json_body("SpeechBody"))},
+    "/v0/files/{name}": {"get": _op("A generated file kept for a 'url' answer, until it expires.", {"*/*": BINARY},
+                                    params=[_path("name", "The file's name, from the url of an answer.")], tag="files")},
+    "/v0/nodes": {"get": _op("Nodes heard from, with the dispatch queue.", JSON, tag="admin")},
+    "/v0/nodes/{node_id}/{verb}": {"post": _op("Drain a node, or resume it.", JSON, tag="admin", params=[
+        _path("node_id", "The node's id."), _path("verb", "What to do.", enum=["drain", "resume"])])},
+    "/v0/models": {"get": _op("Every registered model.", JSON, tag="admin")},
+    "/v0/models/hub": {"get": _op("The curated catalog.", JSON, tag="admin",
+                                  params=[_query("search", "Substring to filter by.")])},
+    "/v0/models/hf": {"get": _op("Hugging Face GGUF repositories.", JSON, tag="admin", params=_query_params(HfQuery))},
+    "/v0/models/register": {"post": _op("Register a model (metadata only).", JSON, tag="admin", statuses=("201",),
+                                        body=_json_body("RegisterModel"))},
+    "/v0/models/blob/{model}": {
+        method: _op("A model's file (or one of its files), with Range requests.", {"application/octet-stream": BINARY},
+                    tag="admin", params=[_model_path(), _query("file", "The file's path in the model (default: its artifact).")])
+        for method in ("get", "head")
+    },
+    "/v0/models/{model}/download": {"post": _op("Download a model onto nodes now.", JSON, tag="admin", statuses=("200", "202"),
+                                                params=[_model_path()], body=_json_body("DownloadModel", required=False))},
+    "/v0/downloads": {"get": _op("Latest download progress of every node.", JSON, tag="admin",
+                                 params=[_query("model", "Only this model's downloads.")])},
+    "/v0/downloads/{task_id}": {"get": _op("A download task and its progress.", JSON, tag="admin",
+                                           params=[_path("task_id", "The task id a download answer gave.")])},
+    "/v0/models/{model}": {
+        "get": _op("A registration with what live nodes say about it.", JSON, tag="admin", params=[_model_path()]),
+        "delete": _op("Delete a registration.", JSON, tag="admin", params=[_model_path()]),
+    },
+}
+
+
+def _without_tag(schema: dict) -> dict:
+    schema = copy.deepcopy(schema)
+    schema.get("properties", {}).pop(TAG_FIELD, None)
+    if TAG_FIELD in schema.get("required", []):
+        schema["required"] = [name for name in schema["required"] if name != TAG_FIELD]
+    return schema
+
+
+def _not_null(schema: dict) -> dict:
+    """A form field cannot be null: absent is how it says "no value"."""
+    options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+    if len(options) == 1:
+        rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+        return {**options[0], **rest}
+    return {k: v for k, v in schema.items() if k != "default" or v is not None}
+
+
+def _as_form(schema: dict, files: set[str]) -> dict:
+    """A body Struct's schema as a multipart form: file fields are binary parts, the rest text fields."""
+    schema = _without_tag(schema)
+    properties = {}
+    for name, prop in schema["properties"].items():
+        prop = BINARY if name in files else _not_null(prop)
+        properties[MULTIPART_ARRAYS.get(name, name)] = prop
+    schema["properties"] = properties
+    schema["required"] = [MULTIPART_ARRAYS.get(name, name) for name in schema.get("required", [])]
+    return schema
+
+
+@functools.cache
+def document() -> dict:
+    """The OpenAPI document, built once per process."""
+    kinds = [*JSON_BODIES, *MULTIPART_BODIES]
+    _, components = msgspec.json.schema_components(kinds, ref_template=REF)
+    schemas = {name: _without_tag(schema) for name, schema in components.items()}
+    for kind, files in MULTIPART_BODIES.items():
+        schemas[kind.__name__] = _as_form(components[kind.__name__], files)
+    if REF.format(name="Attachment") not in str(schemas):
+        schemas.pop("Attachment", None)  # only the node-facing (claim check) shape used it
+    schemas["Error"] = ERROR_SCHEMA
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM Router gateway", "version": "0.1.0",
+                 "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). "
+                                "Every error is OpenAI's error body."},
+        "paths": copy.deepcopy(OPERATIONS),
+        "components": {"schemas": schemas},
+    }
+
+
+@functools.cache
+def _encoded() -> bytes:
+    return msgspec.json.encode(document())
+
+
+async def openapi_json(request: Request) -> Response:
+    """``GET /openapi.json``."""
+    return Response(_encoded(), media_type="application/json")
