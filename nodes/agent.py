@@ -156,6 +156,13 @@ class NodeAgent:
             await self._sync_snapshot()
 
     async def stop(self) -> None:
+        # Say "draining" first: gateways and the registry stop sending work here at once, while
+        # the requests already running finish and their answers still reach the gateways.
+        self.draining = True
+        try:
+            await self._publish_heartbeat()
+        except Exception as exc:  # NATS already gone: the goodbye below or the heartbeat TTL will do
+            log.warning("draining heartbeat not delivered", error=str(exc))
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
         await self.downloads.stop()

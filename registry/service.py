@@ -254,10 +254,11 @@ class Registry:
                 names = ", ".join(sorted(b.node_id for b in live)) or "none"
                 return DownloadReply(ok=False, status=503, message=(
                     f"no live node can run {record.runtime} models now (live nodes: {names})"))
-            if not request.all:
-                targets = [self._pick(record, targets)]
         task_id = uuid.uuid4().hex[:12]
-        replies = await asyncio.gather(*(self._order(beat.node_id, record.name, task_id) for beat in targets))
+        if request.node or request.all:
+            replies = await asyncio.gather(*(self._order(beat.node_id, record.name, task_id) for beat in targets))
+        else:
+            replies = [await self._order_one(record, targets, task_id)]
         task = DownloadTask(task_id=task_id, model=record.name, nodes=list(replies))
         await self.kv_downloads.put(storage.download_task_key(task_id), codec.encode(task))
         message = "; ".join(f"node {r.node_id}: {r.message}" for r in replies)
@@ -267,6 +268,17 @@ class Registry:
             return DownloadReply(ok=True, status=200, message=message, task=task)
         worst = next(r for r in replies if not r.ok)
         return DownloadReply(ok=False, status=worst.status, message=message, task=task)
+
+    async def _order_one(self, record: ModelRecord, beats: list[NodeHeartbeat], task_id: str) -> NodeDownloadReply:
+        """Order the best node; one that turns out gone (stopped since its last heartbeat) is
+        skipped for the next best."""
+        beats = list(beats)
+        while True:
+            beat = self._pick(record, beats)
+            reply = await self._order(beat.node_id, record.name, task_id)
+            beats.remove(beat)
+            if reply.state != "failed" or reply.status != 504 or not beats:
+                return reply
 
     def _pick(self, record: ModelRecord, beats: list[NodeHeartbeat]) -> NodeHeartbeat:
         """A node already fetching the model, else the one with the most free memory."""
