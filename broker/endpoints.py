@@ -52,7 +52,7 @@ class Endpoint:
 
     def __init__(self, service: Service, name: str, subject: str, handler: Handler, *, kind: Any = None,
                  queue: str | None = None, refuse: Refuse | None = None, metadata: dict[str, str] | None = None,
-                 concurrent: bool = True) -> None:
+                 concurrent: bool = True, empty: bytes | None = None) -> None:
         self.service = service
         self.name = name
         self.subject = subject
@@ -61,6 +61,7 @@ class Endpoint:
         self.refuse = refuse
         self.metadata = metadata or {}
         self.concurrent = concurrent
+        self.empty = empty  # what an empty request body means (e.g. b"{}": all defaults)
         self._decode = msgspec.json.Decoder(kind).decode if kind is not None else None
         self.requests = 0
         self.errors = 0
@@ -82,7 +83,7 @@ class Endpoint:
             request: Any = msg
         else:
             try:
-                request = self._decode(msg.data)
+                request = self._decode(msg.data or self.empty or b"")
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._failed(f"undecodable request: {exc}")
                 if self.refuse is not None:
@@ -149,7 +150,8 @@ class Service:
         """Serve ``subject``: ``handler(request, msg)``, ``request`` decoded as ``kind`` when given.
 
         Options: ``kind``, ``queue`` (queue group), ``refuse(msg, why)`` for undecodable
-        requests, ``metadata``, ``concurrent`` (False: handle in the callback, in order)."""
+        requests, ``metadata``, ``concurrent`` (False: handle in the callback, in order),
+        ``empty`` (the body an empty request stands for)."""
         endpoint = Endpoint(self, name, subject, handler, **options)
         await endpoint._start()
         self.endpoints.append(endpoint)

@@ -24,9 +24,10 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
+from broker.endpoints import Service
 from broker.blobs import blob_prefix
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import codec, encode_token, storage, subjects
+from events import codec, encode_token, name_error, storage, subjects
 from events.messages import (
     AdminReply,
     CatalogEntry,
@@ -64,8 +65,9 @@ def check_model_name(name: str) -> str | None:
     """Why ``name`` cannot be a model name, or None. Names are matched exactly, case-sensitively."""
     if not name or not name.strip():
         return "model name must not be empty"
-    if len(name) > 256:
-        return "model name is longer than 256 characters"
+    too_long = name_error(name)
+    if too_long:
+        return too_long
     if _BAD_NAME.search(name) or name != name.strip():
         return f"model name {name!r} contains control characters, '..' or surrounding spaces"
     return None
@@ -88,7 +90,6 @@ class Registry:
         self.catalog = {entry.id: entry for entry in load_catalog(catalog_path)}  # fails fast on a bad file
         self.hf = HuggingFace(cache_ttl=hf_cache_ttl, timeout=hf_timeout)
         self._subs: list = []
-        self._tasks: set[asyncio.Task] = set()
         self._downloads: dict[tuple[str, str], tuple[DownloadProgress, float]] = {}
         self._dirty = asyncio.Event()
         self._last_download_write: dict[str, float] = {}
@@ -106,14 +107,18 @@ class Registry:
         self.nodes = NodeDirectory()
         self.nodes.on_change(self._dirty.set)
         await self.nodes.start(self.nc, self.js)
-        for subject, kind, action in (
-            (subjects.ADMIN_MODEL_REGISTER, RegisterModel, self.register),
-            (subjects.ADMIN_MODEL_DELETE, DeleteModel, lambda request: self.delete(request.name)),
-            (subjects.ADMIN_MODEL_HUB, HubQuery, self.hub),
-            (subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
-            (subjects.ADMIN_MODEL_DOWNLOAD, DownloadModel, self.download),
+        # Its admin subjects are the endpoints of one micro service: `nats micro info llm-router-registry`.
+        self.service = Service(self.nc, "llm-router-registry", description="LLM Router model registry")
+        await self.service.start()
+        for name, subject, kind, action in (
+            ("register", subjects.ADMIN_MODEL_REGISTER, RegisterModel, self.register),
+            ("delete", subjects.ADMIN_MODEL_DELETE, DeleteModel, lambda request: self.delete(request.name)),
+            ("hub", subjects.ADMIN_MODEL_HUB, HubQuery, self.hub),
+            ("hf", subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
+            ("download", subjects.ADMIN_MODEL_DOWNLOAD, DownloadModel, self.download),
         ):
-            self._subs.append(await self.nc.subscribe(subject, queue="registry", cb=self._handler(kind, action)))
+            await self.service.add(name, subject, self._answer(action), kind=kind, queue="registry",
+                                   refuse=_refuse(kind), empty=b"{}")
         self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
         self._lifecycle_task = asyncio.create_task(self._lifecycle_loop(), name="lifecycle")
         await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
@@ -131,8 +136,7 @@ class Registry:
             self._lifecycle_task.cancel()
         for sub in self._subs:
             await sub.unsubscribe()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10)
+        await self.service.stop(timeout=10)
         await self.nodes.stop()
         await self.models.stop()
         self.hf.close()
@@ -396,33 +400,27 @@ class Registry:
 
     # ------------------------------------------------------------ NATS handlers
 
-    def _handler(self, kind: type, action: Callable[[Any], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
-        """Decode a request of ``kind``, run ``action`` in its own task, reply with its result.
+    def _answer(self, action: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Msg], Awaitable[None]]:
+        """Run ``action`` on the decoded request and reply with its result (or a 500 reply)."""
 
-        Its own task, because nats-py runs one subscription's callbacks one after the other and
-        a Hugging Face lookup must not hold up the next request.
-        """
-
-        async def answer(msg: Msg) -> None:
+        async def answer(request: Any, msg: Msg) -> None:
             try:
-                request = codec.decode(msg.data or b"{}", kind)
-            except msgspec.DecodeError as exc:
-                reply: Any = AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {exc}")
-            else:
-                try:
-                    reply = await action(request)
-                except Exception as exc:
-                    log.exception("admin request failed", subject=msg.subject)
-                    reply = AdminReply(ok=False, status=500, message=f"registry error: {type(exc).__name__}: {exc}")
+                reply = await action(request)
+            except Exception as exc:
+                log.exception("admin request failed", subject=msg.subject)
+                reply = AdminReply(ok=False, status=500, message=f"registry error: {type(exc).__name__}: {exc}")
             if msg.reply:
                 await msg.respond(codec.encode(reply))
 
-        async def handle(msg: Msg) -> None:
-            task = asyncio.create_task(answer(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        return answer
 
-        return handle
+
+def _refuse(kind: type) -> Callable[[Msg, str], Awaitable[None]]:
+    async def refuse(msg: Msg, why: str) -> None:
+        if msg.reply:
+            await msg.respond(codec.encode(AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {why}")))
+
+    return refuse
 
 
 def _runs(beat: NodeHeartbeat, runtime: str) -> bool:

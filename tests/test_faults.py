@@ -274,3 +274,45 @@ def _history_statuses(url: str) -> dict[str, int]:
             await nc.close()
 
     return asyncio.run(read())
+
+
+# ------------------------------------------------------------------ discovery
+
+
+@requires_llama
+def test_nodes_and_the_registry_answer_nats_micro_discovery(nats_url, tiny_gguf, tmp_path) -> None:
+    """`nats micro ls|info|stats` work on our components: the endpoint layer speaks the micro protocol."""
+    stack = Stack(nats_url, tmp_path)
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        assert chat(stack.url).status_code == 200
+
+        async def ask() -> tuple[list[dict], dict, dict]:
+            nc = await nats.connect(nats_url)
+            try:
+                inbox = nc.new_inbox()
+                sub = await nc.subscribe(inbox)
+                await nc.publish("$SRV.PING", b"", reply=inbox)
+                pings = []
+                while True:
+                    try:
+                        pings.append(json.loads((await sub.next_msg(timeout=0.5)).data))
+                    except nats.errors.TimeoutError:
+                        break
+                node = next(p for p in pings if p["name"] == "llm-router-node" and p["metadata"]["node_id"] == stack.node.node_id)
+                info = json.loads((await nc.request(f"$SRV.INFO.llm-router-node.{node['id']}", b"", timeout=5)).data)
+                stats = json.loads((await nc.request(f"$SRV.STATS.llm-router-node.{node['id']}", b"", timeout=5)).data)
+                return pings, info, stats
+            finally:
+                await nc.close()
+
+        pings, info, stats = asyncio.run(ask())
+        assert {"llm-router-node", "llm-router-registry"} <= {p["name"] for p in pings}
+        assert info["type"] == "io.nats.micro.v1.info_response"
+        chat_endpoints = [e for e in info["endpoints"] if e["name"] == "chat" and e["metadata"]["model"] == MODEL]
+        assert {e["queue_group"] for e in chat_endpoints} == {"nodes", ""}
+        served = sum(e["num_requests"] for e in stats["endpoints"] if e["name"] == "chat")
+        assert served >= 1 and all(e["num_errors"] == 0 for e in stats["endpoints"] if e["name"] == "chat")
+    finally:
+        stack.close()
