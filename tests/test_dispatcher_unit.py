@@ -26,7 +26,7 @@ from gateway.dispatch import Call, ClientDisconnected, Dispatcher, QueueFull, Qu
 CHAT = subjects.CHAT
 
 
-async def until(predicate: Callable[[], object], timeout: float = 2.0) -> None:
+async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
