@@ -118,7 +118,8 @@ class Gateway:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, serve_http: bool = True) -> None:
+        """``serve_http=False``: no socket, for in-process use of ``self.app`` (httpx.ASGITransport)."""
         self.nc = await connect(self.nats_url, name="gateway", on_reconnect=self._recover,
                                 on_disconnect=self._broker_lost)
         self.js = self.nc.jetstream()
@@ -140,6 +141,9 @@ class Gateway:
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
         self.app = build_app(self)
+        if not serve_http:
+            await self.nc.flush()
+            return
 
         # Bind first, so that port 0 resolves to a real port before we print the URL.
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)

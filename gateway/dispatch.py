@@ -386,6 +386,7 @@ class Call:
                 await self._send()
                 continue
             if not self.received and isinstance(reply, Failure) and reply.code == "node_busy":
+                self._release()  # before marking: releasing a slot there clears the node's busy mark
                 self.d.mark_busy(self.node_id, self.model)
                 await self._send()
                 continue

@@ -23,7 +23,7 @@ import msgspec
 
 from broker.blobs import artifact_name, file_sha256
 from events.messages import ModelFile, ModelRecord
-from registry.artifacts import artifact_size
+from formats.artifacts import artifact_size
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 

@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 from broker.blobs import ResumePoint, file_sha256, read_blob
 from events import codec, encode_token, storage, subjects
 from events.messages import DownloadProgress, LoadedModel, ModelRecord
-
-from registry.artifacts import artifact_size
+from formats.artifacts import artifact_size
 
 from . import cache
 from .resolution import Location, ModelNotFound, RemoteFile, Resolver, SourceUnavailable

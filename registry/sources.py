@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 from events import subjects
 from events.messages import CatalogEntry, ModelFile, ModelRecord, ModelSource, RegisterModel
+from formats.artifacts import UnrecognisedModel, artifact_size, detect, find_projector
 
-from .artifacts import UnrecognisedModel, artifact_size, detect, find_projector
 from .hf import (
     PREFERRED_QUANT,
     HfNotFound,

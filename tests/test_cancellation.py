@@ -8,12 +8,13 @@ import threading
 
 import httpx
 import nats
+import pytest
 from conftest import Stack, requires_llama, wait_until
 
 from events.openai import CompletionBody
 from nodes.runtimes.llama_cpp import LlamaEngine
 
-pytestmark = requires_llama
+pytestmark = [pytest.mark.e2e, requires_llama]
 
 MODEL = "cancel-tiny"
 

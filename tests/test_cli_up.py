@@ -9,7 +9,7 @@ import psutil
 import pytest
 from conftest import Proc, requires_llama
 
-pytestmark = requires_llama
+pytestmark = [pytest.mark.e2e, requires_llama]
 
 
 def _children(proc: Proc) -> list[psutil.Process]:

@@ -7,12 +7,20 @@ import pytest
 
 from events import codec, storage, subjects
 from events.messages import (
+    FINAL_REPLIES,
+    Accepted,
     Failure,
+    GpuInfo,
+    HistoryRecord,
     InferenceRequest,
+    LoadedModel,
     ModelEvent,
+    ModelFile,
     ModelRecord,
     ModelSource,
     NodeHeartbeat,
+    NodeReply,
+    RuntimeStatus,
     TextDelta,
     TextDone,
     Usage,
@@ -118,3 +126,90 @@ def test_missing_field_names_the_param() -> None:
     with pytest.raises(msgspec.ValidationError) as err:
         codec.decode(b'{"model": "m", "messages": [{"content": "x"}]}', ChatCompletionBody)
     assert validation_param(err.value) == "messages"
+
+
+# JSON as the single-module events/messages.py encoded it (before the split into one module per
+# area with a shared reply base): writers of that contract must still be read the same way.
+OLD_WIRE = {
+    "delta": b'{"kind":"delta","request_id":"r1","node_id":"n1","text":"he","index":1}',
+    "done": (
+        b'{"kind":"done","request_id":"r1","node_id":"n1","finish_reason":"stop",'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"text":"hey","index":0}'
+    ),
+    "error": (
+        b'{"kind":"error","request_id":"r1","node_id":"n1","status":429,"message":"busy",'
+        b'"type":"rate_limit_error","code":"node_busy","param":null}'
+    ),
+    "heartbeat": (
+        b'{"node_id":"n1","hostname":"h1","started_at":100.0,"sent_at":101.5,"interval_s":2.0,'
+        b'"runtimes":[{"name":"llama_cpp","available":true,"version":"0.3.16","error":null,'
+        b'"capabilities":["chat"],"models":["m"]}],"models":[{"name":"m","runtime":"llama_cpp",'
+        b'"capabilities":["chat","completion"],"state":"ready","artifact_path":"/c/m.gguf",'
+        b'"artifact_bytes":10,"active_requests":0,"parallel":2,"error":null}],"gpus":[{"index":0,'
+        b'"name":"H200","memory_total_bytes":100,"memory_used_bytes":5,"utilization_percent":null}],'
+        b'"cpu_percent":12.5,"memory_total_bytes":1000,"memory_used_bytes":400,"active_requests":1,'
+        b'"queue_depth":0,"max_parallel":2,"state":"online","requests":["r1"],"schema":1}'
+    ),
+    "model": (
+        b'{"name":"m","format":"gguf","runtime":"llama_cpp","capabilities":["chat"],"source":{"kind":"hf",'
+        b'"repo":"o/r","filename":"m.gguf","revision":"main","files":[{"path":"m.gguf","size":10,'
+        b'"sha256":"ab"}]},"state":"ready","size_bytes":10,"required_memory_bytes":20,"sha256":null,'
+        b'"quantization":"Q4_K_M","catalog_id":null,"description":"","tags":["t"],"labels":{"a":"b"},'
+        b'"warnings":[],"error":null,"download":null,"predownload":false,"created_at":1.0,'
+        b'"updated_at":2.0,"schema":1}'
+    ),
+    "history": (
+        b'{"id":"r1","capability":"chat","endpoint":"/v1/chat/completions","model":"m","status_code":200,'
+        b'"started_at":1.0,"duration_ms":12.5,"stream":true,"node_id":"n1","first_byte_ms":3.0,'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},"error":null,'
+        b'"request":{"model":"m"},"response":{"text":"hey"},"schema":1}'
+    ),
+}
+
+
+def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> None:
+    assert codec.decode_reply(OLD_WIRE["delta"]) == TextDelta(request_id="r1", node_id="n1", text="he", index=1)
+    assert codec.decode_reply(OLD_WIRE["done"]) == TextDone(
+        request_id="r1", node_id="n1", finish_reason="stop", usage=Usage(3, 2, 5), text="hey"
+    )
+    assert codec.decode_reply(OLD_WIRE["error"]) == Failure(
+        request_id="r1", node_id="n1", status=429, message="busy", type="rate_limit_error", code="node_busy"
+    )
+    assert codec.decode(OLD_WIRE["heartbeat"], NodeHeartbeat) == NodeHeartbeat(
+        node_id="n1", hostname="h1", started_at=100.0, sent_at=101.5, interval_s=2.0,
+        runtimes=[RuntimeStatus(name="llama_cpp", available=True, version="0.3.16", capabilities=["chat"], models=["m"])],
+        models=[LoadedModel(name="m", runtime="llama_cpp", capabilities=["chat", "completion"],
+                            artifact_path="/c/m.gguf", artifact_bytes=10, parallel=2)],
+        gpus=[GpuInfo(index=0, name="H200", memory_total_bytes=100, memory_used_bytes=5)],
+        cpu_percent=12.5, memory_total_bytes=1000, memory_used_bytes=400, active_requests=1, max_parallel=2,
+        requests=["r1"],
+    )
+    assert codec.decode(OLD_WIRE["model"], ModelRecord) == ModelRecord(
+        name="m", format="gguf", runtime="llama_cpp", capabilities=["chat"],
+        source=ModelSource(kind="hf", repo="o/r", filename="m.gguf", revision="main",
+                           files=[ModelFile(path="m.gguf", size=10, sha256="ab")]),
+        state="ready", size_bytes=10, required_memory_bytes=20, quantization="Q4_K_M", tags=["t"],
+        labels={"a": "b"}, created_at=1.0, updated_at=2.0,
+    )
+    history = codec.decode(OLD_WIRE["history"], HistoryRecord)
+    assert history == HistoryRecord(
+        id="r1", capability="chat", endpoint="/v1/chat/completions", model="m", status_code=200,
+        started_at=1.0, duration_ms=12.5, stream=True, node_id="n1", first_byte_ms=3.0,
+        usage=Usage(1, 2, 3), request=msgspec.Raw(b'{"model":"m"}'), response={"text": "hey"},
+    )
+
+
+def test_old_json_re_encodes_byte_for_byte() -> None:
+    """The split kept every field's name and order, so what we write now is what we wrote then."""
+    for kind, data in OLD_WIRE.items():
+        if kind in ("delta", "done", "error"):
+            value = codec.decode_reply(data)
+        else:
+            value = codec.decode(data, {"heartbeat": NodeHeartbeat, "model": ModelRecord, "history": HistoryRecord}[kind])
+        assert codec.encode(value) == data, kind
+
+
+def test_every_reply_names_its_request_and_node_through_one_base() -> None:
+    for kind in FINAL_REPLIES + (Accepted, TextDelta):
+        assert issubclass(kind, NodeReply), kind
+        assert kind.__struct_fields__[:2] == ("request_id", "node_id"), kind

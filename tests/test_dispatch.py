@@ -15,6 +15,8 @@ import httpx
 import pytest
 from conftest import Proc, Stack, wait_until
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "dispatch-tiny"
 STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")
 

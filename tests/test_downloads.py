@@ -26,7 +26,7 @@ from broker.blobs import blob_name
 from events import storage
 from nodes import cache
 
-pytestmark = requires_llama
+pytestmark = [pytest.mark.e2e, requires_llama]
 
 TINY_REPO, TINY_FILE = "dl/Tiny-GGUF", "tiny-q8_0.gguf"
 BIG_REPO, BIG_FILE = "dl/Big-GGUF", "big-q8_0.gguf"

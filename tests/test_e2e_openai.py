@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import Stack, requires_llama, wait_until
 
-pytestmark = requires_llama
+pytestmark = [pytest.mark.e2e, requires_llama]
 
 MODEL = "e2e-tiny"
 

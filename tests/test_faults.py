@@ -23,6 +23,8 @@ from broker import EmbeddedNats, connect
 from broker.connection import SubjectTooLong
 from events import MAX_NAME_BYTES
 
+pytestmark = pytest.mark.e2e
+
 STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")
 MODEL = "faults-tiny"
 

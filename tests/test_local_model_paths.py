@@ -8,8 +8,8 @@ import msgspec
 import pytest
 
 from events.messages import RegisterModel
+from formats.artifacts import artifact_size
 from nodes import cache
-from registry.artifacts import artifact_size
 from registry.sources import RegistrationError, from_path
 
 

@@ -24,6 +24,8 @@ pytest.importorskip("PIL")
 pytest.importorskip("numpy")
 from tiny_models import build_tiny_mmproj, make_mask_png, make_png, make_wav  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 SD, WHISPER, VOICE, CHAT, VISION = "mm-sd", "mm-whisper", "mm-voice", "mm-chat", "mm-vision"
 
 

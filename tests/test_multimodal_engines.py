@@ -26,8 +26,8 @@ from tiny_models import (
 )
 
 from events.messages import ModelRecord, ModelSource
+from formats.artifacts import UnrecognisedModel, artifact_size, detect
 from nodes.runtimes.base import EngineError
-from registry.artifacts import UnrecognisedModel, artifact_size, detect
 
 
 def record(runtime: str, path: Path, **labels: str) -> ModelRecord:

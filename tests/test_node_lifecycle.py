@@ -17,7 +17,7 @@ from conftest import Stack, requires_llama, wait_until
 
 from events import storage
 
-pytestmark = requires_llama
+pytestmark = [pytest.mark.e2e, requires_llama]
 
 MODEL = "lifecycle-tiny"
 

@@ -20,7 +20,7 @@ from conftest import Stack, requires_llama, wait_until
 from events.openai import ChatCompletionBody, ChatMessage, EmbeddingBody
 from nodes.runtimes.llama_cpp import LlamaEngine
 
-pytestmark = requires_llama
+pytestmark = [pytest.mark.e2e, requires_llama]
 
 MODEL = "slots-tiny"
 # Tokens 2 (</s>) and 4 (<|im_end|>) end a generation of the tiny model: forbidding them makes

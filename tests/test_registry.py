@@ -23,6 +23,8 @@ from nodes import cache
 from registry.catalog import DEFAULT_PATH, CatalogError, load_catalog
 from registry.hf import parse_quantization, parse_reference
 
+pytestmark = pytest.mark.e2e
+
 GB = 10**9
 CATALOG_PAGE_REPOS = 120  # GGUF repos in the fake Hub: three pages of 50
 

@@ -24,8 +24,7 @@ from typing import Any
 
 from events import subjects
 from events.messages import ModelRecord
-
-from registry.artifacts import artifact_size
+from formats.artifacts import artifact_size
 
 from .base import EngineError
 from .common import PackageRuntime, setting

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 from events import subjects
 from events.messages import ModelRecord, RuntimeStatus, Usage
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
+from formats.gguf import context_length
 
 from .base import EngineError, OnDelta, TextOutcome
 from .common import probe_packages
@@ -157,7 +158,7 @@ class LlamaEngine:
                 raise RuntimeError(f"the multimodal projector {projector} of {path} is missing")
             self.capabilities.append(subjects.VISION)
         # Never allocate a context longer than the model was trained for.
-        self.n_ctx = min(n_ctx, _trained_context(path) or n_ctx)
+        self.n_ctx = min(n_ctx, context_length(path) or n_ctx)
 
         def generator() -> Any:
             handler = _vision_handler(projector) if projector is not None else None
@@ -313,24 +314,6 @@ def _logit_bias_processor(bias: dict[str, float], n_vocab: int) -> Any:
         return scores
 
     return apply
-
-
-def _trained_context(path: str) -> int:
-    """The GGUF's ``<arch>.context_length``, read from its metadata without loading weights."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        return 0
-    try:
-        reader = GGUFReader(path)
-    except Exception:  # unreadable metadata: let llama.cpp's own loader report the problem
-        return 0
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
-        return 0
-    arch = arch_field.contents()
-    field = reader.fields.get(f"{arch}.context_length")
-    return int(field.contents()) if field is not None else 0
 
 
 def _message(message: Any, *, images: bool) -> dict[str, Any]:

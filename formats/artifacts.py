@@ -9,13 +9,12 @@ format and runtime names are the ones the curated catalog uses (``supported_mode
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from events import subjects
 
-GGUF_MAGIC = b"GGUF"
+from . import gguf
 
 ACCEPTED = (
     "a GGUF file, a Piper voice (.onnx with its .onnx.json beside it), or a folder holding a diffusers "
@@ -55,8 +54,8 @@ def detect(path: Path) -> ArtifactKind:
         raise UnrecognisedModel(f"empty file: {path}")
     with path.open("rb") as fh:
         magic = fh.read(4)
-    if magic == GGUF_MAGIC:
-        if gguf_architecture(path) == PROJECTOR_ARCH:
+    if magic == gguf.MAGIC:
+        if gguf.architecture(path) == gguf.PROJECTOR_ARCH:
             raise UnrecognisedModel(
                 f"{path} is a multimodal projector (mmproj), not a model: register the language model GGUF "
                 "(with this file beside it, or named as its projector)"
@@ -73,41 +72,16 @@ def detect(path: Path) -> ArtifactKind:
     raise UnrecognisedModel(f"unrecognised model file: {path} (expected a GGUF file or a Piper voice .onnx)")
 
 
-PROJECTOR_ARCH = "clip"  # llama.cpp's mmproj files (vision encoder + projector)
-
-
-def gguf_architecture(path: Path) -> str | None:
-    """``general.architecture`` of a GGUF, read from its header (llama.cpp writes it first)."""
-    try:
-        with Path(path).open("rb") as fh:
-            head = fh.read(24)
-            if len(head) < 24 or head[:4] != GGUF_MAGIC:
-                return None
-            for _ in range(min(struct.unpack("<Q", head[16:24])[0], 8)):  # the first few keys
-                (key_len,) = struct.unpack("<Q", fh.read(8))
-                key = fh.read(key_len).decode("utf-8", "replace")
-                (kind,) = struct.unpack("<I", fh.read(4))
-                if kind != 8:  # GGUF string type; other leading keys are not expected
-                    return None
-                (value_len,) = struct.unpack("<Q", fh.read(8))
-                value = fh.read(value_len).decode("utf-8", "replace")
-                if key == "general.architecture":
-                    return value
-    except (OSError, struct.error):
-        return None
-    return None
-
-
 def find_projector(model: Path, explicit: str | None = None) -> Path | None:
     """The mmproj GGUF of a GGUF model: ``explicit`` when given, else the one ``mmproj*.gguf``
     beside the model (llama.cpp's and LM Studio's layout). Raises UnrecognisedModel when the
     named file is not a projector, or several candidates make the choice ambiguous."""
     if explicit:
         candidate = Path(explicit).expanduser().resolve()
-        if not candidate.is_file() or gguf_architecture(candidate) != PROJECTOR_ARCH:
+        if not candidate.is_file() or gguf.architecture(candidate) != gguf.PROJECTOR_ARCH:
             raise UnrecognisedModel(f"{candidate} is not a multimodal projector GGUF (general.architecture 'clip')")
         return candidate
-    found = sorted(p for p in Path(model).parent.glob("mmproj*.gguf") if gguf_architecture(p) == PROJECTOR_ARCH)
+    found = sorted(p for p in Path(model).parent.glob("mmproj*.gguf") if gguf.architecture(p) == gguf.PROJECTOR_ARCH)
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise UnrecognisedModel(f"{Path(model).parent} holds several projectors ({names}); name one with projector")

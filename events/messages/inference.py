@@ -1,0 +1,119 @@
+"""Inference: the gateway's request to a node, the node's tagged replies, and cancellation.
+
+Replies form a tagged union on the ``kind`` field; new kinds are added as new tagged Structs
+without changing the existing ones.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Literal, TypeVar
+
+from msgspec import Struct
+
+from .base import SCHEMA_VERSION, NodeReply, Usage
+
+P = TypeVar("P")
+
+
+class InferenceRequest(Struct, Generic[P], kw_only=True):
+    """Gateway -> node. ``params`` is the validated OpenAI body for the capability."""
+
+    request_id: str
+    model: str
+    capability: str
+    params: P
+    stream: bool = False
+    deadline: float | None = None  # unix time after which the node may drop it
+    # "reject": answer a 429 ``node_busy`` Failure at once when every slot is taken, so the
+    # gateway can queue or go elsewhere; "queue": wait on the node for a slot.
+    when_busy: Literal["queue", "reject"] = "queue"
+    schema: int = SCHEMA_VERSION
+
+
+class Accepted(NodeReply, tag_field="kind", tag="accepted", kw_only=True):
+    """A node took a streamed request and is starting it, so the gateway can open the stream."""
+
+    waited_ms: float = 0.0  # time spent waiting for a free slot on the node
+
+
+class TextDelta(NodeReply, tag_field="kind", tag="delta", kw_only=True):
+    """A piece of generated text of a streamed answer."""
+
+    text: str
+    index: int = 0
+
+
+class TextDone(NodeReply, tag_field="kind", tag="done", kw_only=True):
+    """Ends a text answer. Carries the whole text only when the request was not streamed."""
+
+    finish_reason: str
+    usage: Usage
+    text: str = ""
+    index: int = 0
+
+
+class EmbeddingResult(NodeReply, tag_field="kind", tag="embeddings", kw_only=True):
+    vectors: list[list[float]]
+    usage: Usage
+
+
+class Attachment(Struct, kw_only=True, omit_defaults=True):
+    """Binary payload of a request or reply (claim check): the bytes themselves when small,
+    else the name of an object in the temporary ``payloads`` object store.
+
+    NATS messages are limited (1 MB by default) while an audio upload may be 25 MB, so large
+    bytes travel through the object store and only this small reference in the message.
+    """
+
+    size: int
+    content_type: str = "application/octet-stream"
+    filename: str = ""
+    data: bytes | None = None  # inline bytes (base64 in JSON)
+    object: str | None = None  # name in events.storage.OBJ_PAYLOADS
+
+    @property
+    def inline(self) -> bool:
+        return self.object is None
+
+
+class ImageResult(NodeReply, tag_field="kind", tag="images", kw_only=True):
+    """Generated or edited images, PNG each, in request order."""
+
+    images: list[Attachment]
+
+
+class TranscriptionResult(NodeReply, tag_field="kind", tag="transcription", kw_only=True):
+    """A transcript (or translation) already rendered in the requested response_format."""
+
+    body: Attachment  # JSON for json/verbose_json, text for text/srt/vtt; content_type says which
+    text: str = ""  # the plain transcript, for the history record (truncated)
+    language: str = ""
+    duration_s: float = 0.0
+
+
+class SpeechResult(NodeReply, tag_field="kind", tag="speech", kw_only=True):
+    """Synthesised speech, encoded in the requested response_format."""
+
+    audio: Attachment
+    sample_rate: int
+    duration_s: float = 0.0
+
+
+class Failure(NodeReply, tag_field="kind", tag="error", kw_only=True):
+    """Ends an answer with an error; ``status`` is the HTTP status the gateway should use."""
+
+    status: int
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+
+Reply = Accepted | TextDelta | TextDone | EmbeddingResult | ImageResult | TranscriptionResult | SpeechResult | Failure
+FINAL_REPLIES = (TextDone, EmbeddingResult, ImageResult, TranscriptionResult, SpeechResult, Failure)
+
+
+class CancelRequest(Struct, kw_only=True):
+    request_id: str
+    reason: str = "client disconnected"
+    schema: int = SCHEMA_VERSION
