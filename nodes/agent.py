@@ -8,6 +8,7 @@ a node that was offline replays what it missed (a delete, above all) when it com
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import socket
 import threading
 import time
@@ -47,6 +48,8 @@ from .serving import ServedModel
 
 log = structlog.get_logger("node")
 
+EARLY_CANCELS_KEPT = 1024
+
 
 class NodeAgent:
     def __init__(
@@ -83,6 +86,7 @@ class NodeAgent:
         self.failed: dict[str, LoadedModel] = {}
         self._subs: dict[str, list[Endpoint]] = {}  # each loaded model's inference endpoints
         self._cancels: dict[str, threading.Event] = {}
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()  # cancels that arrived first
         self._sync_lock = asyncio.Lock()
         self._beat_now = asyncio.Event()
         self._runtime_status: list = []
@@ -363,6 +367,8 @@ class NodeAgent:
                                      code="node_draining")
                 return
             cancelled = threading.Event()
+            if self._early_cancels.pop(request.request_id, None) is not None:
+                cancelled.set()  # its cancel overtook it (another subscription, another task)
             self._cancels[request.request_id] = cancelled
             try:
                 await served.serve(request, responder, cancelled, self.js)
@@ -377,6 +383,12 @@ class NodeAgent:
         event = self._cancels.get(cancel.request_id)
         if event is not None:
             event.set()
+            return
+        # Not here (yet): the request may still be on its way, since NATS orders messages per
+        # subscription, not across them. Remember the cancel a while, bounded.
+        self._early_cancels[cancel.request_id] = time.monotonic()
+        while len(self._early_cancels) > EARLY_CANCELS_KEPT:
+            self._early_cancels.popitem(last=False)
 
     @property
     def gpus(self) -> list:
