@@ -26,6 +26,8 @@ from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
 
 log = structlog.get_logger("mirrors")
 
+_NONE: list = []  # what serving() answers for a model nobody serves (never mutated)
+
 
 class RegisteredModels:
     """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
@@ -124,6 +126,9 @@ class NodeDirectory:
         self.ttl = ttl
         self._listeners: list[Callable[[], None]] = []
         self._nodes: dict[str, NodeView] = {}
+        self._index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
+        self._slots: dict[tuple[str, str], int] = {}
+        self._index_until = 0.0  # monotonic time the index must be rebuilt by
         self._subs: list = []
 
     async def start(self, nc: Client, js: JetStreamContext) -> None:
@@ -146,6 +151,7 @@ class NodeDirectory:
             await sub.unsubscribe()
 
     def _remember(self, beat: NodeHeartbeat, seen: float) -> None:
+        self._index_until = 0.0
         known = self._nodes.get(beat.node_id)
         if known is None:
             self._nodes[beat.node_id] = NodeView(beat, seen)
@@ -176,6 +182,7 @@ class NodeDirectory:
     async def _on_goodbye(self, msg: Msg) -> None:
         try:
             self._nodes.pop(codec.decode(msg.data, NodeGoodbye).node_id, None)
+            self._index_until = 0.0
         except msgspec.DecodeError:
             log.warning("undecodable goodbye", subject=msg.subject)
             return
@@ -186,6 +193,7 @@ class NodeDirectory:
         view = self._nodes.get(node_id)
         if view is not None and state:
             view.beat = msgspec.structs.replace(view.beat, state=state)
+            self._index_until = 0.0
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after every heartbeat or goodbye (lifecycle, queued requests)."""
@@ -198,6 +206,7 @@ class NodeDirectory:
     def forget(self, node_id: str) -> None:
         """Drop a node that failed to answer (no responders); its next heartbeat restores it."""
         self._nodes.pop(node_id, None)
+        self._index_until = 0.0
 
     def known(self) -> list[tuple[NodeHeartbeat, bool, float]]:
         """Every node heard from and not said goodbye: (last heartbeat, live, seconds since it)."""
@@ -213,5 +222,40 @@ class NodeDirectory:
         return view is not None and view.seen >= time.monotonic() - self.ttl
 
     def serving(self, model: str, capability: str | None = None) -> list[NodeHeartbeat]:
-        """Live, non-draining nodes with ``model`` ready (for ``capability`` when given)."""
-        return [beat for beat in self.live() if beat.state == "online" and beat.serves(model, capability)]
+        """Live, non-draining nodes with ``model`` ready (for ``capability`` when given).
+
+        Asked several times per request, answered from an index rebuilt when a node changes
+        (heartbeat, goodbye, drain) or when the first heartbeat in it expires."""
+        if time.monotonic() >= self._index_until:
+            self._rebuild_index()
+        return self._index.get((model, capability), _NONE)
+
+    def slots(self, node_id: str, model: str) -> int:
+        """How many requests for ``model`` the node runs at once (from its last heartbeat)."""
+        if time.monotonic() >= self._index_until:
+            self._rebuild_index()
+        return self._slots.get((node_id, model), 1)
+
+    def _rebuild_index(self) -> None:
+        now = time.monotonic()
+        index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
+        slots: dict[tuple[str, str], int] = {}
+        until = float("inf")
+        for view in self._nodes.values():
+            expires = view.seen + self.ttl
+            if expires < now:
+                continue
+            beat = view.beat
+            for model in beat.models:
+                slots[(beat.node_id, model.name)] = model.parallel or beat.max_parallel or 1
+            if beat.state != "online":
+                continue
+            until = min(until, expires)
+            for model in beat.models:
+                if model.state != "ready" or model.artifact_bytes <= 0:
+                    continue
+                for key in ((model.name, None), *((model.name, c) for c in model.capabilities)):
+                    entries = index.setdefault(key, [])
+                    if not entries or entries[-1] is not beat:
+                        entries.append(beat)
+        self._index, self._slots, self._index_until = index, slots, until

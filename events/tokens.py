@@ -10,6 +10,7 @@ valid KV key, so buckets keyed by model or node name use it too.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # A name becomes a subject token, a KV key and an object name: bounded so that the subjects it
@@ -34,6 +35,7 @@ def name_error(name: object, what: str = "model name") -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # the same few model and node names, on every request
 def encode_token(name: str) -> str:
     """Encode a non-empty name of at most MAX_NAME_BYTES into a subject token (``a.b`` -> ``a=2Eb``)."""
     if not name:

@@ -12,8 +12,6 @@ far less than a task per request. A client that leaves is still noticed within t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from starlette.requests import Request
 
@@ -22,27 +20,33 @@ from .dispatch import Call
 WATCH_AFTER_S = 0.05
 
 
-@contextmanager
-def abandon_on_disconnect(request: Request, call: Call) -> Iterator[None]:
-    """While inside, a disconnect of ``request``'s client abandons ``call``. Leave it before
-    handing the response to a StreamingResponse, which listens for the disconnect itself."""
-    watcher: list[asyncio.Task] = []
+class abandon_on_disconnect:  # noqa: N801 - used as a context manager, named like contextlib's
+    """``with abandon_on_disconnect(request, call):`` a disconnect of the client abandons the
+    call. Leave it before handing a StreamingResponse the request: that listens by itself."""
 
-    def start() -> None:
-        watcher.append(asyncio.ensure_future(_watch(request, call)))
+    __slots__ = ("request", "call", "timer", "watcher")
 
-    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start)
-    try:
-        yield
-    finally:
-        timer.cancel()
-        if watcher:
-            watcher[0].cancel()
+    def __init__(self, request: Request, call: Call) -> None:
+        self.request = request
+        self.call = call
+        self.watcher: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
+    def __enter__(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
 
-async def _watch(request: Request, call: Call) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            call.abandon()
-            return
+    def __exit__(self, *exc: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+    def _start(self) -> None:
+        self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.call.abandon()
+                return

@@ -123,7 +123,7 @@ class Dispatcher:
         self.waiting = 0
         self._prefix = nc.new_inbox()
         self._ids = itertools.count()
-        self._calls: dict[str, asyncio.Queue] = {}
+        self._calls: dict[str, Mailbox] = {}
         self._sub = None
         self._ticker: asyncio.Task | None = None
 
@@ -144,23 +144,23 @@ class Dispatcher:
         task per await)."""
         while True:
             await asyncio.sleep(TICK_S)
-            for queue in self._calls.values():
-                if queue.empty():
-                    queue.put_nowait(_TICK)
+            for mailbox in self._calls.values():
+                if mailbox.empty():
+                    mailbox.put(_TICK)
 
     async def _on_reply(self, msg: Msg) -> None:
-        queue = self._calls.get(msg.subject)
-        if queue is not None:
-            queue.put_nowait(msg)
+        mailbox = self._calls.get(msg.subject)
+        if mailbox is not None:
+            mailbox.put(msg)
 
     def call(self, capability: str, model: str, params: Any, *, stream: bool) -> Call:
         """A call with its reply inbox open; ``aclose()`` it when done (the Exchange does)."""
         return Call(self, capability, model, params, stream)
 
-    def open_inbox(self, queue: asyncio.Queue) -> str:
-        """A reply subject whose messages land in ``queue`` (one wildcard subscription for all)."""
+    def open_inbox(self, mailbox: Mailbox) -> str:
+        """A reply subject whose messages land in ``mailbox`` (one wildcard subscription for all)."""
         inbox = f"{self._prefix}.{next(self._ids)}"
-        self._calls[inbox] = queue
+        self._calls[inbox] = mailbox
         return inbox
 
     def close_inbox(self, inbox: str) -> None:
@@ -183,7 +183,7 @@ class Dispatcher:
     # ------------------------------------------------------------ choosing a slot
 
     def _slots(self, beat: NodeHeartbeat, model: str) -> int:
-        return next((m.parallel for m in beat.models if m.name == model), beat.max_parallel) or 1
+        return self.directory.slots(beat.node_id, model)
 
     def _pick(self, call: Call) -> NodeHeartbeat | None:
         """The best node with a free slot for the call, or None."""
@@ -287,6 +287,44 @@ class Dispatcher:
                 future.set_result(beat)
 
 
+_ID_PREFIX = uuid.uuid4().hex[:20]  # 80 random bits per process; a counter makes the rest
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    """A unique 32-hex-digit id, like a uuid4's hex but without a system call per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
+class Mailbox:
+    """A call's replies as they arrive: a deque and at most one waiting future. What
+    ``asyncio.Queue`` does for one consumer, without its construction cost on every request."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    async def get(self) -> Any:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class Call:
     """One request's life, as an async iterator of the node's replies ending with the final one.
 
@@ -301,7 +339,7 @@ class Call:
         self.capability = capability
         self.model = model
         self.request = InferenceRequest(
-            request_id=uuid.uuid4().hex, model=model, capability=capability, params=params, stream=stream,
+            request_id=new_request_id(), model=model, capability=capability, params=params, stream=stream,
             when_busy="reject",
         )
         self.node_id: str | None = None  # the node asked last (kept for the history record)
@@ -316,8 +354,8 @@ class Call:
         self._failovers = 0
         self._sent = False
         self._sent_at = 0.0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.inbox = dispatcher.open_inbox(self._queue)
+        self._mailbox = Mailbox()
+        self.inbox = dispatcher.open_inbox(self._mailbox)
         self._deadline = time.monotonic() + dispatcher.request_timeout
 
     @property
@@ -348,7 +386,7 @@ class Call:
         self.abandoned = True
         if self.waiting is not None and not self.waiting.done():
             self.waiting.set_exception(ClientDisconnected())
-        self._queue.put_nowait(_ABANDONED)
+        self._mailbox.put(_ABANDONED)
 
     def _release(self, *, finished: bool = False) -> None:
         """Give the slot back (once); a finished answer also teaches the node's speed."""
@@ -398,7 +436,7 @@ class Call:
 
     async def _next_from_node(self) -> Reply:
         while True:
-            msg = await self._queue.get()
+            msg = await self._mailbox.get()
             if msg is _TICK:
                 if time.monotonic() >= self._deadline:
                     raise NodeTimeout()
