@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -45,13 +46,28 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class EmbeddedNats:
-    """A nats-server child process with JetStream; ``port=0`` picks a free port."""
+@dataclass(frozen=True)
+class ClusterMember:
+    """This server's place in a JetStream cluster: its name, route port and the routes to its peers."""
 
-    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 4222) -> None:
+    server_name: str
+    cluster_port: int
+    routes: list[str] = field(default_factory=list)  # nats-route://host:port of the other members
+    cluster_name: str = "llm-router"
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream; ``port=0`` picks a free port.
+
+    With ``cluster``, it is one member of a JetStream cluster (``broker.cluster.NatsCluster``).
+    """
+
+    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 4222,
+                 cluster: ClusterMember | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
+        self.cluster = cluster
         self.url: str | None = None
         self.monitor_url: str | None = None  # the HTTP monitoring endpoint (/connz, /subsz)
         self._proc: subprocess.Popen | None = None
@@ -64,18 +80,24 @@ class EmbeddedNats:
         for stale in run.glob("nats-server_*.ports"):
             stale.unlink()
         conf = self.data_dir / "nats-server.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"listen: {json.dumps(f'{self.host}:{self.port or -1}')}",
-                    f"http: {json.dumps(f'{self.host}:-1')}",
-                    f"max_payload: {MAX_PAYLOAD}",
-                    f"ports_file_dir: {json.dumps(str(run))}",
-                    f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
-                ]
-            )
-            + "\n"
-        )
+        lines = [
+            f"listen: {json.dumps(f'{self.host}:{self.port or -1}')}",
+            f"http: {json.dumps(f'{self.host}:-1')}",
+            f"max_payload: {MAX_PAYLOAD}",
+            f"ports_file_dir: {json.dumps(str(run))}",
+            f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
+        ]
+        if self.cluster is not None:
+            member = self.cluster
+            lines += [
+                f"server_name: {json.dumps(member.server_name)}",
+                "cluster {",
+                f"  name: {json.dumps(member.cluster_name)}",
+                f"  listen: {json.dumps(f'{self.host}:{member.cluster_port}')}",
+                f"  routes: {json.dumps(member.routes)}",
+                "}",
+            ]
+        conf.write_text("\n".join(lines) + "\n")
         return conf
 
     def start_sync(self, timeout: float = 10.0) -> str:
@@ -119,6 +141,17 @@ class EmbeddedNats:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def kill_sync(self) -> None:
+        """SIGKILL, as a crash would: no clean shutdown, no goodbye to the cluster."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     async def start(self) -> str:
         return await asyncio.to_thread(self.start_sync)

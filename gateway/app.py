@@ -103,8 +103,10 @@ class Gateway:
         request_timeout: float = 600.0,
         queue_size: int = 100,
         queue_timeout: float = 60.0,
+        replicas: int | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.host = host
         self.port = port
         self.request_timeout = request_timeout
@@ -124,7 +126,7 @@ class Gateway:
         self.nc = await connect(self.nats_url, name="gateway", on_reconnect=self._recover,
                                 on_disconnect=self._broker_lost)
         self.js = self.nc.jetstream()
-        await provision(self.js)
+        await provision(self.js, self.replicas)
         self.catalog = RegisteredModels()
         await self.catalog.start(self.js)
         self.directory = NodeDirectory()

@@ -33,6 +33,9 @@ def _add(parser: argparse.ArgumentParser, flag: str, env_name: str, default: Any
 def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
     help = "NATS server URL(s), comma-separated" + ("" if required else "; when set, no embedded server is started")
     _add(parser, "--nats-url", "NATS_URL", None if not required else "nats://127.0.0.1:4222", help)
+    _add(parser, "--replicas", "NATS_REPLICAS", None,
+         "servers of a NATS cluster that keep a copy of every stream, KV bucket and object store (e.g. 3); "
+         "applied to existing ones too. Unset: new ones get 1, existing ones keep theirs", type=int, choices=range(1, 6), metavar="1-5")
 
 
 def _http_options(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +97,7 @@ def _registry(args: argparse.Namespace, nats_url: str | None) -> Any:
         catalog_path=Path(args.catalog) if args.catalog else None,
         hf_cache_ttl=float(args.hf_cache_ttl),
         hf_timeout=float(args.hf_timeout),
+        replicas=args.replicas,
     )
 
 
@@ -209,6 +213,8 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[
         argv += ["--allow-origin", origin]
     if args.runtimes:
         argv += ["--runtimes", str(args.runtimes)]
+    if args.replicas is not None:
+        argv += ["--replicas", str(args.replicas)]
     return argv
 
 
@@ -229,7 +235,7 @@ async def _up(args: argparse.Namespace) -> int:
         nats_url = embedded.url
     registry = _registry(args, nats_url)
     gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
-                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout))
+                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout), replicas=args.replicas)
     _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
     node_id = persistent_node_id(data_dir / "node")
@@ -285,7 +291,7 @@ async def _single(args: argparse.Namespace) -> int:
         from gateway import Gateway
 
         gateway = Gateway(nats_url=args.nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
-                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout))
+                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout), replicas=args.replicas)
 
         async def ready() -> int:
             print(f"LLM Router gateway ready: http://{args.host}:{gateway.port}/v1", flush=True)
@@ -302,7 +308,7 @@ async def _single(args: argparse.Namespace) -> int:
     from nodes import NodeAgent
 
     node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node",
-                     allow_cpu=bool(args.allow_cpu), **_node_settings(args))
+                     allow_cpu=bool(args.allow_cpu), replicas=args.replicas, **_node_settings(args))
 
     async def node_ready() -> int:
         print(f"LLM Router node {node.node_id} ready, serving: {', '.join(sorted(node.served)) or 'nothing yet'}", flush=True)

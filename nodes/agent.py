@@ -65,6 +65,7 @@ class NodeAgent:
         shared_models_dir: Path | None = None,
         allow_origins: list[str] | None = None,
         predownload: str = "registered",
+        replicas: int | None = None,
     ) -> None:
         """``predownload``: "all" fetches every model it can run as soon as it is registered,
         "registered" only those registered with ``predownload``, "none" waits for a request."""
@@ -80,6 +81,7 @@ class NodeAgent:
         self.shared_models_dir = Path(shared_models_dir) if shared_models_dir else None
         self.allow_origins = allow_origins
         self.predownload = predownload
+        self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.draining = False
         self.started_at = time.time()
         self.served: dict[str, ServedModel] = {}
@@ -101,7 +103,7 @@ class NodeAgent:
             raise RuntimeError("no GPU found on this machine; start the node with --allow-cpu to serve on CPU")
         self.nc = await connect(self.nats_url, name=f"node-{self.node_id}", on_reconnect=self._recover)
         self.js = self.nc.jetstream()
-        await provision(self.js)
+        await provision(self.js, self.replicas)
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
         self.kv_models = await self.js.key_value(storage.KV_MODELS)
         self.resolver = Resolver(self.js, self.models_dir, shared_dir=self.shared_models_dir, allow_origins=self.allow_origins)

@@ -85,8 +85,10 @@ class Registry:
         catalog_path: Path | None = None,
         hf_cache_ttl: float = 600.0,
         hf_timeout: float = 5.0,
+        replicas: int | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.catalog = {entry.id: entry for entry in load_catalog(catalog_path)}  # fails fast on a bad file
         self.hf = HuggingFace(cache_ttl=hf_cache_ttl, timeout=hf_timeout)
         self._subs: list = []
@@ -98,7 +100,7 @@ class Registry:
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, name="registry", on_reconnect=self._recover)
         self.js = self.nc.jetstream()
-        await provision(self.js)
+        await provision(self.js, self.replicas)
         self.kv = await self.js.key_value(storage.KV_MODELS)
         self.kv_downloads = await self.js.key_value(storage.KV_DOWNLOADS)
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)

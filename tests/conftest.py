@@ -217,7 +217,7 @@ async def admin_request(nats_url: str, subject: str, payload: object) -> dict:
 
     import nats as nats_client
 
-    nc = await nats_client.connect(nats_url)
+    nc = await nats_client.connect(nats_url.split(","))  # a cluster: comma-separated URLs
     try:
         msg = await nc.request(subject, json.dumps(payload).encode(), timeout=10)
         return json.loads(msg.data)
