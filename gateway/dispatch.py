@@ -179,6 +179,8 @@ class Dispatcher:
         try:
             beat = await asyncio.wait_for(asyncio.shield(future), timeout=self.queue_timeout)
         except TimeoutError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result().node_id, call.model)  # assigned just as the wait expired
             raise ApiError(
                 504, f"Waited {self.queue_timeout:g} s in the queue for a free node; retry later.", code="queue_timeout"
             ) from None
