@@ -169,7 +169,7 @@ class HttpConnection(asyncio.Protocol):
         buf = self.buffer
         buf += data
         waiter = self.waiter
-        if waiter is None:
+        if waiter is None or waiter.done():  # none asked, or the asker gave up (timed out)
             return
         end = buf.find(b"\r\n\r\n")
         if end < 0:
@@ -223,23 +223,27 @@ def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
 
 
 async def closed_loop(
-    clients: list[Any], ask: Any, ok: Any, measure_from: int, measure_to: int, samples: list[int]
+    clients: list[Any], ask: Any, ok: Any, measure_from: int, measure_to: int, samples: list[int],
+    limit: int | None = None,
 ) -> tuple[int, int]:
     """One worker per client, each sending its next request when the previous answer arrived.
 
     ``ask(client)`` sends one request and returns the answer (raising on a transport failure);
     ``ok(answer)`` says whether it is right. Latencies of answers completed inside the window go
-    into ``samples``. Returns (answers received, errors). Bounded in time and in count.
+    into ``samples``. Returns (answers received, errors). Bounded in time and in count (at most
+    ``limit`` requests in all, when given).
     """
     clock = time.perf_counter_ns
-    errors = sent = 0
+    errors = sent = issued = 0
+    limit = MAX_REQUESTS_PER_PHASE * len(clients) if limit is None else limit
 
     async def worker(client: Any) -> None:
-        nonlocal errors, sent
+        nonlocal errors, sent, issued
         for _ in range(MAX_REQUESTS_PER_PHASE):
             t0 = clock()
-            if t0 >= measure_to:
+            if t0 >= measure_to or issued >= limit:
                 return
+            issued += 1
             try:
                 answer = await ask(client)
             except Exception:
@@ -479,10 +483,15 @@ class Child:
 class Stack:
     """nats-server + registry + gateway + node, in ``split`` or ``up`` layout."""
 
-    def __init__(self, layout: str, workdir: Path, parallel: int) -> None:
+    def __init__(self, layout: str, workdir: Path, parallel: int, *, node_args: list[str] | None = None,
+                 gateway_args: list[str] | None = None) -> None:
+        """``node_args``/``gateway_args``: extra ``bench/stack.py`` options (``--delay-ms``,
+        ``--queue-timeout``...); in the ``up`` layout both go to the one process."""
         self.layout = layout
         self.workdir = workdir
         self.parallel = parallel
+        self.node_args = list(node_args or [])
+        self.gateway_args = list(gateway_args or [])
         self.children: list[Child] = []
         self.nats = None
         self.port = 0
@@ -496,14 +505,16 @@ class Stack:
         url = self.nats.start_sync()
         common = ["--nats-url", url]
         registry_args = ["--model-path", str(model_path), "--model-name", MODEL]
-        node_args = ["--data-dir", str(self.workdir / "node"), "--parallel", str(self.parallel), "--node-id", NODE_ID]
+        node_args = ["--data-dir", str(self.workdir / "node"), "--parallel", str(self.parallel), "--node-id", NODE_ID,
+                     *self.node_args]
+        gateway_args = ["--port", "0", *self.gateway_args]
         if self.layout == "up":
-            plan = [("up", ["--role", "up", *common, *registry_args, *node_args, "--port", "0"])]
+            plan = [("up", ["--role", "up", *common, *registry_args, *node_args, *gateway_args])]
         else:
             plan = [
                 ("registry", ["--role", "registry", *common, *registry_args]),
                 ("node", ["--role", "node", *common, *node_args]),
-                ("gateway", ["--role", "gateway", *common, "--port", "0"]),
+                ("gateway", ["--role", "gateway", *common, *gateway_args]),
             ]
         for name, args in plan:
             child = Child(name, args, self.workdir)

@@ -2,7 +2,7 @@
 
     python bench/stack.py --role registry --nats-url URL --model-path tiny.gguf --model-name bench-tiny
     python bench/stack.py --role node     --nats-url URL --data-dir DIR --parallel 64 [--delay-ms 20]
-    python bench/stack.py --role gateway  --nats-url URL --port 0
+    python bench/stack.py --role gateway  --nats-url URL --port 0 [--queue-size 100 --queue-timeout 60]
     python bench/stack.py --role up       ...   # registry + gateway + node in one process
 
 The components are the real ones (``registry.Registry``, ``gateway.Gateway``,
@@ -51,7 +51,8 @@ async def _main(args: argparse.Namespace) -> int:
         registry = Registry(nats_url=args.nats_url)
         components.append(registry)
     if "gateway" in roles:
-        gateway = Gateway(nats_url=args.nats_url, host="127.0.0.1", port=args.port)
+        gateway = Gateway(nats_url=args.nats_url, host="127.0.0.1", port=args.port,
+                          queue_size=args.queue_size, queue_timeout=args.queue_timeout)
         components.append(gateway)
     if "node" in roles:
         components.append(
@@ -99,6 +100,8 @@ def main() -> int:
     parser.add_argument("--role", required=True, choices=["registry", "gateway", "node", "up"])
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--port", type=int, default=0, help="gateway HTTP port (0: a free one)")
+    parser.add_argument("--queue-size", type=int, default=100, help="gateway: requests that may wait (then 429)")
+    parser.add_argument("--queue-timeout", type=float, default=60.0, help="gateway: seconds a request may wait (then 504)")
     parser.add_argument("--data-dir", default=None, help="node data dir")
     parser.add_argument("--parallel", type=int, default=64, help="node slots for the model")
     parser.add_argument("--node-id", default="bench-node")

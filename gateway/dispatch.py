@@ -252,6 +252,8 @@ class Dispatcher:
         try:
             beat = await asyncio.wait_for(asyncio.shield(future), timeout=self.queue_timeout)
         except TimeoutError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result().node_id, call.model)  # assigned just as the wait expired
             raise QueueTimeout(self.queue_timeout) from None
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
