@@ -175,7 +175,9 @@ class Gateway:
     async def _recover(self) -> None:
         """After a reconnection: the server may be a new one (or have lost its store), so
         provision again and re-read the models bucket; heartbeats refill the node directory."""
-        await provision(self.js)
+        if self.dispatcher is not None:
+            self.dispatcher.broker_back()
+        await provision(self.js, self.replicas)
         await self.catalog.resync(self.js)
         log.info("gateway state recovered", models=len(self.catalog.records))
 

@@ -39,6 +39,8 @@ _TICK = object()  # put in a waiting call's reply queue once a second (health an
 TICK_S = 1.0
 BUSY_BACKOFF_S = 0.05  # a node that said busy is skipped this long (or until one of ours ends there)
 EWMA = 0.2
+BROKER_GRACE_S = 2.0  # a request waits this long for a lost NATS connection to come back, then 503
+LIFO_AFTER_S = 0.25  # a queue whose oldest request waited this long is standing: serve newest first
 SlotKey = tuple[str, str]  # (node id, model)
 
 
@@ -110,8 +112,10 @@ class Dispatcher:
         request_timeout: float = 600.0,
         queue_size: int = 100,
         queue_timeout: float = 60.0,
+        lifo_after_s: float = LIFO_AFTER_S,
     ) -> None:
         self.nc = nc
+        self.lifo_after_s = lifo_after_s
         self.directory = directory
         self.request_timeout = request_timeout
         self.queue_size = queue_size
@@ -119,13 +123,15 @@ class Dispatcher:
         self.inflight: Counter[SlotKey] = Counter()
         self.service_s: dict[SlotKey, float] = {}
         self._busy_until: dict[SlotKey, float] = {}
-        self._waiters: dict[tuple[str, str], deque[tuple[asyncio.Future, Call]]] = {}
+        self._waiters: dict[tuple[str, str], deque[tuple[asyncio.Future, Call, float]]] = {}
         self.waiting = 0
         self._prefix = nc.new_inbox()
         self._ids = itertools.count()
         self._calls: dict[str, Mailbox] = {}
         self._sub = None
         self._ticker: asyncio.Task | None = None
+        self._connected = asyncio.Event()
+        self._connected.set()
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
@@ -217,12 +223,31 @@ class Dispatcher:
         self._serve_waiters()
 
     def broker_lost(self) -> None:
-        """The NATS connection dropped: fail every queued request now (503, retry shortly) rather
-        than let it wait out the queue timeout; calls already sent wait for their replies."""
+        """The NATS connection dropped. On a cluster the client is back on another server within
+        milliseconds, so give it ``BROKER_GRACE_S``; still down then, every queued request fails
+        (503, retry shortly) rather than wait out the queue timeout. Sent calls wait for replies."""
+        self._connected.clear()
+        asyncio.get_running_loop().call_later(BROKER_GRACE_S, self._fail_if_still_down)
+
+    def broker_back(self) -> None:
+        self._connected.set()
+
+    def _fail_if_still_down(self) -> None:
+        if self._connected.is_set():
+            return
         for queue in self._waiters.values():
-            for future, _ in queue:
+            for future, _, _ in queue:
                 if not future.done():
                     future.set_exception(BrokerUnavailable())
+
+    async def wait_for_broker(self) -> None:
+        """Return once connected; BrokerUnavailable if that takes longer than BROKER_GRACE_S."""
+        if self.nc.is_connected:
+            return
+        try:
+            await asyncio.wait_for(self._connected.wait(), BROKER_GRACE_S)
+        except TimeoutError:
+            raise BrokerUnavailable() from None
 
     def mark_busy(self, node_id: str, model: str) -> None:
         """The node said it has no free slot (another gateway's work): skip it for a moment."""
@@ -245,8 +270,13 @@ class Dispatcher:
         future = asyncio.get_running_loop().create_future()
         call.waiting = future
         queue = self._waiters.setdefault(key, deque())
-        entry = (future, call)
-        queue.append(entry)
+        now = time.monotonic()
+        entry = (future, call, now)
+        if call.retry_next and not self._standing(queue, now):
+            queue.appendleft(entry)  # refused as busy: it is next, not last (LIFO serves the right end)
+        else:
+            queue.append(entry)
+        call.retry_next = False
         self.waiting += 1
         started = time.monotonic()
         try:
@@ -269,22 +299,36 @@ class Dispatcher:
         call.waited_ms += (time.monotonic() - started) * 1000
         return beat
 
+    def _standing(self, queue: deque, now: float) -> bool:
+        """Whether the queue has stopped draining: its oldest request has waited lifo_after_s."""
+        while queue and queue[0][0].done():
+            queue.popleft()
+        return bool(queue) and now - queue[0][2] >= self.lifo_after_s
+
     def _serve_waiters(self) -> None:
-        """Hand free slots to the oldest waiters, model by model."""
+        """Hand free slots to waiters, model by model: the oldest first, or the newest while the
+        queue is standing (overload). Under overload the oldest are the requests whose clients
+        are about to give up; serving them first spends every slot on answers nobody reads,
+        while the newest still have their whole patience left (adaptive LIFO). The oldest then
+        wait out the queue timeout, or their client leaves."""
+        now = time.monotonic()
         for (model, capability), queue in list(self._waiters.items()):
             while queue:
-                future, call = queue[0]
+                newest = self._standing(queue, now)
+                if not queue:
+                    break
+                future, call, _ = queue[-1] if newest else queue[0]
                 if future.done():
-                    queue.popleft()
+                    queue.pop() if newest else queue.popleft()
                     continue
                 beat = self._pick(call)
                 if beat is None:
                     if not self.directory.serving(model, capability):
                         future.set_exception(NoNode(model))
-                        queue.popleft()
+                        queue.pop() if newest else queue.popleft()
                         continue
                     break
-                queue.popleft()
+                queue.pop() if newest else queue.popleft()
                 self._reserve(call, beat)
                 future.set_result(beat)
 
@@ -353,6 +397,7 @@ class Call:
         self.excluded: set[str] = set()  # nodes that died under this call
         self.waiting: asyncio.Future | None = None  # while queued for a free slot
         self.abandoned = False
+        self.retry_next = False  # refused as busy: queue at the head, not the tail
         self._failovers = 0
         self._sent = False
         self._sent_at = 0.0
@@ -401,8 +446,7 @@ class Call:
         self._release()
         if self.abandoned:
             raise ClientDisconnected()
-        if not self.d.nc.is_connected:
-            raise BrokerUnavailable()
+        await self.d.wait_for_broker()
         self._sent = True
         node = await self.d.acquire(self)
         self.node_id = self._slot = node.node_id
@@ -428,6 +472,7 @@ class Call:
             if not self.received and isinstance(reply, Failure) and reply.code == "node_busy":
                 self._release()  # before marking: releasing a slot there clears the node's busy mark
                 self.d.mark_busy(self.node_id, self.model)
+                self.retry_next = True
                 await self._send()
                 continue
             self.received += 1

@@ -152,7 +152,7 @@ class NodeAgent:
         """After a reconnection: beat at once (gateways route to us again), and re-create what a
         server that lost its store no longer has (streams, buckets, our durable consumer)."""
         self._beat_now.set()
-        await provision(self.js)
+        await provision(self.js, self.replicas)
         try:
             await self.js.consumer_info(storage.REGISTRY_EVENTS, self._durable)
         except NotFoundError:

@@ -129,7 +129,7 @@ class Registry:
     async def _recover(self) -> None:
         """After a reconnection (the server may have restarted, or lost its store): provision
         again and re-read the models bucket, the one state this service writes from."""
-        await provision(self.js)
+        await provision(self.js, self.replicas)
         await self.models.resync(self.js)
         self._dirty.set()
 

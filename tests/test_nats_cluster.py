@@ -194,12 +194,6 @@ async def _registration(url: str) -> bytes | None:
 
 @requires_llama
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "two gateway bugs, fixed separately: (1) gateway/dispatch.py: a request or reply lost with the killed "
-    "server (gateway or node connected to it) keeps the node's slot until --request-timeout, so the requests "
-    "queued behind it wait and fail with 504 (measured: 10 s without answers, 4 failures, with "
-    "--request-timeout 10); (2) gateway/history.py drops every record whose publish fails while HISTORY "
-    "elects a new leader (6-10 s of 'nats: no response from stream': 2210 of 7141 answered requests missing)"))
 def test_kill_one_server_under_load(cluster, tiny_gguf, tmp_path) -> None:
     replicas = ("--replicas", "3")
     stack = Stack(cluster.url, tmp_path, registry_args=replicas, node=False,
