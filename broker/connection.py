@@ -41,7 +41,14 @@ class SubjectTooLong(BadSubjectError):
         return f"nats: subject longer than {MAX_SUBJECT_BYTES} bytes"
 
 
+_NOT_IN_SUBJECTS = frozenset(" \t\r\n")
+
+
 def _check(subject: str, limit: int) -> None:
+    """What nats-py checks on every publish (no empty subject, no white space: CR/LF would
+    inject protocol), plus the length the server enforces, in one pass."""
+    if not subject or not _NOT_IN_SUBJECTS.isdisjoint(subject):
+        raise BadSubjectError
     if len(subject) > limit // 4 and len(subject.encode()) > limit:
         raise SubjectTooLong
 
@@ -133,5 +140,6 @@ async def connect(
         closed_cb=closed_cb,
         # Requests may carry several MB (answers, embeddings); let the server's limit decide.
         pending_size=64 * 1024 * 1024,
+        skip_subject_validation=True,  # ResilientClient.publish/subscribe validate (and bound) instead
     )
     return client

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import name_error, subjects
+from events import codec, name_error, subjects
 from events.capabilities import CAPABILITIES
 from events.messages import Accepted, EmbeddingResult, Failure, ModelRecord, TextDelta, TextDone, Usage
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts
@@ -189,9 +189,9 @@ class OpenAIRoutes:
             await exchange.close()
             if not isinstance(first, TextDone):
                 raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
-            payload = make(cid, created, body.model, first.text, first.finish_reason, first.usage)
-            exchange.record(200, usage=first.usage, response=payload)
-            return json_response(payload, headers=exchange.headers())
+            encoded = codec.encode(make(cid, created, body.model, first.text, first.finish_reason, first.usage))
+            exchange.record(200, usage=first.usage, response=msgspec.Raw(encoded))  # encoded once, for both
+            return Response(encoded, 200, exchange.headers(), media_type="application/json")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage)
         first_byte_ms = (time.perf_counter() - exchange.t0) * 1000
