@@ -38,7 +38,7 @@ sys.path.insert(1, str(ROOT))
 sys.path.insert(2, str(ROOT / "tests"))
 
 from fake_hf import FakeHub  # noqa: E402
-from overhead import Result, _event_loop_run, _ms, closed_loop, connect, http_request, machine, write_section  # noqa: E402
+from overhead import Result, _event_loop_run, _ms, closed_loop, connect, http_request, machine, publish  # noqa: E402
 
 from broker import EmbeddedNats  # noqa: E402
 
@@ -182,10 +182,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-catalogs-"))
     results, cold_ms = _event_loop_run(stack_and_run(workdir, args.warmup, args.duration))
     text = render(results, cold_ms)
-    print(text)
-    if args.output:
-        write_section(args.output, text, BEGIN, END)
-    return 0
+    return publish(text, args.output, BEGIN, END)
 
 
 if __name__ == "__main__":

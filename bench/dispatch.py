@@ -87,9 +87,9 @@ from overhead import (  # noqa: E402
     _event_loop_run,
     connect,
     http_request,
-    machine,
+    publish,
+    report_header,
     quiet_logs_and_check_machine,
-    write_section,
 )
 
 BEGIN, END = "<!-- dispatch:begin -->", "<!-- dispatch:end -->"
@@ -564,12 +564,7 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, started: flo
     names = [name for name, _ in NODES]
     speeds = ", ".join(f"{name} {ms:g} ms" for name, ms in zip(names, service_ms, strict=True))
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *report_header(started, command),
         f"3 nodes, one slot each, service times {speeds} (capacity {capacity:.1f} requests/s); "
         f"Poisson arrivals (seed {args.seed}), {args.warmup:g} s warm-up + {args.duration:g} s measured per run.",
         "",
@@ -712,10 +707,7 @@ def main() -> int:
     quiet_logs_and_check_machine()
 
     rows, text = _event_loop_run(run_all(args, started, command))
-    print(text)
-    if args.output is not None:
-        write_section(args.output, text, BEGIN, END)
-        print(f"written to {args.output}", file=sys.stderr)
+    publish(text, args.output, BEGIN, END)
     measured = [r for r in rows if not r.simulated]
     return 1 if any(r.errors or r.requests == 0 for r in measured) else 0
 

@@ -33,7 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
-from overhead import _event_loop_run, machine, quiet_logs_and_check_machine, write_section  # noqa: E402
+from overhead import _event_loop_run, machine, publish, quiet_logs_and_check_machine  # noqa: E402
 
 from broker import EmbeddedNats, connect, provision  # noqa: E402
 from broker.blobs import blob_info, file_sha256, object_sha256, read_blob  # noqa: E402
@@ -133,10 +133,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-downloads-") as tmp:
         times, put_s = _event_loop_run(run(Path(tmp), size, args.rounds))
     text = render(times, size, args.rounds, put_s)
-    print(text)
-    if args.output:
-        write_section(args.output, text, BEGIN, END)
-    return 0
+    return publish(text, args.output, BEGIN, END)
 
 
 if __name__ == "__main__":

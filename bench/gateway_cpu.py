@@ -50,8 +50,8 @@ from overhead import (  # noqa: E402
     closed_loop,
     connect,
     http_request,
-    machine,
-    write_section,
+    publish,
+    report_header,
 )
 
 BEGIN, END = "<!-- gateway-cpu:begin -->", "<!-- gateway-cpu:end -->"
@@ -203,8 +203,7 @@ def main() -> int:
 
     command = "python bench/gateway_cpu.py " + " ".join(sys.argv[1:])
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.", "",
-        "```", command, "```", "",
+        *report_header(started, command),
         f"Gateway alone on one core, {args.concurrency} clients, instant engine, median of {args.rounds} rounds "
         f"of {args.duration:g} s:", "",
         "| gateway | requests/s | gateway CPU per request (µs) | vs skeleton | p50 (ms) | errors |",
@@ -221,10 +220,7 @@ def main() -> int:
         lines += ["", f"- ours vs before: gateway CPU per request {100 * cut:.0f}% lower "
                       f"({'cut by at least a third: met' if cut >= 1 / 3 else 'target, a third lower: not met'})"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        write_section(args.output, text, BEGIN, END)
-    return 0
+    return publish(text, args.output, BEGIN, END)
 
 
 if __name__ == "__main__":

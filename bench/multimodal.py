@@ -299,12 +299,9 @@ def main() -> int:
             up.stop()
     command = "python bench/multimodal.py" + (f" --rounds {args.rounds}" if args.rounds != 15 else "")
     text = render_table(rows, args.rounds, command, checks)
-    print(text)
-    if args.output:
-        from overhead import write_section
+    from overhead import publish
 
-        write_section(args.output, text, BEGIN, END)
-    return 0
+    return publish(text, args.output, BEGIN, END)
 
 
 if __name__ == "__main__":

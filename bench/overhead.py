@@ -594,12 +594,7 @@ def render(
 ) -> str:
     by = {(r.setup, r.concurrency): r for r in results}
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *report_header(started, command),
         "| setup | concurrency | requests | errors | p50 (ms) | p99 (ms) | requests/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -709,6 +704,21 @@ def quiet_logs_and_check_machine() -> None:
               "the numbers will be noisier than on an idle machine", file=sys.stderr, flush=True)
 
 
+def report_header(started: float, command: str) -> list[str]:
+    """The lines every results section starts with: when, on what machine, the exact command."""
+    return [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.", "",
+            "```", command, "```", ""]
+
+
+def publish(text: str, output: Path | None, begin: str = BEGIN, end: str = END) -> int:
+    """Print a results section, and write it between its markers in ``output`` when given."""
+    print(text)
+    if output is not None:
+        write_section(output, text, begin, end)
+        print(f"written to {output}", file=sys.stderr)
+    return 0
+
+
 def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the text between ``begin`` and ``end`` in ``path`` (append it when absent)."""
     section = f"{begin}\n{text}{end}\n"
@@ -814,10 +824,7 @@ def main() -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     text = render(results, args, command.strip(), started, sent, stored)
-    print(text)
-    if args.output is not None:
-        write_section(args.output, text)
-        print(f"written to {args.output}", file=sys.stderr)
+    publish(text, args.output)
     failed = any(r.errors for r in results) or any(r.requests == 0 for r in results)
     return 1 if failed else 0
 

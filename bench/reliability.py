@@ -66,10 +66,10 @@ from overhead import (  # noqa: E402
     closed_loop,
     connect,
     http_request,
-    machine,
+    publish,
+    report_header,
     machine_busy,
     quiet_logs_and_check_machine,
-    write_section,
 )
 
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
@@ -575,12 +575,7 @@ def render_soak(soak: Soak, args: argparse.Namespace) -> list[str]:
 def render(runs: list[GoodputRun], capacities: dict, soak: Soak | None, args: argparse.Namespace, command: str,
            started: float, busy_before: float, loadavg: tuple[float, float]) -> str:
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *report_header(started, command),
         f"Machine load: {busy_before:.0f}% of one core busy just before the run (`machine_busy()`); load average "
         f"{loadavg[0]:.2f} at the start, {loadavg[1]:.2f} at the end; the CPU other processes took during each run "
         "is given below it.",
@@ -636,10 +631,7 @@ def main() -> int:
     if args.only in (None, "soak"):
         soak = run_soak(args)
     text = render(runs, capacities, soak, args, command, started, busy_before, (load_start, os.getloadavg()[0]))
-    print(text)
-    if args.output is not None:
-        write_section(args.output, text, BEGIN, END)
-        print(f"written to {args.output}", file=sys.stderr)
+    publish(text, args.output, BEGIN, END)
     failed = soak is not None and (soak.errors or soak.ratio > 1 + RSS_TOLERANCE)
     return 1 if failed else 0
 
