@@ -53,8 +53,12 @@ class Component:
     def __init__(self, args: list[str], ready: str, env: dict[str, str], log: Path) -> None:
         self.log = log.open("w")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "llm_router", "--log-format", "json", *args], cwd=str(ROOT), text=True,
-            stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            [sys.executable, "-m", "llm_router", "--log-format", "json", *args],
+            cwd=str(ROOT),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         )
         self.match: re.Match | None = None
         found = threading.Event()
@@ -98,7 +102,12 @@ async def measure(port: int, path: str, label: str, warmup: float, duration: flo
     start = clock() + int(warmup * 1e9)
     samples: list[int] = []
     sent, errors = await closed_loop(
-        clients, lambda c: c.request(request), lambda answer: answer[0] == 200, start, start + int(duration * 1e9), samples
+        clients,
+        lambda c: c.request(request),
+        lambda answer: answer[0] == 200,
+        start,
+        start + int(duration * 1e9),
+        samples,
     )
     for c in clients:
         c.close()
@@ -119,7 +128,9 @@ async def run(port: int, hub: FakeHub, warmup: float, duration: float) -> tuple[
         await measure(port, "/v0/models/hf?per_page=50", "`GET /v0/models/hf?per_page=50` (cached)", warmup, duration),
     ]
     hub.stop()
-    results.append(await measure(port, "/v0/models/hub", "`GET /v0/models/hub`, Hugging Face unreachable", warmup, duration))
+    results.append(
+        await measure(port, "/v0/models/hub", "`GET /v0/models/hub`, Hugging Face unreachable", warmup, duration)
+    )
     return results, cold_ms
 
 
@@ -156,12 +167,22 @@ async def stack_and_run(workdir: Path, warmup: float, duration: float) -> tuple[
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
     components: list[Component] = []
     try:
-        components.append(await asyncio.to_thread(
-            Component, ["registry", "--nats-url", nats_url, "--hf-cache-ttl", "3600"], "registry ready", env,
-            workdir / "registry.log"))
+        components.append(
+            await asyncio.to_thread(
+                Component,
+                ["registry", "--nats-url", nats_url, "--hf-cache-ttl", "3600"],
+                "registry ready",
+                env,
+                workdir / "registry.log",
+            )
+        )
         gateway = await asyncio.to_thread(
-            Component, ["gateway", "--nats-url", nats_url, "--port", "0"], r"gateway ready: http://[^:]+:(\d+)", env,
-            workdir / "gateway.log")
+            Component,
+            ["gateway", "--nats-url", nats_url, "--port", "0"],
+            r"gateway ready: http://[^:]+:(\d+)",
+            env,
+            workdir / "gateway.log",
+        )
         components.append(gateway)
         return await run(int(gateway.match.group(1)), hub, warmup, duration)
     finally:

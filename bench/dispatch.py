@@ -69,9 +69,10 @@ import tempfile
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -88,8 +89,8 @@ from overhead import (  # noqa: E402
     connect,
     http_request,
     publish,
-    report_header,
     quiet_logs_and_check_machine,
+    report_header,
 )
 
 BEGIN, END = "<!-- dispatch:begin -->", "<!-- dispatch:end -->"
@@ -130,8 +131,16 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def summarize(
-    load: float, policy: str, trace: list[float], warmup: float, duration: float,
-    done: list[float | None], ok: list[bool], nodes: list[str | None], *, sent: list[float | None] | None = None,
+    load: float,
+    policy: str,
+    trace: list[float],
+    warmup: float,
+    duration: float,
+    done: list[float | None],
+    ok: list[bool],
+    nodes: list[str | None],
+    *,
+    sent: list[float | None] | None = None,
     simulated: bool = False,
 ) -> Row:
     """One table row from per-request outcomes; times are seconds from the run's start.
@@ -160,8 +169,16 @@ def summarize(
         if node is not None:
             shares[node] += 1
     return Row(
-        load, policy, requests, percentile(latencies, 50), percentile(latencies, 99), completed / duration, errors,
-        dict(shares) if shares else None, simulated, lag * 1000,
+        load,
+        policy,
+        requests,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        completed / duration,
+        errors,
+        dict(shares) if shares else None,
+        simulated,
+        lag * 1000,
     )
 
 
@@ -212,19 +229,38 @@ def simulate(trace: list[float], service_s: list[float], policy: str, seed: int 
 
 
 def simulated_rows(
-    load: float, trace: list[float], service_s: list[float], names: list[str], warmup: float, duration: float,
-    seeds: int, seed: int,
+    load: float,
+    trace: list[float],
+    service_s: list[float],
+    names: list[str],
+    warmup: float,
+    duration: float,
+    seeds: int,
+    seed: int,
 ) -> list[Row]:
     def row(policy: str, label: str, s: int = 0) -> Row:
         done, where = simulate(trace, service_s, policy, s)
-        return summarize(load, label, trace, warmup, duration, list(done), [True] * len(trace),
-                         [names[k] for k in where], simulated=True)
+        return summarize(
+            load,
+            label,
+            trace,
+            warmup,
+            duration,
+            list(done),
+            [True] * len(trace),
+            [names[k] for k in where],
+            simulated=True,
+        )
 
     randoms = [row("random", SIM_RANDOM, seed * 7919 + s) for s in range(max(1, seeds))]
     med = Row(
-        load, SIM_RANDOM, randoms[0].requests,
-        statistics.median(r.p50_ms for r in randoms), statistics.median(r.p99_ms for r in randoms),
-        statistics.median(r.rps for r in randoms), 0,
+        load,
+        SIM_RANDOM,
+        randoms[0].requests,
+        statistics.median(r.p50_ms for r in randoms),
+        statistics.median(r.p99_ms for r in randoms),
+        statistics.median(r.rps for r in randoms),
+        0,
         {name: round(statistics.median((r.shares or {}).get(name, 0) for r in randoms)) for name in names},
         simulated=True,
     )
@@ -235,7 +271,9 @@ def simulated_rows(
 
 
 async def open_loop(
-    trace: list[float], send: Callable[[int], Awaitable[tuple[bool, str | None]]], drain: float,
+    trace: list[float],
+    send: Callable[[int], Awaitable[tuple[bool, str | None]]],
+    drain: float,
 ) -> tuple[list[float | None], list[float | None], list[bool], list[str | None]]:
     """Send request ``i`` at ``trace[i]`` (open loop: never waiting for answers), then wait up to
     ``drain`` seconds for the outstanding ones; those still unanswered are cancelled.
@@ -321,8 +359,8 @@ class NatsAsker:
     """Publishes ``InferenceRequest``s and awaits their final reply, one wildcard inbox for all."""
 
     def __init__(self, nc: Any) -> None:
-        from events.openai import ChatCompletionBody
         from events import codec
+        from events.openai import ChatCompletionBody
 
         self.nc = nc
         self.prefix = nc.new_inbox()
@@ -404,8 +442,24 @@ class DispatchStack:
         common = ["--nats-url", url, "--log-level", "warning"]
         plan = [("registry", ["--role", "registry", *common, "--model-path", str(model_path), "--model-name", MODEL])]
         for node_id, ms in self.nodes:
-            plan.append((node_id, ["--role", "node", *common, "--data-dir", str(self.workdir / node_id),
-                                   "--parallel", "1", "--node-id", node_id, "--delay-ms", f"{ms:g}"]))
+            plan.append(
+                (
+                    node_id,
+                    [
+                        "--role",
+                        "node",
+                        *common,
+                        "--data-dir",
+                        str(self.workdir / node_id),
+                        "--parallel",
+                        "1",
+                        "--node-id",
+                        node_id,
+                        "--delay-ms",
+                        f"{ms:g}",
+                    ],
+                )
+            )
         plan.append(("gateway", ["--role", "gateway", *common, "--port", "0"]))
         for name, args in plan:
             child = Child(name, args, self.workdir)
@@ -430,11 +484,13 @@ class DispatchStack:
                     conn.close()
                 if status == 200 and wanted <= set(json.loads(last).get("nodes") or []):
                     return
-            except (OSError, ValueError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.2)
-        raise RuntimeError(f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; "
-                           f"last /v0/models/{MODEL}: {last[:500]!r}")
+        raise RuntimeError(
+            f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; "
+            f"last /v0/models/{MODEL}: {last[:500]!r}"
+        )
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -478,8 +534,13 @@ async def calibrate(asker: NatsAsker, nodes: list[tuple[str, float]], seconds: f
 
 
 async def run_policy(
-    policy: str, load: float, trace: list[float], args: argparse.Namespace, stack: DispatchStack,
-    asker: NatsAsker, nc: Any,
+    policy: str,
+    load: float,
+    trace: list[float],
+    args: argparse.Namespace,
+    stack: DispatchStack,
+    asker: NatsAsker,
+    nc: Any,
 ) -> Row:
     from events import subjects
 
@@ -531,8 +592,17 @@ async def run_policy(
 
         wall_start = time.time() + 0.05  # open_loop's t0, on the clock the gateway's records use
         sent, done, ok, nodes = await open_loop(trace, send, args.drain)
-        row = summarize(load, policy, trace, args.warmup, args.duration, done, ok,
-                        [names.get(n) if n else None for n in nodes], sent=sent)
+        row = summarize(
+            load,
+            policy,
+            trace,
+            args.warmup,
+            args.duration,
+            done,
+            ok,
+            [names.get(n) if n else None for n in nodes],
+            sent=sent,
+        )
         if policy == OURS:
             await asyncio.sleep(1.0)  # the gateway writes history records in the background
             lo, hi = wall_start + args.warmup, wall_start + args.warmup + args.duration
@@ -559,8 +629,16 @@ def _f(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:,.1f}"
 
 
-def render(rows: list[Row], args: argparse.Namespace, command: str, started: float, service_ms: list[float],
-           capacity: float, effective_ms: list[float], effective_rows: list[Row]) -> str:
+def render(
+    rows: list[Row],
+    args: argparse.Namespace,
+    command: str,
+    started: float,
+    service_ms: list[float],
+    capacity: float,
+    effective_ms: list[float],
+    effective_rows: list[Row],
+) -> str:
     names = [name for name, _ in NODES]
     speeds = ", ".join(f"{name} {ms:g} ms" for name, ms in zip(names, service_ms, strict=True))
     lines = [
@@ -568,7 +646,9 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, started: flo
         f"3 nodes, one slot each, service times {speeds} (capacity {capacity:.1f} requests/s); "
         f"Poisson arrivals (seed {args.seed}), {args.warmup:g} s warm-up + {args.duration:g} s measured per run.",
         "",
-        "| load | policy | requests | p50 (ms) | p99 (ms) | throughput (req/s) | errors | share " + "/".join(names) + " (%) |",
+        "| load | policy | requests | p50 (ms) | p99 (ms) | throughput (req/s) | errors | share "
+        + "/".join(names)
+        + " (%) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -579,15 +659,21 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, started: flo
         )
     lines += ["", *checks(rows)]
     eff = ", ".join(f"{name} {ms:.2f} ms" for name, ms in zip(names, effective_ms, strict=True))
-    lines.append(f"- effective service times, measured (spacing of the answers to a burst queued on each node's "
-                 f"own subject; the engine's delay plus the node's own work per request): {eff}")
+    lines.append(
+        f"- effective service times, measured (spacing of the answers to a burst queued on each node's "
+        f"own subject; the engine's delay plus the node's own work per request): {eff}"
+    )
     for r in effective_rows:
-        lines.append(f"  - {r.load:.0%} load, {r.policy} with these times: p50 {_f(r.p50_ms)} ms, p99 {_f(r.p99_ms)} ms, "
-                     f"throughput {r.rps:.1f}/s")
+        lines.append(
+            f"  - {r.load:.0%} load, {r.policy} with these times: p50 {_f(r.p50_ms)} ms, p99 {_f(r.p99_ms)} ms, "
+            f"throughput {r.rps:.1f}/s"
+        )
     measured = [r for r in rows if not r.simulated]
     if measured:
-        lines.append(f"- load generator: sent at worst {max(r.lag_ms for r in measured):.1f} ms after the trace's "
-                     "time (latencies count from the actual send)")
+        lines.append(
+            f"- load generator: sent at worst {max(r.lag_ms for r in measured):.1f} ms after the trace's "
+            "time (latencies count from the actual send)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -599,23 +685,29 @@ def checks(rows: list[Row]) -> list[str]:
         if ours and jsq:
             ratio = ours.p99_ms / jsq.p99_ms if jsq.p99_ms > 0 else float("nan")
             verdict = "met" if ratio <= TARGET_JSQ_RATIO else "NOT met"
-            out.append(f"- {load:.0%} load: ours p99 {_f(ours.p99_ms)} ms vs ideal JSQ (simulated) "
-                       f"{_f(jsq.p99_ms)} ms = {ratio:.2f}x (target <= {TARGET_JSQ_RATIO:.2f}x): {verdict}")
+            out.append(
+                f"- {load:.0%} load: ours p99 {_f(ours.p99_ms)} ms vs ideal JSQ (simulated) "
+                f"{_f(jsq.p99_ms)} ms = {ratio:.2f}x (target <= {TARGET_JSQ_RATIO:.2f}x): {verdict}"
+            )
     high = max((r.load for r in rows), default=None)
     if high is not None:
         ours, rnd = by.get((high, OURS)), by.get((high, RANDOM))
         if ours and rnd:
             factor = rnd.p99_ms / ours.p99_ms if ours.p99_ms > 0 else float("nan")
             verdict = "met" if factor >= TARGET_RANDOM_FACTOR else "NOT met"
-            out.append(f"- {high:.0%} load: nats-random p99 {_f(rnd.p99_ms)} ms / ours p99 {_f(ours.p99_ms)} ms "
-                       f"= {factor:.1f}x better (target >= {TARGET_RANDOM_FACTOR:g}x): {verdict}")
+            out.append(
+                f"- {high:.0%} load: nats-random p99 {_f(rnd.p99_ms)} ms / ours p99 {_f(ours.p99_ms)} ms "
+                f"= {factor:.1f}x better (target >= {TARGET_RANDOM_FACTOR:g}x): {verdict}"
+            )
     for load in sorted({r.load for r in rows}):
         for policy, sim in ((RANDOM, SIM_RANDOM), (ROUND_ROBIN, SIM_RR)):
             m, s = by.get((load, policy)), by.get((load, sim))
             if m and s:
-                out.append(f"- {load:.0%} load, measured vs simulated {policy}: p50 {_f(m.p50_ms)} vs {_f(s.p50_ms)} ms, "
-                           f"p99 {_f(m.p99_ms)} vs {_f(s.p99_ms)} ms ({m.p99_ms / s.p99_ms:.2f}x), "
-                           f"throughput {m.rps:.1f} vs {s.rps:.1f}/s")
+                out.append(
+                    f"- {load:.0%} load, measured vs simulated {policy}: p50 {_f(m.p50_ms)} vs {_f(s.p50_ms)} ms, "
+                    f"p99 {_f(m.p99_ms)} vs {_f(s.p99_ms)} ms ({m.p99_ms / s.p99_ms:.2f}x), "
+                    f"throughput {m.rps:.1f} vs {s.rps:.1f}/s"
+                )
     return out
 
 
@@ -636,34 +728,54 @@ async def run_all(args: argparse.Namespace, started: float, command: str) -> tup
     try:
         t0 = time.monotonic()
         await stack.start()
-        print(f"stack up in {time.monotonic() - t0:.1f} s: gateway on port {stack.port}, nodes "
-              + ", ".join(f"{n} {ms:g} ms" for n, ms in stack.nodes), file=sys.stderr, flush=True)
+        print(
+            f"stack up in {time.monotonic() - t0:.1f} s: gateway on port {stack.port}, nodes "
+            + ", ".join(f"{n} {ms:g} ms" for n, ms in stack.nodes),
+            file=sys.stderr,
+            flush=True,
+        )
         nc = await nats.connect(stack.nats.url, name="bench-dispatch")
         asker = NatsAsker(nc)
         await asker.start()
         await settle(asker, [node_id for node_id, _ in stack.nodes])
         effective_s = await calibrate(asker, stack.nodes)
         effective_rows: list[Row] = []
-        print("effective service times: " + ", ".join(f"{n} {1000 * s:.2f} ms" for n, s in zip(names, effective_s,
-              strict=True)), file=sys.stderr, flush=True)
+        print(
+            "effective service times: "
+            + ", ".join(f"{n} {1000 * s:.2f} ms" for n, s in zip(names, effective_s, strict=True)),
+            file=sys.stderr,
+            flush=True,
+        )
         for load in args.loads:
             trace = poisson_trace(load * capacity, args.warmup + args.duration, args.seed * 1000 + round(load * 1000))
             sims = simulated_rows(load, trace, service_s, names, args.warmup, args.duration, args.sim_seeds, args.seed)
             for r in sims:
-                print(f"{load:.0%} {r.policy:<26} p50={_f(r.p50_ms)} ms  p99={_f(r.p99_ms)} ms  {r.rps:.1f} req/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{load:.0%} {r.policy:<26} p50={_f(r.p50_ms)} ms  p99={_f(r.p99_ms)} ms  {r.rps:.1f} req/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             for policy in args.policies:
                 t1 = time.monotonic()
                 r = await run_policy(policy, load, trace, args, stack, asker, nc)
                 rows.append(r)
-                print(f"{load:.0%} {policy:<26} p50={_f(r.p50_ms)} ms  p99={_f(r.p99_ms)} ms  {r.rps:.1f} req/s  "
-                      f"errors={r.errors}  shares={r.shares}  lag={r.lag_ms:.1f} ms  ({time.monotonic() - t1:.0f} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{load:.0%} {policy:<26} p50={_f(r.p50_ms)} ms  p99={_f(r.p99_ms)} ms  {r.rps:.1f} req/s  "
+                    f"errors={r.errors}  shares={r.shares}  lag={r.lag_ms:.1f} ms  ({time.monotonic() - t1:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             rows.extend(sims)
-            effective_rows += [r for r in simulated_rows(load, trace, effective_s, names, args.warmup, args.duration,
-                                                         args.sim_seeds, args.seed) if r.policy in (SIM_JSQ, SIM_RR)]
-        return rows, render(rows, args, command, started, service_ms, capacity,
-                            [1000 * s for s in effective_s], effective_rows)
+            effective_rows += [
+                r
+                for r in simulated_rows(
+                    load, trace, effective_s, names, args.warmup, args.duration, args.sim_seeds, args.seed
+                )
+                if r.policy in (SIM_JSQ, SIM_RR)
+            ]
+        return rows, render(
+            rows, args, command, started, service_ms, capacity, [1000 * s for s in effective_s], effective_rows
+        )
     finally:
         if asker is not None:
             await asker.stop()
@@ -683,12 +795,20 @@ def main() -> int:
     parser.add_argument("--policies", default=",".join(POLICIES), help="measured policies [%(default)s]")
     parser.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per run [5; --quick: 1.25]")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per run [25; --quick: 6]")
-    parser.add_argument("--base-ms", type=float, default=20.0,
-                        help="service time of the fastest node; the others take 2x and 4x [%(default)s]")
+    parser.add_argument(
+        "--base-ms",
+        type=float,
+        default=20.0,
+        help="service time of the fastest node; the others take 2x and 4x [%(default)s]",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the arrival traces [%(default)s]")
     parser.add_argument("--sim-seeds", type=int, default=21, help="seeded runs of the random simulation [%(default)s]")
-    parser.add_argument("--drain", type=float, default=None,
-                        help="seconds to wait for answers after the last arrival [max(60, 3 x run)]")
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=None,
+        help="seconds to wait for answers after the last arrival [max(60, 3 x run)]",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
     args = parser.parse_args()

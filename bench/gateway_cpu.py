@@ -71,8 +71,15 @@ class Variant:
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(self.tree), "PYTHONUNBUFFERED": "1"}
-        self.popen = subprocess.Popen([sys.executable, *self.cmd], cwd=str(self.tree), env=env,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.popen = subprocess.Popen(
+            [sys.executable, *self.cmd],
+            cwd=str(self.tree),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         assert self.popen.stdout is not None
         deadline = time.monotonic() + 60
         for line in self.popen.stdout:
@@ -126,9 +133,14 @@ async def measure(variant: Variant, concurrency: int, warmup: float, duration: f
     answered = len(samples)
     cpu_s = marks["to"][0] - marks["from"][0]
     window = marks["to"][1] - marks["from"][1]
-    return {"answered": answered, "errors": errors, "rps": answered / duration,
-            "cpu_us": 1e6 * cpu_s / max(1, answered), "cpu_pct": 100 * cpu_s / window,
-            "p50_ms": statistics.median(samples) / 1e6 if samples else 0.0}
+    return {
+        "answered": answered,
+        "errors": errors,
+        "rps": answered / duration,
+        "cpu_us": 1e6 * cpu_s / max(1, answered),
+        "cpu_pct": 100 * cpu_s / window,
+        "p50_ms": statistics.median(samples) / 1e6 if samples else 0.0,
+    }
 
 
 def main() -> int:
@@ -139,8 +151,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="py-spy (if installed) records 'ours' in its first measured window into this raw file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy (if installed) records 'ours' in its first measured window into this raw file",
+    )
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         print("needs 2 cores (one for the gateway alone)", file=sys.stderr)
@@ -155,14 +171,37 @@ def main() -> int:
     nats = EmbeddedNats(workdir / "nats", port=0)
     url = nats.start_sync()
     children = [
-        Child("registry", ["--role", "registry", "--nats-url", url, "--model-path", str(model_path),
-                           "--model-name", MODEL], workdir),
-        Child("node", ["--role", "node", "--nats-url", url, "--data-dir", str(workdir / "node"), "--parallel", "64",
-                       "--node-id", NODE_ID], workdir),
+        Child(
+            "registry",
+            ["--role", "registry", "--nats-url", url, "--model-path", str(model_path), "--model-name", MODEL],
+            workdir,
+        ),
+        Child(
+            "node",
+            [
+                "--role",
+                "node",
+                "--nats-url",
+                url,
+                "--data-dir",
+                str(workdir / "node"),
+                "--parallel",
+                "64",
+                "--node-id",
+                NODE_ID,
+            ],
+            workdir,
+        ),
     ]
     stack_args = ["--role", "gateway", "--nats-url", url, "--port", "0"]
-    variants = [Variant("skeleton", ROOT, [str(HERE / "skeleton_gateway.py"), "--nats-url", url, "--node-id", NODE_ID,
-                                           "--model", MODEL], workdir)]
+    variants = [
+        Variant(
+            "skeleton",
+            ROOT,
+            [str(HERE / "skeleton_gateway.py"), "--nats-url", url, "--node-id", NODE_ID, "--model", MODEL],
+            workdir,
+        )
+    ]
     if args.before:
         variants.append(Variant("before", args.before, [str(args.before / "bench" / "stack.py"), *stack_args], workdir))
     variants.append(Variant("ours", ROOT, [str(HERE / "stack.py"), *stack_args], workdir))
@@ -177,9 +216,25 @@ def main() -> int:
                 variant.start()
                 spy = None
                 if args.profile and variant.name == "ours" and round_ == 0:
-                    spy = subprocess.Popen(["py-spy", "record", "-p", str(variant.popen.pid), "-d", str(int(args.duration)),
-                                            "-r", "250", "-f", "raw", "-o", str(args.profile), "--nonblocking"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    spy = subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "-p",
+                            str(variant.popen.pid),
+                            "-d",
+                            str(int(args.duration)),
+                            "-r",
+                            "250",
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(args.profile),
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                 try:
                     time.sleep(0.5)
                     result = asyncio.run(measure(variant, args.concurrency, args.warmup, args.duration))
@@ -188,9 +243,12 @@ def main() -> int:
                 finally:
                     variant.stop()
                 results[variant.name].append(result)
-                print(f"round {round_ + 1} {variant.name:9s} {result['rps']:8,.0f} req/s  "
-                      f"{result['cpu_us']:6.1f} µs CPU/request  ({result['cpu_pct']:.0f}% of its core)  "
-                      f"errors={result['errors']}", flush=True)
+                print(
+                    f"round {round_ + 1} {variant.name:9s} {result['rps']:8,.0f} req/s  "
+                    f"{result['cpu_us']:6.1f} µs CPU/request  ({result['cpu_pct']:.0f}% of its core)  "
+                    f"errors={result['errors']}",
+                    flush=True,
+                )
     finally:
         for variant in variants:
             variant.stop()
@@ -205,20 +263,26 @@ def main() -> int:
     lines = [
         *report_header(started, command),
         f"Gateway alone on one core, {args.concurrency} clients, instant engine, median of {args.rounds} rounds "
-        f"of {args.duration:g} s:", "",
+        f"of {args.duration:g} s:",
+        "",
         "| gateway | requests/s | gateway CPU per request (µs) | vs skeleton | p50 (ms) | errors |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     floor = median("skeleton", "cpu_us")
     for variant in variants:
         name = variant.name
-        lines.append(f"| {name} | {median(name, 'rps'):,.0f} | {median(name, 'cpu_us'):.0f} | "
-                     f"{median(name, 'cpu_us') / floor:.2f}x | {median(name, 'p50_ms'):.2f} | "
-                     f"{sum(r['errors'] for r in results[name])} |")
+        lines.append(
+            f"| {name} | {median(name, 'rps'):,.0f} | {median(name, 'cpu_us'):.0f} | "
+            f"{median(name, 'cpu_us') / floor:.2f}x | {median(name, 'p50_ms'):.2f} | "
+            f"{sum(r['errors'] for r in results[name])} |"
+        )
     if args.before:
         cut = 1 - median("ours", "cpu_us") / median("before", "cpu_us")
-        lines += ["", f"- ours vs before: gateway CPU per request {100 * cut:.0f}% lower "
-                      f"({'cut by at least a third: met' if cut >= 1 / 3 else 'target, a third lower: not met'})"]
+        lines += [
+            "",
+            f"- ours vs before: gateway CPU per request {100 * cut:.0f}% lower "
+            f"({'cut by at least a third: met' if cut >= 1 / 3 else 'target, a third lower: not met'})",
+        ]
     text = "\n".join(lines) + "\n"
     return publish(text, args.output, BEGIN, END)
 

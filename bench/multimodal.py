@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -68,12 +68,15 @@ def load_engines(models: dict[str, Path]) -> dict[str, object]:
     from nodes.runtimes import DiffusersRuntime, FasterWhisperRuntime, PiperRuntime
 
     def record(name: str, runtime: str, path: Path) -> ModelRecord:
-        return ModelRecord(name=name, format=runtime, runtime=runtime, capabilities=[],
-                           source=ModelSource(kind="path", path=str(path)))
+        return ModelRecord(
+            name=name, format=runtime, runtime=runtime, capabilities=[], source=ModelSource(kind="path", path=str(path))
+        )
 
     return {
         "sd": DiffusersRuntime().load(record("sd", "diffusers", models["sd"]), str(models["sd"])),
-        "whisper": FasterWhisperRuntime().load(record("w", "faster_whisper", models["whisper"]), str(models["whisper"])),
+        "whisper": FasterWhisperRuntime().load(
+            record("w", "faster_whisper", models["whisper"]), str(models["whisper"])
+        ),
         "voice": PiperRuntime().load(record("v", "piper", models["voice"]), str(models["voice"])),
     }
 
@@ -82,8 +85,20 @@ class Up:
     """``llm-router up`` with the three models, in its own process."""
 
     def __init__(self, models: dict[str, Path], data_dir: Path) -> None:
-        args = [sys.executable, "-m", "llm_router", "--log-level", "warning", "up", "--port", "0",
-                "--nats-port", "0", "--data-dir", str(data_dir)]
+        args = [
+            sys.executable,
+            "-m",
+            "llm_router",
+            "--log-level",
+            "warning",
+            "up",
+            "--port",
+            "0",
+            "--nats-port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+        ]
         for path in models.values():
             args += ["--model", str(path)]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -139,28 +154,49 @@ def endpoints(engines: dict, names: dict[str, str], url: str) -> dict[str, tuple
 
     def gen_gateway(size: int) -> Callable:
         def call() -> None:
-            ok(http.post("/v1/images/generations", json={"model": names["sd"], "prompt": "a red square",
-                                                       "size": f"{size}x{size}", "response_format": "b64_json",
-                                                       "seed": 1}))
+            ok(
+                http.post(
+                    "/v1/images/generations",
+                    json={
+                        "model": names["sd"],
+                        "prompt": "a red square",
+                        "size": f"{size}x{size}",
+                        "response_format": "b64_json",
+                        "seed": 1,
+                    },
+                )
+            )
+
         return call
 
     def edit_gateway() -> None:
-        ok(http.post("/v1/images/edits", data={"model": names["sd"], "prompt": "a cat", "response_format": "b64_json",
-                                              "seed": "1"},
-                     files={"image": ("in.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")}))
+        ok(
+            http.post(
+                "/v1/images/edits",
+                data={"model": names["sd"], "prompt": "a cat", "response_format": "b64_json", "seed": "1"},
+                files={"image": ("in.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")},
+            )
+        )
 
     def variation_gateway() -> None:
-        ok(http.post("/v1/images/variations", data={"model": names["sd"], "response_format": "b64_json", "seed": "1"},
-                     files={"image": ("in.png", image, "image/png")}))
+        ok(
+            http.post(
+                "/v1/images/variations",
+                data={"model": names["sd"], "response_format": "b64_json", "seed": "1"},
+                files={"image": ("in.png", image, "image/png")},
+            )
+        )
 
     def stt_gateway(path: str, audio: bytes) -> Callable:
         def call() -> None:
             ok(http.post(path, data={"model": names["whisper"]}, files={"file": ("a.wav", audio, "audio/wav")}))
+
         return call
 
     def stt_direct(task: str, audio: bytes) -> Callable:
         def call() -> None:
             codec.encode(render(whisper.transcribe(audio, task=task), "json"))
+
         return call
 
     def speech_direct() -> None:
@@ -168,17 +204,25 @@ def endpoints(engines: dict, names: dict[str, str], url: str) -> dict[str, tuple
         voice.encode(pcm, rate, "wav")
 
     def speech_gateway() -> None:
-        ok(http.post("/v1/audio/speech", json={"model": names["voice"], "input": text, "voice": "alloy",
-                                              "response_format": "wav"}))
+        ok(
+            http.post(
+                "/v1/audio/speech",
+                json={"model": names["voice"], "input": text, "voice": "alloy", "response_format": "wav"},
+            )
+        )
 
     return {
-        "POST /v1/images/generations": (lambda: sd.generate("a red square", width=SIZE, height=SIZE, seed=1),
-                                        gen_gateway(SIZE)),
+        "POST /v1/images/generations": (
+            lambda: sd.generate("a red square", width=SIZE, height=SIZE, seed=1),
+            gen_gateway(SIZE),
+        ),
         "POST /v1/images/edits": (lambda: sd.edit(image, mask, "a cat", seed=1), edit_gateway),
         "POST /v1/images/variations": (lambda: sd.variation(image, seed=1), variation_gateway),
         "POST /v1/audio/transcriptions": (stt_direct("transcribe", wav), stt_gateway("/v1/audio/transcriptions", wav)),
         f"POST /v1/audio/transcriptions {BIG_AUDIO_SECONDS:g} s, 2.2 MB (upload via object store)": (
-            stt_direct("transcribe", big_wav), stt_gateway("/v1/audio/transcriptions", big_wav)),
+            stt_direct("transcribe", big_wav),
+            stt_gateway("/v1/audio/transcriptions", big_wav),
+        ),
         "POST /v1/audio/translations": (stt_direct("translate", wav), stt_gateway("/v1/audio/translations", wav)),
         "POST /v1/audio/speech": (speech_direct, speech_gateway),
     }
@@ -234,18 +278,22 @@ async def claim_checks(nats_url: str, rounds: int) -> list[tuple[int, float, flo
                 put.append((t1 - t0) * 1000)
                 get.append((t2 - t1) * 1000)
             out.append((mb, statistics.median(put), statistics.median(get)))
-            print(f"claim check {mb} MB: put {out[-1][1]:.0f} ms, read+delete {out[-1][2]:.0f} ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"claim check {mb} MB: put {out[-1][1]:.0f} ms, read+delete {out[-1][2]:.0f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         await nc.close()
     return out
 
 
-def render_table(rows: list[tuple[str, float, float]], rounds: int, command: str,
-                 checks: list[tuple[int, float, float]]) -> str:
+def render_table(
+    rows: list[tuple[str, float, float]], rounds: int, command: str, checks: list[tuple[int, float, float]]
+) -> str:
     from overhead import machine
 
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "### Images and audio: the gateway path vs the engine called directly",
         "",

@@ -37,9 +37,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
-import logging
 import platform
 import queue
 import re
@@ -59,7 +59,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import psutil  # noqa: E402
-
 from minimal_engine import TEXT, MinimalEngine  # noqa: E402
 
 MODEL = "bench-tiny"
@@ -223,7 +222,12 @@ def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
 
 
 async def closed_loop(
-    clients: list[Any], ask: Any, ok: Any, measure_from: int, measure_to: int, samples: list[int],
+    clients: list[Any],
+    ask: Any,
+    ok: Any,
+    measure_from: int,
+    measure_to: int,
+    samples: list[int],
     limit: int | None = None,
 ) -> tuple[int, int]:
     """One worker per client, each sending its next request when the previous answer arrived.
@@ -483,8 +487,15 @@ class Child:
 class Stack:
     """nats-server + registry + gateway + node, in ``split`` or ``up`` layout."""
 
-    def __init__(self, layout: str, workdir: Path, parallel: int, *, node_args: list[str] | None = None,
-                 gateway_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        layout: str,
+        workdir: Path,
+        parallel: int,
+        *,
+        node_args: list[str] | None = None,
+        gateway_args: list[str] | None = None,
+    ) -> None:
         """``node_args``/``gateway_args``: extra ``bench/stack.py`` options (``--delay-ms``,
         ``--queue-timeout``...); in the ``up`` layout both go to the one process."""
         self.layout = layout
@@ -505,8 +516,15 @@ class Stack:
         url = self.nats.start_sync()
         common = ["--nats-url", url]
         registry_args = ["--model-path", str(model_path), "--model-name", MODEL]
-        node_args = ["--data-dir", str(self.workdir / "node"), "--parallel", str(self.parallel), "--node-id", NODE_ID,
-                     *self.node_args]
+        node_args = [
+            "--data-dir",
+            str(self.workdir / "node"),
+            "--parallel",
+            str(self.parallel),
+            "--node-id",
+            NODE_ID,
+            *self.node_args,
+        ]
         gateway_args = ["--port", "0", *self.gateway_args]
         if self.layout == "up":
             plan = [("up", ["--role", "up", *common, *registry_args, *node_args, *gateway_args])]
@@ -537,7 +555,7 @@ class Stack:
                 last = body
                 if status == 200 and any(m.get("id") == MODEL for m in json.loads(body).get("data", [])):
                     return
-            except (OSError, ValueError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.1)
         raise RuntimeError(f"model {MODEL!r} was not served within {timeout}s; last /v1/models: {last[:500]!r}")
@@ -589,8 +607,12 @@ def _verdict(ok: bool) -> str:
 
 
 def render(
-    results: list[Result], args: argparse.Namespace, command: str, started: float,
-    sent: dict[str, int], stored: dict[str, int],
+    results: list[Result],
+    args: argparse.Namespace,
+    command: str,
+    started: float,
+    sent: dict[str, int],
+    stored: dict[str, int],
 ) -> str:
     by = {(r.setup, r.concurrency): r for r in results}
     lines = [
@@ -636,7 +658,7 @@ def render(
             f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%), and in parentheses the CPU time "
             "per answered request:",
             "",
-            "| setup | concurrency | " +  " | ".join(names) + " | machine total |",
+            "| setup | concurrency | " + " | ".join(names) + " | machine total |",
             "|---|---:|" + "---:|" * (len(names) + 1),
         ]
         for r in cpu_rows:
@@ -700,14 +722,24 @@ def quiet_logs_and_check_machine() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     busy = machine_busy()
     if busy > 20:
-        print(f"warning: the machine is already busy ({busy:.0f}% of one core used by other processes); "
-              "the numbers will be noisier than on an idle machine", file=sys.stderr, flush=True)
+        print(
+            f"warning: the machine is already busy ({busy:.0f}% of one core used by other processes); "
+            "the numbers will be noisier than on an idle machine",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def report_header(started: float, command: str) -> list[str]:
     """The lines every results section starts with: when, on what machine, the exact command."""
-    return [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.", "",
-            "```", command, "```", ""]
+    return [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()}.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+    ]
 
 
 def publish(text: str, output: Path | None, begin: str = BEGIN, end: str = END) -> int:
@@ -755,16 +787,25 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per level [2; --quick: 1]")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per level [10; --quick: 3]")
     parser.add_argument("--parallel", type=int, default=64, help="node slots for the model [%(default)s]")
-    parser.add_argument("--client", choices=["python", "wrk"], default="python",
-                        help="load generator for the stack: the built-in asyncio client or wrk [%(default)s]")
-    parser.add_argument("--nats-direct", action=argparse.BooleanOptionalAction, default=None,
-                        help="also measure the node alone over NATS, without gateway and HTTP, in the split "
-                        "layout [on; --quick: off]")
+    parser.add_argument(
+        "--client",
+        choices=["python", "wrk"],
+        default="python",
+        help="load generator for the stack: the built-in asyncio client or wrk [%(default)s]",
+    )
+    parser.add_argument(
+        "--nats-direct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure the node alone over NATS, without gateway and HTTP, in the split layout [on; --quick: off]",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    args.layouts = [s.strip() for s in (args.layouts or ("split" if args.quick else "split,up")).split(",") if s.strip()]
+    args.layouts = [
+        s.strip() for s in (args.layouts or ("split" if args.quick else "split,up")).split(",") if s.strip()
+    ]
     if any(layout not in ("split", "up") for layout in args.layouts):
         parser.error("--layouts takes split and/or up")
     if args.nats_direct is None:
@@ -783,8 +824,12 @@ def main() -> int:
     for c in args.levels:
         r = _event_loop_run(run_in_process(c, min(warmup, 0.5), in_process_duration))
         results.append(r)
-        print(f"in-process      c={c:<3} p50={r.percentile_ms(50):.4f} ms  p99={r.percentile_ms(99):.4f} ms  "
-              f"{r.rps:,.0f} req/s", file=sys.stderr, flush=True)
+        print(
+            f"in-process      c={c:<3} p50={r.percentile_ms(50):.4f} ms  p99={r.percentile_ms(99):.4f} ms  "
+            f"{r.rps:,.0f} req/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     for layout in args.layouts:
         workdir = Path(tempfile.mkdtemp(prefix=f"llm-router-bench-{layout}-"))
@@ -792,7 +837,11 @@ def main() -> int:
         try:
             t0 = time.monotonic()
             stack.start()
-            print(f"stack ({layout}) up in {time.monotonic() - t0:.1f} s on port {stack.port}", file=sys.stderr, flush=True)
+            print(
+                f"stack ({layout}) up in {time.monotonic() - t0:.1f} s on port {stack.port}",
+                file=sys.stderr,
+                flush=True,
+            )
             for c in args.levels:
                 if args.client == "wrk":
                     r = run_wrk(stack.port, c, warmup, duration, stack.pids(), workdir)
@@ -801,10 +850,13 @@ def main() -> int:
                 r.setup = f"stack ({layout})"
                 results.append(r)
                 sent[layout] = sent.get(layout, 0) + r.sent
-                print(f"stack ({layout}) c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
-                      f"{r.rps:,.0f} req/s  errors={r.errors}  cpu%="
-                      + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"stack ({layout}) c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
+                    f"{r.rps:,.0f} req/s  errors={r.errors}  cpu%="
+                    + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
+                    file=sys.stderr,
+                    flush=True,
+                )
             stored[layout] = _event_loop_run(stack.history_count(sent[layout]))
             if args.nats_direct and layout == "split":
                 for c in args.levels:
@@ -812,10 +864,17 @@ def main() -> int:
                     r = _event_loop_run(run_nats_direct(stack.nats.url, NODE_ID, c, warmup, duration, pids))
                     r.setup = "NATS -> node (split)"
                     results.append(r)
-                    print(f"NATS -> node    c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
-                          f"{r.rps:,.0f} req/s  errors={r.errors}", file=sys.stderr, flush=True)
-            print(f"stack ({layout}) history records stored: {stored[layout]:,} of {sent[layout]:,} requests",
-                  file=sys.stderr, flush=True)
+                    print(
+                        f"NATS -> node    c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
+                        f"{r.rps:,.0f} req/s  errors={r.errors}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            print(
+                f"stack ({layout}) history records stored: {stored[layout]:,} of {sent[layout]:,} requests",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             stack.stop()
             if args.keep:

@@ -54,7 +54,6 @@ sys.path.insert(1, str(HERE.parent))
 
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
-
 from dispatch import HttpPool, open_loop, percentile, poisson_trace  # noqa: E402
 from minimal_engine import TEXT  # noqa: E402
 from overhead import (  # noqa: E402
@@ -66,10 +65,10 @@ from overhead import (  # noqa: E402
     closed_loop,
     connect,
     http_request,
-    publish,
-    report_header,
     machine_busy,
+    publish,
     quiet_logs_and_check_machine,
+    report_header,
 )
 
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
@@ -202,8 +201,14 @@ async def calibrate(port: int, parallel: int, seconds: float) -> float:
     samples: list[int] = []
     try:
         _, errors = await asyncio.wait_for(
-            closed_loop(conns, lambda c: c.request(request), lambda a: a[0] == 200 and EXPECTED in a[1],
-                        measure_from, measure_to, samples),
+            closed_loop(
+                conns,
+                lambda c: c.request(request),
+                lambda a: a[0] == 200 and EXPECTED in a[1],
+                measure_from,
+                measure_to,
+                samples,
+            ),
             seconds + 30,
         )
     finally:
@@ -223,8 +228,9 @@ def request_id(body: bytes) -> str | None:
     return body[at + 15 : end].decode()
 
 
-async def goodput_run(stack: Stack, config: Config, capacity: float, warmup: float, duration: float,
-                      seed: int) -> GoodputRun:
+async def goodput_run(
+    stack: Stack, config: Config, capacity: float, warmup: float, duration: float, seed: int
+) -> GoodputRun:
     """Open-loop Poisson arrivals at ``config.load`` x C; every client gives up after its timeout."""
     import nats
 
@@ -262,8 +268,10 @@ async def goodput_run(stack: Stack, config: Config, capacity: float, warmup: flo
         cpu_after, window = _cpu_times(pids), time.monotonic() - t_before
         await asyncio.sleep(1.0)  # the last replies, cancellations and history records
         nodes = await _get_json(stack.port, "/v0/nodes")  # idle now: nothing should be held
-        after = {"gateway_inflight": sum(n["gateway_inflight"] for n in nodes["data"]),
-                 "queue_waiting": nodes["queue"]["waiting"]}
+        after = {
+            "gateway_inflight": sum(n["gateway_inflight"] for n in nodes["data"]),
+            "queue_waiting": nodes["queue"]["waiting"],
+        }
     finally:
         pool.close()
         await watch.stop()
@@ -306,8 +314,14 @@ async def goodput_run(stack: Stack, config: Config, capacity: float, warmup: flo
             if rid in watch.cancelled:
                 cut_short += 1
     run.node = {
-        "sends": dispatched, "abandoned": abandoned, "cut_short": cut_short, "unanswered": unanswered,
-        "refused_busy": refused, "useful_s": useful, "wasted_s": wasted, "slot_s": stack.parallel * duration,
+        "sends": dispatched,
+        "abandoned": abandoned,
+        "cut_short": cut_short,
+        "unanswered": unanswered,
+        "refused_busy": refused,
+        "useful_s": useful,
+        "wasted_s": wasted,
+        "slot_s": stack.parallel * duration,
     }
     for record in watch.history:
         if lo <= record.started_at - wall0 < hi:
@@ -326,6 +340,8 @@ def goodput_configs(queue_timeout: float, timeout: float) -> list[Config]:
         Config("patient", "2x C, patient clients", 2.0, LONG_TIMEOUT_S),
         Config("queue-timeout", f"2x C, gateway --queue-timeout {queue_timeout:g}", 2.0, timeout, short),
     ]
+
+
 RUNS = "baseline,overload,patient,queue-timeout"
 
 
@@ -335,22 +351,35 @@ def run_goodput(args: argparse.Namespace) -> tuple[list[GoodputRun], dict[tuple[
     capacities: dict[tuple[str, ...], float] = {}
     for gateway_args in dict.fromkeys(c.gateway_args for c in configs):  # one stack per gateway setting
         workdir = Path(tempfile.mkdtemp(prefix="llm-router-bench-reliability-"))
-        stack = Stack("split", workdir, args.parallel, node_args=["--delay-ms", f"{args.delay_ms:g}"],
-                      gateway_args=list(gateway_args))
+        stack = Stack(
+            "split",
+            workdir,
+            args.parallel,
+            node_args=["--delay-ms", f"{args.delay_ms:g}"],
+            gateway_args=list(gateway_args),
+        )
         try:
             stack.start()
             capacity = _event_loop_run(calibrate(stack.port, args.parallel, args.calibration))
             capacities[gateway_args] = capacity
-            print(f"gateway {' '.join(gateway_args) or '(defaults)'}: C = {capacity:.1f} requests/s "
-                  f"({args.parallel} slots x {args.delay_ms:g} ms)", file=sys.stderr, flush=True)
-            for k, config in enumerate(c for c in configs if c.gateway_args == gateway_args):
-                run = _event_loop_run(goodput_run(stack, config, capacity, args.warmup, args.duration,
-                                                  args.seed * 100 + len(runs)))
+            print(
+                f"gateway {' '.join(gateway_args) or '(defaults)'}: C = {capacity:.1f} requests/s "
+                f"({args.parallel} slots x {args.delay_ms:g} ms)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for config in (c for c in configs if c.gateway_args == gateway_args):
+                run = _event_loop_run(
+                    goodput_run(stack, config, capacity, args.warmup, args.duration, args.seed * 100 + len(runs))
+                )
                 runs.append(run)
-                print(f"{config.label:<40} goodput {run.goodput:.2f}x C  outcomes {dict(run.outcomes)}  "
-                      f"p50 {percentile(run.ok_latencies_ms, 50):.0f} ms  p99 {percentile(run.ok_latencies_ms, 99):.0f} ms  "
-                      f"node {run.node}  history {dict(run.history)}  other {run.cpu_other:.0f}%",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{config.label:<40} goodput {run.goodput:.2f}x C  outcomes {dict(run.outcomes)}  "
+                    f"p50 {percentile(run.ok_latencies_ms, 50):.0f} ms  p99 {percentile(run.ok_latencies_ms, 99):.0f} ms  "
+                    f"node {run.node}  history {dict(run.history)}  other {run.cpu_other:.0f}%",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 time.sleep(0.5)
         finally:
             stack.stop()
@@ -462,9 +491,13 @@ def run_soak(args: argparse.Namespace) -> Soak:
     try:
         stack.start()
         _event_loop_run(soak_loop(stack, args.requests, args.concurrency, soak))
-        print(f"soak: {soak.requests:,} requests in {soak.seconds:.1f} s, errors {soak.errors}, gateway RSS "
-              f"{_mib(soak.rss_start)} -> max {_mib(soak.rss_max)} -> {_mib(soak.rss_end)} ({soak.ratio:.3f}x), "
-              f"history {soak.history_stored:,}, healthz {soak.healthz}", file=sys.stderr, flush=True)
+        print(
+            f"soak: {soak.requests:,} requests in {soak.seconds:.1f} s, errors {soak.errors}, gateway RSS "
+            f"{_mib(soak.rss_start)} -> max {_mib(soak.rss_max)} -> {_mib(soak.rss_end)} ({soak.ratio:.3f}x), "
+            f"history {soak.history_stored:,}, healthz {soak.healthz}",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -486,7 +519,9 @@ def _ms(values: list[float], p: float) -> str:
     return "-" if not values else f"{percentile(values, p):,.0f}"
 
 
-def render_goodput(runs: list[GoodputRun], capacities: dict[tuple[str, ...], float], args: argparse.Namespace) -> list[str]:
+def render_goodput(
+    runs: list[GoodputRun], capacities: dict[tuple[str, ...], float], args: argparse.Namespace
+) -> list[str]:
     cs = ", ".join(f"{c:.1f}" for c in capacities.values())
     lines = [
         "### Goodput under overload",
@@ -510,8 +545,12 @@ def render_goodput(runs: list[GoodputRun], capacities: dict[tuple[str, ...], flo
             f"| {o['timeout']:,} | {o['429']:,} | {o['503']:,} | {o['504']:,} | {other:,} "
             f"| {_ms(r.ok_latencies_ms, 50)} / {_ms(r.ok_latencies_ms, 99)} | {share} |"
         )
-    lines += ["", "Node and history detail (sends to the node in the window, timed by the benchmark's NATS subscriber, "
-              "so approximate when the machine is busy; history records by status):", ""]
+    lines += [
+        "",
+        "Node and history detail (sends to the node in the window, timed by the benchmark's NATS subscriber, "
+        "so approximate when the machine is busy; history records by status):",
+        "",
+    ]
     for r in runs:
         nd = r.node
         slots = nd["slot_s"]
@@ -530,13 +569,17 @@ def render_goodput(runs: list[GoodputRun], capacities: dict[tuple[str, ...], flo
     lines.append("")
     if base:
         expected = abs(base.goodput - base.config.load) <= 0.07 and base.outcomes["timeout"] <= 0.01 * base.sent
-        lines.append(f"- Baseline: goodput {base.goodput:.2f}x C at {base.config.load:g}x C offered, "
-                     f"{base.outcomes['timeout']:,} timed out ({'as expected' if expected else '**not as expected**'}).")
+        lines.append(
+            f"- Baseline: goodput {base.goodput:.2f}x C at {base.config.load:g}x C offered, "
+            f"{base.outcomes['timeout']:,} timed out ({'as expected' if expected else '**not as expected**'})."
+        )
     for r in runs:
         if r.config.load >= 2.0:
             healthy = r.goodput >= GOODPUT_HEALTHY
-            lines.append(f"- {r.config.label}: goodput **{r.goodput:.2f}x C** under 2x overload "
-                         f"(healthy >= {GOODPUT_HEALTHY:g}x: {'met' if healthy else '**not met**'}).")
+            lines.append(
+                f"- {r.config.label}: goodput **{r.goodput:.2f}x C** under 2x overload "
+                f"(healthy >= {GOODPUT_HEALTHY:g}x: {'met' if healthy else '**not met**'})."
+            )
     return lines
 
 
@@ -572,8 +615,16 @@ def render_soak(soak: Soak, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def render(runs: list[GoodputRun], capacities: dict, soak: Soak | None, args: argparse.Namespace, command: str,
-           started: float, busy_before: float, loadavg: tuple[float, float]) -> str:
+def render(
+    runs: list[GoodputRun],
+    capacities: dict,
+    soak: Soak | None,
+    args: argparse.Namespace,
+    command: str,
+    started: float,
+    busy_before: float,
+    loadavg: tuple[float, float],
+) -> str:
     lines = [
         *report_header(started, command),
         f"Machine load: {busy_before:.0f}% of one core busy just before the run (`machine_busy()`); load average "
@@ -598,10 +649,18 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=50.0, help="engine service time per request [%(default)s]")
     parser.add_argument("--parallel", type=int, default=2, help="node slots in the goodput runs [%(default)s]")
     parser.add_argument("--client-timeout", type=float, default=1.0, help="seconds a client waits [%(default)s]")
-    parser.add_argument("--queue-timeout", type=float, default=0.5,
-                        help="the gateway's --queue-timeout in the last goodput run [%(default)s]")
-    parser.add_argument("--warmup", type=float, default=None, help="seconds before each measured window [3; --quick: 2]")
-    parser.add_argument("--duration", type=float, default=None, help="measured seconds per goodput run [25; --quick: 8]")
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=0.5,
+        help="the gateway's --queue-timeout in the last goodput run [%(default)s]",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="seconds before each measured window [3; --quick: 2]"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="measured seconds per goodput run [25; --quick: 8]"
+    )
     parser.add_argument("--calibration", type=float, default=None, help="seconds of calibration [4; --quick: 2]")
     parser.add_argument("--runs", default=RUNS, help="goodput runs to make, comma-separated [%(default)s]")
     parser.add_argument("--seed", type=int, default=1, help="seed of the arrival traces [%(default)s]")

@@ -40,7 +40,9 @@ async def main(args: argparse.Namespace) -> None:
         body = codec.decode(await request.body(), ChatCompletionBody)
         message = InferenceRequest(request_id=uuid.uuid4().hex, model=body.model, capability=subjects.CHAT, params=body)
         reply = codec.decode_reply((await nc.request(subject, codec.encode(message), timeout=30)).data)
-        return Response(codec.encode({"choices": [{"message": {"content": reply.text}}]}), media_type="application/json")
+        return Response(
+            codec.encode({"choices": [{"message": {"content": reply.text}}]}), media_type="application/json"
+        )
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     sock = socket.socket()

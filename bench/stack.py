@@ -51,8 +51,13 @@ async def _main(args: argparse.Namespace) -> int:
         registry = Registry(nats_url=args.nats_url)
         components.append(registry)
     if "gateway" in roles:
-        gateway = Gateway(nats_url=args.nats_url, host="127.0.0.1", port=args.port,
-                          queue_size=args.queue_size, queue_timeout=args.queue_timeout)
+        gateway = Gateway(
+            nats_url=args.nats_url,
+            host="127.0.0.1",
+            port=args.port,
+            queue_size=args.queue_size,
+            queue_timeout=args.queue_timeout,
+        )
         components.append(gateway)
     if "node" in roles:
         components.append(
@@ -101,13 +106,18 @@ def main() -> int:
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--port", type=int, default=0, help="gateway HTTP port (0: a free one)")
     parser.add_argument("--queue-size", type=int, default=100, help="gateway: requests that may wait (then 429)")
-    parser.add_argument("--queue-timeout", type=float, default=60.0, help="gateway: seconds a request may wait (then 504)")
+    parser.add_argument(
+        "--queue-timeout", type=float, default=60.0, help="gateway: seconds a request may wait (then 504)"
+    )
     parser.add_argument("--data-dir", default=None, help="node data dir")
     parser.add_argument("--parallel", type=int, default=64, help="node slots for the model")
     parser.add_argument("--node-id", default="bench-node")
-    parser.add_argument("--delay-ms", type=float, default=None,
-                        help="fixed engine service time per chat/completion request, in ms "
-                        "[$BENCH_ENGINE_DELAY_MS, else 0]")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=None,
+        help="fixed engine service time per chat/completion request, in ms [$BENCH_ENGINE_DELAY_MS, else 0]",
+    )
     parser.add_argument("--model-path", default=None, help="GGUF file the registry registers")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--log-level", default="warning")

@@ -137,8 +137,9 @@ async def read_blob(
         raise BlobCorrupt(f"object {info.name}: read {point.offset} bytes, expected {info.size}")
 
 
-def _write(out: BinaryIO, batch: bytes, on_chunk: Callable[[int, ResumePoint], None] | None,
-           point: ResumePoint) -> None:
+def _write(
+    out: BinaryIO, batch: bytes, on_chunk: Callable[[int, ResumePoint], None] | None, point: ResumePoint
+) -> None:
     out.write(batch)
     if on_chunk is not None:
         on_chunk(len(batch), point)

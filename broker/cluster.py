@@ -56,8 +56,12 @@ class NatsCluster:
         self.servers: list[EmbeddedNats] = []
         for i in range(size):
             routes = [f"nats-route://{host}:{p}" for j, p in enumerate(route_ports) if j != i]
-            member = ClusterMember(server_name=f"n{i + 1}", cluster_port=route_ports[i], routes=routes, cluster_name=name)
-            self.servers.append(EmbeddedNats(self.data_dir / member.server_name, host=host, port=client_ports[i], cluster=member))
+            member = ClusterMember(
+                server_name=f"n{i + 1}", cluster_port=route_ports[i], routes=routes, cluster_name=name
+            )
+            self.servers.append(
+                EmbeddedNats(self.data_dir / member.server_name, host=host, port=client_ports[i], cluster=member)
+            )
 
     @property
     def urls(self) -> list[str]:
@@ -100,8 +104,10 @@ class NatsCluster:
                 log.info("nats cluster ready", url=self.url, meta_leader=self.meta_leader())
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"nats cluster not ready within {timeout}s: " + "; ".join(
-            f"{self.servers[i].cluster.server_name}: {why}" for i, why in waiting.items()))  # type: ignore[union-attr]
+        raise TimeoutError(
+            f"nats cluster not ready within {timeout}s: "
+            + "; ".join(f"{self.servers[i].cluster.server_name}: {why}" for i, why in waiting.items())
+        )  # type: ignore[union-attr]
 
     @staticmethod
     def _not_ready(server: EmbeddedNats) -> str | None:
@@ -161,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster = NatsCluster(Path(argv[0]), int(argv[1]) if len(argv) > 1 else 3)
     url = cluster.start_sync()
     for server in cluster.servers:
-        print(f"{server.cluster.server_name}: nats://{server.host}:{server.port}  monitor {server.monitor_url}  "  # type: ignore[union-attr]
-              f"config {server.data_dir / 'nats-server.conf'}", flush=True)
+        print(
+            f"{server.cluster.server_name}: nats://{server.host}:{server.port}  monitor {server.monitor_url}  "  # type: ignore[union-attr]
+            f"config {server.data_dir / 'nats-server.conf'}",
+            flush=True,
+        )
     print(f"NATS cluster ready: --nats-url {url}", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

@@ -62,8 +62,9 @@ class EmbeddedNats:
     With ``cluster``, it is one member of a JetStream cluster (``broker.cluster.NatsCluster``).
     """
 
-    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 4222,
-                 cluster: ClusterMember | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 4222, cluster: ClusterMember | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port

@@ -23,7 +23,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -50,9 +50,20 @@ Refuse = Callable[[Msg, str], Awaitable[None]]
 class Endpoint:
     """One served subject; created by :meth:`Service.add`."""
 
-    def __init__(self, service: Service, name: str, subject: str, handler: Handler, *, kind: Any = None,
-                 queue: str | None = None, refuse: Refuse | None = None, metadata: dict[str, str] | None = None,
-                 concurrent: bool = True, empty: bytes | None = None) -> None:
+    def __init__(
+        self,
+        service: Service,
+        name: str,
+        subject: str,
+        handler: Handler,
+        *,
+        kind: Any = None,
+        queue: str | None = None,
+        refuse: Refuse | None = None,
+        metadata: dict[str, str] | None = None,
+        concurrent: bool = True,
+        empty: bytes | None = None,
+    ) -> None:
         self.service = service
         self.name = name
         self.subject = subject
@@ -111,13 +122,17 @@ class Endpoint:
         self.last_error = error
 
     def info(self) -> EndpointInfo:
-        return EndpointInfo(name=self.name, subject=self.subject, queue_group=self.queue or "",
-                            metadata=self.metadata)
+        return EndpointInfo(name=self.name, subject=self.subject, queue_group=self.queue or "", metadata=self.metadata)
 
     def stats(self) -> EndpointStats:
         return EndpointStats(
-            name=self.name, subject=self.subject, queue_group=self.queue or "", num_requests=self.requests,
-            num_errors=self.errors, last_error=self.last_error, processing_time=self.processing_ns,
+            name=self.name,
+            subject=self.subject,
+            queue_group=self.queue or "",
+            num_requests=self.requests,
+            num_errors=self.errors,
+            last_error=self.last_error,
+            processing_time=self.processing_ns,
             average_processing_time=self.processing_ns // self.requests if self.requests else 0,
         )
 
@@ -125,8 +140,16 @@ class Endpoint:
 class Service:
     """A component's endpoints as one NATS micro service (``name``, one ``id`` per instance)."""
 
-    def __init__(self, nc: Client, name: str, *, version: str = "0.1.0", description: str = "",
-                 metadata: dict[str, str] | None = None, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        name: str,
+        *,
+        version: str = "0.1.0",
+        description: str = "",
+        metadata: dict[str, str] | None = None,
+        instance_id: str | None = None,
+    ) -> None:
         self.nc = nc
         self.name = name
         self.version = version
@@ -136,7 +159,7 @@ class Service:
         self.endpoints: list[Endpoint] = []
         self.tasks: set[asyncio.Task] = set()
         self._control: list[Subscription] = []
-        self._started = datetime.now(timezone.utc)
+        self._started = datetime.now(UTC)
 
     async def start(self) -> None:
         """Answer PING, INFO and STATS for all services, services of this name, and this one."""
@@ -188,13 +211,13 @@ class Service:
         await self._answer(msg, ServicePing(**self._identity()).to_dict())
 
     async def _info(self, msg: Msg) -> None:
-        info = ServiceInfo(**self._identity(), description=self.description,
-                           endpoints=[e.info() for e in self.endpoints])
+        info = ServiceInfo(
+            **self._identity(), description=self.description, endpoints=[e.info() for e in self.endpoints]
+        )
         await self._answer(msg, info.to_dict())
 
     async def _stats(self, msg: Msg) -> None:
-        stats = ServiceStats(**self._identity(), started=self._started,
-                             endpoints=[e.stats() for e in self.endpoints])
+        stats = ServiceStats(**self._identity(), started=self._started, endpoints=[e.stats() for e in self.endpoints])
         await self._answer(msg, stats.to_dict())
 
     async def _answer(self, msg: Msg, payload: dict[str, Any]) -> None:

@@ -168,8 +168,12 @@ class NodeDirectory:
         if view is None or view.beat.requests is None or view.earlier is None:
             return False
         seen_before, before = view.earlier
-        return (seen_before > sent and before is not None and request_id not in before
-                and request_id not in view.beat.requests)
+        return (
+            seen_before > sent
+            and before is not None
+            and request_id not in before
+            and request_id not in view.beat.requests
+        )
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

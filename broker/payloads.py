@@ -69,8 +69,9 @@ async def pack(
     return out
 
 
-async def attach(js: JetStreamContext, data: bytes, *, content_type: str, filename: str = "",
-                 budget: int = INLINE_BUDGET) -> Attachment:
+async def attach(
+    js: JetStreamContext, data: bytes, *, content_type: str, filename: str = "", budget: int = INLINE_BUDGET
+) -> Attachment:
     (attachment,) = await pack(js, [(data, content_type, filename)], budget=budget)
     return attachment
 

@@ -81,11 +81,19 @@ async def _provision(js: JetStreamContext, replicas: int | None) -> None:
     for config in storage.STREAMS:
         await _stream(js, config, replicas)
     for kv in storage.KEY_VALUES:
-        await _built_stream(js, f"KV_{kv.bucket}", replicas,
-                            lambda r, kv=kv: js.create_key_value(config=dataclasses.replace(kv, replicas=r)))
+        await _built_stream(
+            js,
+            f"KV_{kv.bucket}",
+            replicas,
+            lambda r, kv=kv: js.create_key_value(config=dataclasses.replace(kv, replicas=r)),
+        )
     for obj in storage.OBJECT_STORES:
-        await _built_stream(js, f"OBJ_{obj.bucket}", replicas,
-                            lambda r, obj=obj: js.create_object_store(bucket=obj.bucket, config=dataclasses.replace(obj, replicas=r)))
+        await _built_stream(
+            js,
+            f"OBJ_{obj.bucket}",
+            replicas,
+            lambda r, obj=obj: js.create_object_store(bucket=obj.bucket, config=dataclasses.replace(obj, replicas=r)),
+        )
 
 
 async def _stream(js: JetStreamContext, config: StreamConfig, replicas: int | None) -> None:
@@ -126,13 +134,17 @@ def _declared(config: StreamConfig, like: StreamConfig | None = None) -> dict[st
     """The fields ``like`` (default: ``config``) sets away from StreamConfig's defaults, as
     ``config`` has them: what ``events.storage`` declares, not what the server fills in."""
     like = like or config
-    names = [f.name for f in dataclasses.fields(StreamConfig)
-             if f.default is not dataclasses.MISSING and getattr(like, f.name) != f.default]
+    names = [
+        f.name
+        for f in dataclasses.fields(StreamConfig)
+        if f.default is not dataclasses.MISSING and getattr(like, f.name) != f.default
+    ]
     return {name: getattr(config, name) for name in names}
 
 
-async def _built_stream(js: JetStreamContext, stream: str, replicas: int | None,
-                        create: Callable[[int], Awaitable[object]]) -> None:
+async def _built_stream(
+    js: JetStreamContext, stream: str, replicas: int | None, create: Callable[[int], Awaitable[object]]
+) -> None:
     """A KV bucket or object store, whose stream nats-py builds: created with the declared settings;
     once it exists only an explicit replica count is written (always, as in ``_stream``). Creating
     an existing one again would compare configs against a replica count that may be stale."""

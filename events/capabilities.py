@@ -41,10 +41,22 @@ CAPABILITIES: dict[str, Capability] = {
         Capability(VISION, ChatCompletionBody, "/v1/chat/completions", "images in chat (vision)", "text", "chat"),
         # One body per operation (tagged on "operation"): generate, edit, variation.
         Capability(IMAGE, ImageBody, "/v1/images/generations", "image generation (images)", "image", ""),
-        Capability(TRANSCRIPTION, TranscriptionBody, "/v1/audio/transcriptions", "speech to text (transcription)",
-                   "transcription", "transcribe"),
-        Capability(TRANSLATION, TranscriptionBody, "/v1/audio/translations", "speech translation (translation)",
-                   "transcription", "transcribe"),
+        Capability(
+            TRANSCRIPTION,
+            TranscriptionBody,
+            "/v1/audio/transcriptions",
+            "speech to text (transcription)",
+            "transcription",
+            "transcribe",
+        ),
+        Capability(
+            TRANSLATION,
+            TranscriptionBody,
+            "/v1/audio/translations",
+            "speech translation (translation)",
+            "transcription",
+            "transcribe",
+        ),
         Capability(SPEECH, SpeechBody, "/v1/audio/speech", "text to speech (speech)", "speech", "speak"),
     )
 }

@@ -77,8 +77,10 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
     ObjectStoreConfig(bucket=OBJ_MODEL_BLOBS, description="model files hosted by the registry"),
     ObjectStoreConfig(
-        bucket=OBJ_PAYLOADS, description="temporary request/response payloads (claim checks)",
-        ttl=PAYLOAD_TTL_S, max_bytes=8 * GiB,
+        bucket=OBJ_PAYLOADS,
+        description="temporary request/response payloads (claim checks)",
+        ttl=PAYLOAD_TTL_S,
+        max_bytes=8 * GiB,
     ),
 )
 

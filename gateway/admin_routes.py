@@ -20,14 +20,14 @@ from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, subjects
 from events.messages import (
     AdminReply,
-    NodeCommand,
-    NodeCommandReply,
     DeleteModel,
     HfQuery,
     HfReply,
     HubQuery,
     HubReply,
     ModelRecord,
+    NodeCommand,
+    NodeCommandReply,
     RegisterModel,
 )
 from events.openai import validation_param
@@ -51,7 +51,9 @@ class AdminRoutes:
         try:
             msg = await self.nc.request(subject, codec.encode(request), timeout=ADMIN_TIMEOUT_S)
         except NoRespondersError:
-            raise ApiError(503, "The model registry is not running; start it and retry.", headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503, "The model registry is not running; start it and retry.", headers={"Retry-After": "5"}
+            ) from None
         except NatsTimeout:
             raise ApiError(504, f"The model registry did not answer within {ADMIN_TIMEOUT_S:g} s.") from None
         try:
@@ -84,7 +86,9 @@ class AdminRoutes:
         return json_response(self.model_view(record))
 
     async def hub(self, request: Request) -> Response:
-        reply: HubReply = await self.ask(subjects.ADMIN_MODEL_HUB, HubQuery(search=request.query_params.get("search", "")), HubReply)
+        reply: HubReply = await self.ask(
+            subjects.ADMIN_MODEL_HUB, HubQuery(search=request.query_params.get("search", "")), HubReply
+        )
         return json_response({"object": "list", "data": reply.models})
 
     async def hf(self, request: Request) -> Response:
@@ -115,22 +119,28 @@ class AdminRoutes:
         self.catalog.forget(name)
         return json_response({"id": name, "object": "model", "deleted": True})
 
-
     # ------------------------------------------------------------ nodes
 
     async def list_nodes(self, request: Request) -> Response:
         nodes = []
         for beat, live, age in sorted(self.directory.known(), key=lambda item: item[0].node_id):
             view = msgspec.to_builtins(beat)
-            view.update({
-                "id": beat.node_id,
-                "state": beat.state if live else "offline",
-                "last_seen_s": round(age, 1),
-                "gateway_inflight": self.dispatcher.node_inflight(beat.node_id),
-            })
+            view.update(
+                {
+                    "id": beat.node_id,
+                    "state": beat.state if live else "offline",
+                    "last_seen_s": round(age, 1),
+                    "gateway_inflight": self.dispatcher.node_inflight(beat.node_id),
+                }
+            )
             nodes.append(view)
-        return json_response({"object": "list", "data": nodes, "queue": {
-            "waiting": self.dispatcher.waiting, "size": self.dispatcher.queue_size}})
+        return json_response(
+            {
+                "object": "list",
+                "data": nodes,
+                "queue": {"waiting": self.dispatcher.waiting, "size": self.dispatcher.queue_size},
+            }
+        )
 
     async def node_command(self, request: Request) -> Response:
         """``POST /v0/nodes/{id}/drain`` or ``/resume``: the node's own answer."""
@@ -148,4 +158,9 @@ class AdminRoutes:
         return json_response(reply)
 
 
-_CODES = {404: "model_not_found", 409: "model_already_registered", 422: "unsupported_model", 503: "registry_unavailable"}
+_CODES = {
+    404: "model_not_found",
+    409: "model_already_registered",
+    422: "unsupported_model",
+    503: "registry_unavailable",
+}

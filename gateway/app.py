@@ -21,12 +21,12 @@ from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
 
 from .admin_routes import AdminRoutes
-from .dispatch import ClientDisconnected, DispatchError, Dispatcher
+from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
 from .history import HistoryWriter
-from .media_routes import MediaRoutes
 from .http import json_response
+from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 
@@ -88,7 +88,10 @@ def build_app(gateway: Gateway) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers={
-            ApiError: _api_error, DispatchError: _dispatch_error, HTTPException: _http_error, Exception: _server_error,
+            ApiError: _api_error,
+            DispatchError: _dispatch_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
         },
     )
 
@@ -123,8 +126,9 @@ class Gateway:
 
     async def start(self, serve_http: bool = True) -> None:
         """``serve_http=False``: no socket, for in-process use of ``self.app`` (httpx.ASGITransport)."""
-        self.nc = await connect(self.nats_url, name="gateway", on_reconnect=self._recover,
-                                on_disconnect=self._broker_lost)
+        self.nc = await connect(
+            self.nats_url, name="gateway", on_reconnect=self._recover, on_disconnect=self._broker_lost
+        )
         self.js = self.nc.jetstream()
         await provision(self.js, self.replicas)
         self.catalog = RegisteredModels()
@@ -132,14 +136,19 @@ class Gateway:
         self.directory = NodeDirectory()
         await self.directory.start(self.nc, self.js)
         self.dispatcher = Dispatcher(
-            self.nc, self.directory, request_timeout=self.request_timeout,
-            queue_size=self.queue_size, queue_timeout=self.queue_timeout,
+            self.nc,
+            self.directory,
+            request_timeout=self.request_timeout,
+            queue_size=self.queue_size,
+            queue_timeout=self.queue_timeout,
         )
         await self.dispatcher.start()
         self.history = HistoryWriter(self.nc)
         await self.history.start()
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
-        self.routes = OpenAIRoutes(self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask))
+        self.routes = OpenAIRoutes(
+            self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask)
+        )
         self.media = MediaRoutes(self.routes, self.js)
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
@@ -155,7 +164,11 @@ class Gateway:
         self.port = sock.getsockname()[1]
         self._socket = sock
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
             proxy_headers=False,  # nothing here reads the client address; saves a middleware per request
         )
         self._server = uvicorn.Server(config)

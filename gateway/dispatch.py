@@ -385,7 +385,11 @@ class Call:
         self.capability = capability
         self.model = model
         self.request = InferenceRequest(
-            request_id=new_request_id(), model=model, capability=capability, params=params, stream=stream,
+            request_id=new_request_id(),
+            model=model,
+            capability=capability,
+            params=params,
+            stream=stream,
             when_busy="reject",
         )
         self.node_id: str | None = None  # the node asked last (kept for the history record)

@@ -110,8 +110,12 @@ class DownloadRoutes:
         filename = request.query_params.get("file") or artifact_name(record)
         known = {f.path for f in record.source.files} | {artifact_name(record)}
         if filename not in known:
-            raise ApiError(404, f"Model '{name}' has no file {filename!r} (files: {', '.join(sorted(k for k in known if k))}).",
-                           param="file", code="blob_not_found")
+            raise ApiError(
+                404,
+                f"Model '{name}' has no file {filename!r} (files: {', '.join(sorted(k for k in known if k))}).",
+                param="file",
+                code="blob_not_found",
+            )
         info = await blob_info(self.js, blob_name(name, filename)) if filename else None
         if info is None:
             raise ApiError(404, f"Model '{name}' has no file {filename!r} in the object store.", code="blob_not_found")
@@ -123,8 +127,9 @@ class DownloadRoutes:
                 task = self._spooling[digest] = asyncio.create_task(self._spool(info, path))
                 task.add_done_callback(lambda _: self._spooling.pop(digest, None))
             await asyncio.shield(task)
-        return FileResponse(path, filename=Path(filename).name, media_type="application/octet-stream",
-                            headers={"x-sha256": digest})
+        return FileResponse(
+            path, filename=Path(filename).name, media_type="application/octet-stream", headers={"x-sha256": digest}
+        )
 
     async def _spool(self, info, path: Path) -> None:
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
@@ -161,13 +166,25 @@ class OnDemand:
             )
         except ApiError as exc:
             if exc.status == 404:
-                return ApiError(404, f"Model '{record.name}' is registered but was not found anywhere: {exc.message}",
-                                param="model", code="model_not_found")
-            return ApiError(503, f"Model '{record.name}' is not loaded on any node: {exc.message}",
-                            code="model_unavailable", headers={"Retry-After": "10"})
+                return ApiError(
+                    404,
+                    f"Model '{record.name}' is registered but was not found anywhere: {exc.message}",
+                    param="model",
+                    code="model_not_found",
+                )
+            return ApiError(
+                503,
+                f"Model '{record.name}' is not loaded on any node: {exc.message}",
+                code="model_unavailable",
+                headers={"Retry-After": "10"},
+            )
         except TimeoutError:
             return fallback
         if reply.status == 202:
-            return ApiError(503, f"Model '{record.name}' is not loaded yet; {reply.message}. Retry shortly.",
-                            code="model_downloading", headers={"Retry-After": "5"})
+            return ApiError(
+                503,
+                f"Model '{record.name}' is not loaded yet; {reply.message}. Retry shortly.",
+                code="model_downloading",
+                headers={"Retry-After": "5"},
+            )
         return fallback

@@ -58,21 +58,34 @@ def api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, d.NoNode):
-        return ApiError(503, f"No live node is serving the model '{exc.model}' right now. Retry shortly.",
-                        code="model_unavailable", headers={"Retry-After": "5"})
+        return ApiError(
+            503,
+            f"No live node is serving the model '{exc.model}' right now. Retry shortly.",
+            code="model_unavailable",
+            headers={"Retry-After": "5"},
+        )
     if isinstance(exc, d.QueueFull):
-        return ApiError(429, f"The request queue is full ({exc.size} waiting); retry later.", code="queue_full",
-                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+        return ApiError(
+            429,
+            f"The request queue is full ({exc.size} waiting); retry later.",
+            code="queue_full",
+            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+        )
     if isinstance(exc, d.QueueTimeout):
-        return ApiError(504, f"Waited {exc.waited_s:g} s in the queue for a free node; retry later.",
-                        code="queue_timeout")
+        return ApiError(
+            504, f"Waited {exc.waited_s:g} s in the queue for a free node; retry later.", code="queue_timeout"
+        )
     if isinstance(exc, d.NodeUnavailable):
         return ApiError(503, str(exc), code="node_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, d.NodeTimeout):
         return ApiError(504, "The node did not answer in time.", code="timeout")
     if isinstance(exc, d.BrokerUnavailable):
-        return ApiError(503, "The message broker (NATS) is unreachable; the gateway is reconnecting. Retry shortly.",
-                        code="broker_unavailable", headers={"Retry-After": "2"})
+        return ApiError(
+            503,
+            "The message broker (NATS) is unreachable; the gateway is reconnecting. Retry shortly.",
+            code="broker_unavailable",
+            headers={"Retry-After": "2"},
+        )
     if isinstance(exc, d.ClientDisconnected):
         return ApiError(499, "The client disconnected.", type="client_disconnected", code="client_disconnected")
     return ApiError(500, f"Dispatch failed: {exc}")

@@ -23,7 +23,7 @@ from events.capabilities import CAPABILITIES
 from events.messages import Failure, HistoryRecord, Reply, Usage
 
 from .disconnect import abandon_on_disconnect
-from .dispatch import Call, ClientDisconnected, DispatchError, Dispatcher
+from .dispatch import Call, ClientDisconnected, Dispatcher, DispatchError
 from .errors import ApiError, api_error
 from .history import HistoryWriter
 from .http import parse_body, parsed_json
@@ -49,9 +49,14 @@ class Exchange:
 
     # ------------------------------------------------------------ before dispatch
 
-    async def accept(self, kind: type, resolve: Callable[[Any, str], Awaitable[None]], *,
-                     check: Callable[[Any], None] | None = None,
-                     capability_of: Callable[[Any], str] | None = None) -> Any:
+    async def accept(
+        self,
+        kind: type,
+        resolve: Callable[[Any, str], Awaitable[None]],
+        *,
+        check: Callable[[Any], None] | None = None,
+        capability_of: Callable[[Any], str] | None = None,
+    ) -> Any:
         """The JSON body as ``kind``, checked, its model resolved for the capability (which
         ``capability_of`` may refine from the body); a refusal is recorded and raised."""
         self.raw = await self.request.body()
@@ -84,7 +89,9 @@ class Exchange:
                 reply = await call.next()
         except DispatchError as exc:
             error = api_error(exc)
-            self.record(error.status, error="client disconnected" if isinstance(exc, ClientDisconnected) else error.message)
+            self.record(
+                error.status, error="client disconnected" if isinstance(exc, ClientDisconnected) else error.message
+            )
             if isinstance(exc, ClientDisconnected):
                 raise
             raise error from None
@@ -102,8 +109,16 @@ class Exchange:
 
     # ------------------------------------------------------------ history
 
-    def record(self, status: int, *, usage: Usage | None = None, response: Any = None, stream: bool = False,
-               error: str | None = None, first_byte_ms: float | None = None) -> None:
+    def record(
+        self,
+        status: int,
+        *,
+        usage: Usage | None = None,
+        response: Any = None,
+        stream: bool = False,
+        error: str | None = None,
+        first_byte_ms: float | None = None,
+    ) -> None:
         """The history record of this request; only the first call records anything."""
         if self.recorded:
             return
@@ -119,9 +134,19 @@ class Exchange:
             request, record_id, node_id, model = msgspec.Raw(self.raw), call.request_id, call.node_id, call.model
         self.history.append(
             HistoryRecord(
-                id=record_id, capability=self.capability, endpoint=self.endpoint, model=model, status_code=status,
-                started_at=self.started, duration_ms=(time.perf_counter() - self.t0) * 1000, stream=stream,
-                node_id=node_id, first_byte_ms=first_byte_ms, usage=usage, error=error, request=request,
+                id=record_id,
+                capability=self.capability,
+                endpoint=self.endpoint,
+                model=model,
+                status_code=status,
+                started_at=self.started,
+                duration_ms=(time.perf_counter() - self.t0) * 1000,
+                stream=stream,
+                node_id=node_id,
+                first_byte_ms=first_byte_ms,
+                usage=usage,
+                error=error,
+                request=request,
                 response=response,
             )
         )

@@ -57,9 +57,7 @@ def text_completion(cid: str, created: int, model: str, text: str, finish_reason
         "object": TEXT_OBJECT,
         "created": created,
         "model": model,
-        "choices": [
-            {"text": text, "index": 0, "logprobs": None, "finish_reason": client_finish_reason(finish_reason)}
-        ],
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": client_finish_reason(finish_reason)}],
         "usage": usage_dict(usage),
         "system_fingerprint": None,
     }
@@ -70,7 +68,12 @@ class ChunkWriter:
 
     def __init__(self, chat: bool, cid: str, created: int, model: str, include_usage: bool) -> None:
         self.chat = chat
-        self.base = {"id": cid, "object": CHAT_CHUNK_OBJECT if chat else TEXT_OBJECT, "created": created, "model": model}
+        self.base = {
+            "id": cid,
+            "object": CHAT_CHUNK_OBJECT if chat else TEXT_OBJECT,
+            "created": created,
+            "model": model,
+        }
         self.include_usage = include_usage
         if chat:
             self.base["system_fingerprint"] = None
@@ -84,7 +87,9 @@ class ChunkWriter:
     def opening(self) -> bytes:
         if not self.chat:
             return b""
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        return self._chunk(
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        )
 
     def delta(self, text: str) -> bytes:
         if self.chat:

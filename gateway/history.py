@@ -56,8 +56,10 @@ class HistoryWriter:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
-        self._tasks = [asyncio.create_task(self._run(), name="history-writer"),
-                       asyncio.create_task(self._expire(), name="history-acks")]
+        self._tasks = [
+            asyncio.create_task(self._run(), name="history-writer"),
+            asyncio.create_task(self._expire(), name="history-acks"),
+        ]
 
     def append(self, record: HistoryRecord) -> None:
         if len(self._pending) >= self.max_pending:
@@ -86,8 +88,12 @@ class HistoryWriter:
             reply = f"{self._inbox}.{seq}"
             self._unacked[reply] = (record, time.monotonic())
             try:
-                await self.nc.publish(subjects.history(record.capability, record.model), codec.encode(record),
-                                      reply=reply, headers={"Nats-Msg-Id": record.id})
+                await self.nc.publish(
+                    subjects.history(record.capability, record.model),
+                    codec.encode(record),
+                    reply=reply,
+                    headers={"Nats-Msg-Id": record.id},
+                )
             except Exception as exc:  # the link dropped under us: keep the record, try again
                 self._unacked.pop(reply, None)
                 self._retry([record], str(exc))
@@ -133,7 +139,7 @@ class HistoryWriter:
     async def flush(self, timeout: float = 5.0) -> None:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("history not fully flushed", pending=self.pending)
 
     async def stop(self) -> None:

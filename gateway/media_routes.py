@@ -99,11 +99,16 @@ class MediaRoutes:
                 data.append({"b64_json": base64.b64encode(png).decode("ascii")})
             else:
                 if image.inline:
-                    image = await payloads.store(self.js, image.data or b"", content_type=image.content_type,
-                                                 filename=image.filename)
+                    image = await payloads.store(
+                        self.js, image.data or b"", content_type=image.content_type, filename=image.filename
+                    )
                 stored += 1
                 data.append({"url": f"{str(exchange.request.base_url).rstrip('/')}/v0/files/{image.object}"})
-        sizes = {"n": len(reply.images), "bytes": sum(i.size for i in reply.images), "response_format": body.response_format}
+        sizes = {
+            "n": len(reply.images),
+            "bytes": sum(i.size for i in reply.images),
+            "response_format": body.response_format,
+        }
         exchange.record(200, response=sizes)
         payload: dict[str, Any] = {"created": int(exchange.started), "data": data, "output_format": "png"}
         headers = exchange.headers()
@@ -138,10 +143,15 @@ class MediaRoutes:
         body = msgspec.structs.replace(body, file=attachment)
         reply = await self._dispatch(exchange, body, [attachment], TranscriptionResult)
         data = await payloads.load(self.js, reply.body, consume=True)
-        exchange.record(200, response={
-            "text": reply.text, "language": reply.language, "duration": reply.duration_s,
-            "response_format": body.response_format,
-        })
+        exchange.record(
+            200,
+            response={
+                "text": reply.text,
+                "language": reply.language,
+                "duration": reply.duration_s,
+                "response_format": body.response_format,
+            },
+        )
         return Response(data, 200, exchange.headers(), media_type=reply.body.content_type)
 
     async def speech(self, request: Request) -> Response:
@@ -149,10 +159,15 @@ class MediaRoutes:
         body = await exchange.accept(SpeechBody, self.api.resolve)
         reply = await self._dispatch(exchange, body, [], SpeechResult)
         audio = await payloads.load(self.js, reply.audio, consume=True)
-        exchange.record(200, response={
-            "bytes": len(audio), "sample_rate": reply.sample_rate, "duration": reply.duration_s,
-            "response_format": body.response_format,
-        })
+        exchange.record(
+            200,
+            response={
+                "bytes": len(audio),
+                "sample_rate": reply.sample_rate,
+                "duration": reply.duration_s,
+                "response_format": body.response_format,
+            },
+        )
         return Response(audio, 200, exchange.headers(), media_type=reply.audio.content_type)
 
     # ------------------------------------------------------------ temporary files
@@ -165,8 +180,11 @@ class MediaRoutes:
         try:
             data = await payloads.read_object(self.js, name)
         except payloads.PayloadMissing:
-            raise ApiError(404, f"File {name!r} does not exist or has expired "
-                                f"(files are kept {int(PAYLOAD_TTL_S)} s).", code="file_not_found") from None
+            raise ApiError(
+                404,
+                f"File {name!r} does not exist or has expired (files are kept {int(PAYLOAD_TTL_S)} s).",
+                code="file_not_found",
+            ) from None
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return Response(data, 200, {"cache-control": "private, max-age=3600"}, media_type=content_type)
 
@@ -208,8 +226,12 @@ class _form:
 
 
 def _too_large(size: int) -> ApiError:
-    return ApiError(413, f"The upload is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.",
-                    type="invalid_request_error", code="file_too_large")
+    return ApiError(
+        413,
+        f"The upload is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.",
+        type="invalid_request_error",
+        code="file_too_large",
+    )
 
 
 def _fields(form: FormData, *, exclude: set[str]) -> dict[str, Any]:
@@ -225,7 +247,9 @@ def _fields(form: FormData, *, exclude: set[str]) -> dict[str, Any]:
     return fields
 
 
-async def _upload(form: FormData, keys: tuple[str, ...], param: str, *, required: bool) -> tuple[bytes, str, str] | None:
+async def _upload(
+    form: FormData, keys: tuple[str, ...], param: str, *, required: bool
+) -> tuple[bytes, str, str] | None:
     """``(bytes, content type, file name)`` of an uploaded file field, or None when optional and absent."""
     value = next((form.get(k) for k in keys if form.get(k) is not None), None)
     if value is None:

@@ -24,7 +24,7 @@ from events.messages import Accepted, EmbeddingResult, Failure, ModelRecord, Tex
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts
 
 from . import formatting
-from .dispatch import DispatchError, Dispatcher
+from .dispatch import Dispatcher, DispatchError
 from .errors import ApiError, api_error, model_not_found
 from .exchange import Exchange, failure_error
 from .history import HistoryWriter
@@ -56,7 +56,11 @@ def _no_empty_input(body: EmbeddingBody) -> None:
 
 class OpenAIRoutes:
     def __init__(
-        self, catalog: RegisteredModels, directory: NodeDirectory, dispatcher: Dispatcher, history: HistoryWriter,
+        self,
+        catalog: RegisteredModels,
+        directory: NodeDirectory,
+        dispatcher: Dispatcher,
+        history: HistoryWriter,
         on_demand: Any = None,
     ) -> None:
         """``on_demand`` (gateway.downloads.OnDemand): asks for a download of a model no node has."""
@@ -125,7 +129,8 @@ class OpenAIRoutes:
             )
         if record.state == "pending_conversion":
             raise ApiError(
-                503, f"Model '{model}' is awaiting conversion to a format the nodes can run; it cannot be served yet.",
+                503,
+                f"Model '{model}' is awaiting conversion to a format the nodes can run; it cannot be served yet.",
                 code="model_pending_conversion",
             )
         if not self.directory.serving(model, capability):
@@ -152,13 +157,18 @@ class OpenAIRoutes:
         body = await exchange.accept(EmbeddingBody, self.resolve, check=_no_empty_input)
         reply = await self.final_reply(exchange, body, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
-        summary = {"object": "list", "model": body.model, "count": len(reply.vectors),
-                   "dimensions": len(reply.vectors[0]) if reply.vectors else 0}
+        summary = {
+            "object": "list",
+            "model": body.model,
+            "count": len(reply.vectors),
+            "dimensions": len(reply.vectors[0]) if reply.vectors else 0,
+        }
         exchange.record(200, usage=reply.usage, response=summary)
         return json_response(payload, headers=exchange.headers())
 
-    async def final_reply(self, exchange: Exchange, body: Any, expected: type, *,
-                          cleanup: Callable[[], Awaitable[None]] | None = None) -> Any:
+    async def final_reply(
+        self, exchange: Exchange, body: Any, expected: type, *, cleanup: Callable[[], Awaitable[None]] | None = None
+    ) -> Any:
         """Dispatch a non-streamed request and wait for its one reply, of type ``expected``.
 
         A failure is recorded and raised as the node's error; a client that leaves meanwhile
@@ -205,8 +215,14 @@ class OpenAIRoutes:
             headers={**exchange.headers(), "cache-control": "no-cache"},
         )
 
-    async def _stream(self, exchange: Exchange, reply: Any, writer: formatting.ChunkWriter,
-                      summary: Callable[[str, str, Usage], dict], first_byte_ms: float) -> AsyncIterator[bytes]:
+    async def _stream(
+        self,
+        exchange: Exchange,
+        reply: Any,
+        writer: formatting.ChunkWriter,
+        summary: Callable[[str, str, Usage], dict],
+        first_byte_ms: float,
+    ) -> AsyncIterator[bytes]:
         """SSE chunks from the first reply on; ``summary`` is the answer as the history records it."""
         call = exchange.call
         assert call is not None
@@ -240,8 +256,14 @@ class OpenAIRoutes:
                 status, error = 499, "client disconnected"
             # Starlette cancels this generator when the client leaves; the close is shielded.
             await exchange.close()
-            exchange.record(status, usage=usage, response=summary("".join(parts), finish, usage), stream=True, error=error,
-                            first_byte_ms=first_byte_ms)
+            exchange.record(
+                status,
+                usage=usage,
+                response=summary("".join(parts), finish, usage),
+                stream=True,
+                error=error,
+                first_byte_ms=first_byte_ms,
+            )
 
 
 async def _shielded(action: Callable[[], Awaitable[None]]) -> None:

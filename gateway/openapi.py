@@ -30,8 +30,15 @@ from events.openai import (
 )
 
 REF = "#/components/schemas/{name}"
-JSON_BODIES = [ChatCompletionBody, CompletionBody, EmbeddingBody, ImageGenerationBody, SpeechBody, RegisterModel,
-               DownloadModel]
+JSON_BODIES = [
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    ImageGenerationBody,
+    SpeechBody,
+    RegisterModel,
+    DownloadModel,
+]
 MULTIPART_BODIES = {ImageEditBody: {"image", "mask"}, ImageVariationBody: {"image"}, TranscriptionBody: {"file"}}
 # Form fields whose OpenAI name carries "[]" (repeated parts make a list; see media_routes._fields).
 MULTIPART_ARRAYS = {"timestamp_granularities": "timestamp_granularities[]"}
@@ -61,13 +68,23 @@ BINARY = {"type": "string", "format": "binary"}
 
 
 def _path(name: str, description: str, **schema: Any) -> dict:
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string", "minLength": 1, **schema}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1, **schema},
+    }
 
 
 def _query(name: str, description: str, **schema: Any) -> dict:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "string", **schema}}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
 
 
 def _model_path() -> dict:
@@ -85,12 +102,21 @@ def _multipart_body(name: str) -> dict:
 def _query_params(kind: type) -> list[dict]:
     """A query Struct's fields as query parameters (the handler converts them with that Struct)."""
     (_,), components = msgspec.json.schema_components([kind], ref_template=REF)
-    return [{"name": name, "in": "query", "required": False, "schema": schema}
-            for name, schema in components[kind.__name__]["properties"].items()]
+    return [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in components[kind.__name__]["properties"].items()
+    ]
 
 
-def _op(summary: str, ok: dict[str, dict], *, params: list[dict] | None = None, body: dict | None = None,
-        tag: str = "openai", statuses: tuple[str, ...] = ("200",)) -> dict:
+def _op(
+    summary: str,
+    ok: dict[str, dict],
+    *,
+    params: list[dict] | None = None,
+    body: dict | None = None,
+    tag: str = "openai",
+    statuses: tuple[str, ...] = ("200",),
+) -> dict:
     """One operation: its success responses (media type -> schema) and the error body for every other status."""
     op: dict[str, Any] = {"summary": summary, "tags": [tag]}
     if params:
@@ -99,8 +125,10 @@ def _op(summary: str, ok: dict[str, dict], *, params: list[dict] | None = None, 
         op["requestBody"] = body
     content = {media: {"schema": schema} for media, schema in ok.items()}
     op["responses"] = {status: {"description": "Success.", "content": copy.deepcopy(content)} for status in statuses}
-    op["responses"]["default"] = {"description": "An error.",
-                                  "content": {"application/json": {"schema": {"$ref": REF.format(name="Error")}}}}
+    op["responses"]["default"] = {
+        "description": "An error.",
+        "content": {"application/json": {"schema": {"$ref": REF.format(name="Error")}}},
+    }
     return op
 
 
@@ -112,50 +140,108 @@ TEXT_STREAM = {"application/json": OBJECT, "text/event-stream": SSE_EVENT}
 # path -> method -> operation; one entry per Route in gateway.app.build_app.
 OPERATIONS: dict[str, dict[str, dict]] = {
     "/openapi.json": {"get": _op("This document.", JSON, tag="meta")},
-    "/healthz": {"get": _op("Gateway health: 200 while connected to NATS, else 503 (the same body).", JSON, tag="meta",
-                            statuses=("200", "503"))},
+    "/healthz": {
+        "get": _op(
+            "Gateway health: 200 while connected to NATS, else 503 (the same body).",
+            JSON,
+            tag="meta",
+            statuses=("200", "503"),
+        )
+    },
     "/v1/models": {"get": _op("Models some live node serves.", JSON)},
     "/v1/models/{model}": {
         "get": _op("One registered model.", JSON, params=[_model_path()]),
         "delete": _op("Delete a registration (OpenAI's delete shape).", JSON, params=[_model_path()]),
     },
-    "/v1/chat/completions": {"post": _op("Chat completion (stream: server-sent events).", TEXT_STREAM,
-                                         body=_json_body("ChatCompletionBody"))},
-    "/v1/completions": {"post": _op("Text completion (stream: server-sent events).", TEXT_STREAM,
-                                    body=_json_body("CompletionBody"))},
+    "/v1/chat/completions": {
+        "post": _op("Chat completion (stream: server-sent events).", TEXT_STREAM, body=_json_body("ChatCompletionBody"))
+    },
+    "/v1/completions": {
+        "post": _op("Text completion (stream: server-sent events).", TEXT_STREAM, body=_json_body("CompletionBody"))
+    },
     "/v1/embeddings": {"post": _op("Embeddings.", JSON, body=_json_body("EmbeddingBody"))},
     "/v1/images/generations": {"post": _op("Generate images.", JSON, body=_json_body("ImageGenerationBody"))},
     "/v1/images/edits": {"post": _op("Edit an image.", JSON, body=_multipart_body("ImageEditBody"))},
     "/v1/images/variations": {"post": _op("Variations of an image.", JSON, body=_multipart_body("ImageVariationBody"))},
-    "/v1/audio/transcriptions": {"post": _op("Speech to text.", {"application/json": OBJECT, "text/plain": {"type": "string"},
-                                                                 "text/vtt": {"type": "string"}},
-                                             body=_multipart_body("TranscriptionBody"))},
-    "/v1/audio/translations": {"post": _op("Speech to English text.", {"application/json": OBJECT, "text/plain": {"type": "string"},
-                                                                       "text/vtt": {"type": "string"}},
-                                           body=_multipart_body("TranscriptionBody"))},
-    "/v1/audio/speech": {"post": _op("Text to speech: the audio file.", {"audio/*": BINARY}, body=_json_body("SpeechBody"))},
-    "/v0/files/{name}": {"get": _op("A generated file kept for a 'url' answer, until it expires.", {"*/*": BINARY},
-                                    params=[_path("name", "The file's name, from the url of an answer.")], tag="files")},
+    "/v1/audio/transcriptions": {
+        "post": _op(
+            "Speech to text.",
+            {"application/json": OBJECT, "text/plain": {"type": "string"}, "text/vtt": {"type": "string"}},
+            body=_multipart_body("TranscriptionBody"),
+        )
+    },
+    "/v1/audio/translations": {
+        "post": _op(
+            "Speech to English text.",
+            {"application/json": OBJECT, "text/plain": {"type": "string"}, "text/vtt": {"type": "string"}},
+            body=_multipart_body("TranscriptionBody"),
+        )
+    },
+    "/v1/audio/speech": {
+        "post": _op("Text to speech: the audio file.", {"audio/*": BINARY}, body=_json_body("SpeechBody"))
+    },
+    "/v0/files/{name}": {
+        "get": _op(
+            "A generated file kept for a 'url' answer, until it expires.",
+            {"*/*": BINARY},
+            params=[_path("name", "The file's name, from the url of an answer.")],
+            tag="files",
+        )
+    },
     "/v0/nodes": {"get": _op("Nodes heard from, with the dispatch queue.", JSON, tag="admin")},
-    "/v0/nodes/{node_id}/{verb}": {"post": _op("Drain a node, or resume it.", JSON, tag="admin", params=[
-        _path("node_id", "The node's id."), _path("verb", "What to do.", enum=["drain", "resume"])])},
+    "/v0/nodes/{node_id}/{verb}": {
+        "post": _op(
+            "Drain a node, or resume it.",
+            JSON,
+            tag="admin",
+            params=[_path("node_id", "The node's id."), _path("verb", "What to do.", enum=["drain", "resume"])],
+        )
+    },
     "/v0/models": {"get": _op("Every registered model.", JSON, tag="admin")},
-    "/v0/models/hub": {"get": _op("The curated catalog.", JSON, tag="admin",
-                                  params=[_query("search", "Substring to filter by.")])},
+    "/v0/models/hub": {
+        "get": _op("The curated catalog.", JSON, tag="admin", params=[_query("search", "Substring to filter by.")])
+    },
     "/v0/models/hf": {"get": _op("Hugging Face GGUF repositories.", JSON, tag="admin", params=_query_params(HfQuery))},
-    "/v0/models/register": {"post": _op("Register a model (metadata only).", JSON, tag="admin", statuses=("201",),
-                                        body=_json_body("RegisterModel"))},
+    "/v0/models/register": {
+        "post": _op(
+            "Register a model (metadata only).", JSON, tag="admin", statuses=("201",), body=_json_body("RegisterModel")
+        )
+    },
     "/v0/models/blob/{model}": {
-        method: _op("A model's file (or one of its files), with Range requests.", {"application/octet-stream": BINARY},
-                    tag="admin", params=[_model_path(), _query("file", "The file's path in the model (default: its artifact).")])
+        method: _op(
+            "A model's file (or one of its files), with Range requests.",
+            {"application/octet-stream": BINARY},
+            tag="admin",
+            params=[_model_path(), _query("file", "The file's path in the model (default: its artifact).")],
+        )
         for method in ("get", "head")
     },
-    "/v0/models/{model}/download": {"post": _op("Download a model onto nodes now.", JSON, tag="admin", statuses=("200", "202"),
-                                                params=[_model_path()], body=_json_body("DownloadModel", required=False))},
-    "/v0/downloads": {"get": _op("Latest download progress of every node.", JSON, tag="admin",
-                                 params=[_query("model", "Only this model's downloads.")])},
-    "/v0/downloads/{task_id}": {"get": _op("A download task and its progress.", JSON, tag="admin",
-                                           params=[_path("task_id", "The task id a download answer gave.")])},
+    "/v0/models/{model}/download": {
+        "post": _op(
+            "Download a model onto nodes now.",
+            JSON,
+            tag="admin",
+            statuses=("200", "202"),
+            params=[_model_path()],
+            body=_json_body("DownloadModel", required=False),
+        )
+    },
+    "/v0/downloads": {
+        "get": _op(
+            "Latest download progress of every node.",
+            JSON,
+            tag="admin",
+            params=[_query("model", "Only this model's downloads.")],
+        )
+    },
+    "/v0/downloads/{task_id}": {
+        "get": _op(
+            "A download task and its progress.",
+            JSON,
+            tag="admin",
+            params=[_path("task_id", "The task id a download answer gave.")],
+        )
+    },
     "/v0/models/{model}": {
         "get": _op("A registration with what live nodes say about it.", JSON, tag="admin", params=[_model_path()]),
         "delete": _op("Delete a registration.", JSON, tag="admin", params=[_model_path()]),
@@ -205,9 +291,12 @@ def document() -> dict:
     schemas["Error"] = ERROR_SCHEMA
     return {
         "openapi": "3.1.0",
-        "info": {"title": "LLM Router gateway", "version": "0.1.0",
-                 "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). "
-                                "Every error is OpenAI's error body."},
+        "info": {
+            "title": "LLM Router gateway",
+            "version": "0.1.0",
+            "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). "
+            "Every error is OpenAI's error body.",
+        },
         "paths": copy.deepcopy(OPERATIONS),
         "components": {"schemas": schemas},
     }

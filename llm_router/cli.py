@@ -27,15 +27,25 @@ def env(name: str, default: Any = None) -> Any:
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, env_name: str, default: Any, help: str, **kw: Any) -> None:
-    parser.add_argument(flag, default=env(env_name, default), help=f"{help} [env {ENV_PREFIX}{env_name}, default: %(default)s]", **kw)
+    parser.add_argument(
+        flag, default=env(env_name, default), help=f"{help} [env {ENV_PREFIX}{env_name}, default: %(default)s]", **kw
+    )
 
 
 def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
     help = "NATS server URL(s), comma-separated" + ("" if required else "; when set, no embedded server is started")
     _add(parser, "--nats-url", "NATS_URL", None if not required else "nats://127.0.0.1:4222", help)
-    _add(parser, "--replicas", "NATS_REPLICAS", None,
-         "servers of a NATS cluster that keep a copy of every stream, KV bucket and object store (e.g. 3); "
-         "applied to existing ones too. Unset: new ones get 1, existing ones keep theirs", type=int, choices=range(1, 6), metavar="1-5")
+    _add(
+        parser,
+        "--replicas",
+        "NATS_REPLICAS",
+        None,
+        "servers of a NATS cluster that keep a copy of every stream, KV bucket and object store (e.g. 3); "
+        "applied to existing ones too. Unset: new ones get 1, existing ones keep theirs",
+        type=int,
+        choices=range(1, 6),
+        metavar="1-5",
+    )
 
 
 def _http_options(parser: argparse.ArgumentParser) -> None:
@@ -43,23 +53,49 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--port", "PORT", 8080, "HTTP port of the gateway (0 picks a free one)", type=int)
     _add(parser, "--request-timeout", "REQUEST_TIMEOUT", 600.0, "seconds a request may take end to end", type=float)
     _add(parser, "--queue-size", "QUEUE_SIZE", 100, "requests that may wait for a free node (then 429)", type=int)
-    _add(parser, "--queue-timeout", "QUEUE_TIMEOUT", 60.0, "seconds a request may wait for a free node (then 504)", type=float)
+    _add(
+        parser,
+        "--queue-timeout",
+        "QUEUE_TIMEOUT",
+        60.0,
+        "seconds a request may wait for a free node (then 504)",
+        type=float,
+    )
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--parallel", "PARALLEL", 1, "requests one loaded model runs at once on this node", type=int)
-    _add(parser, "--shared-models-dir", "SHARED_MODELS_DIR", None,
-         "models dir shared by several nodes (e.g. NFS): used in place, and downloads go there, one node at a time")
-    parser.add_argument("--allow-origin", action="append", metavar="HOST",
-                        default=[o for o in env("ALLOW_ORIGINS", "").split(",") if o] or None,
-                        help="host nodes may download models from (repeatable; 'none' for no origin) "
-                             f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]")
-    _add(parser, "--runtimes", "RUNTIMES", None,
-         "comma-separated engine runtimes this node may use (llama_cpp, diffusers, faster_whisper, piper); "
-         "default: all that are installed")
-    _add(parser, "--predownload", "PREDOWNLOAD", "registered",
-         "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
-         choices=["all", "registered", "none"])
+    _add(
+        parser,
+        "--shared-models-dir",
+        "SHARED_MODELS_DIR",
+        None,
+        "models dir shared by several nodes (e.g. NFS): used in place, and downloads go there, one node at a time",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="HOST",
+        default=[o for o in env("ALLOW_ORIGINS", "").split(",") if o] or None,
+        help="host nodes may download models from (repeatable; 'none' for no origin) "
+        f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]",
+    )
+    _add(
+        parser,
+        "--runtimes",
+        "RUNTIMES",
+        None,
+        "comma-separated engine runtimes this node may use (llama_cpp, diffusers, faster_whisper, piper); "
+        "default: all that are installed",
+    )
+    _add(
+        parser,
+        "--predownload",
+        "PREDOWNLOAD",
+        "registered",
+        "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
+        choices=["all", "registered", "none"],
+    )
 
 
 def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,9 +120,24 @@ def _runtimes(names: str | None) -> list[Any] | None:
 
 
 def _registry_options(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--hf-cache-ttl", "HF_CACHE_TTL", 600.0, "seconds a Hugging Face catalog page stays cached", type=float)
-    _add(parser, "--hf-timeout", "HF_TIMEOUT", 5.0, "seconds to wait for Hugging Face before answering from the cache", type=float)
-    _add(parser, "--catalog", "CATALOG", None, "curated model catalog to use instead of the built-in supported_models.json")
+    _add(
+        parser, "--hf-cache-ttl", "HF_CACHE_TTL", 600.0, "seconds a Hugging Face catalog page stays cached", type=float
+    )
+    _add(
+        parser,
+        "--hf-timeout",
+        "HF_TIMEOUT",
+        5.0,
+        "seconds to wait for Hugging Face before answering from the cache",
+        type=float,
+    )
+    _add(
+        parser,
+        "--catalog",
+        "CATALOG",
+        None,
+        "curated model catalog to use instead of the built-in supported_models.json",
+    )
 
 
 def _registry(args: argparse.Namespace, nats_url: str | None) -> Any:
@@ -120,11 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_option(up)
     _nats_option(up, required=False)
     _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
-    up.add_argument("--model", action="append", default=[], metavar="PATH",
-                    help="register a model under its file or folder name (repeatable): a GGUF file, a Piper voice "
-                         "(.onnx beside its .onnx.json), a diffusers pipeline folder or a CTranslate2 Whisper folder")
-    up.add_argument("--demo", action="store_true",
-                    help=f"write a tiny random-weight GGUF and serve it as '{DEMO_MODEL}' (a plumbing demo: its text is random)")
+    up.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="register a model under its file or folder name (repeatable): a GGUF file, a Piper voice "
+        "(.onnx beside its .onnx.json), a diffusers pipeline folder or a CTranslate2 Whisper folder",
+    )
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"write a tiny random-weight GGUF and serve it as '{DEMO_MODEL}' (a plumbing demo: its text is random)",
+    )
     _node_options(up)
     _registry_options(up)
 
@@ -140,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_option(node, required=True)
     _data_dir_option(node)
     _node_options(node)
-    node.add_argument("--allow-cpu", action="store_true", default=env("ALLOW_CPU", "") in ("1", "true", "yes"),
-                      help=f"serve on a machine without a GPU (refused otherwise) [env {ENV_PREFIX}ALLOW_CPU]")
+    node.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        default=env("ALLOW_CPU", "") in ("1", "true", "yes"),
+        help=f"serve on a machine without a GPU (refused otherwise) [env {ENV_PREFIX}ALLOW_CPU]",
+    )
 
     from .model_commands import add_model_commands
 
@@ -205,8 +268,18 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[
     argv = [sys.executable, "-m", "llm_router", "--log-level", str(args.log_level)]
     if args.log_format:
         argv += ["--log-format", str(args.log_format)]
-    argv += ["node", "--nats-url", nats_url, "--data-dir", str(data_dir), "--allow-cpu",
-             "--parallel", str(args.parallel), "--predownload", str(args.predownload)]
+    argv += [
+        "node",
+        "--nats-url",
+        nats_url,
+        "--data-dir",
+        str(data_dir),
+        "--allow-cpu",
+        "--parallel",
+        str(args.parallel),
+        "--predownload",
+        str(args.predownload),
+    ]
     if args.shared_models_dir:
         argv += ["--shared-models-dir", str(Path(args.shared_models_dir).expanduser())]
     for origin in args.allow_origin or []:
@@ -234,8 +307,15 @@ async def _up(args: argparse.Namespace) -> int:
         await embedded.start()
         nats_url = embedded.url
     registry = _registry(args, nats_url)
-    gateway = Gateway(nats_url=nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
-                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout), replicas=args.replicas)
+    gateway = Gateway(
+        nats_url=nats_url,
+        host=args.host,
+        port=int(args.port),
+        request_timeout=float(args.request_timeout),
+        queue_size=int(args.queue_size),
+        queue_timeout=float(args.queue_timeout),
+        replicas=args.replicas,
+    )
     _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
     node_id = persistent_node_id(data_dir / "node")
@@ -270,12 +350,20 @@ async def _up(args: argparse.Namespace) -> int:
         if names:
             print("Serving: " + ", ".join(names), flush=True)
             if args.demo:
-                print(f"'{DEMO_MODEL}' is a plumbing demo with random weights: its answers are random text.", flush=True)
+                print(
+                    f"'{DEMO_MODEL}' is a plumbing demo with random weights: its answers are random text.", flush=True
+                )
         else:
-            print("No model yet. Start again with --model PATH/TO/model.gguf, or --demo for a tiny test model.", flush=True)
+            print(
+                "No model yet. Start again with --model PATH/TO/model.gguf, or --demo for a tiny test model.",
+                flush=True,
+            )
         beat = next((b for b in gateway.directory.live() if b.node_id == node_id), None)
         if beat is not None and not beat.gpus:
-            print("No GPU found: models run on the CPU (`up` allows that; `llm-router node` needs --allow-cpu).", flush=True)
+            print(
+                "No GPU found: models run on the CPU (`up` allows that; `llm-router node` needs --allow-cpu).",
+                flush=True,
+            )
         print("Press Ctrl-C to stop.", flush=True)
         return 0
 
@@ -290,8 +378,15 @@ async def _single(args: argparse.Namespace) -> int:
     if args.command == "gateway":
         from gateway import Gateway
 
-        gateway = Gateway(nats_url=args.nats_url, host=args.host, port=int(args.port), request_timeout=float(args.request_timeout),
-                      queue_size=int(args.queue_size), queue_timeout=float(args.queue_timeout), replicas=args.replicas)
+        gateway = Gateway(
+            nats_url=args.nats_url,
+            host=args.host,
+            port=int(args.port),
+            request_timeout=float(args.request_timeout),
+            queue_size=int(args.queue_size),
+            queue_timeout=float(args.queue_timeout),
+            replicas=args.replicas,
+        )
 
         async def ready() -> int:
             print(f"LLM Router gateway ready: http://{args.host}:{gateway.port}/v1", flush=True)
@@ -307,11 +402,19 @@ async def _single(args: argparse.Namespace) -> int:
         return await _run_components([_registry(args, args.nats_url)], registry_ready)
     from nodes import NodeAgent
 
-    node = NodeAgent(nats_url=args.nats_url, data_dir=Path(args.data_dir).expanduser() / "node",
-                     allow_cpu=bool(args.allow_cpu), replicas=args.replicas, **_node_settings(args))
+    node = NodeAgent(
+        nats_url=args.nats_url,
+        data_dir=Path(args.data_dir).expanduser() / "node",
+        allow_cpu=bool(args.allow_cpu),
+        replicas=args.replicas,
+        **_node_settings(args),
+    )
 
     async def node_ready() -> int:
-        print(f"LLM Router node {node.node_id} ready, serving: {', '.join(sorted(node.served)) or 'nothing yet'}", flush=True)
+        print(
+            f"LLM Router node {node.node_id} ready, serving: {', '.join(sorted(node.served)) or 'nothing yet'}",
+            flush=True,
+        )
         return 0
 
     return await _run_components([node], node_ready)

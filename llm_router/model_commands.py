@@ -13,8 +13,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -45,13 +46,17 @@ def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
     hub.add_argument("--search", default="", help="words in the id, name, repository or tags")
 
     add_cmd = verbs.add_parser("add", help="register a model (metadata only; nodes fetch the files)")
-    add_cmd.add_argument("source", help="ORG/REPO, ORG/REPO:QUANT, a Hugging Face URL, a catalog id, "
-                                        "or a local path the nodes can see (GGUF, diffusers or Whisper folder, Piper voice)")
+    add_cmd.add_argument(
+        "source",
+        help="ORG/REPO, ORG/REPO:QUANT, a Hugging Face URL, a catalog id, "
+        "or a local path the nodes can see (GGUF, diffusers or Whisper folder, Piper voice)",
+    )
     add_cmd.add_argument("--file", help="the GGUF file in the repository")
     add_cmd.add_argument("--revision", help="branch, tag or commit (default: main)")
     add_cmd.add_argument("--name", help="register under this name instead of ORG/REPO:QUANT")
-    add_cmd.add_argument("--predownload", action="store_true",
-                         help="nodes fetch it right away, not on the first request")
+    add_cmd.add_argument(
+        "--predownload", action="store_true", help="nodes fetch it right away, not on the first request"
+    )
 
     download = verbs.add_parser("download", help="fetch a model onto nodes now, with a progress bar per node")
     download.add_argument("model")
@@ -104,7 +109,9 @@ class _Client:
             raise CommandError(_error_message(exc)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CommandError(f"cannot reach the gateway at {self.base} ({reason}); is `llm-router up` running?", 3) from None
+            raise CommandError(
+                f"cannot reach the gateway at {self.base} ({reason}); is `llm-router up` running?", 3
+            ) from None
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
@@ -126,7 +133,9 @@ def _quote(model: str) -> str:
 def _list(client: _Client, args: argparse.Namespace) -> Any:
     if args.page < 1 or not 1 <= args.per_page <= 100:
         raise CommandError("--page must be >= 1 and --per-page between 1 and 100", 2)
-    return client.request("GET", "/v0/models/hf", query={"search": args.search, "page": args.page, "per_page": args.per_page})
+    return client.request(
+        "GET", "/v0/models/hf", query={"search": args.search, "page": args.page, "per_page": args.per_page}
+    )
 
 
 def _hub(client: _Client, args: argparse.Namespace) -> Any:
@@ -183,11 +192,19 @@ def _download(client: _Client, args: argparse.Namespace) -> Any:
             finals[node_id] = {"state": "failed", "error": reply["message"]}
     deadline = time.monotonic() + args.timeout
     interactive = sys.stdout.isatty() and not args.json
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[note]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
+    )
     with Progress(*columns, console=Console(highlight=False), disable=args.json, auto_refresh=interactive) as progress:
-        bars = {node_id: progress.add_task(f"node {node_id}", total=None, note=reply["message"][:60])
-                for node_id, reply in replies.items()}
+        bars = {
+            node_id: progress.add_task(f"node {node_id}", total=None, note=reply["message"][:60])
+            for node_id, reply in replies.items()
+        }
         while len(finals) < len(replies):
             if time.monotonic() > deadline:
                 raise CommandError(f"timed out after {args.timeout:g} s; the download goes on (task {task['task_id']})")
@@ -195,13 +212,18 @@ def _download(client: _Client, args: argparse.Namespace) -> Any:
             for node_id, report in (status.get("progress") or {}).items():
                 if node_id in finals or not report or report.get("task_id") != replies[node_id]["task_id"]:
                     continue
-                progress.update(bars[node_id], completed=report["bytes_done"], total=report["bytes_total"] or None,
-                                note=report["state"])
+                progress.update(
+                    bars[node_id],
+                    completed=report["bytes_done"],
+                    total=report["bytes_total"] or None,
+                    note=report["state"],
+                )
                 if report["state"] in ("done", "failed"):
                     finals[node_id] = report
                     if not interactive:
-                        progress.console.print(f"node {node_id}: {report['state']}"
-                                               f"{' - ' + report['error'] if report.get('error') else ''}")
+                        progress.console.print(
+                            f"node {node_id}: {report['state']}{' - ' + report['error'] if report.get('error') else ''}"
+                        )
             if not interactive:
                 progress.refresh()
             time.sleep(0.3)
@@ -240,11 +262,16 @@ def _size(n: int | None) -> str:
 
 
 def _print_list(out: Console, page: dict) -> None:
-    table = Table(title=f"Hugging Face GGUF models, page {page['page']}" + (" (STALE: Hugging Face unreachable)" if page.get("stale") else ""))
+    table = Table(
+        title=f"Hugging Face GGUF models, page {page['page']}"
+        + (" (STALE: Hugging Face unreachable)" if page.get("stale") else "")
+    )
     for column in ("repository", "downloads", "likes", "quantisations (size)"):
         table.add_column(column, overflow="fold")
     for model in page["models"]:
-        variants = ", ".join(f"{v['quantization'] or v['filename']} ({_size(v['size_bytes'])})" for v in model["variants"])
+        variants = ", ".join(
+            f"{v['quantization'] or v['filename']} ({_size(v['size_bytes'])})" for v in model["variants"]
+        )
         table.add_row(model["id"], str(model.get("downloads") or 0), str(model.get("likes") or 0), variants or "-")
     out.print(table)
     if page.get("has_more"):
@@ -256,19 +283,29 @@ def _print_hub(out: Console, data: dict) -> None:
     for column in ("id", "capabilities", "size", "status", "lifecycle", "repository"):
         table.add_column(column, overflow="fold")
     for entry in data["data"]:
-        table.add_row(entry["id"], ", ".join(entry["capabilities"]), _size(entry["size_bytes"]), entry["status"],
-                      entry.get("lifecycle_status") or "-", entry["repo"])
+        table.add_row(
+            entry["id"],
+            ", ".join(entry["capabilities"]),
+            _size(entry["size_bytes"]),
+            entry["status"],
+            entry.get("lifecycle_status") or "-",
+            entry["repo"],
+        )
     out.print(table)
 
 
 def _print_model(out: Console, model: dict) -> None:
     source = model.get("source", {})
     where = source.get("path") or "/".join(p for p in (source.get("repo"), source.get("filename")) if p)
-    out.print(f"[bold]{model['id']}[/bold]  {model['state']}{'  (ready on ' + ', '.join(model['nodes']) + ')' if model.get('nodes') else ''}")
+    out.print(
+        f"[bold]{model['id']}[/bold]  {model['state']}{'  (ready on ' + ', '.join(model['nodes']) + ')' if model.get('nodes') else ''}"
+    )
     out.print(f"  source:        {where}")
     out.print(f"  format:        {model['format']} ({model['runtime']})  {model.get('quantization') or ''}")
     out.print(f"  capabilities:  {', '.join(model['capabilities'])}")
-    out.print(f"  size:          {_size(model.get('size_bytes'))}, needs about {_size(model.get('required_memory_bytes'))} of memory")
+    out.print(
+        f"  size:          {_size(model.get('size_bytes'))}, needs about {_size(model.get('required_memory_bytes'))} of memory"
+    )
     for warning in model.get("warnings") or []:
         out.print(f"  [yellow]warning:[/yellow] {warning}")
     if model.get("error"):
@@ -290,8 +327,14 @@ def _print_ls(out: Console, data: dict) -> None:
         table.add_column(column, overflow="fold")
     for model in data["data"]:
         source = model["source"]
-        table.add_row(model["id"], model["state"], "yes" if model["ready"] else "no", ", ".join(model["capabilities"]),
-                      _size(model.get("size_bytes")), source.get("path") or source.get("repo") or "-")
+        table.add_row(
+            model["id"],
+            model["state"],
+            "yes" if model["ready"] else "no",
+            ", ".join(model["capabilities"]),
+            _size(model.get("size_bytes")),
+            source.get("path") or source.get("repo") or "-",
+        )
     out.print(table)
 
 
@@ -299,5 +342,12 @@ def _print_downloaded(out: Console, data: dict) -> None:
     out.print(f"{data['model']['id']} is ready on " + ", ".join(sorted(data["progress"])))
 
 
-_PRINTERS = {"list": _print_list, "hub": _print_hub, "add": _print_registered, "rm": _print_deleted,
-             "show": _print_model, "ls": _print_ls, "download": _print_downloaded}
+_PRINTERS = {
+    "list": _print_list,
+    "hub": _print_hub,
+    "add": _print_registered,
+    "rm": _print_deleted,
+    "show": _print_model,
+    "ls": _print_ls,
+    "download": _print_downloaded,
+}

@@ -63,8 +63,9 @@ class SupervisedProcess:
             if time.monotonic() - started >= HEALTHY_AFTER_S:
                 backoff = BACKOFF_START_S
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            log.error("process died; restarting it", process=self.name, pid=self.process.pid, how=how,
-                      restart_in_s=backoff)
+            log.error(
+                "process died; restarting it", process=self.name, pid=self.process.pid, how=how, restart_in_s=backoff
+            )
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
             if self._stopping:

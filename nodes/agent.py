@@ -8,10 +8,10 @@ a node that was offline replays what it missed (a delete, above all) when it com
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 import socket
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import msgspec
@@ -106,21 +106,33 @@ class NodeAgent:
         await provision(self.js, self.replicas)
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
         self.kv_models = await self.js.key_value(storage.KV_MODELS)
-        self.resolver = Resolver(self.js, self.models_dir, shared_dir=self.shared_models_dir, allow_origins=self.allow_origins)
+        self.resolver = Resolver(
+            self.js, self.models_dir, shared_dir=self.shared_models_dir, allow_origins=self.allow_origins
+        )
         self.downloads = Downloads(self.nc, self.js, self.node_id, self.resolver, on_complete=self._ensure_loaded)
         await self.downloads.start()
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
         # Every subject the node serves is an endpoint of one micro service: `nats micro ls` lists nodes.
-        self.service = Service(self.nc, "llm-router-node", instance_id=encode_token(self.node_id),
-                               description="LLM Router node: inference on the models it has loaded",
-                               metadata={"node_id": self.node_id, "hostname": self.hostname})
+        self.service = Service(
+            self.nc,
+            "llm-router-node",
+            instance_id=encode_token(self.node_id),
+            description="LLM Router node: inference on the models it has loaded",
+            metadata={"node_id": self.node_id, "hostname": self.hostname},
+        )
         await self.service.start()
-        await self.service.add("cancel", subjects.INFER_CANCEL_ALL, self._on_cancel, kind=CancelRequest,
-                               concurrent=False)
+        await self.service.add(
+            "cancel", subjects.INFER_CANCEL_ALL, self._on_cancel, kind=CancelRequest, concurrent=False
+        )
         for verb in (subjects.NODE_DRAIN, subjects.NODE_RESUME):
             await self.service.add(verb, subjects.admin_node(self.node_id, verb), self._on_command, concurrent=False)
-        await self.service.add("download", subjects.admin_node(self.node_id, subjects.NODE_DOWNLOAD),
-                               self._on_download_command, kind=NodeDownload, refuse=self._refuse_download)
+        await self.service.add(
+            "download",
+            subjects.admin_node(self.node_id, subjects.NODE_DOWNLOAD),
+            self._on_download_command,
+            kind=NodeDownload,
+            refuse=self._refuse_download,
+        )
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._events_sub = await self._follow_registry()
         await self._sync_snapshot()
@@ -246,8 +258,12 @@ class NodeAgent:
             except Exception as exc:
                 log.error("model load failed", model=record.name, error=str(exc))
                 self.failed[record.name] = LoadedModel(
-                    name=record.name, runtime=runtime.name, capabilities=record.capabilities, state="error",
-                    artifact_path=path, error=str(exc),
+                    name=record.name,
+                    runtime=runtime.name,
+                    capabilities=record.capabilities,
+                    state="error",
+                    artifact_path=path,
+                    error=str(exc),
                 )
                 self._beat_now.set()
                 return
@@ -256,12 +272,25 @@ class NodeAgent:
             endpoints = []
             for capability in served.capabilities:
                 handler = self._request_handler(served)
-                options = {"kind": CAPABILITIES[capability].request, "refuse": self._refuse_request,
-                           "metadata": {"model": record.name, "capability": capability}}
-                endpoints.append(await self.service.add(capability, subjects.infer(capability, record.name), handler,
-                                                        queue=subjects.INFER_QUEUE, **options))
-                endpoints.append(await self.service.add(
-                    capability, subjects.infer_on_node(capability, record.name, self.node_id), handler, **options))
+                options = {
+                    "kind": CAPABILITIES[capability].request,
+                    "refuse": self._refuse_request,
+                    "metadata": {"model": record.name, "capability": capability},
+                }
+                endpoints.append(
+                    await self.service.add(
+                        capability,
+                        subjects.infer(capability, record.name),
+                        handler,
+                        queue=subjects.INFER_QUEUE,
+                        **options,
+                    )
+                )
+                endpoints.append(
+                    await self.service.add(
+                        capability, subjects.infer_on_node(capability, record.name, self.node_id), handler, **options
+                    )
+                )
             self._subs[record.name] = endpoints
             log.info("model loaded", model=record.name, runtime=runtime.name, path=path)
             self._beat_now.set()
@@ -303,8 +332,11 @@ class NodeAgent:
 
     async def _refuse_download(self, msg: Msg, why: str) -> None:
         if msg.reply:
-            await msg.respond(codec.encode(NodeDownloadReply(ok=False, status=400, node_id=self.node_id,
-                                                             message=f"bad download order: {why}")))
+            await msg.respond(
+                codec.encode(
+                    NodeDownloadReply(ok=False, status=400, node_id=self.node_id, message=f"bad download order: {why}")
+                )
+            )
 
     async def _on_download_command(self, order: NodeDownload, msg: Msg) -> None:
         """``admin.node.<id>.download``: fetch the model now; the reply says from where."""
@@ -318,8 +350,9 @@ class NodeAgent:
         answer = {"node_id": self.node_id, "model": order.model, "task_id": order.task_id}
         record = await self._registered(order.model)
         if record is None:
-            return NodeDownloadReply(ok=False, status=404, state="not_found", **answer,
-                                     message=f"model {order.model!r} is not registered")
+            return NodeDownloadReply(
+                ok=False, status=404, state="not_found", **answer, message=f"model {order.model!r} is not registered"
+            )
         runtime, why = self._runtime_for(record)
         if runtime is None:
             return NodeDownloadReply(ok=False, status=422, state="unsupported", message=why, **answer)
@@ -333,11 +366,23 @@ class NodeAgent:
             await self.downloads.report_present(record, what, order.task_id)
             self.failed.pop(record.name, None)  # asked again: try loading again too
             await self._ensure_loaded(record)
-            return NodeDownloadReply(ok=True, status=200, state="present", source=what.source,
-                                     message=f"already on node {self.node_id}", **answer)
+            return NodeDownloadReply(
+                ok=True,
+                status=200,
+                state="present",
+                source=what.source,
+                message=f"already on node {self.node_id}",
+                **answer,
+            )
         answer["task_id"] = what.task_id
-        return NodeDownloadReply(ok=True, status=202, state=state, source=what.location.source,
-                                 message=f"downloading from {what.location.source}", **answer)
+        return NodeDownloadReply(
+            ok=True,
+            status=202,
+            state=state,
+            source=what.location.source,
+            message=f"downloading from {what.location.source}",
+            **answer,
+        )
 
     async def _unload(self, name: str, *, reason: str) -> None:
         async with self._sync_lock:
@@ -365,8 +410,9 @@ class NodeAgent:
                 return
             responder = Responder(self.nc, msg.reply, request.request_id, self.node_id)
             if self.draining:  # the gateway sends elsewhere; a direct client learns why
-                await responder.fail(503, f"node {self.node_id} is draining", type="service_unavailable",
-                                     code="node_draining")
+                await responder.fail(
+                    503, f"node {self.node_id} is draining", type="service_unavailable", code="node_draining"
+                )
                 return
             cancelled = threading.Event()
             if self._early_cancels.pop(request.request_id, None) is not None:
@@ -411,8 +457,13 @@ class NodeAgent:
         self._beat_now.set()
         active = sum(s.active + s.waiting for s in self.served.values())
         if msg.reply:
-            reply = NodeCommandReply(ok=True, node_id=self.node_id, state=self.state, active_requests=active,
-                                     message=f"{verb}: {active} request(s) still running" if active else verb)
+            reply = NodeCommandReply(
+                ok=True,
+                node_id=self.node_id,
+                state=self.state,
+                active_requests=active,
+                message=f"{verb}: {active} request(s) still running" if active else verb,
+            )
             await msg.respond(codec.encode(reply))
 
     # ------------------------------------------------------------ heartbeat
@@ -420,7 +471,9 @@ class NodeAgent:
     def runtime_report(self) -> list[RuntimeStatus]:
         """Each runtime's availability with the models of its kind loaded now (FR-007)."""
         return [
-            msgspec.structs.replace(status, models=sorted(s.name for s in self.served.values() if s.runtime == status.name))
+            msgspec.structs.replace(
+                status, models=sorted(s.name for s in self.served.values() if s.runtime == status.name)
+            )
             for status in self._runtime_status
         ]
 
@@ -457,7 +510,7 @@ class NodeAgent:
         while True:
             try:
                 await asyncio.wait_for(self._beat_now.wait(), timeout=self.heartbeat_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._beat_now.clear()
             try:

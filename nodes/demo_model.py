@@ -20,8 +20,9 @@ CHATML_TEMPLATE = (
 _WORDS = ["hello", "world", "the", "a", "router", "node", "model", "chat", "token", "llm", "fast", "nats"]
 
 
-def write_tiny_gguf(path: str | Path, *, seed: int = 0, n_embd: int = 64, n_layers: int = 2,
-                    context_length: int = 512) -> Path:
+def write_tiny_gguf(
+    path: str | Path, *, seed: int = 0, n_embd: int = 64, n_layers: int = 2, context_length: int = 512
+) -> Path:
     """``context_length``: the trained context, which bounds the node's context (and so every generation)."""
     import gguf
     import numpy as np
@@ -72,7 +73,7 @@ def write_tiny_gguf(path: str | Path, *, seed: int = 0, n_embd: int = 64, n_laye
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHATML_TEMPLATE)
 
-    def weight(*shape: int) -> "np.ndarray":
+    def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
     writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))

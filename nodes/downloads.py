@@ -80,9 +80,16 @@ class Download:
         speed = (self.done - first_done) / (now - first_t) if now - first_t > 0.2 else 0.0
         left = max(self.total - self.done, 0)
         return DownloadProgress(
-            node_id=node_id, model=self.record.name, state=state, bytes_done=self.done, bytes_total=self.total,
-            speed_bps=round(speed, 1), eta_s=round(left / speed, 1) if speed > 0 and state == "running" else None,
-            error=error, task_id=self.task_id, source=self.location.source,
+            node_id=node_id,
+            model=self.record.name,
+            state=state,
+            bytes_done=self.done,
+            bytes_total=self.total,
+            speed_bps=round(speed, 1),
+            eta_s=round(left / speed, 1) if speed > 0 and state == "running" else None,
+            error=error,
+            task_id=self.task_id,
+            source=self.location.source,
         )
 
 
@@ -163,10 +170,16 @@ class Downloads:
                 location = await self.resolver.locate(record)
             except (ModelNotFound, SourceUnavailable) as exc:
                 self.failed[record.name] = (record, str(exc))
-                await self._publish(DownloadProgress(
-                    node_id=self.node_id, model=record.name, state="failed", error=str(exc), task_id=task_id,
-                    bytes_total=record.size_bytes,
-                ))
+                await self._publish(
+                    DownloadProgress(
+                        node_id=self.node_id,
+                        model=record.name,
+                        state="failed",
+                        error=str(exc),
+                        task_id=task_id,
+                        bytes_total=record.size_bytes,
+                    )
+                )
                 raise
             self.failed.pop(record.name, None)
             if location.local:
@@ -180,10 +193,17 @@ class Downloads:
     async def report_present(self, record: ModelRecord, location: Location, task_id: str | None) -> None:
         """A "download now" for a file already here ends at once, as a finished download."""
         size = await asyncio.to_thread(artifact_size, location.path)
-        await self._publish(DownloadProgress(
-            node_id=self.node_id, model=record.name, state="done", bytes_done=size, bytes_total=size,
-            task_id=task_id, source=location.source,
-        ))
+        await self._publish(
+            DownloadProgress(
+                node_id=self.node_id,
+                model=record.name,
+                state="done",
+                bytes_done=size,
+                bytes_total=size,
+                task_id=task_id,
+                source=location.source,
+            )
+        )
 
     async def cancel(self, name: str, *, reason: str) -> None:
         self.failed.pop(name, None)
@@ -200,13 +220,20 @@ class Downloads:
     def reports(self) -> list[LoadedModel]:
         """Heartbeat entries: downloads in progress and failures."""
         entries = [
-            LoadedModel(name=d.record.name, runtime=d.record.runtime, capabilities=d.record.capabilities,
-                        state="downloading", artifact_path=str(d.location.path), artifact_bytes=d.done)
+            LoadedModel(
+                name=d.record.name,
+                runtime=d.record.runtime,
+                capabilities=d.record.capabilities,
+                state="downloading",
+                artifact_path=str(d.location.path),
+                artifact_bytes=d.done,
+            )
             for d in self.running.values()
         ]
         entries += [
             LoadedModel(name=name, runtime=record.runtime, capabilities=record.capabilities, state="error", error=why)
-            for name, (record, why) in self.failed.items() if name not in self.running
+            for name, (record, why) in self.failed.items()
+            if name not in self.running
         ]
         return entries
 
@@ -234,8 +261,12 @@ class Downloads:
             self.running.pop(record.name, None)
         download.done = download.total
         await self._publish(download.progress(self.node_id, "done"))
-        log.info("download finished", model=record.name, path=str(download.location.path),
-                 seconds=round(time.monotonic() - download.started, 2))
+        log.info(
+            "download finished",
+            model=record.name,
+            path=str(download.location.path),
+            seconds=round(time.monotonic() - download.started, 2),
+        )
         await self.on_complete(record)
 
     async def _report_loop(self, download: Download) -> None:
@@ -318,8 +349,12 @@ class Downloads:
         def open_part() -> tuple[BinaryIO, ResumePoint | None]:
             seen = _read_journal(journal)
             resume = None
-            if seen.get("ident") == ident and part.exists() and seen.get("next_seq") \
-                    and seen.get("offset", 0) <= part.stat().st_size:
+            if (
+                seen.get("ident") == ident
+                and part.exists()
+                and seen.get("next_seq")
+                and seen.get("offset", 0) <= part.stat().st_size
+            ):
                 resume = ResumePoint(nuid=info.nuid, offset=seen["offset"], next_seq=seen["next_seq"])
             offset = resume.offset if resume else 0
             _write_journal(journal, {"ident": ident, "offset": offset, "next_seq": resume.next_seq if resume else 0})
@@ -364,8 +399,15 @@ class Downloads:
                 download.done = download.base + resume
                 if resume:
                     log.info("download resumed", model=download.record.name, file=remote.name, offset=resume)
-                http_get(remote.url, _Sink(fh, download), resume_size=resume, headers=build_hf_headers(),
-                         expected_size=remote.size or None, displayed_filename=part.name, tqdm_class=_Quiet)
+                http_get(
+                    remote.url,
+                    _Sink(fh, download),
+                    resume_size=resume,
+                    headers=build_hf_headers(),
+                    expected_size=remote.size or None,
+                    displayed_filename=part.name,
+                    tqdm_class=_Quiet,
+                )
 
         await asyncio.to_thread(get)
 
@@ -380,8 +422,10 @@ def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
         if actual != remote.sha256.lower():
             part.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
-            raise DownloadFailed(f"{remote.name}: sha256 mismatch ({actual[:12]}…, expected "
-                                 f"{remote.sha256.lower()[:12]}…); partial file discarded")
+            raise DownloadFailed(
+                f"{remote.name}: sha256 mismatch ({actual[:12]}…, expected "
+                f"{remote.sha256.lower()[:12]}…); partial file discarded"
+            )
     os.replace(part, remote.target)
     journal.unlink(missing_ok=True)
     if remote.sha256:

@@ -41,8 +41,9 @@ async def _input(js: JetStreamContext, attachment: Any, param: str) -> bytes:
         raise EngineError(f"{param}: {exc}", status=410, param=param, code="payload_missing") from None
 
 
-async def image(engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext,
-                cancelled: threading.Event) -> ImageResult:
+async def image(
+    engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext, cancelled: threading.Event
+) -> ImageResult:
     body = request.params
     loop = asyncio.get_running_loop()
     size = body.dimensions
@@ -51,8 +52,9 @@ async def image(engine: Any, request: InferenceRequest, pool: Executor, js: JetS
         width, height = size or (512, 512)
 
         def work() -> list[bytes]:
-            return engine.generate(body.prompt, width=width, height=height,
-                                   negative_prompt=body.negative_prompt, **common)
+            return engine.generate(
+                body.prompt, width=width, height=height, negative_prompt=body.negative_prompt, **common
+            )
     elif isinstance(body, ImageEditBody):
         image = await _input(js, body.image, "image")
         mask = await _input(js, body.mask, "mask") if body.mask is not None else None
@@ -73,8 +75,9 @@ async def image(engine: Any, request: InferenceRequest, pool: Executor, js: JetS
     return ImageResult(images=images)
 
 
-async def transcription(engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext,
-                        cancelled: threading.Event) -> TranscriptionResult:
+async def transcription(
+    engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext, cancelled: threading.Event
+) -> TranscriptionResult:
     body: TranscriptionBody = request.params
     audio = await _input(js, body.file, "file")
     task = "translate" if request.capability == subjects.TRANSLATION else "transcribe"
@@ -82,24 +85,35 @@ async def transcription(engine: Any, request: InferenceRequest, pool: Executor, 
     words = "word" in body.timestamp_granularities and body.response_format == "verbose_json"
 
     def work() -> tuple[bytes, Any]:
-        transcript = engine.transcribe(audio, task=task, language=language, prompt=body.prompt,
-                                       temperature=body.temperature, word_timestamps=words, cancelled=cancelled)
+        transcript = engine.transcribe(
+            audio,
+            task=task,
+            language=language,
+            prompt=body.prompt,
+            temperature=body.temperature,
+            word_timestamps=words,
+            cancelled=cancelled,
+        )
         rendered = render(transcript, body.response_format)
         data = rendered.encode("utf-8") if isinstance(rendered, str) else codec.encode(rendered)
         return data, transcript
 
     data, transcript = await asyncio.get_running_loop().run_in_executor(pool, work)
     content_type = TRANSCRIPT_CONTENT_TYPES[body.response_format]
-    attachment = await payloads.attach(js, data, content_type=content_type,
-                                       filename=f"transcript.{_extension(body.response_format)}")
+    attachment = await payloads.attach(
+        js, data, content_type=content_type, filename=f"transcript.{_extension(body.response_format)}"
+    )
     return TranscriptionResult(
-        body=attachment, text=transcript.text[:HISTORY_TEXT_CHARS],
-        language=transcript.language, duration_s=transcript.duration,
+        body=attachment,
+        text=transcript.text[:HISTORY_TEXT_CHARS],
+        language=transcript.language,
+        duration_s=transcript.duration,
     )
 
 
-async def speech(engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext,
-                 cancelled: threading.Event) -> SpeechResult:
+async def speech(
+    engine: Any, request: InferenceRequest, pool: Executor, js: JetStreamContext, cancelled: threading.Event
+) -> SpeechResult:
     body: SpeechBody = request.params
 
     def work() -> tuple[bytes, int, float]:
@@ -107,10 +121,10 @@ async def speech(engine: Any, request: InferenceRequest, pool: Executor, js: Jet
         return engine.encode(pcm, rate, body.response_format), rate, len(pcm) / rate
 
     audio, rate, seconds = await asyncio.get_running_loop().run_in_executor(pool, work)
-    attachment = await payloads.attach(js, audio, content_type=SPEECH_CONTENT_TYPES[body.response_format],
-                                       filename=f"speech.{body.response_format}")
-    return SpeechResult(audio=attachment, sample_rate=rate,
-                        duration_s=round(seconds, 3))
+    attachment = await payloads.attach(
+        js, audio, content_type=SPEECH_CONTENT_TYPES[body.response_format], filename=f"speech.{body.response_format}"
+    )
+    return SpeechResult(audio=attachment, sample_rate=rate, duration_s=round(seconds, 3))
 
 
 def _extension(response_format: str) -> str:

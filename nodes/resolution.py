@@ -152,11 +152,14 @@ class Resolver:
         root, into_shared = self.download_root(record)
         target = cache.artifact_path(root, record)
         plan = [(f.path, cache.file_path(root, record, f), f.size, f.sha256) for f in files] or [
-            (name, cache.model_dir(root, record.name) / name, record.size_bytes, record.sha256)]
+            (name, cache.model_dir(root, record.name) / name, record.size_bytes, record.sha256)
+        ]
         blobs = [await blob_info(self.js, blob_name(record.name, path)) for path, *_ in plan]
         if all(info is not None and info.size > 0 for info in blobs):
-            remote = [RemoteFile(path, dest, info.size, digest or object_sha256(info), blob=info)
-                      for (path, dest, _, digest), info in zip(plan, blobs)]
+            remote = [
+                RemoteFile(path, dest, info.size, digest or object_sha256(info), blob=info)
+                for (path, dest, _, digest), info in zip(plan, blobs)
+            ]
             where = f"object store {blobs[0].bucket}/{blob_name(record.name, name)}"
             return Location("object_store", target, where, remote, into_shared=into_shared, tried=tried)
         tried.append("not in the object store")
@@ -175,10 +178,14 @@ class Resolver:
         if record.source.kind == "path":
             parts.append(f"{record.source.path}: {cache.problem(Path(record.source.path or ''), record)}")
         parts.append(f"cache: {cache.missing(self.models_dir, record)}")
-        parts.append(f"shared dir: {cache.missing(self.shared_dir, record)}" if self.shared_dir else "no shared models dir")
+        parts.append(
+            f"shared dir: {cache.missing(self.shared_dir, record)}" if self.shared_dir else "no shared models dir"
+        )
         return ", ".join(parts)
 
-    async def _origin(self, record: ModelRecord, target: Path, plan: list, into_shared: bool, tried: list[str]) -> Location:
+    async def _origin(
+        self, record: ModelRecord, target: Path, plan: list, into_shared: bool, tried: list[str]
+    ) -> Location:
         """One HEAD, for the file the runtime loads: it gives the commit every URL is pinned to."""
         source = record.source
         url = hf_hub_url(source.repo, source.filename, revision=source.revision or "main", endpoint=self.hf_endpoint)

@@ -26,6 +26,13 @@ class Responder:
         reply.node_id = self.node_id
         await self.nc.publish(self.subject, codec.encode(reply))
 
-    async def fail(self, status: int, message: str, *, type: str = "server_error", code: str | None = None,
-                   param: str | None = None) -> None:
+    async def fail(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "server_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         await self.send(Failure(status=status, message=message, type=type, code=code, param=param))

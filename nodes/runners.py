@@ -98,5 +98,9 @@ async def speech(job: Job) -> Reply:
 
 
 RUNNERS: dict[str, Callable[[Job], Awaitable[Reply]]] = {
-    "text": text, "embedding": embedding, "image": image, "transcription": transcription, "speech": speech,
+    "text": text,
+    "embedding": embedding,
+    "image": image,
+    "transcription": transcription,
+    "speech": speech,
 }

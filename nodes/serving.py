@@ -60,12 +60,17 @@ class ServedModel:
             parallel=self.parallel,
         )
 
-    async def serve(self, request: InferenceRequest, responder: Responder, cancelled: threading.Event,
-                    js: JetStreamContext) -> None:
+    async def serve(
+        self, request: InferenceRequest, responder: Responder, cancelled: threading.Event, js: JetStreamContext
+    ) -> None:
         """Answer one request through ``responder``; always ends with a final reply (done or error)."""
         if request.when_busy == "reject" and self.active + self.waiting >= self.parallel:
-            await responder.fail(429, f"node {responder.node_id} has no free slot for {self.name}",
-                                 type="rate_limit_exceeded", code="node_busy")
+            await responder.fail(
+                429,
+                f"node {responder.node_id} has no free slot for {self.name}",
+                type="rate_limit_exceeded",
+                code="node_busy",
+            )
             return
         queued_at = time.perf_counter()
         self.waiting += 1
@@ -82,8 +87,9 @@ class ServedModel:
             runner = RUNNERS[CAPABILITIES[request.capability].runner]
             final = await runner(Job(self.engine, request, responder, cancelled, self._pool, js))
         except EngineError as exc:
-            final = Failure(status=exc.status, type="invalid_request_error", message=str(exc), param=exc.param,
-                            code=exc.code)
+            final = Failure(
+                status=exc.status, type="invalid_request_error", message=str(exc), param=exc.param, code=exc.code
+            )
         except Exception as exc:
             log.exception("engine failed", model=self.name, request_id=request.request_id)
             final = Failure(status=500, message=f"engine error: {exc}")

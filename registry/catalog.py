@@ -76,6 +76,7 @@ def search(entries: list[CatalogEntry], query: str) -> list[CatalogEntry]:
     if not q:
         return list(entries)
     return [
-        e for e in entries
+        e
+        for e in entries
         if q in e.id or q in e.name.lower() or q in e.repo.lower() or any(q in tag.lower() for tag in e.tags)
     ]

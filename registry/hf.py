@@ -97,14 +97,16 @@ def gguf_variants(listing: RepoListing, endpoint: str) -> list[GgufVariant]:
         if match and int(match["part"]) != 1:
             continue  # counted with its first part
         parts = [p for p in split_parts(listing, name) if p in listing.files]
-        variants.append(GgufVariant(
-            filename=name,
-            quantization=parse_quantization(name),
-            size_bytes=sum(listing.files[p].size for p in parts),
-            last_modified=listing.last_modified,
-            url=hf_hub_url(listing.repo, name, revision=listing.revision, endpoint=endpoint),
-            parts=len(parts),
-        ))
+        variants.append(
+            GgufVariant(
+                filename=name,
+                quantization=parse_quantization(name),
+                size_bytes=sum(listing.files[p].size for p in parts),
+                last_modified=listing.last_modified,
+                url=hf_hub_url(listing.repo, name, revision=listing.revision, endpoint=endpoint),
+                parts=len(parts),
+            )
+        )
     return variants
 
 
@@ -172,7 +174,7 @@ class HuggingFace:
         search, page, per_page = key
         wanted = page * per_page
         found = list(self.api.list_models(filter="gguf", search=search or None, sort="downloads", limit=wanted + 1))
-        chunk = found[(page - 1) * per_page:wanted]
+        chunk = found[(page - 1) * per_page : wanted]
         listings = list(self._pool.map(lambda info: self._listing(info.id, None), chunk))
         models = [
             HfModel(
@@ -186,7 +188,11 @@ class HuggingFace:
             for info, listing in zip(chunk, listings)
         ]
         result = HfPage(
-            search=search, page=page, per_page=per_page, has_more=len(found) > wanted, models=models,
+            search=search,
+            page=page,
+            per_page=per_page,
+            has_more=len(found) > wanted,
+            models=models,
             fetched_at=time.time(),
         )
         self._pages[key] = result
@@ -202,11 +208,17 @@ class HuggingFace:
         try:
             info = self.api.model_info(repo, revision=revision, files_metadata=True, timeout=self.timeout)
         except RevisionNotFoundError:
-            raise HfNotFound(f"revision {revision!r} of repository {repo!r} does not exist on {self.endpoint}") from None
+            raise HfNotFound(
+                f"revision {revision!r} of repository {repo!r} does not exist on {self.endpoint}"
+            ) from None
         except GatedRepoError:
-            raise HfNotFound(f"repository {repo!r} is gated on {self.endpoint}: accept its terms and set HF_TOKEN") from None
+            raise HfNotFound(
+                f"repository {repo!r} is gated on {self.endpoint}: accept its terms and set HF_TOKEN"
+            ) from None
         except RepositoryNotFoundError:
-            raise HfNotFound(f"repository {repo!r} does not exist on {self.endpoint} (or is private: set HF_TOKEN)") from None
+            raise HfNotFound(
+                f"repository {repo!r} does not exist on {self.endpoint} (or is private: set HF_TOKEN)"
+            ) from None
         files = {
             s.rfilename: RepoFile(s.rfilename, s.size or (s.lfs.size if s.lfs else 0), s.lfs.sha256 if s.lfs else None)
             for s in info.siblings or []
@@ -291,5 +303,3 @@ def _in_daemon_thread(work: Callable[[], Any]) -> asyncio.Future:
 
     threading.Thread(target=run, name="hf", daemon=True).start()
     return future
-
-

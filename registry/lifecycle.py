@@ -26,9 +26,7 @@ def derive(record: ModelRecord, beats: list[NodeHeartbeat], downloads: list[Down
     if any(beat.serves(record.name) for beat in beats):
         return Lifecycle("ready")
     running = [d for d in downloads if d.state == "running"]
-    reported = [
-        (beat.node_id, m) for beat in beats for m in beat.models if m.name == record.name
-    ]
+    reported = [(beat.node_id, m) for beat in beats for m in beat.models if m.name == record.name]
     if running or any(m.state == "downloading" for _, m in reported):
         best = max(running, key=lambda d: (d.fraction or 0.0, d.bytes_done), default=None)
         return Lifecycle("downloading", download=best)
@@ -45,4 +43,8 @@ def differs(record: ModelRecord, now: Lifecycle) -> bool:
     before, after = record.download, now.download
     if (before is None) != (after is None):
         return True
-    return before is not None and after is not None and (before.bytes_done, before.node_id) != (after.bytes_done, after.node_id)
+    return (
+        before is not None
+        and after is not None
+        and (before.bytes_done, before.node_id) != (after.bytes_done, after.node_id)
+    )

@@ -24,8 +24,8 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
-from broker.endpoints import Service
 from broker.blobs import blob_prefix
+from broker.endpoints import Service
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, encode_token, name_error, storage, subjects
 from events.messages import (
@@ -119,8 +119,9 @@ class Registry:
             ("hf", subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
             ("download", subjects.ADMIN_MODEL_DOWNLOAD, DownloadModel, self.download),
         ):
-            await self.service.add(name, subject, self._answer(action), kind=kind, queue="registry",
-                                   refuse=_refuse(kind), empty=b"{}")
+            await self.service.add(
+                name, subject, self._answer(action), kind=kind, queue="registry", refuse=_refuse(kind), empty=b"{}"
+            )
         self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
         self._lifecycle_task = asyncio.create_task(self._lifecycle_loop(), name="lifecycle")
         await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
@@ -161,7 +162,9 @@ class Registry:
         return codec.decode(entry.value, ModelRecord) if entry.value else None
 
     async def _emit(self, event: str, name: str, record: ModelRecord | None) -> None:
-        await self.js.publish(subjects.MODEL_EVENTS[event], codec.encode(ModelEvent(event=event, name=name, record=record)))
+        await self.js.publish(
+            subjects.MODEL_EVENTS[event], codec.encode(ModelEvent(event=event, name=name, record=record))
+        )
 
     # ------------------------------------------------------------ register / delete
 
@@ -204,7 +207,9 @@ class Registry:
     def _warnings(self, record: ModelRecord) -> list[str]:
         warnings = []
         if record.size_bytes > LARGE_MODEL_BYTES:
-            warnings.append(f"the model is {_gb(record.size_bytes)}, over {_gb(LARGE_MODEL_BYTES)}: downloads will be slow")
+            warnings.append(
+                f"the model is {_gb(record.size_bytes)}, over {_gb(LARGE_MODEL_BYTES)}: downloads will be slow"
+            )
         need = record.required_memory_bytes or sources.estimated_memory(record.size_bytes)
         capacities = [
             max([beat.memory_total_bytes] + [gpu.memory_total_bytes for gpu in beat.gpus]) for beat in self.nodes.live()
@@ -248,7 +253,9 @@ class Registry:
         if record is None:
             return DownloadReply(ok=False, status=404, message=f"model {request.model!r} is not registered")
         if record.state == "pending_conversion":
-            return DownloadReply(ok=False, status=409, message=f"model {record.name!r} is awaiting conversion; nodes cannot fetch it yet")
+            return DownloadReply(
+                ok=False, status=409, message=f"model {record.name!r} is awaiting conversion; nodes cannot fetch it yet"
+            )
         live = self.nodes.live()
         if request.node:
             targets = [beat for beat in live if beat.node_id == request.node]
@@ -258,8 +265,11 @@ class Registry:
             targets = [beat for beat in live if beat.state == "online" and _runs(beat, record.runtime)]
             if not targets:
                 names = ", ".join(sorted(b.node_id for b in live)) or "none"
-                return DownloadReply(ok=False, status=503, message=(
-                    f"no live node can run {record.runtime} models now (live nodes: {names})"))
+                return DownloadReply(
+                    ok=False,
+                    status=503,
+                    message=(f"no live node can run {record.runtime} models now (live nodes: {names})"),
+                )
         task_id = uuid.uuid4().hex[:12]
         if request.node or request.all:
             replies = await asyncio.gather(*(self._order(beat.node_id, record.name, task_id) for beat in targets))
@@ -295,16 +305,33 @@ class Registry:
 
     async def _order(self, node_id: str, model: str, task_id: str) -> NodeDownloadReply:
         try:
-            msg = await self.nc.request(subjects.admin_node(node_id, subjects.NODE_DOWNLOAD),
-                                        codec.encode(NodeDownload(model=model, task_id=task_id)), timeout=NODE_ORDER_TIMEOUT_S)
+            msg = await self.nc.request(
+                subjects.admin_node(node_id, subjects.NODE_DOWNLOAD),
+                codec.encode(NodeDownload(model=model, task_id=task_id)),
+                timeout=NODE_ORDER_TIMEOUT_S,
+            )
             return codec.decode(msg.data, NodeDownloadReply)
         except (NoRespondersError, NatsTimeout) as exc:
             why = "is not answering" if isinstance(exc, NatsTimeout) else "is gone"
-            return NodeDownloadReply(ok=False, status=504, node_id=node_id, model=model, task_id=task_id,
-                                     state="failed", message=f"node {node_id} {why}")
+            return NodeDownloadReply(
+                ok=False,
+                status=504,
+                node_id=node_id,
+                model=model,
+                task_id=task_id,
+                state="failed",
+                message=f"node {node_id} {why}",
+            )
         except msgspec.DecodeError as exc:
-            return NodeDownloadReply(ok=False, status=502, node_id=node_id, model=model, task_id=task_id,
-                                     state="failed", message=f"unreadable answer from node {node_id}: {exc}")
+            return NodeDownloadReply(
+                ok=False,
+                status=502,
+                node_id=node_id,
+                model=model,
+                task_id=task_id,
+                state="failed",
+                message=f"unreadable answer from node {node_id}: {exc}",
+            )
 
     # ------------------------------------------------------------ catalogs
 
@@ -313,7 +340,11 @@ class Registry:
         by_catalog = {r.catalog_id: r for r in self.models.records.values() if r.catalog_id}
         entries = []
         for entry in search(list(self.catalog.values()), query.search):
-            record = by_catalog.get(entry.id) or self.get(entry.id) or by_source.get((entry.repo, entry.recommended_filename))
+            record = (
+                by_catalog.get(entry.id)
+                or self.get(entry.id)
+                or by_source.get((entry.repo, entry.recommended_filename))
+            )
             entries.append(self._hub_entry(entry, record))
         return HubReply(ok=True, models=entries)
 
@@ -353,7 +384,8 @@ class Registry:
     def _fresh_downloads(self, model: str) -> list[DownloadProgress]:
         cutoff = time.monotonic() - storage.NODE_TTL_S
         return [
-            report for (node, name), (report, seen) in self._downloads.items()
+            report
+            for (node, name), (report, seen) in self._downloads.items()
             if name == model and seen >= cutoff and self.nodes.is_live(node)
         ]
 
@@ -420,7 +452,9 @@ class Registry:
 def _refuse(kind: type) -> Callable[[Msg, str], Awaitable[None]]:
     async def refuse(msg: Msg, why: str) -> None:
         if msg.reply:
-            await msg.respond(codec.encode(AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {why}")))
+            await msg.respond(
+                codec.encode(AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {why}"))
+            )
 
     return refuse
 

@@ -83,7 +83,9 @@ async def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry],
         format=entry.format,
         runtime=entry.engine,
         capabilities=list(entry.capabilities),
-        source=ModelSource(kind="hf", repo=entry.repo, filename=entry.recommended_filename, revision=revision, files=files),
+        source=ModelSource(
+            kind="hf", repo=entry.repo, filename=entry.recommended_filename, revision=revision, files=files
+        ),
         size_bytes=size,
         required_memory_bytes=entry.required_memory_bytes,
         quantization=entry.quantization,
@@ -162,7 +164,9 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
     files = model_files("gguf", listing, filename) if len(parts) > 1 or projector else []
     capabilities = _capabilities(listing)
     if projector is not None:  # llama.cpp's vision layout: the projector beside the model
-        files.append(ModelFile(path=projector, size=listing.files[projector].size, sha256=listing.files[projector].sha256))
+        files.append(
+            ModelFile(path=projector, size=listing.files[projector].size, sha256=listing.files[projector].sha256)
+        )
         if subjects.CHAT in capabilities:
             capabilities.append(subjects.VISION)
     size = sum(f.size for f in files) or sum(listing.files[p].size for p in parts)
@@ -173,8 +177,9 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
         format="gguf",
         runtime="llama_cpp",
         capabilities=capabilities,
-        source=ModelSource(kind="hf", repo=listing.repo, filename=filename, revision=listing.revision, files=files,
-                           projector=projector),
+        source=ModelSource(
+            kind="hf", repo=listing.repo, filename=filename, revision=listing.revision, files=files, projector=projector
+        ),
         size_bytes=size,
         required_memory_bytes=estimated_memory(size),
         sha256=listing.files[filename].sha256 if len(parts) == 1 else None,
@@ -211,8 +216,10 @@ def _folder_model(listing: RepoListing, filename: str | None) -> tuple[str, str]
         return "piper", filename
     if filename is None and "model_index.json" in files:
         return "diffusers", "model_index.json"
-    if filename is None and {"model.bin", "config.json"} <= set(files) and any(
-        name.startswith("vocabulary.") or name == "tokenizer.json" for name in files
+    if (
+        filename is None
+        and {"model.bin", "config.json"} <= set(files)
+        and any(name.startswith("vocabulary.") or name == "tokenizer.json" for name in files)
     ):
         return "ctranslate2", "model.bin"
     return None
@@ -220,6 +227,7 @@ def _folder_model(listing: RepoListing, filename: str | None) -> tuple[str, str]
 
 def model_files(format: str, listing: RepoListing, entry: str) -> list[ModelFile]:
     """Every file a node needs for the model whose runtime loads ``entry`` (or its folder)."""
+
     def file(name: str, local: str | None = None) -> ModelFile:
         info = listing.files[name]
         return ModelFile(path=name, size=info.size, sha256=info.sha256, local=local)
@@ -230,8 +238,13 @@ def model_files(format: str, listing: RepoListing, entry: str) -> list[ModelFile
         return [file(entry), file(entry + ".json")]
     if format == "ctranslate2":
         folder = str(PurePosixPath(entry).parent)
-        return [file(n) for n in sorted(listing.files)
-                if str(PurePosixPath(n).parent) == folder and not n.endswith(_DOCS) and not PurePosixPath(n).name.startswith(".")]
+        return [
+            file(n)
+            for n in sorted(listing.files)
+            if str(PurePosixPath(n).parent) == folder
+            and not n.endswith(_DOCS)
+            and not PurePosixPath(n).name.startswith(".")
+        ]
     if format == "diffusers":
         return [file(entry)] + _pipeline_components(listing, file)
     return [file(entry)]
@@ -247,9 +260,15 @@ def _pipeline_components(listing: RepoListing, file) -> list[ModelFile]:
         chosen += [file(n) for n in names if n.endswith((".json", ".txt"))]
         for suffix in (".safetensors", ".bin"):
             fp16 = [n for n in names if n.endswith(".fp16" + suffix)]
-            plain = [n for n in names if n.endswith(suffix) and ".fp16." not in n and "." not in PurePosixPath(n).name[:-len(suffix)]]
+            plain = [
+                n
+                for n in names
+                if n.endswith(suffix) and ".fp16." not in n and "." not in PurePosixPath(n).name[: -len(suffix)]
+            ]
             if fp16 or plain:
-                chosen += [file(n, n.replace(".fp16" + suffix, suffix)) for n in fp16] if fp16 else [file(n) for n in plain]
+                chosen += (
+                    [file(n, n.replace(".fp16" + suffix, suffix)) for n in fp16] if fp16 else [file(n) for n in plain]
+                )
                 break
     return chosen
 
@@ -258,7 +277,9 @@ def _multi_file_record(request: RegisterModel, listing: RepoListing, format: str
     files = model_files(format, listing, entry)
     size = sum(f.size for f in files)
     runtime, capabilities = FOLDER_KINDS[format]
-    default_name = f"{listing.repo}:{PurePosixPath(entry).name.removesuffix('.onnx')}" if format == "piper" else listing.repo
+    default_name = (
+        f"{listing.repo}:{PurePosixPath(entry).name.removesuffix('.onnx')}" if format == "piper" else listing.repo
+    )
     return ModelRecord(
         name=request.name or default_name,
         format=format,
@@ -287,7 +308,10 @@ def _pick_variant(listing: RepoListing, ggufs: list[str], quant: str | None) -> 
         matching = [f for f in firsts if parse_quantization(f) == quant]
         if not matching:
             offered = sorted({q for f in firsts if (q := parse_quantization(f))})
-            raise RegistrationError(404, f"no {quant} GGUF in repository {listing.repo!r} (quantisations there: {', '.join(offered) or 'none'})")
+            raise RegistrationError(
+                404,
+                f"no {quant} GGUF in repository {listing.repo!r} (quantisations there: {', '.join(offered) or 'none'})",
+            )
         return matching[0]
     if len(firsts) == 1:
         return firsts[0]

@@ -166,7 +166,7 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
-            raise AssertionError(f"{self.args[0]} did not stop within {timeout}s:\n{self.output()[-3000:]}")
+            raise AssertionError(f"{self.args[0]} did not stop within {timeout}s:\n{self.output()[-3000:]}") from None
 
     def kill(self) -> None:
         self.popen.kill()
@@ -243,8 +243,16 @@ class Stack:
     sharing the session's NATS do not see each other's registrations.
     """
 
-    def __init__(self, nats_url: str, data_dir: Path, *, registry_args: tuple[str, ...] = (),
-                 gateway_args: tuple[str, ...] = (), env: dict[str, str] | None = None, node: bool = True) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        data_dir: Path,
+        *,
+        registry_args: tuple[str, ...] = (),
+        gateway_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        node: bool = True,
+    ) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.env = env
@@ -256,8 +264,10 @@ class Stack:
         self.node = self.start_node() if node else None
 
     def start_node(self, name: str = "node", *args: str) -> Proc:
-        node = Proc(["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name), "--allow-cpu", *args],
-                    env=self.env)
+        node = Proc(
+            ["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name), "--allow-cpu", *args],
+            env=self.env,
+        )
         node.node_id = node.wait_for(r"node (\S+) ready").group(1)
         return node
 

@@ -44,8 +44,13 @@ def test_disconnect_publishes_cancel_and_frees_the_node(nats_url, tiny_gguf, tmp
             nc = await nats.connect(nats_url)
             cancels = await nc.subscribe("infer.cancel.*")
             # Token 4 ends generation; forbidding it keeps the tiny model busy for all 480 tokens.
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 480,
-                    "logit_bias": {"4": -100}, "stream": True}
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "go"}],
+                "max_tokens": 480,
+                "logit_bias": {"4": -100},
+                "stream": True,
+            }
             async with httpx.AsyncClient(timeout=30) as client:
                 async with client.stream("POST", stack.url + "/v1/chat/completions", json=body) as response:
                     assert response.status_code == 200

@@ -17,7 +17,9 @@ def _children(proc: Proc) -> list[psutil.Process]:
 
 
 def test_up_with_a_model_serves_the_sdk_and_stops_cleanly(tiny_gguf, tmp_path) -> None:
-    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)])
+    up = Proc(
+        ["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)]
+    )
     try:
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
         up.wait_for("Serving: tiny")
@@ -28,8 +30,11 @@ def test_up_with_a_model_serves_the_sdk_and_stops_cleanly(tiny_gguf, tmp_path) -
         assert [m.id for m in client.models.list()] == ["tiny"]
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.usage.total_tokens > 0
-        chunks = list(client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+            )
+        )
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         with pytest.raises(openai.NotFoundError) as err:
             client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
@@ -55,9 +60,14 @@ def test_up_demo_serves_a_labelled_plumbing_model(tmp_path) -> None:
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
         up.wait_for("plumbing demo")
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        assert client.chat.completions.create(
-            model="tiny-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3
-        ).choices[0].message.role == "assistant"
+        assert (
+            client.chat.completions.create(
+                model="tiny-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
+            .choices[0]
+            .message.role
+            == "assistant"
+        )
     finally:
         assert up.stop() == 0
     assert (tmp_path / "models" / "demo" / "tiny-demo.gguf").stat().st_size > 0
@@ -92,7 +102,9 @@ def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tiny_gguf, t
     """The engines run in their own process: kill -9 costs the requests on it, never the endpoint."""
     from conftest import wait_until
 
-    up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)])
+    up = Proc(
+        ["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)]
+    )
     try:
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
         assert _chat_ok(url)

@@ -61,7 +61,11 @@ def test_heartbeat_serves_only_ready_non_empty_models() -> None:
     beat = codec.decode(
         codec.encode(
             NodeHeartbeat(
-                node_id="n1", hostname="h", started_at=0, sent_at=0, interval_s=2,
+                node_id="n1",
+                hostname="h",
+                started_at=0,
+                sent_at=0,
+                interval_s=2,
                 models=[
                     {"name": "a", "runtime": "llama_cpp", "capabilities": ["chat"], "artifact_bytes": 10},
                     {"name": "b", "runtime": "llama_cpp", "capabilities": ["chat"], "artifact_bytes": 0},
@@ -76,8 +80,13 @@ def test_heartbeat_serves_only_ready_non_empty_models() -> None:
 
 
 def test_model_event_carries_the_record() -> None:
-    record = ModelRecord(name="x", format="gguf", runtime="llama_cpp", capabilities=["chat"],
-                         source=ModelSource(kind="path", path="/m/x.gguf"))
+    record = ModelRecord(
+        name="x",
+        format="gguf",
+        runtime="llama_cpp",
+        capabilities=["chat"],
+        source=ModelSource(kind="path", path="/m/x.gguf"),
+    )
     event = json.loads(codec.encode(ModelEvent(event="added", name="x", record=record)))
     assert event["record"]["source"] == {"kind": "path", "path": "/m/x.gguf"}
     assert event["record"]["state"] == "registered"
@@ -176,26 +185,68 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
         request_id="r1", node_id="n1", status=429, message="busy", type="rate_limit_error", code="node_busy"
     )
     assert codec.decode(OLD_WIRE["heartbeat"], NodeHeartbeat) == NodeHeartbeat(
-        node_id="n1", hostname="h1", started_at=100.0, sent_at=101.5, interval_s=2.0,
-        runtimes=[RuntimeStatus(name="llama_cpp", available=True, version="0.3.16", capabilities=["chat"], models=["m"])],
-        models=[LoadedModel(name="m", runtime="llama_cpp", capabilities=["chat", "completion"],
-                            artifact_path="/c/m.gguf", artifact_bytes=10, parallel=2)],
+        node_id="n1",
+        hostname="h1",
+        started_at=100.0,
+        sent_at=101.5,
+        interval_s=2.0,
+        runtimes=[
+            RuntimeStatus(name="llama_cpp", available=True, version="0.3.16", capabilities=["chat"], models=["m"])
+        ],
+        models=[
+            LoadedModel(
+                name="m",
+                runtime="llama_cpp",
+                capabilities=["chat", "completion"],
+                artifact_path="/c/m.gguf",
+                artifact_bytes=10,
+                parallel=2,
+            )
+        ],
         gpus=[GpuInfo(index=0, name="H200", memory_total_bytes=100, memory_used_bytes=5)],
-        cpu_percent=12.5, memory_total_bytes=1000, memory_used_bytes=400, active_requests=1, max_parallel=2,
+        cpu_percent=12.5,
+        memory_total_bytes=1000,
+        memory_used_bytes=400,
+        active_requests=1,
+        max_parallel=2,
         requests=["r1"],
     )
     assert codec.decode(OLD_WIRE["model"], ModelRecord) == ModelRecord(
-        name="m", format="gguf", runtime="llama_cpp", capabilities=["chat"],
-        source=ModelSource(kind="hf", repo="o/r", filename="m.gguf", revision="main",
-                           files=[ModelFile(path="m.gguf", size=10, sha256="ab")]),
-        state="ready", size_bytes=10, required_memory_bytes=20, quantization="Q4_K_M", tags=["t"],
-        labels={"a": "b"}, created_at=1.0, updated_at=2.0,
+        name="m",
+        format="gguf",
+        runtime="llama_cpp",
+        capabilities=["chat"],
+        source=ModelSource(
+            kind="hf",
+            repo="o/r",
+            filename="m.gguf",
+            revision="main",
+            files=[ModelFile(path="m.gguf", size=10, sha256="ab")],
+        ),
+        state="ready",
+        size_bytes=10,
+        required_memory_bytes=20,
+        quantization="Q4_K_M",
+        tags=["t"],
+        labels={"a": "b"},
+        created_at=1.0,
+        updated_at=2.0,
     )
     history = codec.decode(OLD_WIRE["history"], HistoryRecord)
     assert history == HistoryRecord(
-        id="r1", capability="chat", endpoint="/v1/chat/completions", model="m", status_code=200,
-        started_at=1.0, duration_ms=12.5, stream=True, node_id="n1", first_byte_ms=3.0,
-        usage=Usage(1, 2, 3), request=msgspec.Raw(b'{"model":"m"}'), response={"text": "hey"},
+        id="r1",
+        capability="chat",
+        endpoint="/v1/chat/completions",
+        model="m",
+        status_code=200,
+        started_at=1.0,
+        duration_ms=12.5,
+        stream=True,
+        node_id="n1",
+        first_byte_ms=3.0,
+        usage=Usage(1, 2, 3),
+        request=msgspec.Raw(b'{"model":"m"}'),
+        response={"text": "hey"},
     )
 
 
@@ -205,7 +256,9 @@ def test_old_json_re_encodes_byte_for_byte() -> None:
         if kind in ("delta", "done", "error"):
             value = codec.decode_reply(data)
         else:
-            value = codec.decode(data, {"heartbeat": NodeHeartbeat, "model": ModelRecord, "history": HistoryRecord}[kind])
+            value = codec.decode(
+                data, {"heartbeat": NodeHeartbeat, "model": ModelRecord, "history": HistoryRecord}[kind]
+            )
         assert codec.encode(value) == data, kind
 
 

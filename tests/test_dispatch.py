@@ -47,8 +47,23 @@ def running_on(stack: Stack) -> str:
 def delay_node(stack: Stack, delay_ms: float, parallel: int = 1) -> Proc:
     """A node whose engine answers every request after ``delay_ms`` (bench/stack.py)."""
     node_id = f"slow{int(delay_ms)}-{uuid.uuid4().hex[:6]}"
-    proc = Proc(["--role", "node", "--nats-url", stack.nats_url, "--data-dir", str(stack.data_dir / node_id),
-                 "--parallel", str(parallel), "--node-id", node_id, "--delay-ms", str(delay_ms)], script=STACK_SCRIPT)
+    proc = Proc(
+        [
+            "--role",
+            "node",
+            "--nats-url",
+            stack.nats_url,
+            "--data-dir",
+            str(stack.data_dir / node_id),
+            "--parallel",
+            str(parallel),
+            "--node-id",
+            node_id,
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        script=STACK_SCRIPT,
+    )
     proc.wait_for("READY")
     proc.node_id = node_id
     stack.extra_nodes.append(proc)
@@ -69,8 +84,10 @@ def stack(nats_url, tiny_gguf, tmp_path):
 
 
 def serving(stack: Stack, count: int) -> None:
-    wait_until(lambda: len(httpx.get(f"{stack.url}/v0/models/{MODEL}").json()["nodes"]) == count,
-               message=f"{count} node(s) serving")
+    wait_until(
+        lambda: len(httpx.get(f"{stack.url}/v0/models/{MODEL}").json()["nodes"]) == count,
+        message=f"{count} node(s) serving",
+    )
 
 
 def test_queue_full_is_429_and_a_long_wait_is_504(stack) -> None:
@@ -190,7 +207,9 @@ def test_two_gateways_share_one_node_without_overloading_it(nats_url, tiny_gguf,
         node = delay_node(stack, 800)  # one slot
         serving(stack, 1)
         other_url = other.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
-        wait_until(lambda: httpx.get(f"{other_url}/v0/models/{MODEL}").json()["nodes"], message="second gateway sees the node")
+        wait_until(
+            lambda: httpx.get(f"{other_url}/v0/models/{MODEL}").json()["nodes"], message="second gateway sees the node"
+        )
         calls = [in_background(chat, url) for url in (stack.url, other_url, stack.url, other_url)]
         for thread, _ in calls:
             thread.join()

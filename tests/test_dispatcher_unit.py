@@ -66,8 +66,14 @@ class FakeNode:
             return
         if self.busy:
             self.busy -= 1
-            busy = Failure(request_id=request.request_id, node_id=self.node_id, status=429,
-                           message="every slot is taken", type="rate_limit_error", code="node_busy")
+            busy = Failure(
+                request_id=request.request_id,
+                node_id=self.node_id,
+                status=429,
+                message="every slot is taken",
+                type="rate_limit_error",
+                code="node_busy",
+            )
             await self.cluster.node_nc.publish(msg.reply, codec.encode(busy))
             return
         task = asyncio.create_task(self._answer(msg.reply, request.request_id))  # the callback must not block
@@ -105,9 +111,17 @@ class Cluster:
         self._clock += 0.001  # strictly later than the last one: the directory keeps the newest
         sent_at = self._clock
         beat = NodeHeartbeat(
-            node_id=node_id, hostname="unit", started_at=0.0, sent_at=sent_at, interval_s=2.0, max_parallel=parallel,
-            models=[LoadedModel(name=self.model, runtime="llama_cpp", capabilities=[CHAT], artifact_bytes=1,
-                                parallel=parallel)],
+            node_id=node_id,
+            hostname="unit",
+            started_at=0.0,
+            sent_at=sent_at,
+            interval_s=2.0,
+            max_parallel=parallel,
+            models=[
+                LoadedModel(
+                    name=self.model, runtime="llama_cpp", capabilities=[CHAT], artifact_bytes=1, parallel=parallel
+                )
+            ],
             requests=requests,
         )
         await self.node_nc.publish(subjects.node_heartbeat(node_id), codec.encode(beat))
@@ -181,7 +195,7 @@ async def test_a_full_node_queues_requests_in_order_and_serves_each_when_a_slot_
         await until(lambda: len(node.seen) == 1)
         for waiting, call in enumerate(calls[1:], start=1):
             tasks.append(c.start(call))
-            await until(lambda: c.dispatcher.waiting == waiting)
+            await until(lambda waiting=waiting: c.dispatcher.waiting == waiting)
         assert node.seen == [calls[0].request_id]  # the others wait in the gateway, not on the node
         node.release()
         replies = await asyncio.gather(*tasks)
@@ -276,9 +290,7 @@ async def test_abandoning_a_queued_call_leaves_the_queue_at_once(nats_url) -> No
         assert not c.dispatcher.inflight
 
 
-async def test_two_heartbeats_after_the_send_without_the_request_mean_its_reply_was_lost(
-    nats_url, monkeypatch
-) -> None:
+async def test_two_heartbeats_after_the_send_without_the_request_mean_its_reply_was_lost(nats_url, monkeypatch) -> None:
     monkeypatch.setattr(dispatch, "TICK_S", 0.02)  # the health check runs on every tick
     async with cluster(nats_url) as c:
         node = await c.add_node("lossy", silent=1)

@@ -46,8 +46,9 @@ def hub(tiny_gguf: Path):
 
 @pytest.fixture(scope="module")
 def stack(nats_url, hub, tmp_path_factory):
-    stack = Stack(nats_url, tmp_path_factory.mktemp("downloads"), env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
-                  node=False)
+    stack = Stack(
+        nats_url, tmp_path_factory.mktemp("downloads"), env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}, node=False
+    )
     yield stack
     stack.close()
 
@@ -66,8 +67,9 @@ def fresh(hub, stack):
 
 
 def register(stack: Stack, name: str, repo: str = TINY_REPO, filename: str = TINY_FILE, **extra) -> dict:
-    response = httpx.post(stack.url + "/v0/models/register",
-                          json={"repo": repo, "filename": filename, "name": name, **extra}, timeout=30)
+    response = httpx.post(
+        stack.url + "/v0/models/register", json={"repo": repo, "filename": filename, "name": name, **extra}, timeout=30
+    )
     assert response.status_code == 201, response.text
     stack.registered.append(name)
     return response.json()
@@ -92,8 +94,11 @@ def heartbeat_entry(stack: Stack, node_id: str, name: str) -> dict | None:
 
 
 def chat(stack: Stack, name: str) -> httpx.Response:
-    return httpx.post(stack.url + "/v1/chat/completions", timeout=30,
-                      json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    return httpx.post(
+        stack.url + "/v1/chat/completions",
+        timeout=30,
+        json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
 
 
 def resolve_gets(hub: FakeHub, repo: str) -> int:
@@ -115,8 +120,11 @@ def test_a_valid_cache_is_used_without_any_download(stack, fresh) -> None:
     copy.parent.mkdir(parents=True)
     copy.write_bytes(content(fresh))
     node = stack.start_node("n-cached")
-    wait_until(lambda: node.node_id in served_by(stack, name), 30,
-               message=lambda: f"served from the cache; node output:\n{node.output()[-3000:]}")
+    wait_until(
+        lambda: node.node_id in served_by(stack, name),
+        30,
+        message=lambda: f"served from the cache; node output:\n{node.output()[-3000:]}",
+    )
     assert file_requests(fresh) == 0  # not even a metadata request
     assert chat(stack, name).status_code == 200
     node.stop()
@@ -267,7 +275,9 @@ def test_a_model_found_nowhere_is_a_fast_404_and_retried_on_the_next_request(sta
     asyncio.run(_put_blob(nats_url, blob_name(name, TINY_FILE), content(fresh)))
     time.sleep(1.1)  # past the gateway's one-second sharing of the last answer
     retried = chat(stack, name)
-    assert retried.status_code == 503 and "downloading from object store" in retried.json()["error"]["message"], retried.text
+    assert retried.status_code == 503 and "downloading from object store" in retried.json()["error"]["message"], (
+        retried.text
+    )
     wait_until(lambda: served_by(stack, name) == [node.node_id], 15, message="served after the retry")
     node.stop()
 
@@ -293,6 +303,7 @@ async def test_an_object_store_read_resumes_at_its_chunk_sequence(nats_url) -> N
             points.append(ResumePoint(point.nuid, point.offset, point.next_seq))
             if point.offset >= len(data) // 3:
                 raise Crash
+
         with pytest.raises(Crash):
             await read_blob(js, info, out, on_chunk=crash_after_a_third)
         stopped = points[-1]
@@ -312,8 +323,12 @@ def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stac
     record = register(stack, name, repo=BIG_REPO, filename=BIG_FILE, predownload=True)
     fresh.bytes_per_s = 5_000_000  # about 2 s for the whole file
     node = stack.start_node("n-resume")
-    wait_until(lambda: (r := _progress(stack, name)) and r[0]["state"] == "running" and r[0]["bytes_done"] >= BIG_SIZE * 0.45,
-               20, interval=0.05, message="half of the download")
+    wait_until(
+        lambda: (r := _progress(stack, name)) and r[0]["state"] == "running" and r[0]["bytes_done"] >= BIG_SIZE * 0.45,
+        20,
+        interval=0.05,
+        message="half of the download",
+    )
     node.kill()
     final = cache.artifact_path(node_models_dir(stack, "n-resume"), _record(stack, name))
     part = cache.part_path(final)
@@ -335,38 +350,60 @@ def test_models_of_several_files_are_fetched_file_by_file(stack, fresh, whisper_
     diffusers pipeline."""
     whisper_files = {p.name: p.read_bytes() for p in whisper_dir.iterdir() if p.is_file()}
     fresh.add_repo("dl/tiny-whisper-ct2", {**whisper_files, "README.md": b"# tiny"})
-    voice = {"en/tiny/voice.onnx": voice_path.read_bytes(),
-             "en/tiny/voice.onnx.json": voice_path.with_name(voice_path.name + ".json").read_bytes(),
-             "de/other/voice.onnx": b"another voice", "de/other/voice.onnx.json": b"{}"}
+    voice = {
+        "en/tiny/voice.onnx": voice_path.read_bytes(),
+        "en/tiny/voice.onnx.json": voice_path.with_name(voice_path.name + ".json").read_bytes(),
+        "de/other/voice.onnx": b"another voice",
+        "de/other/voice.onnx.json": b"{}",
+    }
     fresh.add_repo("dl/voices", voice)
-    stt = httpx.post(stack.url + "/v0/models/register", timeout=30,
-                     json={"repo": "dl/tiny-whisper-ct2", "name": "stt", "predownload": True}).json()
+    stt = httpx.post(
+        stack.url + "/v0/models/register",
+        timeout=30,
+        json={"repo": "dl/tiny-whisper-ct2", "name": "stt", "predownload": True},
+    ).json()
     stack.registered.append("stt")
     assert stt["format"] == "ctranslate2" and sorted(f["path"] for f in stt["source"]["files"]) == sorted(whisper_files)
-    tts = httpx.post(stack.url + "/v0/models/register", timeout=30, json={
-        "repo": "dl/voices", "filename": "en/tiny/voice.onnx", "name": "tts", "predownload": True}).json()
+    tts = httpx.post(
+        stack.url + "/v0/models/register",
+        timeout=30,
+        json={"repo": "dl/voices", "filename": "en/tiny/voice.onnx", "name": "tts", "predownload": True},
+    ).json()
     stack.registered.append("tts")
     assert tts["format"] == "piper" and len(tts["source"]["files"]) == 2
     pipeline = {p.relative_to(sd_dir).as_posix(): p.read_bytes() for p in sd_dir.rglob("*") if p.is_file()}
     fresh.add_repo("dl/tiny-sd", pipeline)
-    sd = httpx.post(stack.url + "/v0/models/register", timeout=30,
-                    json={"repo": "dl/tiny-sd", "name": "sd", "predownload": True}).json()
+    sd = httpx.post(
+        stack.url + "/v0/models/register", timeout=30, json={"repo": "dl/tiny-sd", "name": "sd", "predownload": True}
+    ).json()
     stack.registered.append("sd")
     assert sd["format"] == "diffusers" and len(sd["source"]["files"]) == len(pipeline)
     node = stack.start_node("n-files")
-    wait_until(lambda: all(served_by(stack, m) == [node.node_id] for m in ("stt", "tts", "sd")), 60,
-               message="all three served")
+    wait_until(
+        lambda: all(served_by(stack, m) == [node.node_id] for m in ("stt", "tts", "sd")), 60, message="all three served"
+    )
     assert resolve_gets(fresh, "dl/tiny-whisper-ct2") == len(whisper_files)  # not the README
     assert resolve_gets(fresh, "dl/voices") == 2  # not the other voice
-    speech = httpx.post(stack.url + "/v1/audio/speech", json={"model": "tts", "input": "hello there", "response_format": "wav"}, timeout=60)
+    speech = httpx.post(
+        stack.url + "/v1/audio/speech",
+        json={"model": "tts", "input": "hello there", "response_format": "wav"},
+        timeout=60,
+    )
     assert speech.status_code == 200 and speech.content[:4] == b"RIFF"
     from tiny_models import make_wav
 
-    text = httpx.post(stack.url + "/v1/audio/transcriptions", data={"model": "stt"}, timeout=60,
-                      files={"file": ("a.wav", make_wav(seconds=1.0), "audio/wav")})
+    text = httpx.post(
+        stack.url + "/v1/audio/transcriptions",
+        data={"model": "stt"},
+        timeout=60,
+        files={"file": ("a.wav", make_wav(seconds=1.0), "audio/wav")},
+    )
     assert text.status_code == 200, text.text
-    image = httpx.post(stack.url + "/v1/images/generations", timeout=60,
-                       json={"model": "sd", "prompt": "a red square", "size": "64x64", "steps": 1})
+    image = httpx.post(
+        stack.url + "/v1/images/generations",
+        timeout=60,
+        json={"model": "sd", "prompt": "a red square", "size": "64x64", "steps": 1},
+    )
     assert image.status_code == 200, image.text
     node.stop()
 
@@ -385,10 +422,23 @@ def test_a_vision_gguf_repository_brings_its_projector(stack, fresh, tiny_gguf, 
     wait_until(lambda: served_by(stack, "seeing") == [node.node_id], 20, message="vision model served")
     assert resolve_gets(fresh, "dl/Vision-GGUF") == 2
     image = "data:image/png;base64," + base64.b64encode(make_png(32, 32)).decode()
-    answer = httpx.post(stack.url + "/v1/chat/completions", timeout=60, json={
-        "model": "seeing", "max_tokens": 2,
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
-                                                  {"type": "image_url", "image_url": {"url": image}}]}]})
+    answer = httpx.post(
+        stack.url + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "seeing",
+            "max_tokens": 2,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is it?"},
+                        {"type": "image_url", "image_url": {"url": image}},
+                    ],
+                }
+            ],
+        },
+    )
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["prompt_tokens"] > 16  # the projector's 16 image tokens were used
     node.stop()
@@ -433,6 +483,7 @@ def test_download_now_over_nats_and_http_reports_within_seconds(stack, fresh) ->
     def running():
         report = httpx.get(f"{stack.url}/v0/downloads/{task['task_id']}").json()["progress"][node.node_id]
         return report and report["bytes_total"] == BIG_SIZE and report
+
     first = wait_until(running, 5, interval=0.05, message="first progress")
     assert time.monotonic() - started < 5 and first["task_id"] == task["task_id"]
     busy = wait_until(lambda: "is downloading (" in (r := chat(stack, name)).text and r, 5, message="503 with progress")
@@ -448,8 +499,9 @@ def test_download_now_over_nats_and_http_reports_within_seconds(stack, fresh) ->
 
 
 def _record(stack: Stack, name: str):
-    from events.messages import ModelRecord
     import msgspec
+
+    from events.messages import ModelRecord
 
     view = httpx.get(f"{stack.url}/v0/models/{name}").json()
     return msgspec.convert({k: view[k] for k in ModelRecord.__struct_fields__ if k in view}, ModelRecord)
@@ -460,8 +512,13 @@ def _progress(stack: Stack, name: str) -> list[dict]:
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llm_router", "model", "--url", stack.url, *args],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "llm_router", "model", "--url", stack.url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 async def _put_blob(nats_url: str, name: str, data: bytes) -> None:
@@ -479,9 +536,12 @@ async def _order_many(nats_url: str, node_id: str, model: str, count: int) -> li
     nc = await nats.connect(nats_url)
     try:
         subject = subjects.admin_node(node_id, subjects.NODE_DOWNLOAD)
-        msgs = await asyncio.gather(*(
-            nc.request(subject, json.dumps({"model": model, "task_id": f"t{i}"}).encode(), timeout=10) for i in range(count)
-        ))
+        msgs = await asyncio.gather(
+            *(
+                nc.request(subject, json.dumps({"model": model, "task_id": f"t{i}"}).encode(), timeout=10)
+                for i in range(count)
+            )
+        )
         return [json.loads(m.data) for m in msgs]
     finally:
         await nc.close()

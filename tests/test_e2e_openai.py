@@ -67,7 +67,10 @@ def test_chat_completion_natural_stop(client: openai.OpenAI) -> None:
 def test_chat_streaming(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True,
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=12,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -83,8 +86,11 @@ def test_chat_streaming(client: openai.OpenAI) -> None:
 
 
 def test_stream_without_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True
+        )
+    )
     assert chunks[-1].choices[0].finish_reason is not None
     assert all(c.usage is None for c in chunks)
 
@@ -200,8 +206,11 @@ def test_duplicate_registration_is_409(stack, tiny_gguf, tmp_path) -> None:
 
 def test_history_records_every_request_as_json(client: openai.OpenAI, stack) -> None:
     """What `nats stream view HISTORY` shows; a streamed answer is recorded whole."""
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "history please"}], max_tokens=10, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "history please"}], max_tokens=10, stream=True
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     rid = chunks[0].id.removeprefix("chatcmpl-")
     with pytest.raises(openai.NotFoundError):

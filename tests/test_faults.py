@@ -48,6 +48,7 @@ async def test_a_server_error_reconnects_the_client_with_its_subscriptions(nats_
     """nats-py closes its client for good on a server -ERR; ours reconnects and replays."""
     nc = await connect(nats_url, name="test-err")
     try:
+
         async def echo(msg) -> None:
             await msg.respond(msg.data)
 
@@ -140,7 +141,11 @@ class Load:
                 body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 4}
                 try:
                     answer = client.post(self.url + "/v1/chat/completions", json=body)
-                    status, rid, headers = answer.status_code, answer.headers.get("x-request-id", ""), dict(answer.headers)
+                    status, rid, headers = (
+                        answer.status_code,
+                        answer.headers.get("x-request-id", ""),
+                        dict(answer.headers),
+                    )
                 except httpx.HTTPError as exc:
                     status, rid, headers = -1, "", {"error": repr(exc)}
                 self.results.append((started, time.monotonic(), status, rid, headers))
@@ -198,8 +203,9 @@ def test_kill_9_of_nats_under_load_recovers_within_5_s_and_loses_no_history(tiny
         # Every answered request is in history, including those recorded during the outage.
         answered = {r[3] for r in results if r[3]}
         assert any(r[2] == 503 and killed <= r[0] < restarted for r in results)
-        wait_until(lambda: httpx.get(stack.url + "/healthz").json()["history"]["pending"] == 0,
-                   message="history written")
+        wait_until(
+            lambda: httpx.get(stack.url + "/healthz").json()["history"]["pending"] == 0, message="history written"
+        )
         missing = answered - _history_ids(url)
         assert not missing, f"{len(missing)} of {len(answered)} history records missing"
         assert httpx.get(stack.url + "/healthz").json()["history"]["dropped"] == 0
@@ -216,8 +222,23 @@ def test_kill_9_of_nats_under_load_recovers_within_5_s_and_loses_no_history(tiny
 def _delay_node(stack: Stack, delay_ms: float) -> Proc:
     """A node whose engine holds its one slot ``delay_ms`` per request, ended early by a cancel."""
     node_id = f"slow{int(delay_ms)}"
-    proc = Proc(["--role", "node", "--nats-url", stack.nats_url, "--data-dir", str(stack.data_dir / node_id),
-                 "--parallel", "1", "--node-id", node_id, "--delay-ms", str(delay_ms)], script=STACK_SCRIPT)
+    proc = Proc(
+        [
+            "--role",
+            "node",
+            "--nats-url",
+            stack.nats_url,
+            "--data-dir",
+            str(stack.data_dir / node_id),
+            "--parallel",
+            "1",
+            "--node-id",
+            node_id,
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        script=STACK_SCRIPT,
+    )
     proc.wait_for("READY")
     return proc
 
@@ -240,13 +261,16 @@ def test_clients_that_give_up_leave_the_queue_and_free_the_node(nats_url, tiny_g
         for thread in threads:
             thread.join()
         # Six abandoned requests were 24 s of work; none of it may run or wait any longer.
-        wait_until(lambda: httpx.get(stack.url + "/v0/nodes").json()["queue"]["waiting"] == 0, timeout=3,
-                   message="queue empty")
+        wait_until(
+            lambda: httpx.get(stack.url + "/v0/nodes").json()["queue"]["waiting"] == 0, timeout=3, message="queue empty"
+        )
         started = time.monotonic()
         fresh = chat(stack.url, timeout=30)
         took = time.monotonic() - started
         assert fresh.status_code == 200
-        assert took < 4.0 + 1.5, f"a new request waited {took:.1f} s behind abandoned work; node: {node.output()[-3000:]}; gateway: {stack.gateway.output()[-3000:]}"
+        assert took < 4.0 + 1.5, (
+            f"a new request waited {took:.1f} s behind abandoned work; node: {node.output()[-3000:]}; gateway: {stack.gateway.output()[-3000:]}"
+        )
         assert "x-queue-wait-ms" not in fresh.headers or int(fresh.headers["x-queue-wait-ms"]) < 1000
 
         def abandoned() -> int:
@@ -305,7 +329,11 @@ def test_nodes_and_the_registry_answer_nats_micro_discovery(nats_url, tiny_gguf,
                         pings.append(json.loads((await sub.next_msg(timeout=0.5)).data))
                     except nats.errors.TimeoutError:
                         break
-                node = next(p for p in pings if p["name"] == "llm-router-node" and p["metadata"]["node_id"] == stack.node.node_id)
+                node = next(
+                    p
+                    for p in pings
+                    if p["name"] == "llm-router-node" and p["metadata"]["node_id"] == stack.node.node_id
+                )
                 info = json.loads((await nc.request(f"$SRV.INFO.llm-router-node.{node['id']}", b"", timeout=5)).data)
                 stats = json.loads((await nc.request(f"$SRV.STATS.llm-router-node.{node['id']}", b"", timeout=5)).data)
                 return pings, info, stats

@@ -83,7 +83,9 @@ async def test_document_covers_every_route(nats_url) -> None:
     gateway = Gateway(nats_url=nats_url, port=0)
     await gateway.start()
     try:
-        routes = {(method, route.path.replace(":path}", "}")) for route in gateway.app.routes for method in route.methods}
+        routes = {
+            (method, route.path.replace(":path}", "}")) for route in gateway.app.routes for method in route.methods
+        }
     finally:
         await gateway.stop()
     documented = _operations(document()["paths"])
@@ -159,12 +161,19 @@ def fuzz_operation(operation, base_url: str) -> Counter:
     Returns how many answers of each status it got (the run's log shows what reached a node)."""
     statuses: Counter = Counter()
     valid = st.tuples(operation.as_strategy(GenerationMode.POSITIVE), st.integers(0, 3).map(bool)).map(
-        lambda pair: steered(*pair))
+        lambda pair: steered(*pair)
+    )
     cases = st.one_of(valid, operation.as_strategy(GenerationMode.NEGATIVE))
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
-              verbosity=Verbosity.quiet)
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+    )
     @given(case=cases)
     def run(case) -> None:
         response = case.call(base_url=base_url, timeout=60)
@@ -231,15 +240,24 @@ def test_max_tokens_holds_through_incomplete_utf8(stack) -> None:
     assert out.usage.total_tokens == CONTEXT_TOKENS
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v0/models/hf?page=100000000000000000000", None, "page"),  # was a 503 "Hugging Face failed" (islice overflow)
-    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, "prompt"),  # the engine runs one prompt
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "logit_bias": {"hello": 1}}, "logit_bias"),  # keys are token ids
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "logit_bias": {"4": 1000}}, "logit_bias"),  # OpenAI's -100..100
-    ("/v1/embeddings", {"model": MODEL, "input": [""]}, "input"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v0/models/hf?page=100000000000000000000", None, "page"),  # was a 503 "Hugging Face failed" (islice overflow)
+        ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, "prompt"),  # the engine runs one prompt
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"hello": 1}},
+            "logit_bias",
+        ),  # keys are token ids
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"4": 1000}},
+            "logit_bias",
+        ),  # OpenAI's -100..100
+        ("/v1/embeddings", {"model": MODEL, "input": [""]}, "input"),
+    ],
+)
 def test_documented_bounds_are_refused_at_the_gateway(stack, path, body, param) -> None:
     """Input the document rules out gets a 400 naming the field, before any node or Hugging Face sees it."""
     response = httpx.post(stack.url + path, json=body) if body is not None else httpx.get(stack.url + path)

@@ -54,6 +54,7 @@ def stack(nats_url, sd_dir, whisper_dir, voice_path, tiny_gguf, tmp_path_factory
         nodes = httpx.get(stack.url + "/v0/nodes").json()["data"]
         have = {n["id"]: {m["name"] for m in n["models"] if m["state"] == "ready"} for n in nodes}
         return all(want <= have.get(node, set()) for node, want in wanted.items())
+
     wait_until(loaded, timeout=90, message="every model served by every node that can run it")
     yield stack
     for node in (stack.full, stack.noimage):
@@ -108,8 +109,9 @@ def test_models_and_heartbeats_show_capabilities_and_runtimes(stack, client) -> 
 
 
 def test_generate_returns_pngs_of_the_requested_size(client) -> None:
-    out = client.images.generate(model=SD, prompt="a red square", size="64x96", n=2, response_format="b64_json",
-                                 extra_body={"seed": 3})
+    out = client.images.generate(
+        model=SD, prompt="a red square", size="64x96", n=2, response_format="b64_json", extra_body={"seed": 3}
+    )
     assert len(out.data) == 2
     for item in out.data:
         assert png_size(base64.b64decode(item.b64_json)) == (64, 96)
@@ -128,11 +130,17 @@ def test_generate_url_is_served_by_the_gateway(client) -> None:
 def test_edit_and_variation(client) -> None:
     image = make_png(64, 64)
     mask = make_mask_png(64, 64, (16, 16, 48, 48))
-    edited = client.images.edit(model=SD, image=("in.png", image, "image/png"), mask=("mask.png", mask, "image/png"),
-                                prompt="a cat", response_format="b64_json")
+    edited = client.images.edit(
+        model=SD,
+        image=("in.png", image, "image/png"),
+        mask=("mask.png", mask, "image/png"),
+        prompt="a cat",
+        response_format="b64_json",
+    )
     assert png_size(base64.b64decode(edited.data[0].b64_json)) == (64, 64)
-    varied = client.images.create_variation(model=SD, image=("in.png", make_png(96, 64), "image/png"), n=2,
-                                            response_format="b64_json")
+    varied = client.images.create_variation(
+        model=SD, image=("in.png", make_png(96, 64), "image/png"), n=2, response_format="b64_json"
+    )
     assert [png_size(base64.b64decode(d.b64_json)) for d in varied.data] == [(96, 64), (96, 64)]
 
 
@@ -141,10 +149,12 @@ def test_bad_image_requests_are_400_with_param(stack, client) -> None:
     bad_request(lambda: client.images.generate(model=SD, prompt="x", size="big"), param="size")
     bad_request(lambda: client.images.generate(model=SD, prompt="x", size="100x100"), param="size")  # engine's rule
     bad_request(lambda: client.images.generate(model=SD, prompt="x", size="64x64", n=11), param="n")
-    bad_request(lambda: client.images.edit(model=SD, image=("x.png", b"not an image", "image/png"), prompt="x"),
-                param="image")
-    bad_request(lambda: client.images.create_variation(model=SD, image=("x.png", b"\x89PNG broken", "image/png")),
-                param="image")
+    bad_request(
+        lambda: client.images.edit(model=SD, image=("x.png", b"not an image", "image/png"), prompt="x"), param="image"
+    )
+    bad_request(
+        lambda: client.images.create_variation(model=SD, image=("x.png", b"\x89PNG broken", "image/png")), param="image"
+    )
     no_image = httpx.post(stack.url + "/v1/images/edits", data={"model": SD, "prompt": "x"}, files={"x": ("a", b"b")})
     assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "image"
     no_prompt = httpx.post(stack.url + "/v1/images/edits", data={"model": SD}, files={"image": ("a.png", make_png())})
@@ -177,7 +187,10 @@ def test_transcription_in_several_formats(client) -> None:
     srt = client.audio.transcriptions.create(model=WHISPER, file=("a.wav", wav), response_format="srt")
     assert isinstance(srt, str) and ("-->" in srt or srt.strip() == "")
     verbose = client.audio.transcriptions.create(
-        model=WHISPER, file=("a.wav", wav), response_format="verbose_json", language="en",
+        model=WHISPER,
+        file=("a.wav", wav),
+        response_format="verbose_json",
+        language="en",
         timestamp_granularities=["word", "segment"],
     )
     assert verbose.language == "english" and abs(verbose.duration - 2.0) < 0.01
@@ -200,7 +213,9 @@ async def test_a_large_upload_goes_through_the_object_store_and_is_deleted(stack
     sub = await nc.subscribe("$O.payloads.M.>", cb=collect)
     try:
         out = await asyncio.to_thread(
-            client.audio.transcriptions.create, model=WHISPER, file=("big.wav", wav, "audio/wav"),
+            client.audio.transcriptions.create,
+            model=WHISPER,
+            file=("big.wav", wav, "audio/wav"),
             response_format="verbose_json",
         )
         assert abs(out.duration - 70.0) < 0.01
@@ -224,16 +239,25 @@ async def test_a_large_upload_goes_through_the_object_store_and_is_deleted(stack
 
 def test_bad_audio_requests(stack, client) -> None:
     wav = make_wav(seconds=1.0)
-    bad_request(lambda: client.audio.transcriptions.create(model=WHISPER, file=("a.png", make_png(), "image/png")),
-                param="file")
-    bad_request(lambda: client.audio.transcriptions.create(model=WHISPER, file=("a.wav", wav),
-                                                           response_format="xml"), param="response_format")
-    bad_request(lambda: client.audio.transcriptions.create(model=WHISPER, file=("a.wav", wav), temperature=3),
-                param="temperature")
+    bad_request(
+        lambda: client.audio.transcriptions.create(model=WHISPER, file=("a.png", make_png(), "image/png")), param="file"
+    )
+    bad_request(
+        lambda: client.audio.transcriptions.create(model=WHISPER, file=("a.wav", wav), response_format="xml"),
+        param="response_format",
+    )
+    bad_request(
+        lambda: client.audio.transcriptions.create(model=WHISPER, file=("a.wav", wav), temperature=3),
+        param="temperature",
+    )
     no_file = httpx.post(stack.url + "/v1/audio/transcriptions", data={"model": WHISPER}, files={"x": ("a", b"b")})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
-    too_big = httpx.post(stack.url + "/v1/audio/transcriptions", data={"model": WHISPER},
-                         files={"file": ("big.wav", b"\0" * (26 * 1024 * 1024))}, timeout=60)
+    too_big = httpx.post(
+        stack.url + "/v1/audio/transcriptions",
+        data={"model": WHISPER},
+        files={"file": ("big.wav", b"\0" * (26 * 1024 * 1024))},
+        timeout=60,
+    )
     assert too_big.status_code == 413, too_big.text
     bad_request(lambda: client.audio.speech.create(model=VOICE, voice="alloy", input=""), param="input")
     bad_request(lambda: client.audio.speech.create(model=VOICE, voice="alloy", input="hi", speed=9), param="speed")
@@ -255,22 +279,34 @@ def test_speech_is_a_wav_at_the_voice_sample_rate(client) -> None:
 
 
 def test_a_model_on_the_wrong_endpoint_is_400_naming_the_capability(client) -> None:
-    err = bad_request(lambda: client.images.generate(model=VOICE, prompt="x"), param="model",
-                      code="unsupported_capability")
+    err = bad_request(
+        lambda: client.images.generate(model=VOICE, prompt="x"), param="model", code="unsupported_capability"
+    )
     assert "image generation" in err.message
     err = bad_request(lambda: client.audio.speech.create(model=SD, voice="alloy", input="hi"), param="model")
     assert "text to speech" in err.message
-    bad_request(lambda: client.audio.transcriptions.create(model=VOICE, file=("a.wav", make_wav(seconds=1.0))),
-                param="model", code="unsupported_capability")
-    err = bad_request(lambda: client.chat.completions.create(model=VOICE, messages=[{"role": "user", "content": "x"}]),
-                      param="model")
+    bad_request(
+        lambda: client.audio.transcriptions.create(model=VOICE, file=("a.wav", make_wav(seconds=1.0))),
+        param="model",
+        code="unsupported_capability",
+    )
+    err = bad_request(
+        lambda: client.chat.completions.create(model=VOICE, messages=[{"role": "user", "content": "x"}]), param="model"
+    )
     assert "chat completions" in err.message
 
 
 def image_messages(size: int = 8) -> list[dict]:
     data_url = "data:image/png;base64," + base64.b64encode(make_png(size, size)).decode()
-    return [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                         {"type": "image_url", "image_url": {"url": data_url}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": data_url}},
+            ],
+        }
+    ]
 
 
 def test_vision_chat_through_the_tiny_projector(stack, client) -> None:
@@ -280,8 +316,7 @@ def test_vision_chat_through_the_tiny_projector(stack, client) -> None:
     out = client.chat.completions.create(model=VISION, messages=image_messages(40), max_tokens=4)
     assert isinstance(out.choices[0].message.content, str)
     assert out.usage.prompt_tokens > 16  # the 16 image tokens of the projector, plus the text
-    text_only = client.chat.completions.create(model=VISION, messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=2)
+    text_only = client.chat.completions.create(model=VISION, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert text_only.choices[0].message.role == "assistant"
     nodes = {n["id"]: n for n in httpx.get(stack.url + "/v0/nodes").json()["data"]}
     llama = {r["name"]: r for r in nodes[stack.full.node_id]["runtimes"]}["llama_cpp"]

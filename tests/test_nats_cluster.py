@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import nats
 import nats.errors
 import openai
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 import pytest
 from conftest import Stack, requires_llama, wait_until
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from broker import connect, provision
 from broker.cluster import NatsCluster
@@ -100,17 +100,25 @@ class Load:
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(CLIENTS)]
 
     def _loop(self, i: int) -> None:
-        client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="x", max_retries=0, timeout=3 * REQUEST_TIMEOUT_S)
+        client = openai.OpenAI(
+            base_url=self.base_url + "/v1", api_key="x", max_retries=0, timeout=3 * REQUEST_TIMEOUT_S
+        )
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 raw = client.chat.completions.with_raw_response.create(
-                    model=MODEL, messages=[{"role": "user", "content": f"client {i}"}], max_tokens=4)
+                    model=MODEL, messages=[{"role": "user", "content": f"client {i}"}], max_tokens=4
+                )
                 raw.parse()
                 outcome = Outcome(i, started, time.monotonic(), raw.headers.get("x-request-id"))
             except openai.APIStatusError as exc:
-                outcome = Outcome(i, started, time.monotonic(), exc.response.headers.get("x-request-id"),
-                                  f"{exc.status_code}: {exc.message}")
+                outcome = Outcome(
+                    i,
+                    started,
+                    time.monotonic(),
+                    exc.response.headers.get("x-request-id"),
+                    f"{exc.status_code}: {exc.message}",
+                )
             except openai.APIError as exc:  # connection or timeout: no answer at all
                 outcome = Outcome(i, started, time.monotonic(), None, f"{type(exc).__name__}: {exc}")
             with self._lock:
@@ -159,8 +167,11 @@ async def _history_ids(url: str) -> set[str]:
     try:
         js = nc.jetstream()
         # No acks: an acked consumer stops after max_ack_pending (1000) unacknowledged messages.
-        sub = await js.pull_subscribe(subjects.HISTORY_ALL, stream=storage.HISTORY,
-                                      config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL))
+        sub = await js.pull_subscribe(
+            subjects.HISTORY_ALL,
+            stream=storage.HISTORY,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+        )
         ids: set[str] = set()
         while True:
             try:
@@ -196,8 +207,13 @@ async def _registration(url: str) -> bytes | None:
 @pytest.mark.timeout(300)
 def test_kill_one_server_under_load(cluster, tiny_gguf, tmp_path) -> None:
     replicas = ("--replicas", "3")
-    stack = Stack(cluster.url, tmp_path, registry_args=replicas, node=False,
-                  gateway_args=(*replicas, "--request-timeout", str(REQUEST_TIMEOUT_S)))
+    stack = Stack(
+        cluster.url,
+        tmp_path,
+        registry_args=replicas,
+        node=False,
+        gateway_args=(*replicas, "--request-timeout", str(REQUEST_TIMEOUT_S)),
+    )
     try:
         stack.node = stack.start_node("node", *replicas)
         assert stack.register(tiny_gguf, MODEL)["ok"]
@@ -226,7 +242,8 @@ def test_kill_one_server_under_load(cluster, tiny_gguf, tmp_path) -> None:
         wait_until(lambda: MODEL_AFTER in stack.models(), timeout=30, message="model registered after the kill served")
         new_model_s = time.monotonic() - registered_at
         openai.OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
-            model=MODEL_AFTER, messages=[{"role": "user", "content": "after"}], max_tokens=2)
+            model=MODEL_AFTER, messages=[{"role": "user", "content": "after"}], max_tokens=2
+        )
 
         ok, failed = load.ok(), load.failed()
         before = [o for o in ok if o.ended < killed_at]
@@ -237,8 +254,13 @@ def test_kill_one_server_under_load(cluster, tiny_gguf, tmp_path) -> None:
         answered = {o.request_id for o in ok}
         missing = _missing_from_history(cluster.url, answered)
         report = {
-            "victim": victim_name, "history_leader_at_kill": leader, "clients_on_victim": on_victim,
-            "requests": len(load.outcomes), "ok": len(ok), "ok_before_kill": len(before), "ok_started_after_kill": len(after),
+            "victim": victim_name,
+            "history_leader_at_kill": leader,
+            "clients_on_victim": on_victim,
+            "requests": len(load.outcomes),
+            "ok": len(ok),
+            "ok_before_kill": len(before),
+            "ok_started_after_kill": len(after),
             "failed": len(failed),
             "failures": [(round(o.started - killed_at, 2), round(o.ended - killed_at, 2), o.error) for o in failed[:8]],
             "longest_gap_s": round(longest_gap, 2),

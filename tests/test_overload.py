@@ -25,8 +25,8 @@ async def _overload(url: str) -> dict[int, int]:
     """``CONCURRENCY`` clients, ``REQUESTS`` in all; status -> count."""
     statuses: dict[int, int] = {}
     remaining = REQUESTS
-    async with httpx.AsyncClient(base_url=url, timeout=30,
-                                 limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
@@ -44,8 +44,23 @@ def test_queue_timeouts_under_overload_leave_no_slot_held(nats_url, tiny_gguf, t
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
         node_id = f"overload-{uuid.uuid4().hex[:6]}"
-        node = Proc(["--role", "node", "--nats-url", stack.nats_url, "--data-dir", str(tmp_path / node_id),
-                     "--parallel", "2", "--node-id", node_id, "--delay-ms", "5"], script=STACK_SCRIPT)
+        node = Proc(
+            [
+                "--role",
+                "node",
+                "--nats-url",
+                stack.nats_url,
+                "--data-dir",
+                str(tmp_path / node_id),
+                "--parallel",
+                "2",
+                "--node-id",
+                node_id,
+                "--delay-ms",
+                "5",
+            ],
+            script=STACK_SCRIPT,
+        )
         node.wait_for("READY")
         wait_until(lambda: MODEL in stack.models(), message="model ready")
 

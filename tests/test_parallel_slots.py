@@ -29,8 +29,14 @@ NO_END = {"2": -100.0, "4": -100.0}
 
 
 def _greedy(prompt: str, max_tokens: int) -> ChatCompletionBody:
-    return ChatCompletionBody(model=MODEL, messages=[ChatMessage(role="user", content=prompt)],
-                              max_tokens=max_tokens, temperature=0.0, seed=1, logit_bias=NO_END)
+    return ChatCompletionBody(
+        model=MODEL,
+        messages=[ChatMessage(role="user", content=prompt)],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        seed=1,
+        logit_bias=NO_END,
+    )
 
 
 def test_engine_runs_two_chats_at_once_in_separate_contexts(tiny_gguf) -> None:
@@ -89,8 +95,19 @@ def test_vision_chats_at_once_each_with_its_own_projector_context(tiny_gguf, tmp
 
     def run(size: int) -> int:
         url = "data:image/png;base64," + base64.b64encode(make_png(size, size)).decode()
-        body = ChatCompletionBody(model=MODEL, max_tokens=8, messages=[ChatMessage(role="user", content=[
-            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}])])
+        body = ChatCompletionBody(
+            model=MODEL,
+            max_tokens=8,
+            messages=[
+                ChatMessage(
+                    role="user",
+                    content=[
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                )
+            ],
+        )
         return engine.chat(body, None, threading.Event()).usage.prompt_tokens
 
     with ThreadPoolExecutor(2) as pool:
@@ -124,16 +141,21 @@ def _model_parallel(stack: Stack) -> int | None:
 
 
 def test_heartbeat_reports_two_slots(stack) -> None:
-    assert wait_until(lambda: _model_parallel(stack) == 2, message=lambda: f"parallel 2 in /v0/nodes, "
-                      f"got {_model_parallel(stack)}")
+    assert wait_until(
+        lambda: _model_parallel(stack) == 2, message=lambda: f"parallel 2 in /v0/nodes, got {_model_parallel(stack)}"
+    )
 
 
 def _stream(client: openai.OpenAI, prompt: str, max_tokens: int = 60) -> tuple[float, float]:
     """When one streamed chat held a slot: from its response headers, which the gateway sends
     once the node took the request into a slot, to its last chunk."""
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
-        logit_bias=NO_END, stream_options={"include_usage": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        stream=True,
+        logit_bias=NO_END,
+        stream_options={"include_usage": True},
     )
     started = time.monotonic()
     chunks = list(stream)
@@ -155,7 +177,10 @@ def test_two_streams_generate_at_the_same_time(stack, client) -> None:
 def test_mixed_concurrent_requests_all_answered(stack, client) -> None:
     def plain(i: int) -> str:
         out = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"plain {i}"}], max_tokens=60, logit_bias=NO_END,
+            model=MODEL,
+            messages=[{"role": "user", "content": f"plain {i}"}],
+            max_tokens=60,
+            logit_bias=NO_END,
         )
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 60
         return "plain"

@@ -42,11 +42,22 @@ def hub(tiny_gguf: Path):
     hub.add_repo("tests/Tiny-GGUF", {"tiny-q8_0.gguf": tiny_gguf.read_bytes(), "tiny-f16.gguf": 123_456})
     hub.add_repo("tests/Split-GGUF", {f"big-Q4_K_M-0000{i}-of-00003.gguf": 2 * GB for i in (1, 2, 3)})
     hub.add_repo("tests/Huge-GGUF", {"huge-Q8_0.gguf": 60 * GB})
-    hub.add_repo("tests/Safetensors-Only", {"model.safetensors": 5 * GB, "config.json": b"{}", "tokenizer.json": b"{}"},
-                 extra={"pipeline_tag": "text-generation"})
+    hub.add_repo(
+        "tests/Safetensors-Only",
+        {"model.safetensors": 5 * GB, "config.json": b"{}", "tokenizer.json": b"{}"},
+        extra={"pipeline_tag": "text-generation"},
+    )
     hub.add_repo("tests/Embedder-GGUF", {"embed-Q4_K_M.gguf": 50_000_000}, extra={"pipeline_tag": "feature-extraction"})
-    hub.add_repo("Systran/faster-whisper-base", {"model.bin": 145_217_532, "config.json": b"{}", "tokenizer.json": 2_203_239,
-                                                 "vocabulary.txt": 459_861, "README.md": b"# whisper"})
+    hub.add_repo(
+        "Systran/faster-whisper-base",
+        {
+            "model.bin": 145_217_532,
+            "config.json": b"{}",
+            "tokenizer.json": 2_203_239,
+            "vocabulary.txt": 459_861,
+            "README.md": b"# whisper",
+        },
+    )
     hub.start()
     yield hub
     hub.stop()
@@ -55,8 +66,12 @@ def hub(tiny_gguf: Path):
 @pytest.fixture(scope="module")
 def stack(nats_url, hub, tmp_path_factory):
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
-    stack = Stack(nats_url, tmp_path_factory.mktemp("registry-stack"), env=env,
-                  registry_args=("--hf-cache-ttl", "1", "--hf-timeout", "2"))
+    stack = Stack(
+        nats_url,
+        tmp_path_factory.mktemp("registry-stack"),
+        env=env,
+        registry_args=("--hf-cache-ttl", "1", "--hf-timeout", "2"),
+    )
     yield stack
     stack.close()
 
@@ -190,8 +205,12 @@ async def test_register_by_repo_and_file_then_duplicate_is_409(stack, nats_url, 
         body = first.json()
         assert body["id"] == "tests/Tiny-GGUF:Q8_0"  # the naming rule: <repo>:<QUANT>
         assert body["state"] == "registered" and body["quantization"] == "Q8_0"
-        assert body["source"] == {"kind": "hf", "repo": "tests/Tiny-GGUF", "filename": "tiny-q8_0.gguf",
-                                  "revision": hub.repo("tests/Tiny-GGUF").sha}
+        assert body["source"] == {
+            "kind": "hf",
+            "repo": "tests/Tiny-GGUF",
+            "filename": "tiny-q8_0.gguf",
+            "revision": hub.repo("tests/Tiny-GGUF").sha,
+        }
         assert body["sha256"] == hub.repo("tests/Tiny-GGUF").files["tiny-q8_0.gguf"].sha256
         added = await events.wait_for(subjects.MODEL_ADDED, "tests/Tiny-GGUF:Q8_0")
         assert added["record"]["size_bytes"] == body["size_bytes"] > 0
@@ -217,8 +236,10 @@ def test_safetensors_only_repo_is_pending_conversion_and_never_served(stack) -> 
     assert response.status_code == 201, response.text
     record = response.json()
     assert record["id"] == "tests/Safetensors-Only" and record["state"] == "pending_conversion"
-    chat = httpx.post(stack.url + "/v1/chat/completions",
-                      json={"model": "tests/Safetensors-Only", "messages": [{"role": "user", "content": "x"}]})
+    chat = httpx.post(
+        stack.url + "/v1/chat/completions",
+        json={"model": "tests/Safetensors-Only", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert chat.status_code == 503 and "awaiting conversion" in chat.json()["error"]["message"]
     assert "tests/Safetensors-Only" not in stack.models()
 
@@ -251,8 +272,12 @@ def test_huge_model_is_registered_with_warnings(stack) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{"repo": "tests/Tiny-GGUF", "url": "https://huggingface.co/tests/Tiny-GGUF"}, {}, {"repo": "x/y", "file": "z"},
-     {"repo": "not a repo"}],
+    [
+        {"repo": "tests/Tiny-GGUF", "url": "https://huggingface.co/tests/Tiny-GGUF"},
+        {},
+        {"repo": "x/y", "file": "z"},
+        {"repo": "not a repo"},
+    ],
 )
 def test_bad_registration_requests_are_400(stack, body) -> None:
     response = register(stack, body)
@@ -280,7 +305,9 @@ def test_hf_catalog_pages_variants_and_cache(stack, hub) -> None:
     assert page["models"][0]["id"] == "fakeorg/model-000-GGUF"  # most downloaded first
     variant = next(v for v in page["models"][0]["variants"] if v["quantization"] == "Q4_K_M")
     assert variant["filename"] == "model-000-Q4_K_M.gguf" and variant["size_bytes"] == 4 * GB
-    assert variant["last_modified"] and variant["url"].endswith("/fakeorg/model-000-GGUF/resolve/" + hub.repo("fakeorg/model-000-GGUF").sha + "/model-000-Q4_K_M.gguf")
+    assert variant["last_modified"] and variant["url"].endswith(
+        "/fakeorg/model-000-GGUF/resolve/" + hub.repo("fakeorg/model-000-GGUF").sha + "/model-000-Q4_K_M.gguf"
+    )
 
     last = httpx.get(stack.url + "/v0/models/hf", params={"per_page": 50, "page": 3}, timeout=30).json()
     ids = [m["id"] for m in last["models"]]
@@ -327,24 +354,43 @@ async def test_lifecycle_follows_node_reports(stack, nats_url) -> None:
 
     def hub_status() -> str:
         return next(e for e in httpx.get(stack.url + "/v0/models/hub").json()["data"] if e["id"] == entry.id)["status"]
+
     node_id = "reporting-node"
 
     def beat(state: str | None, artifact: int = 0) -> bytes:
-        models = [LoadedModel(name=name, runtime="llama_cpp", capabilities=["chat"], state=state, artifact_bytes=artifact)] if state else []
-        return codec.encode(NodeHeartbeat(node_id=node_id, hostname="h", started_at=time.time(), sent_at=time.time(),
-                                          interval_s=2, models=models, memory_total_bytes=8 * GB))
+        models = (
+            [LoadedModel(name=name, runtime="llama_cpp", capabilities=["chat"], state=state, artifact_bytes=artifact)]
+            if state
+            else []
+        )
+        return codec.encode(
+            NodeHeartbeat(
+                node_id=node_id,
+                hostname="h",
+                started_at=time.time(),
+                sent_at=time.time(),
+                interval_s=2,
+                models=models,
+                memory_total_bytes=8 * GB,
+            )
+        )
 
     nc = await nats.connect(nats_url)
     try:
         await nc.publish(subjects.node_heartbeat(node_id), beat("downloading"))
-        progress = DownloadProgress(node_id=node_id, model=name, bytes_done=61_728, bytes_total=123_456,
-                                    speed_bps=1e6, eta_s=12)
+        progress = DownloadProgress(
+            node_id=node_id, model=name, bytes_done=61_728, bytes_total=123_456, speed_bps=1e6, eta_s=12
+        )
         await nc.publish(subjects.downloads_progress(node_id, name), codec.encode(progress))
         record = await asyncio.to_thread(
-            wait_until, lambda: (r := model(stack, name).json())["state"] == "downloading" and r["download"] and r, 10)
+            wait_until, lambda: (r := model(stack, name).json())["state"] == "downloading" and r["download"] and r, 10
+        )
         assert record["download"]["bytes_done"] == 61_728
-        chat = await asyncio.to_thread(httpx.post, stack.url + "/v1/chat/completions",
-                                       json={"model": name, "messages": [{"role": "user", "content": "x"}]})
+        chat = await asyncio.to_thread(
+            httpx.post,
+            stack.url + "/v1/chat/completions",
+            json={"model": name, "messages": [{"role": "user", "content": "x"}]},
+        )
         assert chat.status_code == 503 and chat.headers["retry-after"]
         assert "is downloading (50%, 61.7 KB of 123.5 KB" in chat.json()["error"]["message"]
         assert await asyncio.to_thread(hub_status) == "downloading"
@@ -374,13 +420,32 @@ def test_a_pipeline_repository_needs_configs_and_one_set_of_weights() -> None:
     from registry.hf import RepoFile, RepoListing
     from registry.sources import model_files
 
-    names = ["model_index.json", "README.md", "sd_turbo.safetensors", "scheduler/scheduler_config.json",
-             "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
-             "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json",
-             "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-             "unet/diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
-    listing = RepoListing(repo="org/sd", revision="abc", files={n: RepoFile(n, 10, None) for n in names},
-                          pipeline_tag="text-to-image", tags=[], last_modified=None)
+    names = [
+        "model_index.json",
+        "README.md",
+        "sd_turbo.safetensors",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "tokenizer/tokenizer_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    listing = RepoListing(
+        repo="org/sd",
+        revision="abc",
+        files={n: RepoFile(n, 10, None) for n in names},
+        pipeline_tag="text-to-image",
+        tags=[],
+        last_modified=None,
+    )
     chosen = {f.path: f.local_path for f in model_files("diffusers", listing, "model_index.json")}
     assert chosen == {
         "model_index.json": "model_index.json",
@@ -402,10 +467,15 @@ def test_a_pipeline_repository_needs_configs_and_one_set_of_weights() -> None:
 
 @requires_llama
 async def test_delete_reaches_running_and_returning_nodes(nats_url, hub, tmp_path) -> None:
-    stack = await asyncio.to_thread(Stack, nats_url, tmp_path, env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}, node=False)
+    stack = await asyncio.to_thread(
+        Stack, nats_url, tmp_path, env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}, node=False
+    )
     try:
-        name = (await asyncio.to_thread(register, stack, {"repo": "tests/Tiny-GGUF", "filename": "tiny-q8_0.gguf",
-                                                          "name": "deletable"})).json()["id"]
+        name = (
+            await asyncio.to_thread(
+                register, stack, {"repo": "tests/Tiny-GGUF", "filename": "tiny-q8_0.gguf", "name": "deletable"}
+            )
+        ).json()["id"]
         record = (await asyncio.to_thread(model, stack, name)).json()
         copies = {}
         for node in ("a", "b"):  # each node already has a complete copy in its cache
@@ -435,7 +505,9 @@ async def test_delete_reaches_running_and_returning_nodes(nats_url, hub, tmp_pat
             assert (await asyncio.to_thread(model, stack, name)).status_code == 404
             await events.wait_for(subjects.MODEL_DELETED, name)
         stack.registered.remove(name)
-        await asyncio.to_thread(wait_until, lambda: not copies["a"].exists(), 10, message="running node deletes its copy")
+        await asyncio.to_thread(
+            wait_until, lambda: not copies["a"].exists(), 10, message="running node deletes its copy"
+        )
         assert not (tmp_path / "a" / "node" / "models" / "tests").exists()  # no empty directories left
         assert copies["b"].exists()
 
@@ -446,7 +518,9 @@ async def test_delete_reaches_running_and_returning_nodes(nats_url, hub, tmp_pat
         await nc.close()
 
         await asyncio.to_thread(stack.start_node, "b")  # replays the delete it missed
-        await asyncio.to_thread(wait_until, lambda: not copies["b"].exists(), 15, message="returning node deletes its copy")
+        await asyncio.to_thread(
+            wait_until, lambda: not copies["b"].exists(), 15, message="returning node deletes its copy"
+        )
         assert node_a.popen.poll() is None
 
         missing = await asyncio.to_thread(httpx.delete, f"{stack.url}/v0/models/{name}")
@@ -470,14 +544,21 @@ async def _has_objects(blobs) -> bool:
 
 def cli(stack: Stack | None, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
     base = url or stack.url
-    return subprocess.run([sys.executable, "-m", "llm_router", "model", "--url", base, *args],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "llm_router", "model", "--url", base, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_cli_model_commands(stack, tiny_gguf) -> None:
     listing = cli(stack, "list", "--search", "model-00", "--per-page", "5")
     assert listing.returncode == 0, listing.stderr
-    assert "fakeorg/model-000-GGUF" in listing.stdout and "Q4_K_M" in listing.stdout and "More: --page 2" in listing.stdout
+    assert (
+        "fakeorg/model-000-GGUF" in listing.stdout and "Q4_K_M" in listing.stdout and "More: --page 2" in listing.stdout
+    )
 
     hub_table = cli(stack, "hub", "--search", "piper")
     assert hub_table.returncode == 0 and "piper" in hub_table.stdout

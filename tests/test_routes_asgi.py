@@ -78,8 +78,13 @@ async def test_an_over_long_model_name_is_a_400_before_it_reaches_a_subject(clie
 
 async def test_a_registered_model_no_node_serves_is_a_503_with_retry_after(gateway, client) -> None:
     name = f"unserved-{uuid.uuid4().hex[:8]}"
-    record = ModelRecord(name=name, format="gguf", runtime="llama_cpp", capabilities=["chat"],
-                         source=ModelSource(kind="path", path=f"/nowhere/{name}.gguf"))
+    record = ModelRecord(
+        name=name,
+        format="gguf",
+        runtime="llama_cpp",
+        capabilities=["chat"],
+        source=ModelSource(kind="path", path=f"/nowhere/{name}.gguf"),
+    )
     kv = await gateway.js.key_value(storage.KV_MODELS)
     await kv.create(encode_token(name), codec.encode(record))  # as registry/service.py writes it
     try:

@@ -32,7 +32,7 @@ class DownloadProgress(Struct, kw_only=True):
 
 
 class DownloadModel(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """"Download now" (``admin.model.download``, ``POST /v0/models/{model}/download``).
+    """ "Download now" (``admin.model.download``, ``POST /v0/models/{model}/download``).
 
     Targets: ``node`` (one node id), ``all`` (every live node that can run the model), or
     neither: one node, chosen by the registry (what a request for a missing model does).

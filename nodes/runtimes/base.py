@@ -13,8 +13,9 @@ so the gateway never sends an engine more than it can run.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from events.messages import ModelRecord, RuntimeStatus, Usage
 
@@ -66,17 +67,44 @@ class ImageEngine(Protocol):
     artifact_bytes: int
     slots: int  # calls it runs at once
 
-    def generate(self, prompt: str, n: int = 1, width: int = 512, height: int = 512, seed: int | None = None,
-                 steps: int | None = None, negative_prompt: str | None = None, *,
-                 cancelled: threading.Event | None = None) -> list[bytes]: ...
+    def generate(
+        self,
+        prompt: str,
+        n: int = 1,
+        width: int = 512,
+        height: int = 512,
+        seed: int | None = None,
+        steps: int | None = None,
+        negative_prompt: str | None = None,
+        *,
+        cancelled: threading.Event | None = None,
+    ) -> list[bytes]: ...
 
-    def edit(self, image: bytes, mask: bytes | None, prompt: str, n: int = 1, width: int | None = None,
-             height: int | None = None, seed: int | None = None, steps: int | None = None, *,
-             cancelled: threading.Event | None = None) -> list[bytes]: ...
+    def edit(
+        self,
+        image: bytes,
+        mask: bytes | None,
+        prompt: str,
+        n: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        *,
+        cancelled: threading.Event | None = None,
+    ) -> list[bytes]: ...
 
-    def variation(self, image: bytes, n: int = 1, width: int | None = None, height: int | None = None,
-                  seed: int | None = None, steps: int | None = None, *,
-                  cancelled: threading.Event | None = None) -> list[bytes]: ...
+    def variation(
+        self,
+        image: bytes,
+        n: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        *,
+        cancelled: threading.Event | None = None,
+    ) -> list[bytes]: ...
 
     def close(self) -> None: ...
 
@@ -88,9 +116,17 @@ class TranscriptionEngine(Protocol):
     artifact_bytes: int
     slots: int  # calls it runs at once
 
-    def transcribe(self, audio: bytes, *, task: str = "transcribe", language: str | None = None,
-                   prompt: str | None = None, temperature: float = 0.0, word_timestamps: bool = False,
-                   cancelled: threading.Event | None = None) -> Any: ...
+    def transcribe(
+        self,
+        audio: bytes,
+        *,
+        task: str = "transcribe",
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        word_timestamps: bool = False,
+        cancelled: threading.Event | None = None,
+    ) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -102,8 +138,9 @@ class SpeechEngine(Protocol):
     artifact_bytes: int
     slots: int  # calls it runs at once
 
-    def speak(self, text: str, *, speed: float = 1.0, voice: str | None = None,
-              cancelled: threading.Event | None = None) -> tuple[Any, int]: ...
+    def speak(
+        self, text: str, *, speed: float = 1.0, voice: str | None = None, cancelled: threading.Event | None = None
+    ) -> tuple[Any, int]: ...
 
     def encode(self, pcm: Any, sample_rate: int, response_format: str = "mp3") -> bytes: ...
 

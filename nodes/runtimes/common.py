@@ -34,8 +34,9 @@ def engine_threads() -> int:
 def single_slot(runtime: str, model: str, requested: int, why: str) -> int:
     """1, for an engine that cannot run calls at once; says so when more were asked for."""
     if requested > 1:
-        log.warning("parallel lowered for this runtime", runtime=runtime, model=model, requested=requested,
-                    slots=1, reason=why)
+        log.warning(
+            "parallel lowered for this runtime", runtime=runtime, model=model, requested=requested, slots=1, reason=why
+        )
     return 1
 
 
@@ -57,8 +58,12 @@ def probe_packages(name: str, capabilities: list[str], packages: list[tuple[str,
         except (ImportError, ValueError):
             found = False
         if not found:
-            return RuntimeStatus(name=name, available=False, capabilities=list(capabilities),
-                                 error=f"{distribution} is not installed (module {module} not found)")
+            return RuntimeStatus(
+                name=name,
+                available=False,
+                capabilities=list(capabilities),
+                error=f"{distribution} is not installed (module {module} not found)",
+            )
         try:
             versions.append(f"{distribution} {importlib.metadata.version(distribution)}")
         except importlib.metadata.PackageNotFoundError:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from events import subjects
 from events.messages import ModelRecord, RuntimeStatus, Usage
@@ -140,8 +141,7 @@ class LlamaEngine:
     """``slots`` calls run at once, each in its own context; each slot costs one KV cache of
     ``n_ctx`` tokens (plus compute buffers, and the projector of a vision model) in memory."""
 
-    def __init__(self, path: str, *, n_ctx: int, n_threads: int, projector: str | None = None,
-                 slots: int = 1) -> None:
+    def __init__(self, path: str, *, n_ctx: int, n_threads: int, projector: str | None = None, slots: int = 1) -> None:
         import llama_cpp
 
         if slots < 1:
@@ -163,14 +163,21 @@ class LlamaEngine:
         def generator() -> Any:
             handler = _vision_handler(projector) if projector is not None else None
             try:
-                return llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, verbose=False,
-                                       chat_handler=handler)
+                return llama_cpp.Llama(
+                    model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, verbose=False, chat_handler=handler
+                )
             except ValueError as exc:
                 raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
 
         def embedder() -> Any:
-            return llama_cpp.Llama(model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, embedding=True,
-                                   pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
+            return llama_cpp.Llama(
+                model_path=path,
+                n_ctx=self.n_ctx,
+                n_threads=n_threads,
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                verbose=False,
+            )
 
         self._generators = _Instances(generator, slots, eager=slots)
         self._embedders = _Instances(embedder, slots)
@@ -233,8 +240,12 @@ class LlamaEngine:
             if close is not None:
                 close()  # stops generation at once when we left the loop early
         if counter.prompt_tokens >= counter.n_ctx:  # a padded context let it in; nothing fits after it
-            raise EngineError(f"The prompt ({counter.prompt_tokens}+ tokens) does not fit the model's context "
-                              f"of {counter.n_ctx} tokens.", param=param, code="context_length_exceeded")
+            raise EngineError(
+                f"The prompt ({counter.prompt_tokens}+ tokens) does not fit the model's context "
+                f"of {counter.n_ctx} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if counter.truncated:
             finish_reason = "length"
         if cancelled.is_set():
@@ -247,8 +258,9 @@ class LlamaEngine:
         sampling = self._sampling(body, counter)
         with self._generators.use() as llm:
             chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **sampling)
-            return self._drain(chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter,
-                               body.token_limit, "messages")
+            return self._drain(
+                chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter, body.token_limit, "messages"
+            )
 
     def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         if not isinstance(body.prompt, str):
@@ -263,8 +275,9 @@ class LlamaEngine:
             chunks = llm.create_completion(
                 prompt=prompt, suffix=body.suffix, max_tokens=body.token_limit, echo=body.echo, stream=True, **sampling
             )
-            return self._drain(chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit,
-                               "prompt")
+            return self._drain(
+                chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit, "prompt"
+            )
 
     # ------------------------------------------------------------ embeddings
 
