@@ -349,3 +349,31 @@ def test_nodes_and_the_registry_answer_nats_micro_discovery(nats_url, tiny_gguf,
         assert served >= 1 and all(e["num_errors"] == 0 for e in stats["endpoints"] if e["name"] == "chat")
     finally:
         stack.close()
+
+
+@requires_llama
+def test_a_fresh_nats_server_with_an_empty_store_is_provisioned_again(tiny_gguf, tmp_path) -> None:
+    """The server comes back without its data: streams, buckets and the node's durable consumer
+    are created again by the components, and a registration made afterwards is served."""
+    port = free_port()
+    server = EmbeddedNats(tmp_path / "nats-a", port=port)
+    url = server.start_sync()
+    stack = Stack(url, tmp_path)
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        server._proc.kill()
+        server._proc.wait()
+        server = EmbeddedNats(tmp_path / "nats-b", port=port)  # a new, empty store
+        server.start_sync()
+        wait_until(lambda: httpx.get(stack.url + "/healthz").status_code == 200, message="gateway connected")
+        # The registration was in the lost store: the gateway's mirror follows the new one.
+        wait_until(lambda: MODEL not in stack.models(), timeout=15, message="registration gone with the store")
+        wait_until(lambda: stack.register(tiny_gguf, MODEL).get("ok"), timeout=30, message="registry provisioned again")
+        wait_until(lambda: chat(stack.url).status_code == 200, timeout=30,
+                   message=lambda: stack.node.output()[-3000:])
+        assert "registry consumer lost with the server's store" in stack.node.output()
+        assert set(_history_ids(url)), "HISTORY was created again and is written"
+    finally:
+        stack.close()
+        server.stop_sync()
