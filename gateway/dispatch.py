@@ -4,16 +4,20 @@ The gateway owns the choice. Every (node, model) has the slots the node declares
 dispatcher counts its own requests on each and sends only where a slot is free, preferring the
 node that has answered this model fastest (a moving average of its service times), so a fast
 node is used before a slow one and an idle node before a busy one. When no slot is free, a
-request waits in a bounded FIFO queue per model: full → 429, waited longer than the queue
-timeout → 504. Requests are sent with ``when_busy="reject"``: a node whose slots are taken by
-another gateway answers ``node_busy`` at once, and the request goes back to the head of the
-queue. That keeps two gateways sharing the same nodes correct without coordinating them.
+request waits in a bounded queue per model: full → QueueFull, waited longer than the queue
+timeout → QueueTimeout. The queue is served oldest first while it drains and newest first once
+it is standing (adaptive LIFO: under overload the oldest are about to be given up on). Requests
+are sent with ``when_busy="reject"``: a node whose slots are taken by another gateway answers
+``node_busy`` at once, and the request goes back to the head of the queue. That keeps two
+gateways sharing the same nodes correct without coordinating them.
 
-Replies come back on one wildcard inbox subscription, demultiplexed by call. A node that is not
-subscribed answers "no responders" at once; a node that died is noticed when its heartbeat
-expires. Either way, a call that has received nothing yet is retried once on another node.
+Replies come back on one wildcard inbox subscription, demultiplexed by call into its Mailbox.
+A node that is not subscribed answers "no responders" at once; a node that died is noticed
+when its heartbeat expires; a reply that was lost is noticed when the node's heartbeats stop
+listing the request. A call that has received nothing yet is then retried once (elsewhere,
+unless only the reply was lost). Errors are DispatchError subclasses, which know nothing of
+HTTP (gateway.errors.api_error maps them).
 """
-
 from __future__ import annotations
 
 import asyncio
