@@ -18,6 +18,7 @@ listing the request. A call that has received nothing yet is then retried once (
 unless only the reply was lost). Errors are DispatchError subclasses, which know nothing of
 HTTP (gateway.errors.api_error maps them).
 """
+
 from __future__ import annotations
 
 import asyncio

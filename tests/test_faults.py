@@ -370,8 +370,7 @@ def test_a_fresh_nats_server_with_an_empty_store_is_provisioned_again(tiny_gguf,
         # The registration was in the lost store: the gateway's mirror follows the new one.
         wait_until(lambda: MODEL not in stack.models(), timeout=15, message="registration gone with the store")
         wait_until(lambda: stack.register(tiny_gguf, MODEL).get("ok"), timeout=30, message="registry provisioned again")
-        wait_until(lambda: chat(stack.url).status_code == 200, timeout=30,
-                   message=lambda: stack.node.output()[-3000:])
+        wait_until(lambda: chat(stack.url).status_code == 200, timeout=30, message=lambda: stack.node.output()[-3000:])
         assert "registry consumer lost with the server's store" in stack.node.output()
         assert set(_history_ids(url)), "HISTORY was created again and is written"
     finally:
