@@ -497,7 +497,7 @@ class Call:
                 if time.monotonic() >= self._deadline:
                     raise NodeTimeout()
                 if not self.d.directory.is_live(self.node_id):
-                    raise NodeGone("its heartbeat expired")
+                    raise NodeGone("it is gone (a goodbye, or no heartbeat within the TTL)")
                 if self.d.directory.lost(self.node_id, self.request_id, self._sent_at):
                     raise NodeGone("it no longer knows the request (its reply was lost)", lost=True)
                 continue

@@ -319,7 +319,16 @@ async def _up(args: argparse.Namespace) -> int:
     _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
     node_id = persistent_node_id(data_dir / "node")
-    node = SupervisedProcess("node", _node_argv(args, nats_url, data_dir))
+
+    async def node_died(how: str) -> None:
+        """Gateways drop the node now: its in-flight requests fail or go elsewhere within a second."""
+        from events import codec, subjects
+        from events.messages import NodeGoodbye
+
+        goodbye = NodeGoodbye(node_id=node_id, reason=f"process died ({how})")
+        await gateway.nc.publish(subjects.node_goodbye(node_id), codec.encode(goodbye))
+
+    node = SupervisedProcess("node", _node_argv(args, nats_url, data_dir), on_death=node_died)
 
     models: list[tuple[Path, str | None, dict[str, str]]] = [(Path(p), None, {}) for p in args.model]
     if args.demo:

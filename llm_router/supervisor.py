@@ -14,6 +14,7 @@ import ctypes
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -32,7 +33,17 @@ def _die_with_parent() -> None:
 class SupervisedProcess:
     """``start()`` runs ``argv`` and watches it; ``stop()`` ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, argv: list[str], *, stop_timeout: float = 40.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        stop_timeout: float = 40.0,
+        on_death: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """``on_death(how)`` runs when the child dies unasked, before it is restarted (``up``
+        tells the gateways at once that the node is gone, rather than after its heartbeat TTL)."""
+        self.on_death = on_death
         self.name = name
         self.argv = argv
         self.stop_timeout = stop_timeout
@@ -63,6 +74,11 @@ class SupervisedProcess:
             if time.monotonic() - started >= HEALTHY_AFTER_S:
                 backoff = BACKOFF_START_S
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            if self.on_death is not None:
+                try:
+                    await self.on_death(how)
+                except Exception:
+                    log.exception("on_death failed", process=self.name)
             log.error(
                 "process died; restarting it", process=self.name, pid=self.process.pid, how=how, restart_in_s=backoff
             )

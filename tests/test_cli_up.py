@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import threading
+import time
 
 import openai
 import psutil
@@ -98,6 +100,26 @@ def _chat_ok(url: str) -> bool:
         return False
 
 
+def _long_stream(url: str, out: dict) -> None:
+    """A stream that would run for long (the end token forbidden), its last line kept."""
+    import httpx
+
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": {"4": -100},
+    }
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as answer:
+        for line in answer.iter_lines():
+            if line:
+                out["started"], out["last"] = True, line
+            if "error" in line:
+                break
+    out["at"] = time.monotonic()
+
+
 def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tiny_gguf, tmp_path) -> None:
     """The engines run in their own process: kill -9 costs the requests on it, never the endpoint."""
     from conftest import wait_until
@@ -109,8 +131,17 @@ def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tiny_gguf, t
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
         assert _chat_ok(url)
         node = next(c for c in _children(up) if "llm_router" in " ".join(c.cmdline()) and "node" in c.cmdline())
+        ended: dict = {}
+        stream = threading.Thread(target=_long_stream, args=(url, ended), daemon=True)
+        stream.start()
+        wait_until(lambda: ended.get("started"), timeout=10, message="stream started")
+        killed = time.monotonic()
         node.kill()
         up.wait_for("process died; restarting it", timeout=10)
+        stream.join(30)
+        # up tells the gateway at once: the stream ends with an error event, not after the heartbeat TTL.
+        assert "node_unavailable" in ended["last"], ended
+        assert ended["at"] - killed < 3.0, ended["at"] - killed
         started = wait_until(lambda: _chat_ok(url), timeout=30, message=lambda: up.output()[-3000:])
         assert started
         new_node = next(c for c in _children(up) if "node" in c.cmdline() and c.pid != node.pid)
