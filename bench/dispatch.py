@@ -271,9 +271,7 @@ def simulated_rows(
 
 
 async def open_loop(
-    trace: list[float],
-    send: Callable[[int], Awaitable[tuple[bool, str | None]]],
-    drain: float,
+    trace: list[float], send: Callable[[int], Awaitable[tuple[bool, str | None]]], drain: float
 ) -> tuple[list[float | None], list[float | None], list[bool], list[str | None]]:
     """Send request ``i`` at ``trace[i]`` (open loop: never waiting for answers), then wait up to
     ``drain`` seconds for the outstanding ones; those still unanswered are cancelled.
@@ -488,8 +486,7 @@ class DispatchStack:
                 pass
             await asyncio.sleep(0.2)
         raise RuntimeError(
-            f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; "
-            f"last /v0/models/{MODEL}: {last[:500]!r}"
+            f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; last /v0/models/{MODEL}: {last[:500]!r}"
         )
 
     def stop(self) -> None:
@@ -665,8 +662,7 @@ def render(
     )
     for r in effective_rows:
         lines.append(
-            f"  - {r.load:.0%} load, {r.policy} with these times: p50 {_f(r.p50_ms)} ms, p99 {_f(r.p99_ms)} ms, "
-            f"throughput {r.rps:.1f}/s"
+            f"  - {r.load:.0%} load, {r.policy} with these times: p50 {_f(r.p50_ms)} ms, p99 {_f(r.p99_ms)} ms, throughput {r.rps:.1f}/s"
         )
     measured = [r for r in rows if not r.simulated]
     if measured:

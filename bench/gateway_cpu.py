@@ -262,8 +262,7 @@ def main() -> int:
     command = "python bench/gateway_cpu.py " + " ".join(sys.argv[1:])
     lines = [
         *report_header(started, command),
-        f"Gateway alone on one core, {args.concurrency} clients, instant engine, median of {args.rounds} rounds "
-        f"of {args.duration:g} s:",
+        f"Gateway alone on one core, {args.concurrency} clients, instant engine, median of {args.rounds} rounds of {args.duration:g} s:",
         "",
         "| gateway | requests/s | gateway CPU per request (µs) | vs skeleton | p50 (ms) | errors |",
         "|---|---:|---:|---:|---:|---:|",

@@ -825,8 +825,7 @@ def main() -> int:
         r = _event_loop_run(run_in_process(c, min(warmup, 0.5), in_process_duration))
         results.append(r)
         print(
-            f"in-process      c={c:<3} p50={r.percentile_ms(50):.4f} ms  p99={r.percentile_ms(99):.4f} ms  "
-            f"{r.rps:,.0f} req/s",
+            f"in-process      c={c:<3} p50={r.percentile_ms(50):.4f} ms  p99={r.percentile_ms(99):.4f} ms  {r.rps:,.0f} req/s",
             file=sys.stderr,
             flush=True,
         )

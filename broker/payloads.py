@@ -52,10 +52,7 @@ async def store(js: JetStreamContext, data: bytes, *, content_type: str, filenam
 
 
 async def pack(
-    js: JetStreamContext,
-    items: Iterable[tuple[bytes, str, str]],
-    *,
-    budget: int = INLINE_BUDGET,
+    js: JetStreamContext, items: Iterable[tuple[bytes, str, str]], *, budget: int = INLINE_BUDGET
 ) -> list[Attachment]:
     """Attachments for ``(data, content_type, filename)`` items: inline while the budget lasts."""
     out = []

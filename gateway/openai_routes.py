@@ -122,8 +122,7 @@ class OpenAIRoutes:
         if capability not in record.capabilities:
             raise ApiError(
                 400,
-                f"Model '{model}' does not support {CAPABILITIES[capability].label}"
-                f" (it supports: {', '.join(record.capabilities)}).",
+                f"Model '{model}' does not support {CAPABILITIES[capability].label} (it supports: {', '.join(record.capabilities)}).",
                 param="model",
                 code="unsupported_capability",
             )

@@ -294,8 +294,7 @@ def document() -> dict:
         "info": {
             "title": "LLM Router gateway",
             "version": "0.1.0",
-            "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). "
-            "Every error is OpenAI's error body.",
+            "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). Every error is OpenAI's error body.",
         },
         "paths": copy.deepcopy(OPERATIONS),
         "components": {"schemas": schemas},

@@ -85,8 +85,7 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         "--runtimes",
         "RUNTIMES",
         None,
-        "comma-separated engine runtimes this node may use (llama_cpp, diffusers, faster_whisper, piper); "
-        "default: all that are installed",
+        "comma-separated engine runtimes this node may use (llama_cpp, diffusers, faster_whisper, piper); default: all that are installed",
     )
     _add(
         parser,
@@ -159,8 +158,7 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llm-router",
-        description="One OpenAI-compatible endpoint over a NATS cluster of GPU (or CPU) machines.",
+        prog="llm-router", description="One OpenAI-compatible endpoint over a NATS cluster of GPU (or CPU) machines."
     )
     _add(parser, "--log-level", "LOG_LEVEL", "info", "debug, info, warning or error")
     _add(parser, "--log-format", "LOG_FORMAT", None, "console or json (default: console on a terminal)")

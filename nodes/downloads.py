@@ -423,8 +423,7 @@ def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
             part.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
             raise DownloadFailed(
-                f"{remote.name}: sha256 mismatch ({actual[:12]}…, expected "
-                f"{remote.sha256.lower()[:12]}…); partial file discarded"
+                f"{remote.name}: sha256 mismatch ({actual[:12]}…, expected {remote.sha256.lower()[:12]}…); partial file discarded"
             )
     os.replace(part, remote.target)
     journal.unlink(missing_ok=True)

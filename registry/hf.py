@@ -21,11 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 import structlog
 from huggingface_hub import HfApi, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
 from events.messages import GgufVariant, HfInfo, HfModel, HfPage, HfQuery
 

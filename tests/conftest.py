@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
 
 
 NATS_MONITORS: dict[str, str | None] = {}
+STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")  # components on the bench engine
 
 
 @pytest.fixture(scope="session")
@@ -270,6 +272,17 @@ class Stack:
         )
         node.node_id = node.wait_for(r"node (\S+) ready").group(1)
         return node
+
+    def delay_node(self, delay_ms: float, *, parallel: int = 1, node_id: str | None = None) -> Proc:
+        """A node of bench/stack.py whose engine holds a slot ``delay_ms`` per request (a cancel
+        ends it early): for tests that need a model of a known speed."""
+        node_id = node_id or f"slow{int(delay_ms)}-{uuid.uuid4().hex[:6]}"
+        args = ["--role", "node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / node_id)]
+        args += ["--parallel", str(parallel), "--node-id", node_id, "--delay-ms", str(delay_ms)]
+        proc = Proc(args, script=STACK_SCRIPT, env=self.env)
+        proc.wait_for("READY")
+        proc.node_id = node_id
+        return proc
 
     def admin(self, verb: str, payload: object) -> dict:
         import asyncio

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +16,6 @@ from conftest import Proc, Stack, wait_until
 pytestmark = pytest.mark.e2e
 
 MODEL = "dispatch-tiny"
-STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")
 
 
 def chat(url: str, max_tokens: int = 8, *, timeout: float = 60) -> httpx.Response:
@@ -45,27 +42,8 @@ def running_on(stack: Stack) -> str:
 
 
 def delay_node(stack: Stack, delay_ms: float, parallel: int = 1) -> Proc:
-    """A node whose engine answers every request after ``delay_ms`` (bench/stack.py)."""
-    node_id = f"slow{int(delay_ms)}-{uuid.uuid4().hex[:6]}"
-    proc = Proc(
-        [
-            "--role",
-            "node",
-            "--nats-url",
-            stack.nats_url,
-            "--data-dir",
-            str(stack.data_dir / node_id),
-            "--parallel",
-            str(parallel),
-            "--node-id",
-            node_id,
-            "--delay-ms",
-            str(delay_ms),
-        ],
-        script=STACK_SCRIPT,
-    )
-    proc.wait_for("READY")
-    proc.node_id = node_id
+    """A node whose engine answers every request after ``delay_ms`` (stopped with the stack)."""
+    proc = stack.delay_node(delay_ms, parallel=parallel)
     stack.extra_nodes.append(proc)
     return proc
 

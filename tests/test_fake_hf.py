@@ -10,13 +10,7 @@ import httpx
 import httpx2
 import pytest
 from fake_hf import FakeHub
-from huggingface_hub import (
-    HfApi,
-    constants,
-    get_hf_file_metadata,
-    hf_hub_download,
-    hf_hub_url,
-)
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     HfHubHTTPError,
     RemoteEntryNotFoundError,

@@ -11,12 +11,11 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import nats
 import pytest
-from conftest import Proc, Stack, requires_llama, wait_until
+from conftest import Stack, requires_llama, wait_until
 from nats.aio.client import Client
 
 from broker import EmbeddedNats, connect
@@ -26,7 +25,6 @@ from gateway.dispatch import BROKER_GRACE_S
 
 pytestmark = pytest.mark.e2e
 
-STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")
 MODEL = "faults-tiny"
 
 
@@ -219,36 +217,12 @@ def test_kill_9_of_nats_under_load_recovers_within_5_s_and_loses_no_history(tiny
 # ------------------------------------------------------------------ clients that give up
 
 
-def _delay_node(stack: Stack, delay_ms: float) -> Proc:
-    """A node whose engine holds its one slot ``delay_ms`` per request, ended early by a cancel."""
-    node_id = f"slow{int(delay_ms)}"
-    proc = Proc(
-        [
-            "--role",
-            "node",
-            "--nats-url",
-            stack.nats_url,
-            "--data-dir",
-            str(stack.data_dir / node_id),
-            "--parallel",
-            "1",
-            "--node-id",
-            node_id,
-            "--delay-ms",
-            str(delay_ms),
-        ],
-        script=STACK_SCRIPT,
-    )
-    proc.wait_for("READY")
-    return proc
-
-
 def test_clients_that_give_up_leave_the_queue_and_free_the_node(nats_url, tiny_gguf, tmp_path) -> None:
     stack = Stack(nats_url, tmp_path, node=False, gateway_args=("--queue-timeout", "30"))
     node = None
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
-        node = _delay_node(stack, 4000)  # one slot; every request would hold it 4 s
+        node = stack.delay_node(4000)  # one slot; every request would hold it 4 s
         wait_until(lambda: MODEL in stack.models(), message="model ready")
 
         def impatient() -> None:

@@ -17,13 +17,7 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
-from tiny_models import (
-    build_tiny_piper_voice,
-    build_tiny_whisper,
-    make_mask_png,
-    make_png,
-    make_wav,
-)
+from tiny_models import build_tiny_piper_voice, build_tiny_whisper, make_mask_png, make_png, make_wav
 
 from events.messages import ModelRecord, ModelSource
 from formats.artifacts import UnrecognisedModel, artifact_size, detect

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 import httpx
-from conftest import Proc, Stack, wait_until
+from conftest import Stack, wait_until
 
 MODEL = "overload-tiny"
-STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")
 REQUESTS = 3000
 CONCURRENCY = 32
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 8}
@@ -43,25 +41,7 @@ def test_queue_timeouts_under_overload_leave_no_slot_held(nats_url, tiny_gguf, t
     node = None
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
-        node_id = f"overload-{uuid.uuid4().hex[:6]}"
-        node = Proc(
-            [
-                "--role",
-                "node",
-                "--nats-url",
-                stack.nats_url,
-                "--data-dir",
-                str(tmp_path / node_id),
-                "--parallel",
-                "2",
-                "--node-id",
-                node_id,
-                "--delay-ms",
-                "5",
-            ],
-            script=STACK_SCRIPT,
-        )
-        node.wait_for("READY")
+        node = stack.delay_node(5, parallel=2, node_id=f"overload-{uuid.uuid4().hex[:6]}")
         wait_until(lambda: MODEL in stack.models(), message="model ready")
 
         statuses = asyncio.run(_overload(stack.url))

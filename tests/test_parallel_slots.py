@@ -177,10 +177,7 @@ def test_two_streams_generate_at_the_same_time(stack, client) -> None:
 def test_mixed_concurrent_requests_all_answered(stack, client) -> None:
     def plain(i: int) -> str:
         out = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": f"plain {i}"}],
-            max_tokens=60,
-            logit_bias=NO_END,
+            model=MODEL, messages=[{"role": "user", "content": f"plain {i}"}], max_tokens=60, logit_bias=NO_END
         )
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 60
         return "plain"

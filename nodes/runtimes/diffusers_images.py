@@ -164,8 +164,7 @@ class DiffusersEngine:
             mask_image = _decode_image(mask, "mask")
             if mask_image.size != source.size:
                 raise EngineError(
-                    f"mask is {mask_image.size[0]}x{mask_image.size[1]} but image is "
-                    f"{source.size[0]}x{source.size[1]}; they must match",
+                    f"mask is {mask_image.size[0]}x{mask_image.size[1]} but image is {source.size[0]}x{source.size[1]}; they must match",
                     param="mask",
                 )
             repaint = _repaint_area(mask_image)
@@ -292,8 +291,7 @@ def _check_size(width: int, height: int) -> None:
             raise EngineError(f"size must be WIDTHxHEIGHT in whole pixels, not {width!r}x{height!r}", param="size")
         if not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_MULTIPLE:
             raise EngineError(
-                f"size {width}x{height} is not supported: each side must be a multiple of {SIDE_MULTIPLE} "
-                f"from {MIN_SIDE} to {MAX_SIDE}",
+                f"size {width}x{height} is not supported: each side must be a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}",
                 param="size",
             )
 

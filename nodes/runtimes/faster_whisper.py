@@ -99,8 +99,7 @@ class FasterWhisperEngine:
         supported = ctranslate2.get_supported_compute_types(self.device)
         if self.compute_type not in supported:
             raise ValueError(
-                f"compute type {self.compute_type!r} is not supported on {self.device} "
-                f"(supported: {', '.join(sorted(supported))})"
+                f"compute type {self.compute_type!r} is not supported on {self.device} (supported: {', '.join(sorted(supported))})"
             )
         self.beam_size = beam_size
         if not Path(path).is_dir():  # else faster-whisper would take it for a hub repository id

@@ -241,8 +241,7 @@ class LlamaEngine:
                 close()  # stops generation at once when we left the loop early
         if counter.prompt_tokens >= counter.n_ctx:  # a padded context let it in; nothing fits after it
             raise EngineError(
-                f"The prompt ({counter.prompt_tokens}+ tokens) does not fit the model's context "
-                f"of {counter.n_ctx} tokens.",
+                f"The prompt ({counter.prompt_tokens}+ tokens) does not fit the model's context of {counter.n_ctx} tokens.",
                 param=param,
                 code="context_length_exceeded",
             )

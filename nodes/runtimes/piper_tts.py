@@ -121,12 +121,7 @@ class PiperEngine:
     # ------------------------------------------------------------ synthesis
 
     def speak(
-        self,
-        text: str,
-        *,
-        speed: float = 1.0,
-        voice: str | None = None,
-        cancelled: threading.Event | None = None,
+        self, text: str, *, speed: float = 1.0, voice: str | None = None, cancelled: threading.Event | None = None
     ) -> tuple[Any, int]:
         """Speech for ``text``: (mono int16 numpy samples, sample rate of the voice).
 
