@@ -178,7 +178,7 @@ async def stack_and_run(workdir: Path, warmup: float, duration: float) -> tuple[
         )
         gateway = await asyncio.to_thread(
             Component,
-            ["gateway", "--nats-url", nats_url, "--port", "0"],
+            ["gateway", "--nats-url", nats_url, "--port", "0", "--no-auth"],
             r"gateway ready: http://[^:]+:(\d+)",
             env,
             workdir / "gateway.log",

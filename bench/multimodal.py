@@ -92,6 +92,7 @@ class Up:
             "--log-level",
             "warning",
             "up",
+            "--no-auth",
             "--port",
             "0",
             "--nats-port",

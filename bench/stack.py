@@ -57,6 +57,7 @@ async def _main(args: argparse.Namespace) -> int:
             port=args.port,
             queue_size=args.queue_size,
             queue_timeout=args.queue_timeout,
+            auth=False,  # the benchmarks measure the request path; bench/overhead.py --auth measures keys
         )
         components.append(gateway)
     if "node" in roles:

@@ -7,12 +7,14 @@ to NATS, starts the mirrors of registry and node state, then starts serving HTTP
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 
 import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,11 +23,13 @@ from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
 
 from .admin_routes import AdminRoutes
+from .auth import AuthMiddleware, KeyRing
 from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
 from .history import HistoryWriter
 from .http import json_response
+from .key_routes import KeyRoutes
 from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
@@ -85,8 +89,16 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v0/files/{name}", media.file, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    keys = gateway.key_routes
+    routes += [
+        Route("/v0/keys", keys.create, methods=["POST"]),
+        Route("/v0/keys", keys.list, methods=["GET"]),
+        Route("/v0/keys/{key_id}", keys.revoke, methods=["DELETE"]),
+    ]
+    middleware = [Middleware(AuthMiddleware, ring=gateway.keys)] if gateway.auth else []
     return Starlette(
         routes=routes,
+        middleware=middleware,
         exception_handlers={
             ApiError: _api_error,
             DispatchError: _dispatch_error,
@@ -94,6 +106,13 @@ def build_app(gateway: Gateway) -> Starlette:
             Exception: _server_error,
         },
     )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Gateway:
@@ -107,7 +126,14 @@ class Gateway:
         queue_size: int = 100,
         queue_timeout: float = 60.0,
         replicas: int | None = None,
+        auth: bool = True,
     ) -> None:
+        """``auth=False`` serves without API keys: only for a gateway on a loopback address."""
+        if not auth and not is_loopback(host):
+            raise RuntimeError(
+                f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
+            )
+        self.auth = auth
         self.nats_url = nats_url
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.host = host
@@ -152,6 +178,9 @@ class Gateway:
         self.media = MediaRoutes(self.routes, self.js)
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
+        self.keys = KeyRing()
+        await self.keys.start(self.js)
+        self.key_routes = KeyRoutes(self.keys)
         self.app = build_app(self)
         if not serve_http:
             await self.nc.flush()
@@ -192,6 +221,7 @@ class Gateway:
             self.dispatcher.broker_back()
         await provision(self.js, self.replicas)
         await self.catalog.resync(self.js)
+        await self.keys.resync(self.js)
         log.info("gateway state recovered", models=len(self.catalog.records))
 
     async def stop(self) -> None:
@@ -203,6 +233,7 @@ class Gateway:
         await self.dispatcher.stop()
         await self.directory.stop()
         await self.catalog.stop()
+        await self.keys.stop()
         await self.nc.drain()
 
     async def healthz(self, request: Request) -> Response:

@@ -22,6 +22,7 @@ from events import name_error
 from events.capabilities import CAPABILITIES
 from events.messages import Failure, HistoryRecord, Reply, Usage
 
+from .auth import check_model, key_of
 from .disconnect import abandon_on_disconnect
 from .dispatch import Call, ClientDisconnected, Dispatcher, DispatchError
 from .errors import ApiError, api_error
@@ -66,6 +67,7 @@ class Exchange:
                 check(body)
             if capability_of is not None:
                 self.capability = capability_of(body)
+            check_model(self.request.scope, body.model)
             await resolve(body.model, self.capability)
         return body
 
@@ -143,6 +145,7 @@ class Exchange:
                 duration_ms=(time.perf_counter() - self.t0) * 1000,
                 stream=stream,
                 node_id=node_id,
+                key_id=key.id if (key := key_of(self.request.scope)) is not None else None,
                 first_byte_ms=first_byte_ms,
                 usage=usage,
                 error=error,

@@ -34,6 +34,7 @@ from events.openai import (
 )
 from events.storage import PAYLOAD_TTL_S
 
+from .auth import check_model
 from .errors import ApiError
 from .exchange import Exchange
 from .http import json_response
@@ -79,6 +80,7 @@ class MediaRoutes:
             files = {"image": image} | ({"mask": mask} if mask is not None else {})
             summary.update({k: _describe(v) for k, v in files.items()})
             body = _convert(fields | {k: {"size": len(v[0])} for k, v in files.items()}, kind)
+            check_model(request.scope, body.model)
             await self.api.resolve(body.model, subjects.IMAGE)
         except ApiError as exc:
             _refused(exchange, summary, exc)
@@ -134,6 +136,7 @@ class MediaRoutes:
                 upload = await _upload(form, ("file",), "file", required=True)
             summary["file"] = _describe(upload)
             body: TranscriptionBody = _convert(fields | {"file": {"size": len(upload[0])}}, TranscriptionBody)
+            check_model(request.scope, body.model)
             await self.api.resolve(body.model, capability)
         except ApiError as exc:
             _refused(exchange, summary, exc)

@@ -17,7 +17,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from events.messages import DownloadModel, HfQuery, RegisterModel
+from events.messages import CreateKey, DownloadModel, HfQuery, RegisterModel
 from events.openai import (
     ChatCompletionBody,
     CompletionBody,
@@ -38,6 +38,7 @@ JSON_BODIES = [
     SpeechBody,
     RegisterModel,
     DownloadModel,
+    CreateKey,
 ]
 MULTIPART_BODIES = {ImageEditBody: {"image", "mask"}, ImageVariationBody: {"image"}, TranscriptionBody: {"file"}}
 # Form fields whose OpenAI name carries "[]" (repeated parts make a list; see media_routes._fields).
@@ -242,6 +243,24 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             params=[_path("task_id", "The task id a download answer gave.")],
         )
     },
+    "/v0/keys": {
+        "post": _op(
+            "Create an API key (admin); the secret is in this answer only.",
+            JSON,
+            tag="admin",
+            statuses=("201",),
+            body=_json_body("CreateKey"),
+        ),
+        "get": _op("List API keys (admin): names, scopes, models, expiry; never the secrets.", JSON, tag="admin"),
+    },
+    "/v0/keys/{key_id}": {
+        "delete": _op(
+            "Revoke an API key (admin): refused on every gateway within a second.",
+            JSON,
+            tag="admin",
+            params=[_path("key_id", "The key's id (key_...).")],
+        )
+    },
     "/v0/models/{model}": {
         "get": _op("A registration with what live nodes say about it.", JSON, tag="admin", params=[_model_path()]),
         "delete": _op("Delete a registration.", JSON, tag="admin", params=[_model_path()]),
@@ -297,7 +316,13 @@ def document() -> dict:
             "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). Every error is OpenAI's error body.",
         },
         "paths": copy.deepcopy(OPERATIONS),
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "An API key, sk-llmr-..."}
+            },
+        },
+        "security": [{"bearer": []}],
     }
 
 

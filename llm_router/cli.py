@@ -63,6 +63,15 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _auth_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=env("NO_AUTH", "") in ("1", "true", "yes"),
+        help="serve without API keys (refused unless --host is a loopback address) [env LLM_ROUTER_NO_AUTH]",
+    )
+
+
 def _node_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--parallel", "PARALLEL", 1, "requests one loaded model runs at once on this node", type=int)
     _add(
@@ -166,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run NATS, registry, gateway and one node on this machine")
     _http_options(up)
+    _auth_option(up)
     _data_dir_option(up)
     _nats_option(up, required=False)
     _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway")
     _http_options(gateway)
+    _auth_option(gateway)
     _nats_option(gateway, required=True)
 
     registry = commands.add_parser("registry", help="run the model registry")
@@ -207,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .model_commands import add_model_commands
 
     add_model_commands(commands, _add)
+    from .key_commands import add_key_commands
+
+    add_key_commands(commands, _add)
     return parser
 
 
@@ -313,6 +327,7 @@ async def _up(args: argparse.Namespace) -> int:
         queue_size=int(args.queue_size),
         queue_timeout=float(args.queue_timeout),
         replicas=args.replicas,
+        auth=not args.no_auth,
     )
     _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
@@ -353,6 +368,15 @@ async def _up(args: argparse.Namespace) -> int:
         ):
             await asyncio.sleep(0.05)
         base = f"http://{args.host}:{gateway.port}"
+        if gateway.auth:
+            from gateway.auth import admin_key
+
+            key_path = data_dir / "admin.key"
+            secret, created = await admin_key(gateway.keys, key_path)
+            if created:
+                print(f"Admin API key (shown once; kept in {key_path}, mode 0600): {secret}", flush=True)
+            else:
+                print(f"Admin API key: in {key_path}", flush=True)
         print(f"LLM Router ready: {base}/v1  (NATS {nats_url})", flush=True)
         if names:
             print("Serving: " + ", ".join(names), flush=True)
@@ -393,6 +417,7 @@ async def _single(args: argparse.Namespace) -> int:
             queue_size=int(args.queue_size),
             queue_timeout=float(args.queue_timeout),
             replicas=args.replicas,
+            auth=not args.no_auth,
         )
 
         async def ready() -> int:
@@ -442,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         from .model_commands import run_model_command
 
         return run_model_command(args)
+    if args.command == "keys":
+        from .key_commands import run_key_command
+
+        return run_key_command(args)
     logs.configure(args.log_level, args.log_format)
     run = _event_loop_runner()
     try:

@@ -254,13 +254,16 @@ class Stack:
         gateway_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         node: bool = True,
+        auth: bool = False,
     ) -> None:
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.env = env
         self.registered: list[str] = []
         self.registry = Proc(["registry", "--nats-url", nats_url, *registry_args], env=env)
-        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0", *gateway_args], env=env)
+        # API keys off unless a test asks (tests/test_auth.py): every other test talks to it keyless.
+        no_auth = () if auth else ("--no-auth",)
+        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0", *no_auth, *gateway_args], env=env)
         self.registry.wait_for("registry ready")
         self.url = self.gateway.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
         self.node = self.start_node() if node else None

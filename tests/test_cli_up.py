@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -23,12 +24,16 @@ def test_up_with_a_model_serves_the_sdk_and_stops_cleanly(tiny_gguf, tmp_path) -
         ["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)]
     )
     try:
+        key = up.wait_for(r"Admin API key \(shown once; kept in (\S+), mode 0600\): (sk-llmr-\S+)", timeout=60)
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
         up.wait_for("Serving: tiny")
         children = _children(up)
         assert any("nats-server" in c.name() for c in children)
+        assert oct(os.stat(key.group(1)).st_mode & 0o777) == "0o600"
 
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):  # keys are on by default
+            openai.OpenAI(base_url=url + "/v1", api_key="sk-llmr-wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key.group(2), max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny"]
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.usage.total_tokens > 0
@@ -59,9 +64,10 @@ def test_up_without_models_says_how_to_add_one(tmp_path) -> None:
 def test_up_demo_serves_a_labelled_plumbing_model(tmp_path) -> None:
     up = Proc(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path), "--demo"])
     try:
+        key = up.wait_for(r"Admin API key \(shown once.*\): (sk-llmr-\S+)", timeout=60).group(1)
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)
         up.wait_for("plumbing demo")
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
         assert (
             client.chat.completions.create(
                 model="tiny-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3
@@ -125,7 +131,18 @@ def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tiny_gguf, t
     from conftest import wait_until
 
     up = Proc(
-        ["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_gguf)]
+        [
+            "up",
+            "--no-auth",
+            "--port",
+            "0",
+            "--nats-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--model",
+            str(tiny_gguf),
+        ]
     )
     try:
         url = up.wait_for(r"LLM Router ready: (http://\S+)/v1", timeout=60).group(1)

@@ -179,7 +179,7 @@ def test_a_node_without_gpu_needs_allow_cpu(spawn, nats_url, tmp_path) -> None:
 def test_two_gateways_share_one_node_without_overloading_it(nats_url, tiny_gguf, tmp_path) -> None:
     stack = Stack(nats_url, tmp_path, node=False)  # default queue: 100 requests, 60 s
     stack.extra_nodes = []
-    other = Proc(["gateway", "--nats-url", stack.nats_url, "--port", "0"])
+    other = Proc(["gateway", "--nats-url", stack.nats_url, "--port", "0", "--no-auth"])
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
         node = delay_node(stack, 800)  # one slot

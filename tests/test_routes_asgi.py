@@ -23,7 +23,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 async def gateway(nats_url):
-    gateway = Gateway(nats_url=nats_url)
+    gateway = Gateway(nats_url=nats_url, auth=False)
     await gateway.start(serve_http=False)
     yield gateway
     await gateway.stop()

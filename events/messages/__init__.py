@@ -5,6 +5,7 @@ message carries ``schema`` so a reader can tell which contract wrote it. Import 
 (``from events.messages import X``); the area modules are the contract's layout, not its API.
 """
 
+from .auth import ApiKey, CreateKey, Scope
 from .base import SCHEMA_VERSION, Answer, NodeReply, Usage, now
 from .catalogs import (
     Capability,
@@ -54,6 +55,9 @@ from .models import AdminReply, DeleteModel, ModelEvent, ModelFile, ModelRecord,
 from .nodes import GpuInfo, LoadedModel, NodeCommand, NodeCommandReply, NodeGoodbye, NodeHeartbeat, RuntimeStatus
 
 __all__ = [
+    "ApiKey",
+    "CreateKey",
+    "Scope",
     "FINAL_REPLIES",
     "SCHEMA_VERSION",
     "Accepted",

@@ -22,6 +22,7 @@ class HistoryRecord(Struct, kw_only=True):
     duration_ms: float
     stream: bool = False
     node_id: str | None = None
+    key_id: str | None = None  # the API key that made it (never the key itself)
     first_byte_ms: float | None = None
     usage: Usage | None = None
     error: str | None = None

@@ -1,0 +1,91 @@
+"""``llm-router keys create|ls|rm``: API keys, written straight into the ``keys`` bucket over NATS.
+
+Whoever can reach NATS as an operator can already change everything, so this is how the first
+key of a cluster is made (a gateway started on its own has none), and how keys are managed
+without one. The secret is printed once; the bucket keeps its SHA-256 digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nats.js.errors import NoKeysError
+
+from broker import connect, provision
+from events import codec, storage
+from events.messages import ApiKey
+from gateway.auth import new_key
+from gateway.key_routes import view
+
+EXPIRIES = ("3", "7", "21", "70", "90", "never")
+
+
+def add_key_commands(commands: Any, add: Callable[..., None]) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (over NATS, as an operator)")
+    add(keys, "--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    verbs = keys.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="a new key; its secret is printed once")
+    create.add_argument("name")
+    create.add_argument(
+        "--scope",
+        action="append",
+        choices=["inference", "read", "admin"],
+        required=True,
+        help="inference (/v1), read (/v0 reads), admin (everything); repeatable",
+    )
+    create.add_argument("--model", action="append", default=[], help="only these models (repeatable; default all)")
+    create.add_argument("--expires-days", choices=EXPIRIES, default="90", help="3, 7, 21, 70, 90 or never [90]")
+    verbs.add_parser("ls", help="every key: id, name, scopes, models, expiry (never the secrets)")
+    rm = verbs.add_parser("rm", help="revoke a key: refused on every gateway within a second")
+    rm.add_argument("key_id")
+
+
+def run_key_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    nc = await connect(args.nats_url, name="llm-router-keys")
+    try:
+        js = nc.jetstream()
+        await provision(js)
+        kv = await js.key_value(storage.KV_KEYS)
+        if args.verb == "create":
+            days = None if args.expires_days == "never" else int(args.expires_days)
+            secret, key = new_key(args.name, args.scope, args.model, days)
+            await kv.put(key.id, codec.encode(key))
+            print(json.dumps({**view(key), "key": secret}, indent=2))
+            print("The key is shown only now; keep it.", file=sys.stderr)
+            return 0
+        records = [codec.decode(entry.value, ApiKey) for entry in await _entries(kv)]
+        if args.verb == "ls":
+            for key in sorted(records, key=lambda k: k.created_at):
+                expiry = (
+                    "never (!)" if key.expires_at is None else time.strftime("%Y-%m-%d", time.gmtime(key.expires_at))
+                )
+                models = ",".join(key.models) or "all models"
+                print(f"{key.id}  {key.name!r}  {','.join(key.scopes)}  {models}  expires {expiry}")
+            return 0
+        if not any(key.id == args.key_id for key in records):
+            print(f"llm-router: no API key {args.key_id!r}", file=sys.stderr)
+            return 1
+        await kv.delete(args.key_id)
+        print(f"revoked {args.key_id}")
+        return 0
+    finally:
+        await nc.close()
+
+
+async def _entries(kv: Any) -> list[Any]:
+    try:
+        names = await kv.keys()
+    except NoKeysError:
+        return []
+    entries = [await kv.get(name) for name in names]
+    return [entry for entry in entries if entry.value]
