@@ -214,8 +214,10 @@ async def connect(port: int) -> HttpConnection:
     return conn
 
 
-def http_request(method: str, path: str, port: int, body: bytes = b"") -> bytes:
+def http_request(method: str, path: str, port: int, body: bytes = b"", api_key: str | None = None) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if api_key:
+        head += f"Authorization: Bearer {api_key}\r\n"
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return (head + "\r\n").encode() + body

@@ -57,7 +57,7 @@ async def _main(args: argparse.Namespace) -> int:
             port=args.port,
             queue_size=args.queue_size,
             queue_timeout=args.queue_timeout,
-            auth=False,  # the benchmarks measure the request path; bench/overhead.py --auth measures keys
+            auth=args.auth,  # off unless asked: bench/gateway_cpu.py measures what keys cost
         )
         components.append(gateway)
     if "node" in roles:
@@ -90,6 +90,10 @@ async def _main(args: argparse.Namespace) -> int:
             info["model"] = reply.record.name
         if gateway is not None:
             info["port"] = gateway.port
+            if args.auth:  # a key for the load generator (a benchmark's throwaway data dir)
+                from gateway.auth import admin_key
+
+                info["api_key"], _ = await admin_key(gateway.keys, Path(args.data_dir or ".") / "bench-admin.key")
         print("READY " + json.dumps(info), flush=True)
         await stop.wait()
         return 0
@@ -107,6 +111,7 @@ def main() -> int:
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--port", type=int, default=0, help="gateway HTTP port (0: a free one)")
     parser.add_argument("--queue-size", type=int, default=100, help="gateway: requests that may wait (then 429)")
+    parser.add_argument("--auth", action="store_true", help="gateway: API keys on (READY carries a key)")
     parser.add_argument(
         "--queue-timeout", type=float, default=60.0, help="gateway: seconds a request may wait (then 504)"
     )
