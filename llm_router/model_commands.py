@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -33,7 +34,13 @@ class CommandError(Exception):
 def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
     model = commands.add_parser("model", help="list, add, show and remove models (talks to a running gateway)")
     add(model, "--url", "URL", DEFAULT_URL, "gateway URL")
-    add(model, "--api-key", "API_KEY", None, "API key sent as a bearer token")
+    add(
+        model,
+        "--api-key",
+        "API_KEY",
+        None,
+        "API key sent as a bearer token (default: the one `up` keeps in its data dir)",
+    )
     model.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     verbs = model.add_subparsers(dest="verb", required=True)
 
@@ -74,8 +81,17 @@ def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
     verbs.add_parser("ls", help="registered models")
 
 
+def _default_key() -> str | None:
+    """The admin key `llm-router up` keeps in its default data dir, when there is one."""
+    path = Path(os.environ.get("LLM_ROUTER_DATA_DIR") or Path.home() / ".llm-router") / "admin.key"
+    try:
+        return path.expanduser().read_text().strip() or None
+    except OSError:
+        return None
+
+
 def run_model_command(args: argparse.Namespace) -> int:
-    client = _Client(args.url, args.api_key)
+    client = _Client(args.url, args.api_key or _default_key())
     out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
     try:
         handler = _VERBS[args.verb]
