@@ -96,7 +96,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v0/keys/{key_id}", keys.revoke, methods=["DELETE"]),
     ]
     middleware = [Middleware(AuthMiddleware, ring=gateway.keys)] if gateway.auth else []
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={
@@ -106,6 +106,8 @@ def build_app(gateway: Gateway) -> Starlette:
             Exception: _server_error,
         },
     )
+    app.state.auth = gateway.auth  # the OpenAPI document says whether keys are wanted
+    return app
 
 
 def is_loopback(host: str) -> bool:

@@ -268,6 +268,17 @@ OPERATIONS: dict[str, dict[str, dict]] = {
 }
 
 
+SECURITY = {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key, sk-llmr-..."}}
+
+
+def _open_meta(paths: dict) -> dict:
+    """The meta operations (health, this document) need no key: gateway.auth.required_scope."""
+    for path in ("/healthz", "/openapi.json"):
+        for operation in paths[path].values():
+            operation["security"] = []
+    return paths
+
+
 def _without_tag(schema: dict) -> dict:
     schema = copy.deepcopy(schema)
     schema.get("properties", {}).pop(TAG_FIELD, None)
@@ -298,8 +309,9 @@ def _as_form(schema: dict, files: set[str]) -> dict:
 
 
 @functools.cache
-def document() -> dict:
-    """The OpenAPI document, built once per process."""
+def document(auth: bool = True) -> dict:
+    """The OpenAPI document, built once per process; ``auth``: whether this gateway wants keys
+    (a gateway run with --no-auth says so, rather than document a header it ignores)."""
     kinds = [*JSON_BODIES, *MULTIPART_BODIES]
     _, components = msgspec.json.schema_components(kinds, ref_template=REF)
     schemas = {name: _without_tag(schema) for name, schema in components.items()}
@@ -315,22 +327,17 @@ def document() -> dict:
             "version": "0.1.0",
             "description": "OpenAI-compatible endpoints (/v1) and the router's own (/v0). Every error is OpenAI's error body.",
         },
-        "paths": copy.deepcopy(OPERATIONS),
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "An API key, sk-llmr-..."}
-            },
-        },
-        "security": [{"bearer": []}],
+        "paths": _open_meta(copy.deepcopy(OPERATIONS)),
+        "components": {"schemas": schemas, **({"securitySchemes": SECURITY} if auth else {})},
+        **({"security": [{"bearer": []}]} if auth else {}),
     }
 
 
 @functools.cache
-def _encoded() -> bytes:
-    return msgspec.json.encode(document())
+def _encoded(auth: bool) -> bytes:
+    return msgspec.json.encode(document(auth))
 
 
 async def openapi_json(request: Request) -> Response:
     """``GET /openapi.json``."""
-    return Response(_encoded(), media_type="application/json")
+    return Response(_encoded(getattr(request.app.state, "auth", True)), media_type="application/json")
