@@ -186,8 +186,11 @@ def test_kill_9_of_nats_under_load_recovers_within_5_s_and_loses_no_history(tiny
         assert all(end - start < 12 for start, end, *_ in results), max(end - start for start, end, *_ in results)
         failed = [r for r in results if r[2] != 200]
         assert all(r[2] == 503 and "retry-after" in r[4] for r in failed), failed[:5]
-        # A request that arrives while the link is down waits at most the grace, then 503.
-        assert all(end - start < BROKER_GRACE_S + 1.5 for start, end, status, *_ in failed), failed[:5]
+        # A request that arrives while the link is down waits at most the grace, then 503. (One in
+        # flight at the kill may take longer: its reply is found lost after the restart, then sent
+        # again; it still ends as a 200 or a clean 503, never at the client's timeout.)
+        arrived_down = [r for r in failed if killed + 0.5 <= r[0] < restarted]
+        assert all(end - start < BROKER_GRACE_S + 1.5 for start, end, *_ in arrived_down), arrived_down[:5]
         # Serving again within 5 s of the restart, and steadily afterwards.
         after = [r for r in results if r[0] >= restarted]
         failures = [(round(a - restarted, 2), status) for a, b, status, *_ in results if status != 200]
