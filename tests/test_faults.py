@@ -226,7 +226,12 @@ def test_clients_that_give_up_leave_the_queue_and_free_the_node(nats_url, tiny_g
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
         node = stack.delay_node(4000)  # one slot; every request would hold it 4 s
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        wait_until(
+            lambda: MODEL in stack.models(),
+            message=lambda: (
+                f"model ready; node: {node.output()[-2000:]}; nodes: {httpx.get(stack.url + '/v0/nodes').text[:2000]}"
+            ),
+        )
 
         def impatient() -> None:
             with pytest.raises(httpx.TimeoutException):
