@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
+from events import NameTooLong
 
 from .admin_routes import AdminRoutes
 from .auth import AuthMiddleware, KeyRing
@@ -45,6 +46,11 @@ async def _dispatch_error(request: Request, exc: DispatchError) -> Response:
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
     return api_error(exc).response()
+
+
+async def _bad_name(request: Request, exc: NameTooLong) -> Response:
+    """A name in the path or query that no subject or key can hold (model, node, task ids)."""
+    return ApiError(400, f"Invalid name: {exc}.", code="invalid_name").response()
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -102,6 +108,7 @@ def build_app(gateway: Gateway) -> Starlette:
         exception_handlers={
             ApiError: _api_error,
             DispatchError: _dispatch_error,
+            NameTooLong: _bad_name,
             HTTPException: _http_error,
             Exception: _server_error,
         },

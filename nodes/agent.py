@@ -23,7 +23,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import connect, provision
 from broker.endpoints import Endpoint, Service
-from events import codec, encode_token, storage, subjects
+from events import codec, encode_token, name_error, storage, subjects
 from events.capabilities import CAPABILITIES
 from events.messages import (
     CancelRequest,
@@ -340,7 +340,13 @@ class NodeAgent:
 
     async def _on_download_command(self, order: NodeDownload, msg: Msg) -> None:
         """``admin.node.<id>.download``: fetch the model now; the reply says from where."""
-        reply = await self._download_now(order)
+        invalid = name_error(order.model)
+        if invalid:
+            reply = NodeDownloadReply(
+                ok=False, status=400, node_id=self.node_id, message=f"bad download order: {invalid}"
+            )
+        else:
+            reply = await self._download_now(order)
         log.info("download command", model=order.model, state=reply.state, task_id=reply.task_id, message=reply.message)
         self._beat_now.set()
         if msg.reply:

@@ -27,7 +27,7 @@ from broker import connect, provision
 from broker.blobs import blob_prefix
 from broker.endpoints import Service
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import codec, encode_token, name_error, storage, subjects
+from events import NameTooLong, codec, encode_token, name_error, storage, subjects
 from events.messages import (
     AdminReply,
     CatalogEntry,
@@ -440,6 +440,8 @@ class Registry:
         async def answer(request: Any, msg: Msg) -> None:
             try:
                 reply = await action(request)
+            except NameTooLong as exc:  # a name that cannot be a subject token or a key: the asker's error
+                reply = AdminReply(ok=False, status=400, message=str(exc))
             except Exception as exc:
                 log.exception("admin request failed", subject=msg.subject)
                 reply = AdminReply(ok=False, status=500, message=f"registry error: {type(exc).__name__}: {exc}")

@@ -126,3 +126,19 @@ async def test_an_unknown_path_is_an_openai_404(client) -> None:
     response = await client.get("/v1/nothing-here")
     assert response.status_code == 404
     assert error_of(response)["type"] == "invalid_request_error"
+
+
+async def test_over_long_names_in_paths_and_queries_are_refused_not_500(client, gateway) -> None:
+    """Every name that would become a subject token or a KV key is bounded (256 bytes)."""
+    long = "x" * 5000
+    for method, path in (
+        ("GET", f"/v0/downloads/{long}"),
+        ("GET", f"/v0/downloads?model={long}"),
+        ("POST", f"/v0/nodes/{long}/drain"),
+        ("GET", f"/v0/models/{long}"),
+        ("GET", f"/v1/models/{long}"),
+    ):
+        response = await client.request(method, path)
+        assert response.status_code in (400, 404), (path[:40], response.status_code, response.text[:300])
+        error_of(response)
+    assert gateway.nc.is_connected and (await client.get("/healthz")).json()["nats"] == "connected"
