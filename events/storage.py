@@ -71,7 +71,8 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
     KeyValueConfig(bucket=KV_MODELS, description="model registrations, written by the registry", history=5),
     KeyValueConfig(bucket=KV_NODES, description="last heartbeat of each live node", ttl=NODE_TTL_S),
     KeyValueConfig(bucket=KV_DOWNLOADS, description="download tasks and progress", ttl=7 * DAY),
-    KeyValueConfig(bucket=KV_SETTINGS, description="users and settings", history=5),
+    # Its description predates the keys bucket; kept, since a changed config fails older components' provisioning.
+    KeyValueConfig(bucket=KV_SETTINGS, description="users, hashed API keys and settings", history=5),
     KeyValueConfig(bucket=KV_KEYS, description="API keys: SHA-256 digests, scopes, models, expiry", history=1),
     KeyValueConfig(bucket=KV_LEASES, description="who downloads a model into a shared models dir", ttl=LEASE_TTL_S),
 )
