@@ -63,10 +63,13 @@ def new_key(name: str, scopes: list[str], models: list[str], expires_in_days: in
 def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; None for the open routes (health, the OpenAPI document)."""
     if path.startswith("/v1/"):
-        return "inference"
+        # DELETE /v1/models/{model} removes a registration: administration, not inference.
+        return "inference" if method in ("GET", "HEAD", "POST") else "admin"
     if path.startswith("/v0/"):
         if path.startswith("/v0/keys"):
             return "admin"  # listing keys is administration, not a read
+        if path.startswith("/v0/files/") and method in ("GET", "HEAD"):
+            return "inference"  # the `url` of an image answer, fetched by whoever asked for it
         return "read" if method in ("GET", "HEAD") else "admin"
     return None
 

@@ -137,6 +137,7 @@ class Dispatcher:
         self._ticker: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self._connected.set()
+        self._grace: asyncio.TimerHandle | None = None  # fails queued requests if the link stays down
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
@@ -232,10 +233,15 @@ class Dispatcher:
         milliseconds, so give it ``BROKER_GRACE_S``; still down then, every queued request fails
         (503, retry shortly) rather than wait out the queue timeout. Sent calls wait for replies."""
         self._connected.clear()
-        asyncio.get_running_loop().call_later(BROKER_GRACE_S, self._fail_if_still_down)
+        if self._grace is not None:
+            self._grace.cancel()
+        self._grace = asyncio.get_running_loop().call_later(BROKER_GRACE_S, self._fail_if_still_down)
 
     def broker_back(self) -> None:
         self._connected.set()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
 
     def _fail_if_still_down(self) -> None:
         if self._connected.is_set():
@@ -284,8 +290,11 @@ class Dispatcher:
         call.retry_next = False
         self.waiting += 1
         started = time.monotonic()
+        if call.queued_since is None:
+            call.queued_since = started  # requeued after node_busy: the same queue timeout, not a new one
         try:
-            beat = await asyncio.wait_for(asyncio.shield(future), timeout=self.queue_timeout)
+            remaining = max(0.0, call.queued_since + self.queue_timeout - started)
+            beat = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
         except TimeoutError:
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result().node_id, call.model)  # assigned just as the wait expired
@@ -299,8 +308,8 @@ class Dispatcher:
             self.waiting -= 1
             if entry in queue:
                 queue.remove(entry)
-            if not queue:
-                self._waiters.pop(key, None)
+            if not queue and self._waiters.get(key) is queue:  # not a newer queue of the same model
+                del self._waiters[key]
         call.waited_ms += (time.monotonic() - started) * 1000
         return beat
 
@@ -407,6 +416,7 @@ class Call:
         self.waiting: asyncio.Future | None = None  # while queued for a free slot
         self.abandoned = False
         self.retry_next = False  # refused as busy: queue at the head, not the tail
+        self.queued_since: float | None = None  # first time in the queue (the queue timeout counts from it)
         self._failovers = 0
         self._sent = False
         self._sent_at = 0.0
@@ -456,9 +466,15 @@ class Call:
         if self.abandoned:
             raise ClientDisconnected()
         await self.d.wait_for_broker()
+        if self.abandoned:  # the client left while we waited for the link
+            raise ClientDisconnected()
         self._sent = True
         node = await self.d.acquire(self)
-        self.node_id = self._slot = node.node_id
+        self._slot = node.node_id
+        if self.abandoned:  # a slot came just as the client left: give it to the next one
+            self._release()
+            raise ClientDisconnected()
+        self.node_id = node.node_id
         self._sent_at = time.monotonic()
         await self.d.send(self, node.node_id)
 

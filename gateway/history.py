@@ -49,6 +49,7 @@ class HistoryWriter:
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        self._pause_until = 0.0  # after refused writes, the next attempt waits until then
 
     @property
     def pending(self) -> int:
@@ -81,6 +82,10 @@ class HistoryWriter:
             if not self.nc.is_connected:
                 await asyncio.sleep(RETRY_S / 5)
                 continue
+            pause = self._pause_until - time.monotonic()
+            if pause > 0:  # writes were refused a moment ago: do not spin on them
+                await asyncio.sleep(pause)
+                continue
             record = self._pending.popleft()
             seq = next(self._seq)
             if seq % 64 == 0:
@@ -97,7 +102,6 @@ class HistoryWriter:
             except Exception as exc:  # the link dropped under us: keep the record, try again
                 self._unacked.pop(reply, None)
                 self._retry([record], str(exc))
-                await asyncio.sleep(RETRY_S)
 
     async def _on_ack(self, msg: Msg) -> None:
         entry = self._unacked.pop(msg.subject, None)
@@ -120,7 +124,10 @@ class HistoryWriter:
 
     def _retry(self, records: list[HistoryRecord], error: str) -> None:
         self.retried += len(records)
-        log.warning("history records not stored yet, retrying", count=len(records), error=error[:200])
+        now = time.monotonic()
+        if now >= self._pause_until:  # one warning per pause, not one per refused record
+            log.warning("history records not stored yet, retrying", count=len(records), error=error[:200])
+        self._pause_until = now + RETRY_S
         self._pending.extendleft(reversed(records))  # first in, first written
         while len(self._pending) > self.max_pending:
             self._pending.popleft()

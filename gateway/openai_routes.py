@@ -208,7 +208,8 @@ class OpenAIRoutes:
         def summary(text: str, finish: str, usage: Usage) -> dict:
             return make(cid, created, body.model, text, finish, usage)
 
-        return StreamingResponse(
+        return CallStream(
+            exchange,
             self._stream(exchange, first, writer, summary, first_byte_ms),
             media_type="text/event-stream",
             headers={**exchange.headers(), "cache-control": "no-cache"},
@@ -263,6 +264,25 @@ class OpenAIRoutes:
                 error=error,
                 first_byte_ms=first_byte_ms,
             )
+
+
+class CallStream(StreamingResponse):
+    """A streamed answer that frees its call however the response ends. Its generator's own
+    clean-up runs only if the generator started: a client that leaves before the first chunk
+    is written (Starlette cancels the sending at once) would otherwise keep the slot, the inbox
+    and the node's work forever."""
+
+    def __init__(self, exchange: Exchange, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.exchange = exchange
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.exchange.close()
+            self.exchange.record(499, stream=True, error="client disconnected")  # a no-op once recorded
 
 
 async def _shielded(action: Callable[[], Awaitable[None]]) -> None:

@@ -58,8 +58,10 @@ class SupervisedProcess:
 
     async def _spawn(self) -> None:
         # stdout and stderr are ours: the child's log lines appear in ``up``'s output as they are.
+        # Its own session: a Ctrl-C at the terminal reaches `up` only, which stops the child in
+        # order (a child that got SIGINT too would look dead and be restarted mid-shutdown).
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True
         )
         log.info("process started", process=self.name, pid=self.process.pid)
 

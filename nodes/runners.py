@@ -63,19 +63,26 @@ async def text(job: Job) -> Reply:
 
     future = loop.run_in_executor(job.pool, run)
     ended = False
-    while not ended:
-        item = await queue.get()
-        parts: list[str] = []
-        while True:
-            if item is _END:
-                ended = True
-                break
-            parts.append(item)
-            if queue.empty():
-                break
-            item = queue.get_nowait()
-        if parts and not cancelled.is_set():
-            await job.responder.send(TextDelta(text="".join(parts)))
+    try:
+        while not ended:
+            item = await queue.get()
+            parts: list[str] = []
+            while True:
+                if item is _END:
+                    ended = True
+                    break
+                parts.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if parts and not cancelled.is_set():
+                await job.responder.send(TextDelta(text="".join(parts)))
+    except BaseException:
+        # A reply could not be sent (or we were cancelled): stop the engine at its next token and
+        # keep the slot until its thread is really free, so the next request is not double-booked.
+        cancelled.set()
+        await asyncio.shield(future)
+        raise
     outcome = await future
     return TextDone(finish_reason=outcome.finish_reason, usage=outcome.usage)
 

@@ -88,6 +88,8 @@ async def test_keys_scopes_models_expiry_and_revocation_on_two_gateways(nats_url
             (read, "POST", "/v0/models/register", 403),
             (read, "GET", "/v0/keys", 403),
             (read, "POST", "/v1/chat/completions", 403),
+            (inference, "DELETE", "/v1/models/auth-nowhere", 403),  # deleting a model is administration
+            (inference, "GET", "/v0/files/" + "0" * 32 + ".png", 404),  # an image answer's url: not a read
         ):
             answer = await cb.request(method, path, headers=bearer(key["key"]), json={"path": "/x"})
             assert answer.status_code == status, (key["scopes"], method, path, answer.text)

@@ -358,3 +358,33 @@ def test_a_fresh_nats_server_with_an_empty_store_is_provisioned_again(tiny_gguf,
     finally:
         stack.close()
         server.stop_sync()
+
+
+def test_a_stream_whose_client_leaves_at_once_frees_its_slot(nats_url, tiny_gguf, tmp_path) -> None:
+    """The client is gone before the first chunk is written: Starlette cancels the response before
+    its generator starts, and the call must still be closed (slot, inbox, cancel on the node)."""
+    stack = Stack(nats_url, tmp_path, node=False)
+    node = None
+    try:
+        assert stack.register(tiny_gguf, MODEL)["ok"]
+        node = stack.delay_node(3000)
+        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        host, port = stack.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "go"}], "stream": True}).encode()
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as sock:
+                head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.3)
+
+        def held() -> int:
+            return sum(n["gateway_inflight"] for n in httpx.get(stack.url + "/v0/nodes").json()["data"])
+
+        wait_until(lambda: held() == 0, timeout=5, message=lambda: f"{held()} slot(s) still held")
+        started = time.monotonic()
+        assert chat(stack.url, timeout=30).status_code == 200
+        assert time.monotonic() - started < 3.0 + 2.0  # its own 3 s, not behind abandoned streams
+    finally:
+        if node is not None:
+            node.stop()
+        stack.close()
