@@ -26,6 +26,7 @@ from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
 
 log = structlog.get_logger("mirrors")
 
+LOST_MARGIN_S = 0.5  # see NodeDirectory.lost
 _NONE: list = []  # what serving() answers for a model nobody serves (never mutated)
 
 
@@ -161,15 +162,16 @@ class NodeDirectory:
             self._nodes[beat.node_id] = NodeView(beat, seen, earlier)
 
     def lost(self, node_id: str, request_id: str, sent: float) -> bool:
-        """Whether the node's last two heartbeats, both received after ``sent`` (monotonic), list
-        its requests and not this one: it finished it (the reply is lost) or never got it. The
-        first beat after sending may predate the request's arrival; the second cannot."""
+        """Whether the node's last two heartbeats, both received at least LOST_MARGIN_S after
+        ``sent`` (monotonic), list its requests and not this one: it finished it (the reply is
+        lost) or never got it. The margin: a node beats at once on some events (a load, a
+        drain), and a beat built before the request arrived must not count."""
         view = self._nodes.get(node_id)
         if view is None or view.beat.requests is None or view.earlier is None:
             return False
         seen_before, before = view.earlier
         return (
-            seen_before > sent
+            seen_before > sent + LOST_MARGIN_S
             and before is not None
             and request_id not in before
             and request_id not in view.beat.requests

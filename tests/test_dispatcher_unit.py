@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from broker import connect, provision
+from broker import connect, mirrors, provision
 from broker.mirrors import NodeDirectory
 from events import codec, subjects
 from events.messages import Failure, InferenceRequest, LoadedModel, NodeGoodbye, NodeHeartbeat, TextDone, Usage
@@ -292,6 +292,7 @@ async def test_abandoning_a_queued_call_leaves_the_queue_at_once(nats_url) -> No
 
 async def test_two_heartbeats_after_the_send_without_the_request_mean_its_reply_was_lost(nats_url, monkeypatch) -> None:
     monkeypatch.setattr(dispatch, "TICK_S", 0.02)  # the health check runs on every tick
+    monkeypatch.setattr(mirrors, "LOST_MARGIN_S", 0.0)  # beats sent by hand, milliseconds apart
     async with cluster(nats_url) as c:
         node = await c.add_node("lossy", silent=1)
         await c.beat(node.node_id, requests=[])
@@ -311,7 +312,8 @@ async def test_two_heartbeats_after_the_send_without_the_request_mean_its_reply_
         assert call.excluded == set()
 
 
-async def test_lost_needs_two_listing_beats_received_after_the_send(nats_url) -> None:
+async def test_lost_needs_two_listing_beats_received_after_the_send(nats_url, monkeypatch) -> None:
+    monkeypatch.setattr(mirrors, "LOST_MARGIN_S", 0.0)
     async with cluster(nats_url) as c:
         d = c.directory
         old = f"old-{uuid.uuid4().hex[:6]}"  # a node that does not report its requests
@@ -332,3 +334,24 @@ async def test_lost_needs_two_listing_beats_received_after_the_send(nats_url) ->
         await c.beat(node, requests=[])
         assert d.lost(node, "r1", sent)
         assert not d.lost(node, "r1", time.monotonic())  # sent after both beats: nothing to tell yet
+
+
+def test_beats_right_after_the_send_never_count_as_a_lost_reply() -> None:
+    """A node beats at once on some events: two beats built before the request arrived omit it,
+    and must not make the gateway send it again (it would run twice)."""
+    directory = NodeDirectory()
+
+    def beat(requests: list[str], seen: float) -> None:
+        directory._remember(
+            NodeHeartbeat(node_id="n", hostname="h", started_at=0, sent_at=seen, interval_s=2, requests=requests), seen
+        )
+
+    sent = time.monotonic()
+    beat([], sent + 0.01)
+    beat([], sent + 0.02)
+    assert not directory.lost("n", "r1", sent)  # within the margin
+    beat([], sent + mirrors.LOST_MARGIN_S + 0.1)
+    beat([], sent + mirrors.LOST_MARGIN_S + 0.2)
+    assert directory.lost("n", "r1", sent)
+    beat(["r1"], sent + mirrors.LOST_MARGIN_S + 0.3)
+    assert not directory.lost("n", "r1", sent)
