@@ -26,7 +26,7 @@ from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
 
 log = structlog.get_logger("mirrors")
 
-LOST_MARGIN_S = 0.5  # see NodeDirectory.lost
+LOST_MARGIN_S = 0.2  # see NodeDirectory.lost
 _NONE: list = []  # what serving() answers for a model nobody serves (never mutated)
 
 
@@ -162,7 +162,7 @@ class NodeDirectory:
             self._nodes[beat.node_id] = NodeView(beat, seen, earlier)
 
     def lost(self, node_id: str, request_id: str, sent: float) -> bool:
-        """Whether the node's last two heartbeats, both received at least LOST_MARGIN_S after
+        """Whether the node's last two heartbeats, both received at least LOST_MARGIN_S (0.2 s) after
         ``sent`` (monotonic), list its requests and not this one: it finished it (the reply is
         lost) or never got it. The margin: a node beats at once on some events (a load, a
         drain), and a beat built before the request arrived must not count."""
