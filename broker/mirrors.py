@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import structlog
@@ -30,23 +32,28 @@ LOST_MARGIN_S = 0.2  # see NodeDirectory.lost
 _NONE: list = []  # what serving() answers for a model nobody serves (never mutated)
 
 
-class RegisteredModels:
-    """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
+class BucketWatch(ABC):
+    """Follows one KV bucket with a watcher; subclasses keep what they need of its entries.
+
+    ``start`` reads a snapshot into fresh tables and swaps them in whole once it is read, then
+    applies every change as it comes. Calling it again (``resync``, after a reconnection: the
+    server may have restarted or lost its store, and revisions from before mean nothing to a
+    fresh one) does the same with a new watcher, the old view answering until then."""
+
+    bucket: str
 
     def __init__(self) -> None:
-        self.records: dict[str, ModelRecord] = {}
-        self.revisions: dict[str, int] = {}
-        self._deleted: set[str] = set()  # forgotten before the watcher saw the purge
+        self.kv = None
         self._watcher = None
         self._task: asyncio.Task | None = None
 
     async def start(self, js: JetStreamContext) -> None:
-        kv = await js.key_value(storage.KV_MODELS)
-        watcher = await kv.watchall()
-        initial_done = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._follow(watcher, initial_done), name="registered-models")
+        self.kv = await js.key_value(self.bucket)
+        watcher = await self.kv.watchall()
+        loaded = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._follow(watcher, loaded), name=f"watch-{self.bucket}")
         try:
-            await asyncio.wait_for(initial_done, timeout=10)
+            await asyncio.wait_for(loaded, timeout=10)
         except BaseException:
             task.cancel()
             await watcher.stop()
@@ -58,38 +65,75 @@ class RegisteredModels:
             await old_watcher.stop()
 
     async def resync(self, js: JetStreamContext) -> None:
-        """Follow the bucket again from a new snapshot, swapped in whole once it is read: after a
-        reconnection the server may have restarted or lost its store, and revisions from before
-        mean nothing to a fresh one. Until then the old view keeps answering."""
         await self.start(js)
 
-    async def _follow(self, watcher, initial_done: asyncio.Future) -> None:
-        fresh: dict[str, ModelRecord] = {}
-        revisions: dict[str, int] = {}
+    async def _follow(self, watcher, loaded: asyncio.Future) -> None:
+        snapshot = self._new_tables()
         async for entry in watcher:
             if entry is None:  # end of the initial values
-                if not initial_done.done():
-                    self.records, self.revisions = fresh, revisions
-                    self._deleted.clear()
-                    initial_done.set_result(True)
+                if not loaded.done():
+                    self._swap_in(snapshot)
+                    loaded.set_result(True)
                 continue
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                name = decode_token(entry.key)
-                fresh.pop(name, None)
-                revisions.pop(name, None)
-                self.forget(name)
-                self._deleted.discard(name)
-                continue
-            try:
-                record = codec.decode(entry.value, ModelRecord)
-            except msgspec.DecodeError:
-                log.error("undecodable model record", key=entry.key)
-                continue
-            if not initial_done.done():
-                fresh[record.name], revisions[record.name] = record, entry.revision
-            elif record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
-                self.records[record.name] = record
-                self.revisions[record.name] = entry.revision
+            deleted = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
+            self._apply(entry, deleted, None if loaded.done() else snapshot)
+
+    @abstractmethod
+    def _new_tables(self) -> Any:
+        """Empty tables for a snapshot being read."""
+
+    @abstractmethod
+    def _swap_in(self, tables: Any) -> None:
+        """Make a fully read snapshot the live view."""
+
+    @abstractmethod
+    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
+        """One entry: into ``snapshot`` while it is being read (not None), else into the live view."""
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._task is not None:
+            self._task.cancel()
+
+
+class RegisteredModels(BucketWatch):
+    """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
+
+    bucket = storage.KV_MODELS
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, ModelRecord] = {}
+        self.revisions: dict[str, int] = {}
+        self._deleted: set[str] = set()  # forgotten before the watcher saw the purge
+
+    def _new_tables(self) -> tuple[dict[str, ModelRecord], dict[str, int]]:
+        return {}, {}
+
+    def _swap_in(self, tables: tuple[dict[str, ModelRecord], dict[str, int]]) -> None:
+        self.records, self.revisions = tables
+        self._deleted.clear()
+
+    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
+        if deleted:
+            name = decode_token(entry.key)
+            if snapshot is not None:
+                snapshot[0].pop(name, None)
+                snapshot[1].pop(name, None)
+            self.forget(name)
+            self._deleted.discard(name)
+            return
+        try:
+            record = codec.decode(entry.value, ModelRecord)
+        except msgspec.DecodeError:
+            log.error("undecodable model record", key=entry.key)
+            return
+        if snapshot is not None:
+            snapshot[0][record.name], snapshot[1][record.name] = record, entry.revision
+        elif record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
+            self.records[record.name] = record
+            self.revisions[record.name] = entry.revision
 
     def get(self, name: str) -> ModelRecord | None:
         return self.records.get(name)
@@ -106,12 +150,6 @@ class RegisteredModels:
         if self.records.pop(name, None) is not None:
             self._deleted.add(name)
         self.revisions.pop(name, None)
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
 
 
 @dataclass

@@ -15,7 +15,6 @@ for the routes (model limits, the key id in history).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import secrets
@@ -25,10 +24,9 @@ from typing import Any
 
 import msgspec
 import structlog
-from nats.js import JetStreamContext
-from nats.js.kv import KV_DEL, KV_PURGE
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from broker.mirrors import BucketWatch
 from events import codec, storage
 from events.messages import ApiKey
 
@@ -78,61 +76,38 @@ def allows(key: ApiKey, scope: str) -> bool:
     return scope in key.scopes or "admin" in key.scopes
 
 
-class KeyRing:
+class KeyRing(BucketWatch):
     """The ``keys`` bucket in memory, by digest, kept current by a watcher."""
 
+    bucket = storage.KV_KEYS
+
     def __init__(self) -> None:
+        super().__init__()
         self.by_digest: dict[str, ApiKey] = {}
         self._ids: dict[str, str] = {}  # key id -> digest, to drop a deleted key
-        self._watcher: Any = None
-        self._task: asyncio.Task | None = None
-        self.kv: Any = None
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Follow the bucket from a fresh snapshot (also after a reconnection: ``resync``)."""
-        self.kv = await js.key_value(storage.KV_KEYS)
-        watcher = await self.kv.watchall()
-        ready = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._follow(watcher, ready), name="key-ring")
+    def _new_tables(self) -> tuple[dict[str, ApiKey], dict[str, str]]:
+        return {}, {}
+
+    def _swap_in(self, tables: tuple[dict[str, ApiKey], dict[str, str]]) -> None:
+        self.by_digest, self._ids = tables
+
+    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
+        table, index = snapshot if snapshot is not None else (self.by_digest, self._ids)
+        if deleted:
+            old = index.pop(entry.key, None)
+            if old is not None:
+                table.pop(old, None)
+            return
         try:
-            await asyncio.wait_for(ready, timeout=10)
-        except BaseException:
-            task.cancel()
-            await watcher.stop()
-            raise
-        old_watcher, old_task = self._watcher, self._task
-        self._watcher, self._task = watcher, task
-        if old_task is not None:
-            old_task.cancel()
-            await old_watcher.stop()
-
-    resync = start
-
-    async def _follow(self, watcher: Any, ready: asyncio.Future) -> None:
-        fresh: dict[str, ApiKey] = {}
-        ids: dict[str, str] = {}
-        loaded = False
-        async for entry in watcher:
-            if entry is None:
-                if not loaded:
-                    self.by_digest, self._ids, loaded = fresh, ids, True
-                    ready.set_result(True)
-                continue
-            table, index = (self.by_digest, self._ids) if loaded else (fresh, ids)
-            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                old = index.pop(entry.key, None)
-                if old is not None:
-                    table.pop(old, None)
-                continue
-            try:
-                key = codec.decode(entry.value, ApiKey)
-            except msgspec.DecodeError:
-                log.error("undecodable API key record", key=entry.key)
-                continue
-            previous = index.get(key.id)
-            if previous is not None and previous != key.digest:
-                table.pop(previous, None)
-            table[key.digest], index[key.id] = key, key.digest
+            key = codec.decode(entry.value, ApiKey)
+        except msgspec.DecodeError:
+            log.error("undecodable API key record", key=entry.key)
+            return
+        previous = index.get(key.id)
+        if previous is not None and previous != key.digest:
+            table.pop(previous, None)
+        table[key.digest], index[key.id] = key, key.digest
 
     def check(self, token: str) -> ApiKey | None:
         """The key whose digest is the token's (the lookup is by digest: nothing to compare)."""
@@ -153,12 +128,6 @@ class KeyRing:
 
     def listing(self) -> list[ApiKey]:
         return sorted(self.by_digest.values(), key=lambda k: k.created_at)
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
 
 
 def _token(scope: Scope) -> str | None:
