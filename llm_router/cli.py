@@ -160,6 +160,21 @@ def _registry(args: argparse.Namespace, nats_url: str | None) -> Any:
     )
 
 
+def _gateway(args: argparse.Namespace, nats_url: str | None) -> Any:
+    from gateway import Gateway
+
+    return Gateway(
+        nats_url=nats_url,
+        host=args.host,
+        port=int(args.port),
+        request_timeout=float(args.request_timeout),
+        queue_size=int(args.queue_size),
+        queue_timeout=float(args.queue_timeout),
+        replicas=args.replicas,
+        auth=not args.no_auth,
+    )
+
+
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
     default = str(Path.home() / ".llm-router")
     _add(parser, "--data-dir", "DATA_DIR", default, "where NATS data, the node id and model files live")
@@ -305,7 +320,6 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[
 
 async def _up(args: argparse.Namespace) -> int:
     from events.messages import RegisterModel
-    from gateway import Gateway
     from nodes.system import persistent_node_id
 
     from .supervisor import SupervisedProcess
@@ -319,16 +333,7 @@ async def _up(args: argparse.Namespace) -> int:
         await embedded.start()
         nats_url = embedded.url
     registry = _registry(args, nats_url)
-    gateway = Gateway(
-        nats_url=nats_url,
-        host=args.host,
-        port=int(args.port),
-        request_timeout=float(args.request_timeout),
-        queue_size=int(args.queue_size),
-        queue_timeout=float(args.queue_timeout),
-        replicas=args.replicas,
-        auth=not args.no_auth,
-    )
+    gateway = _gateway(args, nats_url)
     _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
     node_id = persistent_node_id(data_dir / "node")
@@ -407,18 +412,7 @@ async def _up(args: argparse.Namespace) -> int:
 
 async def _single(args: argparse.Namespace) -> int:
     if args.command == "gateway":
-        from gateway import Gateway
-
-        gateway = Gateway(
-            nats_url=args.nats_url,
-            host=args.host,
-            port=int(args.port),
-            request_timeout=float(args.request_timeout),
-            queue_size=int(args.queue_size),
-            queue_timeout=float(args.queue_timeout),
-            replicas=args.replicas,
-            auth=not args.no_auth,
-        )
+        gateway = _gateway(args, args.nats_url)
 
         async def ready() -> int:
             print(f"LLM Router gateway ready: http://{args.host}:{gateway.port}/v1", flush=True)
