@@ -41,18 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import psutil  # noqa: E402
-from overhead import (  # noqa: E402
-    CHAT_BODY,
-    MODEL,
-    NODE_ID,
-    TEXT,
-    Child,
-    closed_loop,
-    connect,
-    http_request,
-    publish,
-    report_header,
-)
+from overhead import CHAT_BODY, MODEL, NODE_ID, TEXT, Child, closed_loop, connect, http_request, publish, report_header  # noqa: E402
 
 BEGIN, END = "<!-- gateway-cpu:begin -->", "<!-- gateway-cpu:end -->"
 GATEWAY_CORE, OTHER_CORE = 1, 0
