@@ -55,25 +55,21 @@ class Exchange:
         kind: type,
         resolve: Callable[[Any, str], Awaitable[None]],
         *,
-        check: Callable[[Any], None] | None = None,
         capability_of: Callable[[Any], str] | None = None,
     ) -> Any:
-        """The JSON body as ``kind``, checked, its model resolved for the capability (which
-        ``capability_of`` may refine from the body); a refusal is recorded and raised."""
+        """The JSON body as ``kind``, the key's model list checked, its model resolved for the
+        capability (which ``capability_of`` may refine from the body); a refusal is recorded."""
         self.raw = await self.request.body()
-        with self.refusals():
+        try:
             body = parse_body(self.raw, kind)
-            if check is not None:
-                check(body)
             if capability_of is not None:
                 self.capability = capability_of(body)
             check_model(self.request.scope, body.model)
             await resolve(body.model, self.capability)
+        except ApiError as exc:
+            self.record(exc.status, error=exc.message)
+            raise
         return body
-
-    def refusals(self) -> _Refusals:
-        """``with exchange.refusals():`` records an ApiError raised inside as a refusal."""
-        return _Refusals(self)
 
     # ------------------------------------------------------------ dispatch
 
@@ -164,18 +160,3 @@ class Exchange:
         if call.waited_ms > 0:
             headers.update({"x-queue-status": "queued", "x-queue-wait-ms": str(round(call.waited_ms))})
         return headers
-
-
-class _Refusals:
-    __slots__ = ("exchange",)
-
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, ApiError):
-            self.exchange.record(exc.status, error=exc.message)
-        return False

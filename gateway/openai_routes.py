@@ -49,11 +49,6 @@ def _chat_capability(body: ChatCompletionBody) -> str:
     return subjects.VISION if has_image_parts(body) else subjects.CHAT
 
 
-def _no_empty_input(body: EmbeddingBody) -> None:
-    if any(not text for text in body.inputs):
-        raise ApiError(400, "input must not contain empty strings", param="input")
-
-
 class OpenAIRoutes:
     def __init__(
         self,
@@ -153,7 +148,7 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.EMBEDDING)
-        body = await exchange.accept(EmbeddingBody, self.resolve, check=_no_empty_input)
+        body = await exchange.accept(EmbeddingBody, self.resolve)  # empty inputs: refused by the type
         reply = await self.final_reply(exchange, body, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {
