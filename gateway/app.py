@@ -252,6 +252,10 @@ class Gateway:
             "nats": "connected" if connected else ("reconnecting" if self.nc.is_reconnecting else "disconnected"),
             "nodes": len(self.directory.live()),
             "models": len(self.catalog.records),
-            "history": {"pending": self.history.pending, "retried": self.history.retried, "dropped": self.history.dropped},
+            "history": {
+                "pending": self.history.pending,
+                "retried": self.history.retried,
+                "dropped": self.history.dropped,
+            },
         }
         return json_response(body, 200 if connected else 503)

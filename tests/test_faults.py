@@ -15,7 +15,7 @@ import time
 import httpx
 import nats
 import pytest
-from conftest import Stack, requires_llama, wait_until
+from conftest import Proc, Stack, requires_llama, wait_until
 from nats.aio.client import Client
 
 from broker import EmbeddedNats, connect
@@ -26,6 +26,13 @@ from gateway.dispatch import BROKER_GRACE_S
 pytestmark = pytest.mark.e2e
 
 MODEL = "faults-tiny"
+
+
+def _why_not_ready(stack: Stack, node: Proc) -> str:
+    """What the node printed and what the gateway knows, when a model never becomes ready."""
+    nodes = httpx.get(stack.url + "/v0/nodes").text[:1500]
+    model = httpx.get(stack.url + "/v0/models/" + MODEL).text[:800]
+    return f"model ready; node: {node.output()[-2000:]}; nodes: {nodes}; model: {model}"
 
 
 def chat(url: str, model: str = MODEL, *, max_tokens: int = 4, timeout: float = 30.0) -> httpx.Response:
@@ -226,12 +233,7 @@ def test_clients_that_give_up_leave_the_queue_and_free_the_node(nats_url, tiny_g
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
         node = stack.delay_node(4000)  # one slot; every request would hold it 4 s
-        wait_until(
-            lambda: MODEL in stack.models(),
-            message=lambda: (
-                f"model ready; node: {node.output()[-2000:]}; nodes: {httpx.get(stack.url + '/v0/nodes').text[:2000]}"
-            ),
-        )
+        wait_until(lambda: MODEL in stack.models(), message=lambda: _why_not_ready(stack, node))
 
         def impatient() -> None:
             with pytest.raises(httpx.TimeoutException):
@@ -368,7 +370,7 @@ def test_a_stream_whose_client_leaves_at_once_frees_its_slot(nats_url, tiny_gguf
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
         node = stack.delay_node(3000)
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        wait_until(lambda: MODEL in stack.models(), message=lambda: _why_not_ready(stack, node))
         host, port = stack.url.removeprefix("http://").split(":")
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "go"}], "stream": True}).encode()
         for _ in range(3):
