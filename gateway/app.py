@@ -14,10 +14,10 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from broker import connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
@@ -29,6 +29,7 @@ from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
 from .history import HistoryWriter
+from .hot_routes import HotRoutes
 from .http import json_response
 from .key_routes import KeyRoutes
 from .media_routes import MediaRoutes
@@ -38,19 +39,23 @@ from .openapi import openapi_json
 log = structlog.get_logger("gateway")
 
 
-async def _api_error(request: Request, exc: ApiError) -> Response:
-    return exc.response()
-
-
-async def _dispatch_error(request: Request, exc: DispatchError) -> Response:
+def error_response(exc: Exception) -> Response:
+    """The one table from an exception to its OpenAI error response, for the Starlette app and
+    for :class:`~gateway.hot_routes.HotRoutes` alike."""
+    if isinstance(exc, ApiError):
+        return exc.response()
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
-    return api_error(exc).response()
+    if isinstance(exc, DispatchError):
+        return api_error(exc).response()
+    if isinstance(exc, NameTooLong):  # a name in the path or query no subject or key can hold
+        return ApiError(400, f"Invalid name: {exc}.", code="invalid_name").response()
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error").response()
 
 
-async def _bad_name(request: Request, exc: NameTooLong) -> Response:
-    """A name in the path or query that no subject or key can hold (model, node, task ids)."""
-    return ApiError(400, f"Invalid name: {exc}.", code="invalid_name").response()
+async def _handled(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -58,15 +63,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return ApiError(exc.status_code, message, type="invalid_request_error").response()
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", path=request.url.path)
-    return ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error").response()
-
-
-def build_app(gateway: Gateway) -> Starlette:
+def build_app(gateway: Gateway) -> ASGIApp:
+    """The Starlette app with every route, behind the hot inference routes and the key check."""
     api, admin, downloads, media = gateway.routes, gateway.admin, gateway.downloads, gateway.media
     routes = [
-        # Inference first: Starlette tries routes in order, and these take nearly all the traffic.
+        # Also served by HotRoutes in front (nearly all the traffic); listed here for the route table.
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
@@ -101,20 +102,25 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v0/keys", keys.list, methods=["GET"]),
         Route("/v0/keys/{key_id}", keys.revoke, methods=["DELETE"]),
     ]
-    middleware = [Middleware(AuthMiddleware, ring=gateway.keys)] if gateway.auth else []
     app = Starlette(
         routes=routes,
-        middleware=middleware,
         exception_handlers={
-            ApiError: _api_error,
-            DispatchError: _dispatch_error,
-            NameTooLong: _bad_name,
+            ApiError: _handled,
+            DispatchError: _handled,
+            NameTooLong: _handled,
             HTTPException: _http_error,
-            Exception: _server_error,
+            Exception: _handled,
         },
     )
     app.state.auth = gateway.auth  # the OpenAPI document says whether keys are wanted
-    return app
+    gateway.starlette = app
+    hot = {
+        "/v1/chat/completions": api.chat_completions,
+        "/v1/completions": api.completions,
+        "/v1/embeddings": api.embeddings,
+    }
+    served: ASGIApp = HotRoutes(app, hot, error_response)
+    return AuthMiddleware(served, gateway.keys) if gateway.auth else served
 
 
 def is_loopback(host: str) -> bool:
@@ -154,6 +160,7 @@ class Gateway:
         self.dispatcher: Dispatcher | None = None
         self._serve_task: asyncio.Task | None = None
         self._socket: socket.socket | None = None
+        self.starlette: Starlette | None = None  # every route; self.app is it behind HotRoutes and auth
 
     @property
     def url(self) -> str:
