@@ -41,13 +41,11 @@ import logging
 import math
 import os
 import platform
-import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +58,8 @@ sys.path.insert(1, str(ROOT))
 
 import psutil  # noqa: E402
 from minimal_engine import TEXT, MinimalEngine  # noqa: E402
+
+from llm_router import processes  # noqa: E402
 
 MODEL = "bench-tiny"
 NODE_ID = "bench-node"
@@ -435,59 +435,9 @@ def _cpu_times(pids: dict[str, int]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- the stack
 
 
-class Child:
-    """A ``bench/stack.py`` process: stdout read by a thread, stderr to a log file."""
-
-    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.popen = subprocess.Popen(
-            [sys.executable, str(HERE / "stack.py"), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            cwd=str(ROOT),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        threading.Thread(target=self._pump, daemon=True, name=f"pump-{name}").start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def ready(self, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if line.startswith("READY "):
-                return json.loads(line[6:])
-        self.stop()
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{self.name} did not start (exit code {self.popen.poll()}):\n{tail}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
 class Stack:
-    """nats-server + registry + gateway + node, in ``split`` or ``up`` layout."""
+    """nats-server + registry + gateway + nodes of ``bench/stack.py``, in ``split`` or ``up``
+    layout; the processes are started and stopped by ``llm_router.processes.Stack``."""
 
     def __init__(
         self,
@@ -497,70 +447,81 @@ class Stack:
         *,
         node_args: list[str] | None = None,
         gateway_args: list[str] | None = None,
+        nodes: list[tuple[str, list[str]]] | None = None,
+        common_args: list[str] | None = None,
     ) -> None:
         """``node_args``/``gateway_args``: extra ``bench/stack.py`` options (``--delay-ms``,
-        ``--queue-timeout``...); in the ``up`` layout both go to the one process."""
+        ``--queue-timeout``...); in the ``up`` layout both go to the one process. ``nodes``:
+        (node id, its own extra options) per node of the split layout (default: one, NODE_ID).
+        ``common_args``: for every process (``--log-level warning``)."""
         self.layout = layout
         self.workdir = workdir
         self.parallel = parallel
         self.node_args = list(node_args or [])
         self.gateway_args = list(gateway_args or [])
-        self.children: list[Child] = []
+        self.node_ids = [node_id for node_id, _ in nodes] if nodes else [NODE_ID]
+        self._nodes = nodes or [(NODE_ID, [])]
+        self.common_args = list(common_args or [])
         self.nats = None
+        self.processes: processes.Stack | None = None
         self.port = 0
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Every process started and READY (blocking); then wait until the model is served."""
         from broker import EmbeddedNats
         from nodes.demo_model import write_tiny_gguf
 
         model_path = write_tiny_gguf(self.workdir / "models" / f"{MODEL}.gguf")
         self.nats = EmbeddedNats(self.workdir / "nats", port=0)
+        # Started from the thread that runs the benchmark: the server dies with the thread that
+        # started it (PR_SET_PDEATHSIG), like the children below.
         url = self.nats.start_sync()
-        common = ["--nats-url", url]
+        self.processes = stack = processes.Stack(url, self.workdir)
+        common = self.common_args
         registry_args = ["--model-path", str(model_path), "--model-name", MODEL]
-        node_args = [
-            "--data-dir",
-            str(self.workdir / "node"),
-            "--parallel",
-            str(self.parallel),
-            "--node-id",
-            NODE_ID,
-            *self.node_args,
-        ]
         gateway_args = ["--port", "0", *self.gateway_args]
-        if self.layout == "up":
-            plan = [("up", ["--role", "up", *common, *registry_args, *node_args, *gateway_args])]
-        else:
-            plan = [
-                ("registry", ["--role", "registry", *common, *registry_args]),
-                ("node", ["--role", "node", *common, *node_args]),
-                ("gateway", ["--role", "gateway", *common, *gateway_args]),
-            ]
-        for name, args in plan:
-            child = Child(name, args, self.workdir)
-            self.children.append(child)
-            info = child.ready()
-            if "port" in info:
-                self.port = int(info["port"])
-        asyncio.run(self._wait_until_served())
 
-    async def _wait_until_served(self, timeout: float = 60.0) -> None:
+        def node_args(node_id: str, extra: list[str]) -> list[str]:
+            data_dir = str(self.workdir / node_id)
+            return ["--data-dir", data_dir, "--parallel", str(self.parallel), "--node-id", node_id, *extra]
+
+        if self.layout == "up":
+            args = [*common, *registry_args, *node_args(NODE_ID, self.node_args), *gateway_args]
+            gateway = stack.start_bench("up", *args)
+        else:
+            stack.start_bench("registry", *common, *registry_args)
+            for node_id, extra in self._nodes:
+                name = node_id if len(self._nodes) > 1 else "node"  # "node" is what the report's columns name
+                stack.start_bench("node", *common, *node_args(node_id, [*self.node_args, *extra]), name=name)
+            gateway = stack.start_bench("gateway", *common, *gateway_args)
+        self.port = int(gateway.info["port"])
+
+    def start(self) -> None:
+        self.launch()
+        asyncio.run(self.wait_until_served())
+
+    async def wait_until_served(self, timeout: float = 60.0) -> None:
+        """Until the gateway lists every node as serving the model."""
+        wanted = set(self.node_ids)
         deadline = time.monotonic() + timeout
         last = b""
         while time.monotonic() < deadline:
             try:
                 conn = await connect(self.port)
                 try:
-                    status, body = await asyncio.wait_for(conn.request(http_request("GET", "/v1/models", self.port)), 5)
+                    request = http_request("GET", f"/v0/models/{MODEL}", self.port)
+                    status, last = await asyncio.wait_for(conn.request(request), 5)
                 finally:
                     conn.close()
-                last = body
-                if status == 200 and any(m.get("id") == MODEL for m in json.loads(body).get("data", [])):
+                if status == 200 and wanted <= set(json.loads(last).get("nodes") or []):
                     return
             except (TimeoutError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"model {MODEL!r} was not served within {timeout}s; last /v1/models: {last[:500]!r}")
+        raise RuntimeError(
+            f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; "
+            f"last /v0/models/{MODEL}: {last[:500]!r}"
+        )
 
     async def history_count(self, expected: int, timeout: float = 15.0) -> int:
         """Records in the HISTORY stream, once the gateway's background writer caught up."""
@@ -584,15 +545,15 @@ class Stack:
             await nc.close()
 
     def pids(self) -> dict[str, int]:
-        out = {child.name: child.popen.pid for child in self.children}
+        out = {proc.name: proc.pid for proc in self.processes.processes} if self.processes else {}
         if self.nats is not None and self.nats._proc is not None:
             out["nats-server"] = self.nats._proc.pid
         out["load generator"] = os.getpid()
         return out
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+        if self.processes is not None:
+            self.processes.stop()
         if self.nats is not None:
             self.nats.stop_sync()
 
