@@ -74,34 +74,31 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Tiny multimodal models, built once per session (tests/tiny_models.py); each skips without its extra.
 
 
+def _tiny_model(factory: pytest.TempPathFactory, needs: list[str], builder: str, name: str, **options) -> Path:
+    """``tiny_models.<builder>`` into a fresh models folder, skipped unless ``needs`` and torch import."""
+    for module in needs:
+        pytest.importorskip(module)
+    pytest.importorskip("torch").set_num_threads(1)
+    import tiny_models  # here, not at the top: only model fixtures need it
+
+    return getattr(tiny_models, builder)(factory.mktemp("models") / name, **options)
+
+
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    from tiny_models import build_tiny_sd
-
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return _tiny_model(tmp_path_factory, ["diffusers"], "build_tiny_sd", "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("faster_whisper")
-    pytest.importorskip("transformers")
-    pytest.importorskip("torch").set_num_threads(1)
-    from tiny_models import build_tiny_whisper
-
-    return build_tiny_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
+    return _tiny_model(tmp_path_factory, ["faster_whisper", "transformers"], "build_tiny_whisper", "tiny-whisper")
 
 
 @pytest.fixture(scope="session")
 def voice_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    pytest.importorskip("torch").set_num_threads(1)
-    from tiny_models import build_tiny_piper_voice
-
-    return build_tiny_piper_voice(tmp_path_factory.mktemp("models") / "tiny-voice", sample_rate=22050)
+    return _tiny_model(
+        tmp_path_factory, ["onnxruntime", "onnx"], "build_tiny_piper_voice", "tiny-voice", sample_rate=22050
+    )
 
 
 class Proc(Process):
