@@ -87,6 +87,7 @@ from overhead import (  # noqa: E402
     _event_loop_run,
     connect,
     http_request,
+    output_options,
     publish,
     quiet_logs_and_check_machine,
     report_header,
@@ -740,8 +741,7 @@ def main() -> int:
         default=None,
         help="seconds to wait for answers after the last arrival [max(60, 3 x run)]",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+    output_options(parser)
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",") if x.strip()]
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]

@@ -705,6 +705,12 @@ def report_header(started: float, command: str) -> list[str]:
     ]
 
 
+def output_options(parser: argparse.ArgumentParser) -> None:
+    """``--output`` and ``--keep``, as every benchmark that runs a stack takes them."""
+    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+
+
 def publish(text: str, output: Path | None, begin: str = BEGIN, end: str = END) -> int:
     """Print a results section, and write it between its markers in ``output`` when given."""
     print(text)
@@ -762,8 +768,7 @@ def main() -> int:
         default=None,
         help="also measure the node alone over NATS, without gateway and HTTP, in the split layout [on; --quick: off]",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+    output_options(parser)
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.layouts = [

@@ -223,6 +223,13 @@ class Stack(processes.Stack):
     def register(self, path: Path, name: str) -> dict:
         return self.admin("register", {"path": str(path), "name": name})
 
+    def serve(self, path: Path, name: str, timeout: float = 20.0) -> dict:
+        """Register ``path`` as ``name`` and wait until the gateway lists it as ready."""
+        reply = self.register(path, name)
+        assert reply["ok"], reply
+        wait_until(lambda: name in self.models(), timeout=timeout, message=f"model {name} ready")
+        return reply
+
     def models(self) -> list[str]:
         import httpx
 
