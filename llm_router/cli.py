@@ -146,9 +146,19 @@ def _registry_options(parser: argparse.ArgumentParser) -> None:
         None,
         "curated model catalog to use instead of the built-in supported_models.json",
     )
+    parser.add_argument(
+        "--model-root",
+        action="append",
+        metavar="DIR",
+        default=[r for r in env("MODEL_ROOTS", "").split(os.pathsep) if r] or None,
+        help="directory a model registered by path must lie under, symlinks resolved (repeatable); with none, "
+        "registering a path is refused (`up` adds its data dir and each --model's directory) "
+        f"[env {ENV_PREFIX}MODEL_ROOTS, '{os.pathsep}'-separated]",
+    )
 
 
-def _registry(args: argparse.Namespace, nats_url: str | None) -> Any:
+def _registry(args: argparse.Namespace, nats_url: str | None, extra_roots: list[Path] | None = None) -> Any:
+    """``extra_roots``: models roots besides --model-root (``up``'s own)."""
     from registry import Registry
 
     return Registry(
@@ -157,6 +167,7 @@ def _registry(args: argparse.Namespace, nats_url: str | None) -> Any:
         hf_cache_ttl=float(args.hf_cache_ttl),
         hf_timeout=float(args.hf_timeout),
         replicas=args.replicas,
+        model_roots=[*(args.model_root or []), *(extra_roots or [])],
     )
 
 
@@ -332,7 +343,9 @@ async def _up(args: argparse.Namespace) -> int:
         embedded = _EmbeddedNatsComponent(data_dir, int(args.nats_port))
         await embedded.start()
         nats_url = embedded.url
-    registry = _registry(args, nats_url)
+    # The data dir (the demo model) and each --model's directory are models roots of `up`'s registry.
+    roots = [data_dir, *(Path(p).expanduser().resolve().parent for p in args.model)]
+    registry = _registry(args, nats_url, roots)
     gateway = _gateway(args, nats_url)
     _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.

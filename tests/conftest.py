@@ -238,12 +238,21 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message=
     raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stack_model_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every file a test registers lies in one of the session's temporary directories: the
+    registry of a Stack takes their base as its models root (``--model-root``)."""
+    Stack.model_root = tmp_path_factory.getbasetemp()
+
+
 class Stack:
     """registry + gateway + node, each its own process, on the session's NATS.
 
     Models registered through it are deleted again on close, so stacks of different tests
     sharing the session's NATS do not see each other's registrations.
     """
+
+    model_root: Path | None = None  # the session's base temporary directory (fixture above)
 
     def __init__(
         self,
@@ -260,7 +269,8 @@ class Stack:
         self.data_dir = data_dir
         self.env = env
         self.registered: list[str] = []
-        self.registry = Proc(["registry", "--nats-url", nats_url, *registry_args], env=env)
+        roots = ("--model-root", str(Stack.model_root)) if Stack.model_root else ()
+        self.registry = Proc(["registry", "--nats-url", nats_url, *roots, *registry_args], env=env)
         # API keys off unless a test asks (tests/test_auth.py): every other test talks to it keyless.
         no_auth = () if auth else ("--no-auth",)
         self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0", *no_auth, *gateway_args], env=env)
