@@ -89,6 +89,22 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         help="host nodes may download models from (repeatable; 'none' for no origin) "
         f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]",
     )
+    parser.add_argument(
+        "--allow-fetch-host",
+        action="append",
+        metavar="HOST",
+        default=[h for h in env("ALLOW_FETCH_HOSTS", "").split(",") if h] or None,
+        help="host (or host:port) a vision chat's image_url may be fetched from even though it resolves to an "
+        "internal address (repeatable); others must resolve to public addresses "
+        f"[env {ENV_PREFIX}ALLOW_FETCH_HOSTS, comma-separated]",
+    )
+    parser.add_argument(
+        "--no-remote-images",
+        action="store_true",
+        default=env("NO_REMOTE_IMAGES", "") in ("1", "true", "yes"),
+        help="never fetch a vision chat's http(s) image_url (only data: URLs are accepted) "
+        f"[env {ENV_PREFIX}NO_REMOTE_IMAGES]",
+    )
     _add(
         parser,
         "--runtimes",
@@ -112,17 +128,21 @@ def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
         "shared_models_dir": Path(args.shared_models_dir).expanduser() if args.shared_models_dir else None,
         "allow_origins": args.allow_origin,
         "predownload": args.predownload,
-        "runtimes": _runtimes(args.runtimes),
+        "runtimes": _runtimes(args.runtimes, _image_fetcher(args)),
     }
 
 
-def _runtimes(names: str | None) -> list[Any] | None:
-    if not names:
-        return None
+def _image_fetcher(args: argparse.Namespace) -> Any:
+    from nodes.remote_media import ImageFetcher
+
+    return ImageFetcher.from_settings(enabled=not args.no_remote_images, allow_hosts=args.allow_fetch_host or [])
+
+
+def _runtimes(names: str | None, images: Any = None) -> list[Any]:
     from nodes.runtimes import default_runtimes
 
     try:
-        return default_runtimes([n.strip() for n in names.split(",") if n.strip()])
+        return default_runtimes([n.strip() for n in names.split(",") if n.strip()] if names else None, images=images)
     except ValueError as exc:
         raise SystemExit(f"llm-router: --runtimes: {exc}") from None
 
@@ -324,6 +344,10 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[
         argv += ["--allow-origin", origin]
     if args.runtimes:
         argv += ["--runtimes", str(args.runtimes)]
+    for host in args.allow_fetch_host or []:
+        argv += ["--allow-fetch-host", host]
+    if args.no_remote_images:
+        argv += ["--no-remote-images"]
     if args.replicas is not None:
         argv += ["--replicas", str(args.replicas)]
     return argv
