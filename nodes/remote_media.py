@@ -9,8 +9,9 @@ reach (SSRF). :class:`ImageFetcher` fetches it instead and hands llama.cpp a ``d
   (the 169.254.169.254 metadata service among them), unspecified, multicast, reserved, shared
   (CGNAT) or otherwise not public, IPv4-mapped, 6to4 and NAT64 IPv6 forms included, and it refuses the
   metadata services' host names outright;
-- it connects to the address it checked (the URL's host is replaced by the IP; the Host header
-  and the TLS server name stay the original name), so no second DNS answer can slip in;
+- it connects to the address it checked (the URL's host is replaced by the IP; the Host header,
+  the TLS server name and the certificate check keep the original name), so no second DNS
+  answer can slip in;
 - it follows redirects itself, at most :data:`MAX_REDIRECTS`, checking every hop the same way;
 - it stops at ``max_bytes`` (on Content-Length, or as soon as the body passes it) and at its
   timeouts, and accepts only an image (its content type, or its first bytes when the server
@@ -27,6 +28,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -141,6 +143,7 @@ class ImageFetcher:
     max_bytes: int = DEFAULT_MAX_BYTES
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     total_timeout_s: float = DEFAULT_TOTAL_TIMEOUT_S
+    verify: ssl.SSLContext | bool = True  # TLS trust: httpx's default (certifi), or an internal CA's context
 
     @classmethod
     def from_settings(cls, *, enabled: bool = True, allow_hosts: Iterable[str] = (), **limits: float) -> ImageFetcher:
@@ -159,7 +162,7 @@ class ImageFetcher:
                 f"remote images are disabled on this node (--no-remote-images): send {_short(url)} as a data: URL"
             )
         deadline = time.monotonic() + self.total_timeout_s
-        with httpx.Client(trust_env=False, follow_redirects=False, verify=True) as client:
+        with httpx.Client(trust_env=False, follow_redirects=False, verify=self.verify) as client:
             current = url
             for _ in range(MAX_REDIRECTS + 1):
                 hop = self._checked(current)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,8 +34,10 @@ PNG = make_png(40, 40)
 class ImageServer:
     """A real HTTP server on 127.0.0.1 with one path per behaviour; remembers the Host headers it saw."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: serve HTTPS with that context (the TLS server names asked for land in ``sni``)."""
         self.hosts: list[str] = []
+        self.sni: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,8 +58,11 @@ class ImageServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            tls.sni_callback = lambda sock, name, context: self.sni.append(name)
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -238,6 +245,39 @@ def test_the_connection_goes_to_the_address_checked_with_the_name_kept(server, m
     content, kind = fetcher.fetch(f"http://rebind.example:{server.port}/png")
     assert (content, kind) == (PNG, "image/png")
     assert asked == ["rebind.example"] and server.hosts[-1] == f"rebind.example:{server.port}"
+
+
+def test_https_to_the_pinned_address_keeps_the_name_for_sni_and_the_certificate(tmp_path, monkeypatch) -> None:
+    """The certificate names only images.test: the fetch connects to the checked IP yet asks for,
+    and verifies, that name (a certificate for another name is refused)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=images.test"]
+        + ["-addext", "subjectAltName=DNS:images.test", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert, key)
+    tls_server = ImageServer(tls=served)
+    real = socket.getaddrinfo
+
+    def resolver(host, port, *args, **kwargs):  # images.test and other.test are this machine
+        return real("127.0.0.1" if host in ("images.test", "other.test") else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        fetcher = ImageFetcher.from_settings(allow_hosts=["images.test", "other.test"], verify=trust)
+        assert fetcher.fetch(f"https://images.test:{tls_server.port}/png") == (PNG, "image/png")
+        assert tls_server.sni[-1] == "images.test" and tls_server.hosts[-1] == f"images.test:{tls_server.port}"
+        with pytest.raises(ImageFetchError) as err:
+            fetcher.fetch(f"https://other.test:{tls_server.port}/png")  # same server, a name the cert lacks
+        assert "certificate" in str(err.value).lower()
+        with pytest.raises(ImageFetchError):  # without the CA: not trusted
+            ImageFetcher.from_settings(allow_hosts=["images.test"]).fetch(f"https://images.test:{tls_server.port}/png")
+    finally:
+        tls_server.close()
 
 
 # ------------------------------------------------------------ allowed hosts and redirects

@@ -10,10 +10,10 @@ GPU); what each slot adds is its own KV cache of ``n_ctx`` tokens and compute bu
 
 A model registered with a multimodal projector (``source.projector``, an mmproj GGUF) also
 offers "vision": chats go through llama-cpp-python's LLaVA-1.5 chat handler (libmtmd), which
-turns ``image_url`` parts into image embeddings. It only ever sees data: URLs: an http(s) URL is
-fetched first by the node's guarded :class:`~nodes.remote_media.ImageFetcher` (which refuses
-internal addresses), since the handler would fetch any URL it is given. That
-handler formats every chat of the model with the LLaVA-1.5 prompt, not the GGUF's template.
+turns ``image_url`` parts into image embeddings. It only ever sees data: URLs: the node's guarded
+:class:`~nodes.remote_media.ImageFetcher` fetches an http(s) URL first (refusing internal
+addresses), since the handler would fetch any URL it is given. The handler formats every chat
+of the model with the LLaVA-1.5 prompt, not the GGUF's template.
 The handler holds the projector's libmtmd context, bound to one ``Llama`` and used for every
 image it encodes, so each slot gets a handler of its own: each slot also loads the projector.
 """
