@@ -174,12 +174,21 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message=
     raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stack_model_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every file a test registers lies in one of the session's temporary directories: the
+    registry of a Stack takes their base as its models root (``--model-root``)."""
+    Stack.model_root = tmp_path_factory.getbasetemp()
+
+
 class Stack(processes.Stack):
     """registry + gateway + node, each its own process, on the session's NATS.
 
     Models registered through it are deleted again on close, so stacks of different tests
     sharing the session's NATS do not see each other's registrations.
     """
+
+    model_root: Path | None = None  # the session's base temporary directory (fixture above)
 
     def __init__(
         self,
@@ -195,9 +204,10 @@ class Stack(processes.Stack):
         super().__init__(nats_url, data_dir, env=env)
         self.data_dir = data_dir
         self.registered: list[str] = []
+        roots = ("--model-root", str(Stack.model_root)) if Stack.model_root else ()
         # API keys off unless a test asks (tests/test_auth.py): every other test talks to it keyless.
         no_auth = () if auth else ("--no-auth",)
-        self.registry = self.start("registry", *registry_args, wait=False)
+        self.registry = self.start("registry", *roots, *registry_args, wait=False)
         self.gateway = self.start("gateway", *no_auth, *gateway_args, wait=False)
         self.wait_ready(self.registry)
         self.url = self.wait_ready(self.gateway).url
