@@ -14,6 +14,7 @@ otherwise logging in to one's own account would launder guesses at everyone else
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import deque
@@ -21,6 +22,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_ENTRIES = 100_000  # names and addresses remembered; beyond it, the oldest are forgotten
+
+
+def address_key(host: str) -> str:
+    """What an address is counted as: itself, or for IPv6 its /64 (one machine often has a whole
+    /64 to pick addresses from)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 @dataclass
@@ -63,6 +78,7 @@ class LoginThrottle:
         """``(attempt, 0)`` when the attempt may go on (counted as a failure until
         :meth:`succeeded`), else ``(None, seconds to wait)``."""
         now = self.clock()
+        address = address_key(address)
         keys = (("user", user, self.per_user), ("address", address, self.per_address))
         records = [self._record(kind, name, limit, now) for kind, name, limit in keys]
         wait = max(record.locked_until - now for record in records)

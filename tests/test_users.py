@@ -348,6 +348,13 @@ async def test_login_throttling_per_user_and_per_address(nats_url, tmp_path) -> 
         other = unique("parallel")
         answers = await asyncio.gather(*(c.login(other, "wrong-password", address=f"10.3.0.{i}") for i in range(12)))
         assert sorted(a.status_code for a in answers) == [401] * 5 + [429] * 7
+
+        # IPv6: one machine may pick any address of its /64, so the /64 is what counts.
+        clock[0] += 3600
+        for i in range(20):
+            assert (await c.login(unique("v6"), "guess-password", address=f"2001:db8::{i + 1:x}")).status_code == 401
+        assert (await c.login(name, "right-password", address="2001:db8::ffff:1")).status_code == 429
+        assert (await c.login(name, "right-password", address="2001:db8:0:1::1")).status_code == 200
         assert len(throttle._records) <= 100_000
 
 
@@ -366,7 +373,7 @@ async def test_unknown_user_and_wrong_password_are_indistinguishable(nats_url, t
             return time.perf_counter() - started, answer
 
         wrong, unknown, malformed = [], [], []
-        for _ in range(7):
+        for _ in range(9):  # interleaved, medians: another process's burst on a shared machine moves all three
             wrong.append(await timed(name))
             unknown.append(await timed(unique("nobody")))
             malformed.append(await timed("not a username!"))
@@ -383,7 +390,7 @@ async def test_unknown_user_and_wrong_password_are_indistinguishable(nats_url, t
         )
         for what in ("unknown", "malformed"):
             assert times[what] > 0.5 * check, (what, times, check)  # a hash was checked
-            assert 0.5 < times[what] / times["wrong"] < 2.0, (what, times)
+            assert 1 / 3 < times[what] / times["wrong"] < 3, (what, times)  # without the dummy: ~1/40
 
 
 def _time(work) -> float:
