@@ -31,14 +31,14 @@ KV_DOWNLOADS = "downloads"
 KV_SETTINGS = "settings"
 KV_KEYS = "keys"  # API keys, by id: digests only (nodes get no access to it)
 KV_LEASES = "leases"
+# A download lease lives this long unless its holder renews it (every third of it).
+LEASE_TTL_S = 15.0
 # Dashboard users by name (``user_key``): argon2id hashes, never a password. Also the secret that
 # signs session tokens, under a key no username encodes to; nodes get no access to either bucket.
 KV_USERS = "users"
 KV_SESSIONS = "sessions"  # dashboard sessions by id; a session lives SESSION_TTL_S and no longer
 SESSION_TTL_S = 7 * DAY
 SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
-# A download lease lives this long unless its holder renews it (every third of it).
-LEASE_TTL_S = 15.0
 OBJ_MODEL_BLOBS = "model-blobs"
 # Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
 # Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.

@@ -493,3 +493,34 @@ async def test_a_session_check_costs_no_round_trip(nats_url, tmp_path) -> None:
         print(f"session check: first {first * 1e6:.1f} µs, cached {cached * 1e6:.2f} µs")
         assert principal.id == f"user:{name}" and principal.scopes == ["read"]
         assert cached < 50e-6
+
+
+async def test_a_new_session_secret_voids_every_token(nats_url, tmp_path) -> None:
+    """Deleting the secret (or a NATS store lost: the reconnection's resync makes a new one) ends
+    every session, including tokens the gateways had cached as verified."""
+    async with cluster(nats_url, tmp_path) as c:
+        a, b = c.gateways
+        name = unique("rotated")
+        await c.add_user(name, "viewer", "rotated-password")
+        token = await c.session(name, "rotated-password")
+
+        async def works_on_b() -> bool:
+            return (await c.client(1).get("/v0/nodes", headers=bearer(token))).status_code == 200
+
+        await until(works_on_b)  # now in B's cache of verified tokens
+        old = a.users.secret
+        await (await a.js.key_value(storage.KV_USERS)).delete(storage.SESSION_SECRET_KEY)
+        await a.users.resync(a.js)  # what a reconnection does: a new secret, as none is left
+        assert a.users.secret not in (None, old)
+
+        async def b_has_the_new_secret() -> bool:
+            return b.users.secret == a.users.secret
+
+        await until(b_has_the_new_secret)
+        assert (await c.client(1).get("/v0/nodes", headers=bearer(token))).status_code == 401
+        fresh = await c.session(name, "rotated-password")
+        await until(lambda: _reads(c, 1, fresh))
+
+
+async def _reads(c: Cluster, index: int, token: str) -> bool:
+    return (await c.client(index).get("/v0/nodes", headers=bearer(token))).status_code == 200
