@@ -32,9 +32,14 @@ from .history import HistoryWriter
 from .hot_routes import HotRoutes
 from .http import json_response
 from .key_routes import KeyRoutes
+from .login_throttle import LoginThrottle
 from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
+from .passwords import Passwords
+from .sessions import Sessions
+from .user_routes import UserRoutes
+from .users import UserDirectory
 
 log = structlog.get_logger("gateway")
 
@@ -102,6 +107,17 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/keys", keys.list, methods=["GET"]),
         Route("/v0/keys/{key_id}", keys.revoke, methods=["DELETE"]),
     ]
+    users = gateway.user_routes
+    routes += [
+        Route("/v0/auth/login", users.login, methods=["POST"]),
+        Route("/v0/auth/logout", users.logout, methods=["POST"]),
+        Route("/v0/auth/me", users.me, methods=["GET"]),
+        Route("/v0/auth/password", users.change_password, methods=["POST"]),
+        Route("/v0/users", users.list, methods=["GET"]),
+        Route("/v0/users", users.create, methods=["POST"]),
+        Route("/v0/users/{name}", users.delete, methods=["DELETE"]),
+        Route("/v0/users/{name}/password", users.reset_password, methods=["PUT"]),
+    ]
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -120,7 +136,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
         "/v1/embeddings": api.embeddings,
     }
     served: ASGIApp = HotRoutes(app, hot, error_response)
-    return AuthMiddleware(served, gateway.keys) if gateway.auth else served
+    return AuthMiddleware(served, gateway.keys, sessions=gateway.sessions) if gateway.auth else served
 
 
 def is_loopback(host: str) -> bool:
@@ -142,13 +158,16 @@ class Gateway:
         queue_timeout: float = 60.0,
         replicas: int | None = None,
         auth: bool = True,
+        passwords: Passwords | None = None,
     ) -> None:
-        """``auth=False`` serves without API keys: only for a gateway on a loopback address."""
+        """``auth=False`` serves without API keys: only for a gateway on a loopback address.
+        ``passwords``: argon2 settings for new password hashes (tests make them cheap)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
             )
         self.auth = auth
+        self.passwords = passwords
         self.nats_url = nats_url
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.host = host
@@ -197,6 +216,12 @@ class Gateway:
         self.keys = KeyRing()
         await self.keys.start(self.js)
         self.key_routes = KeyRoutes(self.keys)
+        self.users = UserDirectory()
+        await self.users.start(self.js)  # makes the session secret when the cluster has none
+        self.sessions = Sessions(self.users)
+        await self.sessions.start(self.js)
+        self.passwords = self.passwords or await asyncio.to_thread(Passwords)  # hashes its dummy password
+        self.user_routes = UserRoutes(self.users, self.sessions, self.passwords, LoginThrottle())
         self.app = build_app(self)
         if not serve_http:
             await self.nc.flush()
@@ -238,6 +263,8 @@ class Gateway:
         await provision(self.js, self.replicas)
         await self.catalog.resync(self.js)
         await self.keys.resync(self.js)
+        await self.users.resync(self.js)
+        await self.sessions.resync(self.js)
         log.info("gateway state recovered", models=len(self.catalog.records))
 
     async def stop(self) -> None:
@@ -250,6 +277,8 @@ class Gateway:
         await self.directory.stop()
         await self.catalog.stop()
         await self.keys.stop()
+        await self.sessions.stop()
+        await self.users.stop()
         await self.nc.drain()
 
     async def healthz(self, request: Request) -> Response:

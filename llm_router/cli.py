@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .key_commands import add_key_commands
 
     add_key_commands(commands, _add)
+    from .user_commands import add_user_commands
+
+    add_user_commands(commands, _add)
     return parser
 
 
@@ -502,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         from .key_commands import run_key_command
 
         return run_key_command(args)
+    if args.command == "users":
+        from .user_commands import run_user_command
+
+        return run_user_command(args)
     logs.configure(args.log_level, args.log_format)
     run = _event_loop_runner()
     try:
