@@ -1,7 +1,7 @@
 """How much latency and throughput the router itself costs, measured with an instant engine.
 
-    python bench/overhead.py                      # ~2 min: both layouts, 3 concurrencies
-    python bench/overhead.py --quick              # ~20 s: split layout only, shorter phases
+    python bench/overhead.py                      # ~3 min: both layouts, 3 concurrencies, keys on and off
+    python bench/overhead.py --quick              # ~40 s: split layout only, shorter phases
     python bench/overhead.py --output docs/benchmarks.md
 
 Three setups answer the same chat request with the same engine (``bench/minimal_engine.py``,
@@ -13,7 +13,9 @@ which returns "pong" at once):
     registry, the gateway and one node (``NodeAgent(runtimes=[MinimalRuntime()],
     parallel=64)``), started by ``bench/stack.py`` in processes of their own: either each
     in its own process (layout ``split``, as on a cluster) or all three in one process
-    (layout ``up``, the shape of ``llm-router up``). A tiny GGUF file is registered with
+    (layout ``up``, the shape of ``llm-router up``). With ``--keys`` (on by default) the split
+    layout has a second gateway with API keys on, every request sending a bearer key, measured
+    right after the plain one at each concurrency: ``stack (split, keys)`` against ``stack (split)``. A tiny GGUF file is registered with
     ``Registry.register``, so the node loads the minimal engine through the normal
     registry -> node path. This process drives ``POST /v1/chat/completions`` (not streamed)
     over HTTP/1.1 keep-alive connections to 127.0.0.1, one connection per concurrent client.
@@ -62,6 +64,9 @@ from minimal_engine import TEXT, MinimalEngine  # noqa: E402
 from llm_router import processes  # noqa: E402
 
 MODEL = "bench-tiny"
+KEYED = "gateway+keys"  # the split layout's second gateway, API keys on (--keys)
+TARGET_AUTH_ADDED_US = 50.0  # API keys: at most this much p50 latency at concurrency 1...
+TARGET_AUTH_RPS_LOSS = 0.05  # ...and at most this share of throughput at concurrency 64
 NODE_ID = "bench-node"
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 TARGET_ADDED_P50_MS = 1.0
@@ -313,10 +318,12 @@ async def run_nats_direct(
     return Result("NATS -> node", concurrency, samples, duration, errors, cpu, sent)
 
 
-async def run_http(port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int]) -> Result:
+async def run_http(
+    port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int], api_key: str | None = None
+) -> Result:
     """``concurrency`` clients, each on its own connection, sending the next request when the
     previous answer arrived (a closed loop). Samples: requests completed in the window."""
-    request = http_request("POST", "/v1/chat/completions", port, CHAT_BODY)
+    request = http_request("POST", "/v1/chat/completions", port, CHAT_BODY, api_key=api_key)
     expected = f'"content":"{TEXT}"'.encode()
     conns = [await connect(port) for _ in range(concurrency)]
     clock = time.perf_counter_ns
@@ -449,11 +456,13 @@ class Stack:
         gateway_args: list[str] | None = None,
         nodes: list[tuple[str, list[str]]] | None = None,
         common_args: list[str] | None = None,
+        keyed_gateway: bool = False,
     ) -> None:
         """``node_args``/``gateway_args``: extra ``bench/stack.py`` options (``--delay-ms``,
         ``--queue-timeout``...); in the ``up`` layout both go to the one process. ``nodes``:
         (node id, its own extra options) per node of the split layout (default: one, NODE_ID).
-        ``common_args``: for every process (``--log-level warning``)."""
+        ``common_args``: for every process (``--log-level warning``). ``keyed_gateway``: the
+        split layout also gets a second gateway with API keys on (``keyed_port``, ``api_key``)."""
         self.layout = layout
         self.workdir = workdir
         self.parallel = parallel
@@ -465,6 +474,9 @@ class Stack:
         self.nats = None
         self.processes: processes.Stack | None = None
         self.port = 0
+        self.keyed_gateway = keyed_gateway
+        self.keyed_port = 0
+        self.api_key: str | None = None  # the keyed gateway's admin key: every request to it sends it
 
     def launch(self) -> None:
         """Every process started and READY (blocking); then wait until the model is served."""
@@ -494,6 +506,10 @@ class Stack:
                 name = node_id if len(self._nodes) > 1 else "node"  # "node" is what the report's columns name
                 stack.start_bench("node", *common, *node_args(node_id, [*self.node_args, *extra]), name=name)
             gateway = stack.start_bench("gateway", *common, *gateway_args)
+            if self.keyed_gateway:
+                keys = ["--auth", "--data-dir", str(self.workdir / "keys")]
+                keyed = stack.start_bench("gateway", *common, *gateway_args, *keys, name=KEYED)
+                self.keyed_port, self.api_key = int(keyed.info["port"]), keyed.info["api_key"]
         self.port = int(gateway.info["port"])
 
     def start(self) -> None:
@@ -544,8 +560,13 @@ class Stack:
         finally:
             await nc.close()
 
-    def pids(self) -> dict[str, int]:
+    def pids(self, keyed: bool = False) -> dict[str, int]:
+        """Processes to measure, by name; ``keyed``: the keyed gateway as "gateway" (the plain
+        one left out), else the plain gateway (the keyed one, idle then, left out)."""
         out = {proc.name: proc.pid for proc in self.processes.processes} if self.processes else {}
+        keyed_pid = out.pop(KEYED, None)
+        if keyed and keyed_pid is not None:
+            out["gateway"] = keyed_pid
         if self.nats is not None and self.nats._proc is not None:
             out["nats-server"] = self.nats._proc.pid
         out["load generator"] = os.getpid()
@@ -605,6 +626,20 @@ def render(
                 f"- {setup}: {s64.rps:,.0f} requests/s at concurrency 64 "
                 f"(target >= {TARGET_RPS_AT_64:,.0f}: {_verdict(s64.rps >= TARGET_RPS_AT_64)})"
             )
+    plain1, keyed1 = by.get(("stack (split)", 1)), by.get(("stack (split, keys)", 1))
+    plain64, keyed64 = by.get(("stack (split)", 64)), by.get(("stack (split, keys)", 64))
+    if plain1 and keyed1:
+        added_us = 1000 * (keyed1.percentile_ms(50) - plain1.percentile_ms(50))
+        summary.append(
+            f"- API keys on (split, keys vs split): {added_us:+.0f} µs of p50 latency at concurrency 1 "
+            f"(target <= {TARGET_AUTH_ADDED_US:g} µs: {_verdict(added_us <= TARGET_AUTH_ADDED_US)})"
+        )
+    if plain64 and keyed64 and plain64.rps > 0:
+        loss = 1 - keyed64.rps / plain64.rps
+        summary.append(
+            f"- API keys on (split, keys vs split): {100 * loss:+.1f}% throughput lost at concurrency 64 "
+            f"(target <= {100 * TARGET_AUTH_RPS_LOSS:g}%: {_verdict(loss <= TARGET_AUTH_RPS_LOSS)})"
+        )
     for layout in args.layouts:
         if layout in stored:
             summary.append(
@@ -763,6 +798,12 @@ def main() -> int:
         help="load generator for the stack: the built-in asyncio client or wrk [%(default)s]",
     )
     parser.add_argument(
+        "--keys",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split layout: a second gateway with API keys on, measured after the plain one at each level [on]",
+    )
+    parser.add_argument(
         "--nats-direct",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -800,7 +841,7 @@ def main() -> int:
 
     for layout in args.layouts:
         workdir = Path(tempfile.mkdtemp(prefix=f"llm-router-bench-{layout}-"))
-        stack = Stack(layout, workdir, args.parallel)
+        stack = Stack(layout, workdir, args.parallel, keyed_gateway=args.keys and layout == "split")
         try:
             t0 = time.monotonic()
             stack.start()
@@ -809,16 +850,21 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            for c in args.levels:
+            # With --keys, each level is measured on the plain gateway, then on the keyed one
+            # (same NATS, node and moment): the difference is what API keys cost.
+            runs = [(f"stack ({layout})", stack.port, None, stack.pids(keyed=False))]
+            if stack.keyed_port:
+                runs.append((f"stack ({layout}, keys)", stack.keyed_port, stack.api_key, stack.pids(keyed=True)))
+            for c, (setup, port, key, pids) in ((c, run) for c in args.levels for run in runs):
                 if args.client == "wrk":
-                    r = run_wrk(stack.port, c, warmup, duration, stack.pids(), workdir)
+                    r = run_wrk(port, c, warmup, duration, pids, workdir)
                 else:
-                    r = _event_loop_run(run_http(stack.port, c, warmup, duration, stack.pids()))
-                r.setup = f"stack ({layout})"
+                    r = _event_loop_run(run_http(port, c, warmup, duration, pids, key))
+                r.setup = setup
                 results.append(r)
                 sent[layout] = sent.get(layout, 0) + r.sent
                 print(
-                    f"stack ({layout}) c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
+                    f"{setup:<20} c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
                     f"{r.rps:,.0f} req/s  errors={r.errors}  cpu%="
                     + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
                     file=sys.stderr,
@@ -827,7 +873,7 @@ def main() -> int:
             stored[layout] = _event_loop_run(stack.history_count(sent[layout]))
             if args.nats_direct and layout == "split":
                 for c in args.levels:
-                    pids = {k: v for k, v in stack.pids().items() if k != "gateway"}
+                    pids = {k: v for k, v in stack.pids(keyed=False).items() if k != "gateway"}
                     r = _event_loop_run(run_nats_direct(stack.nats.url, NODE_ID, c, warmup, duration, pids))
                     r.setup = "NATS -> node (split)"
                     results.append(r)
