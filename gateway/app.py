@@ -20,10 +20,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker import connect, provision
+from broker.audit import AuditLog
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import NameTooLong
 
 from .admin_routes import AdminRoutes
+from .audit import AuditMiddleware
+from .audit_routes import AuditRoutes
 from .auth import AuthMiddleware, KeyRing
 from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
@@ -34,6 +37,7 @@ from .key_routes import KeyRoutes
 from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
+from .rate_limits import RateLimiter, RateLimitMiddleware
 
 log = structlog.get_logger("gateway")
 
@@ -101,7 +105,14 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v0/keys", keys.list, methods=["GET"]),
         Route("/v0/keys/{key_id}", keys.revoke, methods=["DELETE"]),
     ]
-    middleware = [Middleware(AuthMiddleware, ring=gateway.keys)] if gateway.auth else []
+    routes.append(Route("/v0/audit", gateway.audit_routes.page, methods=["GET"]))
+    # Audit outside auth, so refused admin requests are recorded too; rate limits once the key is known.
+    middleware = [Middleware(AuditMiddleware, log=gateway.audit, ring=gateway.keys if gateway.auth else None)]
+    if gateway.auth:
+        middleware += [
+            Middleware(AuthMiddleware, ring=gateway.keys),
+            Middleware(RateLimitMiddleware, limiter=gateway.rate_limiter),
+        ]
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -190,6 +201,10 @@ class Gateway:
         self.keys = KeyRing()
         await self.keys.start(self.js)
         self.key_routes = KeyRoutes(self.keys)
+        self.audit = AuditLog(self.nc, "gateway")
+        await self.audit.start()
+        self.audit_routes = AuditRoutes(self.nc, self.js)
+        self.rate_limiter = RateLimiter()
         self.app = build_app(self)
         if not serve_http:
             await self.nc.flush()
@@ -239,6 +254,7 @@ class Gateway:
         if self._serve_task is not None:
             await self._serve_task
         await self.history.stop()
+        await self.audit.stop()
         await self.dispatcher.stop()
         await self.directory.stop()
         await self.catalog.stop()
@@ -257,5 +273,6 @@ class Gateway:
                 "retried": self.history.retried,
                 "dropped": self.history.dropped,
             },
+            "audit": {"pending": self.audit.pending, "retried": self.audit.retried, "dropped": self.audit.dropped},
         }
         return json_response(body, 200 if connected else 503)

@@ -36,13 +36,22 @@ log = structlog.get_logger("gateway.auth")
 
 PREFIX = "sk-llmr-"
 DAY = 86400.0
+ADMIN_READS = ("/v0/keys", "/v0/audit")  # /v0 paths whose reads need the admin scope
 
 
 def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_key(name: str, scopes: list[str], models: list[str], expires_in_days: int | None) -> tuple[str, ApiKey]:
+def new_key(
+    name: str,
+    scopes: list[str],
+    models: list[str],
+    expires_in_days: int | None,
+    *,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+) -> tuple[str, ApiKey]:
     """A new secret and its record (the only time the secret exists outside its holder)."""
     secret = PREFIX + secrets.token_urlsafe(32)
     now = time.time()
@@ -54,6 +63,8 @@ def new_key(name: str, scopes: list[str], models: list[str], expires_in_days: in
         models=sorted(set(models)),
         created_at=now,
         expires_at=now + expires_in_days * DAY if expires_in_days else None,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
     )
     return secret, record
 
@@ -64,8 +75,8 @@ def required_scope(method: str, path: str) -> str | None:
         # DELETE /v1/models/{model} removes a registration: administration, not inference.
         return "inference" if method in ("GET", "HEAD", "POST") else "admin"
     if path.startswith("/v0/"):
-        if path.startswith("/v0/keys"):
-            return "admin"  # listing keys is administration, not a read
+        if path.startswith(ADMIN_READS):
+            return "admin"  # listing keys, reading the audit log: administration, not a read
         if path.startswith("/v0/files/") and method in ("GET", "HEAD"):
             return "inference"  # the `url` of an image answer, fetched by whoever asked for it
         return "read" if method in ("GET", "HEAD") else "admin"
