@@ -48,15 +48,17 @@ class Budget:
 
     def refill(self, key: ApiKey, now: float) -> None:
         elapsed = now - self.stamp
-        self.stamp = now
         if elapsed <= 0:
             return
-        if key.requests_per_minute:
-            limit = key.requests_per_minute
-            self.requests = min(limit, self.requests + elapsed * limit / 60)
-        if key.tokens_per_minute:
-            limit = key.tokens_per_minute
-            self.tokens = min(limit, self.tokens + elapsed * limit / 60)
+        self.stamp = now
+        limit = key.requests_per_minute
+        if limit:
+            level = self.requests + elapsed * limit / 60
+            self.requests = level if level < limit else float(limit)
+        limit = key.tokens_per_minute
+        if limit:
+            level = self.tokens + elapsed * limit / 60
+            self.tokens = level if level < limit else float(limit)
 
 
 def _reset(missing: float, limit: int) -> float:
@@ -64,13 +66,20 @@ def _reset(missing: float, limit: int) -> float:
     return max(0.0, missing) * 60 / limit
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float) -> bytes:
     """OpenAI's reset format: ``120ms``, ``1.5s``, ``6m0s``."""
     if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
+        return b"%dms" % math.ceil(seconds * 1000)
     if seconds < 60:
-        return f"{seconds:.3g}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
+        return b"%.1fs" % seconds
+    return b"%dm%ds" % (seconds // 60, seconds % 60)
+
+
+# OpenAI's header names, per kind of limit: limit, remaining, reset.
+_REQUESTS, _TOKENS = (
+    (b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind, b"x-ratelimit-reset-" + kind)
+    for kind in (b"requests", b"tokens")
+)
 
 
 class RateLimiter:
@@ -114,7 +123,7 @@ class RateLimiter:
         headers.update({"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000))})
         return ApiError(
             429,
-            f"Rate limit reached for API key {key.id} {what}. Please try again in {_duration(wait)}.",
+            f"Rate limit reached for API key {key.id} {what}. Please try again in {_duration(wait).decode()}.",
             type=kind,
             code="rate_limit_exceeded",
             headers=headers,
@@ -122,17 +131,19 @@ class RateLimiter:
 
     @staticmethod
     def _headers(key: ApiKey, budget: Budget) -> list[tuple[bytes, bytes]]:
-        headers = []
-        for kind, limit, left in (
-            ("requests", key.requests_per_minute, budget.requests),
-            ("tokens", key.tokens_per_minute, budget.tokens),
+        """OpenAI's x-ratelimit headers: the limit, what is left, and how long until it is full again."""
+        headers: list[tuple[bytes, bytes]] = []
+        for names, limit, left in (
+            (_REQUESTS, key.requests_per_minute, budget.requests),
+            (_TOKENS, key.tokens_per_minute, budget.tokens),
         ):
             if limit:
-                headers += [
-                    (b"x-ratelimit-limit-" + kind.encode(), str(limit).encode()),
-                    (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, math.floor(left))).encode()),
-                    (b"x-ratelimit-reset-" + kind.encode(), _duration(_reset(limit - left, limit)).encode()),
-                ]
+                reset = (limit - left) * 60 / limit
+                headers += (
+                    (names[0], b"%d" % limit),
+                    (names[1], b"%d" % left if left > 0 else b"0"),
+                    (names[2], b"%dms" % math.ceil(reset * 1000) if reset < 1 else _duration(reset)),
+                )
         return headers
 
 
