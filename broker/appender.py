@@ -102,15 +102,20 @@ class StreamAppender:
             seq = next(self._seq)
             if seq % 64 == 0:
                 await asyncio.sleep(0)  # a long backlog must not starve the requests being served
+            try:
+                subject, payload, headers = (
+                    self.subject(record),
+                    codec.encode(record),
+                    {"Nats-Msg-Id": self.msg_id(record)},
+                )
+            except Exception as exc:  # a record no retry could write: drop it rather than loop on it
+                self.dropped += 1
+                log.error("unwritable record dropped", stream=self.stream, error=repr(exc)[:200])
+                continue
             reply = f"{self._inbox}.{seq}"
             self._unacked[reply] = (record, time.monotonic())
             try:
-                await self.nc.publish(
-                    self.subject(record),
-                    codec.encode(record),
-                    reply=reply,
-                    headers={"Nats-Msg-Id": self.msg_id(record)},
-                )
+                await self.nc.publish(subject, payload, reply=reply, headers=headers)
             except Exception as exc:  # the link dropped under us: keep the record, try again
                 self._unacked.pop(reply, None)
                 self._retry([record], str(exc))

@@ -24,6 +24,9 @@ MAX_TARGET_CHARS = 256
 
 
 def bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, and valid UTF-8 (a header's undecodable bytes are
+    surrogates here, which neither a subject nor JSON could carry)."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

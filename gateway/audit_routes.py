@@ -30,16 +30,14 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 ACTION_PATTERN = r"^[a-z][a-z0-9_-]{0,31}\.[a-z][a-z0-9_-]{0,31}$"  # noun.verb (the OpenAPI document says so too)
 COMPONENT_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 _ACTION, _COMPONENT = re.compile(ACTION_PATTERN), re.compile(COMPONENT_PATTERN)
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def _int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
+    value = int(raw) if _DIGITS.fullmatch(raw) else low - 1  # int() would take " 5", "+5" and "５"
     if not low <= value <= high:
         raise ApiError(400, f"'{name}' must be an integer from {low} to {high}.", param=name)
     return value

@@ -274,7 +274,11 @@ OPERATIONS: dict[str, dict[str, dict]] = {
                     "limit", "Records per page (default 50).", type="integer", minimum=1, maximum=audit_routes.MAX_LIMIT
                 ),
                 _query(
-                    "before", "Only records older than this seq: the next_before of a page.", type="integer", minimum=1
+                    "before",
+                    "Only records older than this seq: the next_before of a page.",
+                    type="integer",
+                    minimum=1,
+                    maximum=2**63 - 1,
                 ),
                 _query(
                     "actor",

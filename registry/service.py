@@ -24,7 +24,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
-from broker.audit import AuditLog
+from broker.audit import AuditLog, bounded
 from broker.blobs import blob_prefix
 from broker.endpoints import Service
 from broker.mirrors import NodeDirectory, RegisteredModels
@@ -488,7 +488,7 @@ class Registry:
             action,
             status,
             target=target,
-            request_id=headers.get(subjects.REQUEST_ID_HEADER, "")[:64] or None,
+            request_id=bounded(headers.get(subjects.REQUEST_ID_HEADER, ""), 64) or None,
             duration_ms=round((time.perf_counter() - started) * 1000, 3) if started is not None else None,
             detail={"subject": msg.subject},
         )

@@ -149,6 +149,28 @@ async def test_every_admin_action_is_recorded_with_who_what_and_the_result(stack
     assert f"audit.gateway.key.create.{read['id']}".encode() in raw  # its refused attempt, by subject
 
 
+async def test_a_claimed_actor_is_bounded_and_still_recorded(stack, nats_url) -> None:
+    """Whoever may publish admin requests may claim any actor in the header; it is kept as said,
+    cut to 64 characters, and cannot break the subject it goes to."""
+    claimed = "ops team > *.all " + "é" * 100
+    nc = await nats.connect(nats_url)
+    try:
+        headers = {"Llm-Router-Actor": claimed, "Llm-Router-Request-Id": "r" * 500}
+        reply = await nc.request("admin.model.delete", b'{"name": "claimed-nothing"}', timeout=10, headers=headers)
+        assert msgspec.json.decode(reply.data)["status"] == 404
+    finally:
+        await nc.close()
+    deadline = time.monotonic() + 5
+    while not (found := [r for _, r in await stored(nats_url) if r.get("target") == "claimed-nothing"]):
+        assert time.monotonic() < deadline, "no record of the request"
+        await stack.registry.audit.flush()
+        await asyncio.sleep(0.05)
+    (record,) = found
+    assert record["actor"] == claimed[:63] + "…" and len(record["request_id"]) == 64
+    answer = await stack.client.get("/v0/audit", params={"actor": record["actor"]}, headers=stack.bearer())
+    assert [r["target"] for r in answer.json()["data"]] == ["claimed-nothing"]
+
+
 async def test_the_audit_log_pages_newest_first_with_filters(stack) -> None:
     s = stack
     pager = await s.create_key(scopes=["admin"])  # an actor of its own: its records are exactly these
