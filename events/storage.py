@@ -24,6 +24,7 @@ NODE_CONSUMER_RETENTION_S = 30 * 24 * 3600.0
 REGISTRY_EVENTS = "REGISTRY_EVENTS"
 HISTORY = "HISTORY"
 LOGS = "LOGS"
+AUDIT = "AUDIT"
 
 KV_MODELS = "models"
 KV_NODES = "nodes"
@@ -69,6 +70,18 @@ STREAMS: tuple[StreamConfig, ...] = (
         subjects=[subjects.LOGS_ALL],
         max_age=3 * DAY,
         max_bytes=512 * MiB,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=AUDIT,
+        description="admin actions: who, what, when, result (90 days)",
+        subjects=[subjects.AUDIT_ALL],
+        max_age=90 * DAY,
+        max_bytes=1 * GiB,
+        # Per (component, action, actor): a flood of refused anonymous attempts evicts only its own
+        # older records, never the actions of real keys and users.
+        max_msgs_per_subject=100_000,
+        allow_direct=True,  # GET /v0/audit pages it with batched direct gets
         storage=StorageType.FILE,
     ),
 )

@@ -101,3 +101,27 @@ def logs(component: str, instance: str) -> str:
 
 
 LOGS_ALL = "logs.>"
+
+
+# Audit log: who did what administrative thing, with what result (the AUDIT stream).
+# ``audit.<component>.<noun>.<verb>.<actor>``: an action is always two tokens (``model.register``),
+# so one filter picks an action, an actor or both (``audit.*.*.*.key_ab12``) on the server.
+AUDIT_ALL = "audit.>"
+
+
+def audit(component: str, action: str, actor: str) -> str:
+    noun, _, verb = action.partition(".")
+    return f"audit.{encode_token(component)}.{encode_token(noun)}.{encode_token(verb)}.{encode_token(actor)}"
+
+
+def audit_filter(component: str | None = None, action: str | None = None, actor: str | None = None) -> str:
+    """The subject filter of audit records of ``component``, ``action`` and ``actor`` (None: any)."""
+    noun, verb = action.split(".", 1) if action else (None, None)
+    tokens = [component, noun, verb, actor]
+    return "audit." + ".".join(encode_token(token) if token else "*" for token in tokens)
+
+
+# Headers the gateway sets on the admin requests it sends for an HTTP client, so the registry's
+# audit record names the same actor and request (an operator's `nats req` has neither: "nats").
+ACTOR_HEADER = "Llm-Router-Actor"
+REQUEST_ID_HEADER = "Llm-Router-Request-Id"

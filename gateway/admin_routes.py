@@ -8,6 +8,7 @@ the same request an operator can send with ``nats req admin.model.<verb> '{...}'
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from nats.aio.client import Client
@@ -32,6 +33,7 @@ from events.messages import (
 )
 from events.openai import validation_param
 
+from .audit import nats_headers, note
 from .dispatch import Dispatcher
 from .errors import ApiError, model_not_found
 from .http import json_response, parse_body
@@ -49,7 +51,7 @@ class AdminRoutes:
     async def ask(self, subject: str, request: Any, reply_type: type) -> Any:
         """A request to the registry; its refusal becomes the ApiError the client gets."""
         try:
-            msg = await self.nc.request(subject, codec.encode(request), timeout=ADMIN_TIMEOUT_S)
+            msg = await self.nc.request(subject, codec.encode(request), timeout=ADMIN_TIMEOUT_S, headers=nats_headers())
         except NoRespondersError:
             raise ApiError(
                 503, "The model registry is not running; start it and retry.", headers={"Retry-After": "5"}
@@ -104,7 +106,9 @@ class AdminRoutes:
 
     async def register(self, request: Request) -> Response:
         body: RegisterModel = parse_body(await request.body(), RegisterModel)
+        note(request.scope, target=body.name or body.catalog_id or body.repo or _no_query(body.url) or body.path)
         reply: AdminReply = await self.ask(subjects.ADMIN_MODEL_REGISTER, body, AdminReply)
+        note(request.scope, target=reply.record.name)
         return json_response(self.model_view(reply.record), status=reply.status)
 
     async def delete_model(self, request: Request) -> Response:
@@ -156,6 +160,14 @@ class AdminRoutes:
         reply = codec.decode(msg.data, NodeCommandReply)
         self.directory.note_state(node_id, reply.state)  # no new work from this gateway, starting now
         return json_response(reply)
+
+
+def _no_query(url: str | None) -> str | None:
+    """A URL as an audit record may name it: no credentials, query or fragment (they can hold tokens)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
 
 
 _CODES = {

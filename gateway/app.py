@@ -20,10 +20,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from broker import connect, provision
+from broker.audit import AuditLog
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import NameTooLong
 
 from .admin_routes import AdminRoutes
+from .audit import AuditMiddleware
+from .audit_routes import AuditRoutes
 from .auth import AuthMiddleware, KeyRing
 from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
@@ -37,6 +40,7 @@ from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 from .passwords import Passwords
+from .rate_limits import RateLimiter, RateLimitMiddleware
 from .sessions import Sessions
 from .user_routes import UserRoutes
 from .users import UserDirectory
@@ -69,7 +73,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def build_app(gateway: Gateway) -> ASGIApp:
-    """The Starlette app with every route, behind the hot inference routes and the key check."""
+    """The Starlette app with every route, behind the hot inference routes, rate limits, the key
+    check and the audit log (outermost first: audit, auth, rate limits, hot routes, Starlette)."""
     api, admin, downloads, media = gateway.routes, gateway.admin, gateway.downloads, gateway.media
     routes = [
         # Also served by HotRoutes in front (nearly all the traffic); listed here for the route table.
@@ -118,6 +123,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/users/{name}", users.delete, methods=["DELETE"]),
         Route("/v0/users/{name}/password", users.reset_password, methods=["PUT"]),
     ]
+    routes.append(Route("/v0/audit", gateway.audit_routes.page, methods=["GET"]))
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -136,7 +142,11 @@ def build_app(gateway: Gateway) -> ASGIApp:
         "/v1/embeddings": api.embeddings,
     }
     served: ASGIApp = HotRoutes(app, hot, error_response)
-    return AuthMiddleware(served, gateway.keys, sessions=gateway.sessions) if gateway.auth else served
+    if gateway.auth:  # rate limits once the key is known
+        served = RateLimitMiddleware(served, limiter=gateway.rate_limiter)
+        served = AuthMiddleware(served, gateway.keys, sessions=gateway.sessions)
+    # Audit outside auth, so refused admin requests are recorded too.
+    return AuditMiddleware(served, log=gateway.audit, ring=gateway.keys if gateway.auth else None)
 
 
 def is_loopback(host: str) -> bool:
@@ -222,6 +232,10 @@ class Gateway:
         await self.sessions.start(self.js)
         self.passwords = self.passwords or await asyncio.to_thread(Passwords)  # hashes its dummy password
         self.user_routes = UserRoutes(self.users, self.sessions, self.passwords, LoginThrottle())
+        self.audit = AuditLog(self.nc, "gateway")
+        await self.audit.start()
+        self.audit_routes = AuditRoutes(self.nc, self.js)
+        self.rate_limiter = RateLimiter()
         self.app = build_app(self)
         if not serve_http:
             await self.nc.flush()
@@ -273,6 +287,7 @@ class Gateway:
         if self._serve_task is not None:
             await self._serve_task
         await self.history.stop()
+        await self.audit.stop()
         await self.dispatcher.stop()
         await self.directory.stop()
         await self.catalog.stop()
@@ -293,5 +308,6 @@ class Gateway:
                 "retried": self.history.retried,
                 "dropped": self.history.dropped,
             },
+            "audit": {"pending": self.audit.pending, "retried": self.audit.retried, "dropped": self.audit.dropped},
         }
         return json_response(body, 200 if connected else 503)

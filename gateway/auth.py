@@ -38,13 +38,22 @@ log = structlog.get_logger("gateway.auth")
 
 PREFIX = "sk-llmr-"
 DAY = 86400.0
+ADMIN_READS = ("/v0/keys", "/v0/users", "/v0/audit")  # /v0 paths whose reads need the admin scope
 
 
 def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_key(name: str, scopes: list[str], models: list[str], expires_in_days: int | None) -> tuple[str, ApiKey]:
+def new_key(
+    name: str,
+    scopes: list[str],
+    models: list[str],
+    expires_in_days: int | None,
+    *,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+) -> tuple[str, ApiKey]:
     """A new secret and its record (the only time the secret exists outside its holder)."""
     secret = PREFIX + secrets.token_urlsafe(32)
     now = time.time()
@@ -56,6 +65,8 @@ def new_key(name: str, scopes: list[str], models: list[str], expires_in_days: in
         models=sorted(set(models)),
         created_at=now,
         expires_at=now + expires_in_days * DAY if expires_in_days else None,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
     )
     return secret, record
 
@@ -68,10 +79,8 @@ def required_scope(method: str, path: str) -> str | None:
     if path.startswith("/v0/"):
         if path.startswith("/v0/auth/"):
             return None if path == "/v0/auth/login" else "read"  # login checks a password; the rest, a session
-        if path.startswith("/v0/users"):
-            return "admin"  # like keys: listing users is administration
-        if path.startswith("/v0/keys"):
-            return "admin"  # listing keys is administration, not a read
+        if path.startswith(ADMIN_READS):
+            return "admin"  # listing keys and users, reading the audit log: administration, not a read
         if path.startswith("/v0/files/") and method in ("GET", "HEAD"):
             return "inference"  # the `url` of an image answer, fetched by whoever asked for it
         return "read" if method in ("GET", "HEAD") else "admin"

@@ -28,6 +28,7 @@ from .dispatch import Call, ClientDisconnected, Dispatcher, DispatchError
 from .errors import ApiError, api_error
 from .history import HistoryWriter
 from .http import parse_body, parsed_json
+from .rate_limits import charge
 
 
 def failure_error(failure: Failure) -> ApiError:
@@ -149,6 +150,8 @@ class Exchange:
                 response=response,
             )
         )
+        if usage is not None:
+            charge(self.request.scope, usage)  # a key's token limit counts what it was answered
 
     def headers(self) -> dict[str, str]:
         """``x-request-id``, ``x-node-id``, and ``x-queue-wait-ms`` when the request waited."""

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from events.messages import ApiKey, CreateKey
 
+from .audit import note
 from .auth import KeyRing, key_of, new_key
 from .errors import ApiError
 from .http import json_response, parse_body
@@ -26,6 +27,8 @@ def view(key: ApiKey) -> dict:
         "expires_at": int(key.expires_at) if key.expires_at else None,
         "never_expires": key.expires_at is None,
         "expired": bool(key.expires_at and key.expires_at <= time.time()),
+        "requests_per_minute": key.requests_per_minute,
+        "tokens_per_minute": key.tokens_per_minute,
     }
 
 
@@ -39,8 +42,16 @@ class KeyRoutes:
             raise ApiError(400, "A key needs a name.", param="name")
         if not body.scopes:
             raise ApiError(400, "A key needs at least one scope: inference, read or admin.", param="scopes")
-        secret, key = new_key(body.name.strip(), list(body.scopes), body.models, body.expires_in_days)
+        secret, key = new_key(
+            body.name.strip(),
+            list(body.scopes),
+            body.models,
+            body.expires_in_days,
+            requests_per_minute=body.requests_per_minute,
+            tokens_per_minute=body.tokens_per_minute,
+        )
         await self.ring.add(key)
+        note(request.scope, target=key.id, name=key.name, scopes=list(key.scopes))  # for the audit record: no secret
         creator = key_of(request.scope)
         return json_response({**view(key), "key": secret, "created_by": creator.id if creator else None}, 201)
 

@@ -17,6 +17,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from broker.audit import MAX_ACTOR_CHARS
 from events.messages import (
     ChangePassword,
     CreateKey,
@@ -38,6 +39,8 @@ from events.openai import (
     TranscriptionBody,
 )
 from events.tokens import MAX_USERNAME_CHARS, USERNAME_PATTERN
+
+from . import audit_routes
 
 REF = "#/components/schemas/{name}"
 JSON_BODIES = [
@@ -318,6 +321,41 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             tag="admin",
             params=[_username_path()],
             body=_json_body("SetPassword"),
+        )
+    },
+    "/v0/audit": {
+        "get": _op(
+            "The audit log of admin actions (admin), newest first: who, what, when, the result.",
+            JSON,
+            tag="admin",
+            params=[
+                _query(
+                    "limit", "Records per page (default 50).", type="integer", minimum=1, maximum=audit_routes.MAX_LIMIT
+                ),
+                _query(
+                    "before",
+                    "Only records older than this seq: the next_before of a page.",
+                    type="integer",
+                    minimum=1,
+                    maximum=2**63 - 1,
+                ),
+                _query(
+                    "actor",
+                    "Only this actor: a key id, user:<name>, nats, anonymous.",
+                    minLength=1,
+                    maxLength=MAX_ACTOR_CHARS,
+                ),
+                _query(
+                    "action",
+                    "Only this action, noun.verb (model.register, key.revoke...).",
+                    pattern=audit_routes.ACTION_PATTERN,
+                ),
+                _query(
+                    "component",
+                    "Only what this component recorded: gateway, registry, cli.",
+                    pattern=audit_routes.COMPONENT_PATTERN,
+                ),
+            ],
         )
     },
     "/v0/models/{model}": {

@@ -2,7 +2,8 @@
 
 Whoever can reach NATS as an operator can already change everything, so this is how the first
 key of a cluster is made (a gateway started on its own has none), and how keys are managed
-without one. The secret is printed once; the bucket keeps its SHA-256 digest.
+without one. The secret is printed once; the bucket keeps its SHA-256 digest. Creations and
+revocations go to the audit log as done by ``nats`` (whoever holds operator access to NATS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from nats.js.errors import NoKeysError
 
 from broker import connect, provision
+from broker.audit import audit_record, publish_now
 from events import codec, storage
 from events.messages import ApiKey
 from gateway.auth import new_key
@@ -41,6 +43,10 @@ def add_key_commands(commands: Any, add: Callable[..., None]) -> None:
     )
     create.add_argument("--model", action="append", default=[], help="only these models (repeatable; default all)")
     create.add_argument("--expires-days", choices=EXPIRIES, default="90", help="3, 7, 21, 70, 90 or never [90]")
+    create.add_argument("--rpm", type=_per_minute, default=None, help="requests per minute (per gateway) [unlimited]")
+    create.add_argument(
+        "--tpm", type=_per_minute, default=None, help="prompt + completion tokens per minute (per gateway) [unlimited]"
+    )
     verbs.add_parser("ls", help="every key: id, name, scopes, models, expiry (never the secrets)")
     rm = verbs.add_parser("rm", help="revoke a key: refused on every gateway within a second")
     rm.add_argument("key_id")
@@ -58,8 +64,11 @@ async def _run(args: argparse.Namespace) -> int:
         kv = await js.key_value(storage.KV_KEYS)
         if args.verb == "create":
             days = None if args.expires_days == "never" else int(args.expires_days)
-            secret, key = new_key(args.name, args.scope, args.model, days)
+            secret, key = new_key(
+                args.name, args.scope, args.model, days, requests_per_minute=args.rpm, tokens_per_minute=args.tpm
+            )
             await kv.put(key.id, codec.encode(key))
+            await publish_now(js, audit_record("cli", "nats", "key.create", 201, target=key.id, detail=_facts(key)))
             print(json.dumps({**view(key), "key": secret}, indent=2))
             print("The key is shown only now; keep it.", file=sys.stderr)
             return 0
@@ -70,16 +79,35 @@ async def _run(args: argparse.Namespace) -> int:
                     "never (!)" if key.expires_at is None else time.strftime("%Y-%m-%d", time.gmtime(key.expires_at))
                 )
                 models = ",".join(key.models) or "all models"
-                print(f"{key.id}  {key.name!r}  {','.join(key.scopes)}  {models}  expires {expiry}")
+                limits = "".join(
+                    f"  {value}/min {what}"
+                    for what, value in (("requests", key.requests_per_minute), ("tokens", key.tokens_per_minute))
+                    if value
+                )
+                print(f"{key.id}  {key.name!r}  {','.join(key.scopes)}  {models}  expires {expiry}{limits}")
             return 0
         if not any(key.id == args.key_id for key in records):
+            await publish_now(js, audit_record("cli", "nats", "key.revoke", 404, target=args.key_id))
             print(f"llm-router: no API key {args.key_id!r}", file=sys.stderr)
             return 1
         await kv.delete(args.key_id)
+        await publish_now(js, audit_record("cli", "nats", "key.revoke", 200, target=args.key_id))
         print(f"revoked {args.key_id}")
         return 0
     finally:
         await nc.close()
+
+
+def _per_minute(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1_000_000_000:
+        raise argparse.ArgumentTypeError("a limit per minute is 1 to 1000000000")
+    return value
+
+
+def _facts(key: ApiKey) -> dict:
+    """What the audit record says of a new key: never its secret or digest."""
+    return {"name": key.name, "scopes": list(key.scopes)}
 
 
 async def _entries(kv: Any) -> list[Any]:

@@ -24,6 +24,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from broker import connect, provision
+from broker.audit import AuditLog, bounded
 from broker.blobs import blob_prefix
 from broker.endpoints import Service
 from broker.mirrors import NodeDirectory, RegisteredModels
@@ -116,6 +117,8 @@ class Registry:
         # Its admin subjects are the endpoints of one micro service: `nats micro info llm-router-registry`.
         self.service = Service(self.nc, "llm-router-registry", description="LLM Router model registry")
         await self.service.start()
+        self.audit = AuditLog(self.nc, "registry")
+        await self.audit.start()
         for name, subject, kind, action in (
             ("register", subjects.ADMIN_MODEL_REGISTER, RegisterModel, self.register),
             ("delete", subjects.ADMIN_MODEL_DELETE, DeleteModel, lambda request: self.delete(request.name)),
@@ -123,8 +126,15 @@ class Registry:
             ("hf", subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
             ("download", subjects.ADMIN_MODEL_DOWNLOAD, DownloadModel, self.download),
         ):
+            audited = AUDITED.get(name)
             await self.service.add(
-                name, subject, self._answer(action), kind=kind, queue="registry", refuse=_refuse(kind), empty=b"{}"
+                name,
+                subject,
+                self._answer(action, audited),
+                kind=kind,
+                queue="registry",
+                refuse=self._refuse(kind, audited),
+                empty=b"{}",
             )
         self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
         self._lifecycle_task = asyncio.create_task(self._lifecycle_loop(), name="lifecycle")
@@ -149,6 +159,7 @@ class Registry:
         for sub in self._subs:
             await sub.unsubscribe()
         await self.service.stop(timeout=10)
+        await self.audit.stop()
         await self.nodes.stop()
         await self.models.stop()
         self.hf.close()
@@ -443,10 +454,14 @@ class Registry:
 
     # ------------------------------------------------------------ NATS handlers
 
-    def _answer(self, action: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, Msg], Awaitable[None]]:
-        """Run ``action`` on the decoded request and reply with its result (or a 500 reply)."""
+    def _answer(
+        self, action: Callable[[Any], Awaitable[Any]], audited: str | None = None
+    ) -> Callable[[Any, Msg], Awaitable[None]]:
+        """Run ``action`` on the decoded request and reply with its result (or a 500 reply);
+        ``audited``: the audit action it is (the state-changing ones), recorded with its result."""
 
         async def answer(request: Any, msg: Msg) -> None:
+            started = time.perf_counter()
             try:
                 reply = await action(request)
             except NameTooLong as exc:  # a name that cannot be a subject token or a key: the asker's error
@@ -456,18 +471,50 @@ class Registry:
                 reply = AdminReply(ok=False, status=500, message=f"registry error: {type(exc).__name__}: {exc}")
             if msg.reply:
                 await msg.respond(codec.encode(reply))
+            if audited:
+                self._audit(msg, audited, reply.status, _target(request, reply), started)
 
         return answer
 
+    def _refuse(self, kind: type, audited: str | None) -> Callable[[Msg, str], Awaitable[None]]:
+        async def refuse(msg: Msg, why: str) -> None:
+            if msg.reply:
+                await msg.respond(
+                    codec.encode(AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {why}"))
+                )
+            if audited:
+                self._audit(msg, audited, 400, None, None)
 
-def _refuse(kind: type) -> Callable[[Msg, str], Awaitable[None]]:
-    async def refuse(msg: Msg, why: str) -> None:
-        if msg.reply:
-            await msg.respond(
-                codec.encode(AdminReply(ok=False, status=400, message=f"bad {kind.__name__} request: {why}"))
-            )
+        return refuse
 
-    return refuse
+    def _audit(self, msg: Msg, action: str, status: int, target: str | None, started: float | None) -> None:
+        """The registry's record of an admin request: the actor the gateway names, else ``nats``
+        (an operator's own request). Whoever may publish admin requests may claim any actor: the
+        record says who the request said it came from, and ``component`` says the registry heard it."""
+        headers = msg.headers or {}
+        self.audit.record(
+            headers.get(subjects.ACTOR_HEADER) or "nats",
+            action,
+            status,
+            target=target,
+            request_id=bounded(headers.get(subjects.REQUEST_ID_HEADER, ""), 64) or None,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3) if started is not None else None,
+            detail={"subject": msg.subject},
+        )
+
+
+# The registry's state-changing endpoints and their audit actions (hub and hf are reads).
+AUDITED = {"register": "model.register", "delete": "model.delete", "download": "model.download"}
+
+
+def _target(request: Any, reply: Any) -> str | None:
+    """The model an admin request was about: the registered record's name, else what it asked for."""
+    record = getattr(reply, "record", None)
+    if record is not None:
+        return record.name
+    if isinstance(request, RegisterModel):
+        return request.name or request.catalog_id or request.repo or request.path
+    return getattr(request, "name", None) or getattr(request, "model", None)
 
 
 def _runs(beat: NodeHeartbeat, runtime: str) -> bool:

@@ -5,6 +5,7 @@ message carries ``schema`` so a reader can tell which contract wrote it. Import 
 (``from events.messages import X``); the area modules are the contract's layout, not its API.
 """
 
+from .audit import AuditRecord
 from .auth import (
     ApiKey,
     ChangePassword,
@@ -68,6 +69,7 @@ from .nodes import GpuInfo, LoadedModel, NodeCommand, NodeCommandReply, NodeGood
 
 __all__ = [
     "ApiKey",
+    "AuditRecord",
     "CreateKey",
     "Scope",
     "ChangePassword",

@@ -1,0 +1,83 @@
+"""``GET /v0/audit``: the audit log, newest first, a page at a time (admin only).
+
+``?limit=`` (1 to 500, default 50), ``?before=<seq>`` (the ``next_before`` of the previous
+page), and filters ``?actor=``, ``?action=``, ``?component=`` that become one subject filter, so
+the server picks the matching records (``broker.direct.newest_first``), not this gateway.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from starlette.requests import Request
+from starlette.responses import Response
+
+from broker.audit import MAX_ACTOR_CHARS
+from broker.direct import DirectGetError, newest_first
+from events import codec, storage, subjects
+from events.messages import AuditRecord
+
+from .errors import ApiError
+from .http import json_response
+
+log = structlog.get_logger("gateway.audit")
+
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+ACTION_PATTERN = r"^[a-z][a-z0-9_-]{0,31}\.[a-z][a-z0-9_-]{0,31}$"  # noun.verb (the OpenAPI document says so too)
+COMPONENT_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+_ACTION, _COMPONENT = re.compile(ACTION_PATTERN), re.compile(COMPONENT_PATTERN)
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def _int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = int(raw) if _DIGITS.fullmatch(raw) else low - 1  # int() would take " 5", "+5" and "５"
+    if not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be an integer from {low} to {high}.", param=name)
+    return value
+
+
+def _filter(request: Request) -> str | None:
+    params = request.query_params
+    actor, action, component = params.get("actor"), params.get("action"), params.get("component")
+    if actor is not None and not 0 < len(actor) <= MAX_ACTOR_CHARS:
+        raise ApiError(400, f"'actor' must be 1 to {MAX_ACTOR_CHARS} characters.", param="actor")
+    if action is not None and not _ACTION.fullmatch(action):
+        raise ApiError(400, "'action' is noun.verb, e.g. model.register or key.revoke.", param="action")
+    if component is not None and not _COMPONENT.fullmatch(component):
+        raise ApiError(400, "'component' is gateway, registry or cli.", param="component")
+    if actor is None and action is None and component is None:
+        return None
+    return subjects.audit_filter(component, action, actor)
+
+
+class AuditRoutes:
+    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+        self.nc = nc
+        self.js = js
+
+    async def page(self, request: Request) -> Response:
+        limit = _int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        before = _int(request, "before", None, 1, 2**63 - 1)
+        subject = _filter(request)
+        try:
+            page = await newest_first(self.nc, self.js, storage.AUDIT, limit=limit, before=before, subject=subject)
+        except DirectGetError as exc:
+            raise ApiError(502, f"Cannot read the audit log: {exc}", code="audit_unavailable") from None
+        data = []
+        for msg in page.messages:
+            try:
+                record = codec.decode(msg.data, AuditRecord)
+            except msgspec.DecodeError:
+                log.warning("undecodable audit record", seq=msg.seq, subject=msg.subject)
+                continue
+            data.append({"object": "audit_record", "seq": msg.seq, **msgspec.structs.asdict(record)})
+        return json_response(
+            {"object": "list", "data": data, "next_before": page.next_before, "has_more": page.next_before is not None}
+        )
