@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+from conftest import Stack
 
 from gateway import Gateway
 from gateway.auth import admin_key
@@ -51,7 +52,8 @@ class Running:
 
 @asynccontextmanager
 async def running(nats_url: str, data_dir: Path, *, node: bool = True):
-    registry = Registry(nats_url=nats_url)
+    # Tests register files of the session's temporary directories (e.g. the tiny_gguf fixture).
+    registry = Registry(nats_url=nats_url, model_roots=[Stack.model_root or data_dir])
     await registry.start()
     gateway = Gateway(nats_url=nats_url)
     await gateway.start(serve_http=False)
