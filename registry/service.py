@@ -23,7 +23,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from broker import connect, provision
+from broker import NatsAuth, connect, provision
 from broker.blobs import blob_prefix
 from broker.endpoints import Service
 from broker.mirrors import NodeDirectory, RegisteredModels
@@ -86,8 +86,10 @@ class Registry:
         hf_cache_ttl: float = 600.0,
         hf_timeout: float = 5.0,
         replicas: int | None = None,
+        nats_auth: NatsAuth | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.catalog = {entry.id: entry for entry in load_catalog(catalog_path)}  # fails fast on a bad file
         self.hf = HuggingFace(cache_ttl=hf_cache_ttl, timeout=hf_timeout)
@@ -98,9 +100,9 @@ class Registry:
         self._lifecycle_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.nats_url, name="registry", on_reconnect=self._recover)
+        self.nc = await connect(self.nats_url, name="registry", auth=self.nats_auth, on_reconnect=self._recover)
         self.js = self.nc.jetstream()
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         self.kv = await self.js.key_value(storage.KV_MODELS)
         self.kv_downloads = await self.js.key_value(storage.KV_DOWNLOADS)
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
@@ -130,7 +132,7 @@ class Registry:
     async def _recover(self) -> None:
         """After a reconnection (the server may have restarted, or lost its store): provision
         again and re-read the models bucket, the one state this service writes from."""
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         await self.models.resync(self.js)
         self._dirty.set()
 
