@@ -12,7 +12,9 @@ component online whatever it is asked to send:
 - a server ``-ERR`` that nats-py would answer by closing the client for good (any error but a
   stale connection or a permissions violation, ``Client._process_err``) is treated like a lost
   connection instead: the client reconnects and replays its subscriptions, JetStream consumers
-  and KV watchers included, as after a broker restart.
+  and KV watchers included, as after a broker restart;
+- a permissions violation (a publish or subscription the credential does not allow) is
+  reported to the error callback and changes nothing else: the server keeps the connection.
 """
 
 from __future__ import annotations
@@ -83,11 +85,18 @@ class ResilientClient(Client):
 
     async def _process_err(self, err_msg: str) -> None:
         lowered = err_msg.lower()
-        if _STALE in lowered or _PERMISSIONS in lowered or not self.is_connected:
+        err = Error(f"nats: {err_msg.strip(chr(39))}")
+        if _PERMISSIONS in lowered:
+            # A refused publish or subscription: the server keeps the connection, and so do we.
+            # nats-py spots these by "Permissions Violation" only; nats-server 2.15 writes it in
+            # lower case, and nats-py would then close the client for good.
+            self._err = err
+            await self._error_cb(err)
+            return
+        if _STALE in lowered or not self.is_connected:
             await super()._process_err(err_msg)
             return
         # The server closes this connection after the -ERR: reconnect as after any lost link.
-        err = Error(f"nats: {err_msg.strip(chr(39))}")
         self._err = err
         await self._error_cb(err)
         await self._process_op_err(err)
