@@ -4,7 +4,8 @@
 role into ``<data-dir>/nats-auth/`` at every start, and one for its own node. A node on another
 machine gets its own with ``llm-router nats-creds node NAME``: the file is all it needs to join,
 and it speaks only as node NAME. Nothing is sent to the server: it trusts what the account key
-signed.
+signed. ``llm-router nats-creds server-config`` prints the server side of the same authority
+(operator and accounts, no secret), for an external nats-server or a cluster of them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from broker.credentials import Authority, Identity, node_name_error, write_priva
 from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR, REGISTRY, ROLES
 
 AUTH_DIR = "nats-auth"
+SERVER_CONFIG = "server-config"
 
 
 def add_creds_command(commands: Any, add: Callable[..., None], data_dir_option: Callable[[Any], None]) -> None:
@@ -29,7 +31,12 @@ def add_creds_command(commands: Any, add: Callable[..., None], data_dir_option: 
         "nats-creds",
         help="mint a NATS credential of the embedded server (`up`): for a node on another machine, or a role",
     )
-    creds.add_argument("role", choices=[NODE, *ROLES], help="node (one per node: give its NAME), or a role")
+    creds.add_argument(
+        "role",
+        choices=[NODE, *ROLES, SERVER_CONFIG],
+        help=f"node (one per node: give its NAME), a role, or {SERVER_CONFIG}: the nats-server config lines "
+        "that trust these credentials (to include in an external server's config)",
+    )
     creds.add_argument("name", nargs="?", help="the node's name (its node id): letters, digits, '-', '_'")
     creds.add_argument("--out", metavar="FILE", help=f"where to write it (default: <data-dir>/{AUTH_DIR}/...)")
     data_dir_option(creds)
@@ -44,6 +51,13 @@ def run_creds_command(args: argparse.Namespace) -> int:
         return 2
     data_dir = Path(args.data_dir).expanduser().resolve()
     authority = Authority(data_dir / AUTH_DIR)
+    if args.role == SERVER_CONFIG:
+        text = "\n".join(authority.server_config()) + "\n"
+        if args.out:
+            write_private(Path(args.out).expanduser(), text)
+        else:
+            sys.stdout.write(text)
+        return 0
     identity = Identity(args.role, args.name)
     path = Path(args.out).expanduser() if args.out else authority.creds_path(identity)
     write_private(path, authority.mint(identity))

@@ -9,7 +9,9 @@ minted here. A refusal is shown twice: the server answered ``-ERR 'Permissions V
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -21,9 +23,10 @@ import nats
 import nats.errors
 import pytest
 from conftest import Proc, requires_llama, wait_until
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from broker import EmbeddedNats, NatsAuth, connect, provision
+from broker import EmbeddedNats, NatsAuth, connect, payloads, provision
+from broker.blobs import blob_info, blob_name, read_blob
 from broker.credentials import Authority, CredentialsError, Identity, identity_of
 from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR
 from events import storage, subjects
@@ -63,7 +66,9 @@ async def _refused(nc, action: str, subject: str) -> None:
     """The server answered the last thing sent on ``nc`` with a permissions violation on ``subject``."""
     await nc.flush()  # the -ERR comes before the PONG
     error = str(nc.last_error)
-    assert f'permissions violation for {action} to "{subject}"'.lower() in error.lower(), error  # the server lower-cases it
+    assert f'permissions violation for {action} to "{subject}"'.lower() in error.lower(), (
+        error
+    )  # the server lower-cases it
 
 
 async def _until(predicate, timeout: float = 5.0) -> None:
@@ -185,6 +190,42 @@ async def test_one_node_credential_cannot_speak_as_another_node(authed) -> None:
         assert set(seen.subjects) == {subjects.node_heartbeat(NODE_A), own_entry}
     finally:
         await node_a.close()
+        await operator.close()
+
+
+async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_leases(authed, tmp_path) -> None:
+    """The node's paths the trace of an `up` session does not take: a model file from the
+    registry's object store, an image answer through the payloads store, a shared-dir lease."""
+    url, authority, _ = authed
+    operator = await _as(url, authority, OPERATOR)
+    node = await _as(url, authority, NODE, NODE_A)
+    try:
+        model_file = os.urandom(300_000)  # a few chunks
+        blobs = await operator.jetstream().object_store(storage.OBJ_MODEL_BLOBS)
+        await blobs.put(blob_name("hosted", "hosted.gguf"), model_file)
+        js = node.jetstream(timeout=2)
+        info = await blob_info(js, blob_name("hosted", "hosted.gguf"))
+        out = io.BytesIO()
+        await read_blob(js, info, out)
+        assert out.getvalue() == model_file
+
+        image = os.urandom(200_000)
+        attachment = await payloads.store(js, image, content_type="image/png", filename="image-0.png")
+        assert await payloads.load(operator.jetstream(), attachment, consume=True) == image  # the gateway's read
+        upload = await payloads.store(operator.jetstream(), b"an upload", content_type="audio/wav")
+        assert await payloads.load(js, upload) == b"an upload"  # a node reads what the gateway stored
+
+        leases = await js.key_value(storage.KV_LEASES)
+        revision = await leases.create("share=3Ahosted", NODE_A.encode())
+        with pytest.raises(KeyWrongLastSequenceError):  # another node holds it: wait
+            await leases.create("share=3Ahosted", b"someone else")
+        await leases.update("share=3Ahosted", NODE_A.encode(), last=revision)
+        await leases.delete("share=3Ahosted")
+        await node.flush()
+        assert node.last_error is None
+    finally:
+        await blobs.delete(blob_name("hosted", "hosted.gguf"))
+        await node.close()
         await operator.close()
 
 
@@ -310,31 +351,66 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+class ExternalNats:
+    """A nats-server started from a config file an operator wrote (not EmbeddedNats): ``url``."""
+
+    def __init__(self, directory: Path, config: str) -> None:
+        from broker import find_nats_server
+
+        conf = directory / "external.conf"
+        conf.write_text(f'listen: "127.0.0.1:-1"\nports_file_dir: "{directory}"\n{config}')
+        self.proc = subprocess.Popen([find_nats_server(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+        ports = directory / f"nats-server_{self.proc.pid}.ports"
+
+        def listening() -> list | None:
+            return ports.exists() and json.loads(ports.read_text() or "{}").get("nats")
+
+        self.url = wait_until(listening, timeout=10)[0]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def test_an_external_server_trusts_the_credentials_through_the_printed_config(tmp_path) -> None:
+    """`nats-creds server-config` is all an external nats-server needs; credentials minted later
+    work on it with their permissions, without touching it again."""
+    from llm_router.cli import main
+
+    data = str(tmp_path / "data")
+    assert main(["nats-creds", "server-config", "--data-dir", data, "--out", str(tmp_path / "auth.conf")]) == 0
+    server = ExternalNats(tmp_path, f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\ninclude "auth.conf"\n')
+    try:
+        assert main(["nats-creds", "gateway", "--data-dir", data]) == 0
+        assert main(["nats-creds", "node", NODE_B, "--data-dir", data]) == 0
+        creds = Path(data) / "nats-auth"
+        gateway = await connect(server.url, name="gateway", auth=NatsAuth(creds=creds / "gateway.creds"))
+        await provision(gateway.jetstream(), role=gateway.role)
+        node = await connect(server.url, name="node", auth=NatsAuth(creds=creds / "nodes" / f"{NODE_B}.creds"))
+        await provision(node.jetstream(timeout=2), role=node.role)  # binds: the gateway created all
+        await node.publish(subjects.MODEL_DELETED, b"{}")
+        await _refused(node, "publish", subjects.MODEL_DELETED)
+        await (await node.jetstream().key_value(storage.KV_NODES)).put(NODE_B, b"{}")
+        await gateway.close()
+        await node.close()
+    finally:
+        server.stop()
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate with")
 async def test_tls_options_reach_the_connection(tmp_path) -> None:
     """An external NATS with TLS: the server's certificate is trusted through --nats-tls-ca."""
-    from broker import find_nats_server
-
     cert, key = _self_signed(tmp_path)
-    conf = tmp_path / "tls.conf"
-    conf.write_text(
-        f'listen: "127.0.0.1:-1"\nports_file_dir: "{tmp_path}"\n'
-        f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
-    )
-    proc = subprocess.Popen([find_nats_server(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    server = ExternalNats(tmp_path, f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n')
     try:
-        ports = tmp_path / f"nats-server_{proc.pid}.ports"
-        wait_until(ports.exists, timeout=10)
-        wait_until(lambda: json.loads(ports.read_text() or "{}").get("nats"), timeout=10)
-        url = json.loads(ports.read_text())["nats"][0].replace("nats://", "tls://")
+        url = server.url.replace("nats://", "tls://")
         nc = await connect(url, name="tls", auth=NatsAuth(tls_ca=cert))
         assert nc.is_connected and nc.connected_url.scheme == "tls"
         await nc.close()
         with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):  # not trusted without the CA
             await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 # ---------------------------------------------------------------- end to end
