@@ -439,9 +439,9 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _single(args: argparse.Namespace) -> int:
-    from .nats_options import nats_auth
+    from .nats_options import checked_nats_auth
 
-    auth = nats_auth(args)
+    auth = checked_nats_auth(args, args.command)
     if args.command == "gateway":
         gateway = _gateway(args, args.nats_url, auth)
 

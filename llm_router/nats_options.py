@@ -13,6 +13,7 @@ from typing import Any
 
 from broker import NatsAuth
 from broker.connection import AUTH_ENV
+from broker.permissions import OPERATOR
 
 _HELP = {
     "creds": "NATS credentials file (.creds: user JWT and seed), e.g. one from `llm-router nats-creds`",
@@ -31,6 +32,16 @@ def add_nats_auth_options(parser: argparse.ArgumentParser, add: Callable[..., No
 def nats_auth(args: argparse.Namespace) -> NatsAuth:
     values = {field: getattr(args, "nats_" + field, None) for field in AUTH_ENV}
     return NatsAuth(**{field: Path(value).expanduser() for field, value in values.items() if value})
+
+
+def checked_nats_auth(args: argparse.Namespace, role: str) -> NatsAuth:
+    """:func:`nats_auth`, refused at once when its credential (one of ours) is another role's: a
+    node on the gateway's credential would otherwise run with every heartbeat refused."""
+    auth = nats_auth(args)
+    identity = auth.identity()
+    if identity is not None and identity.role not in (role, OPERATOR):
+        raise RuntimeError(f"--nats-creds {auth.creds} is the {identity.user_name} credential, not a {role}'s")
+    return auth
 
 
 def nats_auth_argv(auth: NatsAuth) -> list[str]:
