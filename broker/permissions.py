@@ -12,7 +12,8 @@ same shape for every stream). Three rules the lists depend on:
 
 - Each component has its own inbox prefix (``_INBOX_llmr.gateway``, ``_INBOX_llmr.node.<id>``):
   replies to the gateway's JetStream requests (an API key lookup, say) land under the gateway's
-  prefix, which no other role may subscribe to or publish on. The NATS CLI keeps ``_INBOX``.
+  prefix, which neither the registry, a node nor an observer may subscribe to or publish on.
+  The NATS CLI keeps ``_INBOX``.
 - A node answers requests through the server's response permission (``resp``): it may publish
   a reply only to the reply subject of a message it received, for ``REPLY_TTL_S``. So nobody
   may publish on a subject nodes serve (``infer.>``, ``admin.node.>``, ``$SRV.>``) but the
@@ -229,31 +230,17 @@ def node_rules(node_id: str) -> Rules:
 
 
 def gateway_rules() -> Rules:
-    """The HTTP front: dispatches inference, asks the registry and nodes, writes keys, users,
-    sessions, history and the audit log, creates every stream; never speaks as the registry or a node."""
-    pub = [
-        "infer.>",
-        "admin.>",
-        subjects.HISTORY_ALL,
-        "audit.>",
-        "logs.gateway.*",
-        subjects.NODE_GOODBYE_ALL,  # `up` says goodbye for a node process that died
-        *(f"$KV.{bucket}.>" for bucket in SECRET_BUCKETS),
-        f"$KV.{storage.KV_DOWNLOADS}.>",
-        f"$O.{storage.OBJ_PAYLOADS}.>",
-        "$JS.API.>",
-        "$JS.ACK.>",
-        "$JS.FC.>",
-    ]
-    deny = [subjects.REGISTRY_EVENTS_ALL, f"$KV.{storage.KV_MODELS}.>", f"$KV.{storage.KV_NODES}.>"]
-    sub = [
-        inbox_prefix(GATEWAY) + ".>",
-        subjects.NODE_HEARTBEAT_ALL,
-        subjects.NODE_GOODBYE_ALL,
-        subjects.DOWNLOADS_PROGRESS_ALL,
+    """The HTTP front, the most trusted component (it holds the keys, users and sessions, and
+    creates every stream): anything but speaking as the registry or a node. A deny list, so that
+    what the gateway comes to publish or subscribe next needs no change here."""
+    deny = [
         subjects.REGISTRY_EVENTS_ALL,
+        subjects.NODE_HEARTBEAT_ALL,
+        subjects.DOWNLOADS_PROGRESS_ALL,
+        f"$KV.{storage.KV_MODELS}.>",
+        f"$KV.{storage.KV_NODES}.>",
     ]
-    return Rules(pub_allow=tuple(pub), pub_deny=tuple(deny), sub_allow=tuple(sub))
+    return Rules(pub_deny=tuple(deny))  # goodbyes it may send: `up` says one for a node process that died
 
 
 def registry_rules() -> Rules:

@@ -63,18 +63,22 @@ async def _as(url: str, authority: Authority, role: str, node_id: str | None = N
 
 
 async def _refused(nc, action: str, subject: str) -> None:
-    """The server answered the last thing sent on ``nc`` with a permissions violation on ``subject``."""
-    await nc.flush()  # the -ERR comes before the PONG
-    error = str(nc.last_error)
-    assert f'permissions violation for {action} to "{subject}"'.lower() in error.lower(), (
-        error
-    )  # the server lower-cases it
+    """The server answered what was sent on ``nc`` with a permissions violation on ``subject``."""
+    expected = f'permissions violation for {action} to "{subject}"'.lower()  # the server lower-cases it
+    await _until(lambda: expected in str(nc.last_error).lower(), timeout=3, what=lambda: str(nc.last_error))
 
 
-async def _until(predicate, timeout: float = 5.0) -> None:
+async def _settled(nc) -> None:
+    """Everything sent on ``nc`` has been answered. Twice, since nats-py's flush writes its PING
+    before the publishes still in its buffer."""
+    await nc.flush()
+    await nc.flush()
+
+
+async def _until(predicate, timeout: float = 5.0, what=lambda: "") -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        assert asyncio.get_running_loop().time() < deadline, f"timed out: {what()}"
         await asyncio.sleep(0.02)
 
 
@@ -140,6 +144,7 @@ async def test_a_node_cannot_speak_as_the_registry_or_an_admin_nor_touch_models_
         await (await js.key_value(storage.KV_NODES)).put(NODE_A, b"{}")
         await _until(lambda: beats.subjects)
         assert beats.subjects == [subjects.node_heartbeat(NODE_A)]
+        await _settled(node)
         assert node.last_error is last_refusal  # nothing refused since
     finally:
         await (await operator.jetstream().key_value(storage.KV_MODELS)).purge("tiny")
@@ -183,7 +188,7 @@ async def test_one_node_credential_cannot_speak_as_another_node(authed) -> None:
         downloads = await node_a.jetstream(timeout=2).key_value(storage.KV_DOWNLOADS)
         await downloads.put(storage.download_key(NODE_A, "tiny"), b"{}")
         await node_a.subscribe(subjects.admin_node(NODE_A, subjects.NODE_DRAIN))
-        await node_a.flush()
+        await _settled(node_a)
         assert node_a.last_error is last_refusal
         await _until(lambda: len(seen.subjects) >= 2)
         own_entry = f"$KV.{storage.KV_DOWNLOADS}.{storage.download_key(NODE_A, 'tiny')}"
@@ -221,7 +226,7 @@ async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_l
             await leases.create("share=3Ahosted", b"someone else")
         await leases.update("share=3Ahosted", NODE_A.encode(), last=revision)
         await leases.delete("share=3Ahosted")
-        await node.flush()
+        await _settled(node)
         assert node.last_error is None
     finally:
         await blobs.delete(blob_name("hosted", "hosted.gguf"))
@@ -244,7 +249,7 @@ async def test_the_observer_reads_streams_and_buckets_but_publishes_nothing(auth
         assert first.subject.startswith("registry.events.")
         await sub.unsubscribe()
         assert (await (await js.key_value(storage.KV_MODELS)).get("seen")).value == b"{}"
-        await observer.flush()
+        await _settled(observer)
         assert observer.last_error is None
 
         seen = await Inbox().on(operator, "registry.events.>", "admin.>", "infer.>", "$SRV.>")
@@ -263,6 +268,24 @@ async def test_the_observer_reads_streams_and_buckets_but_publishes_nothing(auth
         await (await operator.jetstream().key_value(storage.KV_MODELS)).purge("seen")
         await observer.close()
         await operator.close()
+
+
+async def test_the_gateway_cannot_speak_as_the_registry_or_a_node(authed) -> None:
+    url, authority, _ = authed
+    gateway = await _as(url, authority, GATEWAY)
+    try:
+        for subject in (subjects.MODEL_ADDED, subjects.node_heartbeat(NODE_A), f"$KV.{storage.KV_MODELS}.tiny"):
+            await gateway.publish(subject, b"{}")
+            await _refused(gateway, "publish", subject)
+        refusal = gateway.last_error
+        keys = await gateway.jetstream(timeout=2).key_value(storage.KV_KEYS)  # its own: keys, history, asks
+        await keys.put("key_test", b"{}")
+        await keys.delete("key_test")
+        await gateway.publish(subjects.ADMIN_MODEL_HUB, b"{}")
+        await _settled(gateway)
+        assert gateway.last_error is refusal
+    finally:
+        await gateway.close()
 
 
 async def test_nobody_without_a_credential_gets_in(authed) -> None:
