@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,46 +37,11 @@ from fake_hf import FakeHub  # noqa: E402
 from overhead import Result, _event_loop_run, _ms, closed_loop, connect, http_request, machine, publish  # noqa: E402
 
 from broker import EmbeddedNats  # noqa: E402
+from llm_router import processes  # noqa: E402
 
 CONCURRENCY = 16
 TARGET_HUB_P99_MS = 500.0
 BEGIN, END = "<!-- catalogs:begin -->", "<!-- catalogs:end -->"
-
-
-class Component:
-    """``python -m llm_router <args>``, ready when a line matches ``ready``."""
-
-    def __init__(self, args: list[str], ready: str, env: dict[str, str], log: Path) -> None:
-        self.log = log.open("w")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "llm_router", "--log-format", "json", *args],
-            cwd=str(ROOT),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        )
-        self.match: re.Match | None = None
-        found = threading.Event()
-
-        def pump() -> None:
-            for line in self.popen.stdout:
-                if self.match is None and (m := re.search(ready, line)):
-                    self.match = m
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(60) or self.match is None:
-            raise RuntimeError(f"{args[0]} did not start; see {log}")
-
-    def stop(self) -> None:
-        self.popen.terminate()
-        try:
-            self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-        self.log.close()
 
 
 def fake_hub() -> FakeHub:
@@ -165,29 +126,13 @@ async def stack_and_run(workdir: Path, warmup: float, duration: float) -> tuple[
     server = EmbeddedNats(workdir / "nats", port=0)  # lives as long as this event loop
     nats_url = await server.start()
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
-    components: list[Component] = []
+    stack = processes.Stack(nats_url, workdir, env=env)
     try:
-        components.append(
-            await asyncio.to_thread(
-                Component,
-                ["registry", "--nats-url", nats_url, "--hf-cache-ttl", "3600"],
-                "registry ready",
-                env,
-                workdir / "registry.log",
-            )
-        )
-        gateway = await asyncio.to_thread(
-            Component,
-            ["gateway", "--nats-url", nats_url, "--port", "0", "--no-auth"],
-            r"gateway ready: http://[^:]+:(\d+)",
-            env,
-            workdir / "gateway.log",
-        )
-        components.append(gateway)
-        return await run(int(gateway.match.group(1)), hub, warmup, duration)
+        await asyncio.to_thread(stack.start, "registry", "--hf-cache-ttl", "3600")
+        gateway = await asyncio.to_thread(stack.start, "gateway", "--no-auth")
+        return await run(int(gateway.url.rsplit(":", 1)[1]), hub, warmup, duration)
     finally:
-        for component in reversed(components):
-            component.stop()
+        stack.stop()
         await server.stop()
         if hub.running:
             hub.stop()

@@ -59,7 +59,6 @@ import argparse
 import asyncio
 import gc
 import itertools
-import json
 import math
 import random
 import shutil
@@ -83,11 +82,12 @@ from minimal_engine import TEXT  # noqa: E402
 from overhead import (  # noqa: E402
     CHAT_BODY,
     MODEL,
-    Child,
     HttpConnection,
+    Stack,
     _event_loop_run,
     connect,
     http_request,
+    output_options,
     publish,
     quiet_logs_and_check_machine,
     report_header,
@@ -418,82 +418,18 @@ class NatsAsker:
 # ---------------------------------------------------------------------------- the stack
 
 
-class DispatchStack:
-    """nats-server + registry + gateway + the three nodes, each component its own process."""
+class DispatchStack(Stack):
+    """nats-server + registry + gateway + the three nodes of NODES, each its own process, each
+    node with one slot and its own service time."""
 
     def __init__(self, workdir: Path, base_ms: float) -> None:
-        self.workdir = workdir
         self.nodes = [(NODE_PREFIX + name, factor * base_ms) for name, factor in NODES]  # node id, service ms
-        self.children: list[Child] = []
-        self.nats = None
-        self.port = 0
+        nodes = [(node_id, ["--delay-ms", f"{ms:g}"]) for node_id, ms in self.nodes]
+        super().__init__("split", workdir, 1, nodes=nodes, common_args=["--log-level", "warning"])
 
     async def start(self) -> None:
-        from broker import EmbeddedNats
-        from nodes.demo_model import write_tiny_gguf
-
-        model_path = write_tiny_gguf(self.workdir / "models" / f"{MODEL}.gguf")
-        self.nats = EmbeddedNats(self.workdir / "nats", port=0)
-        # Started from this thread (the loop's), which lives as long as the benchmark: the server
-        # dies with the thread that started it (PR_SET_PDEATHSIG), like the children below.
-        url = self.nats.start_sync()
-        common = ["--nats-url", url, "--log-level", "warning"]
-        plan = [("registry", ["--role", "registry", *common, "--model-path", str(model_path), "--model-name", MODEL])]
-        for node_id, ms in self.nodes:
-            plan.append(
-                (
-                    node_id,
-                    [
-                        "--role",
-                        "node",
-                        *common,
-                        "--data-dir",
-                        str(self.workdir / node_id),
-                        "--parallel",
-                        "1",
-                        "--node-id",
-                        node_id,
-                        "--delay-ms",
-                        f"{ms:g}",
-                    ],
-                )
-            )
-        plan.append(("gateway", ["--role", "gateway", *common, "--port", "0"]))
-        for name, args in plan:
-            child = Child(name, args, self.workdir)
-            self.children.append(child)
-            info = await asyncio.to_thread(child.ready)
-            if "port" in info:
-                self.port = int(info["port"])
-        await self._wait_until_served()
-
-    async def _wait_until_served(self, timeout: float = 60.0) -> None:
-        """Until the gateway lists every node as serving the model."""
-        wanted = {node_id for node_id, _ in self.nodes}
-        deadline = time.monotonic() + timeout
-        last = b""
-        while time.monotonic() < deadline:
-            try:
-                conn = await connect(self.port)
-                try:
-                    request = http_request("GET", f"/v0/models/{MODEL}", self.port)
-                    status, last = await asyncio.wait_for(conn.request(request), 5)
-                finally:
-                    conn.close()
-                if status == 200 and wanted <= set(json.loads(last).get("nodes") or []):
-                    return
-            except (TimeoutError, OSError, ValueError):
-                pass
-            await asyncio.sleep(0.2)
-        raise RuntimeError(
-            f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; last /v0/models/{MODEL}: {last[:500]!r}"
-        )
-
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
-        if self.nats is not None:
-            self.nats.stop_sync()
+        self.launch()
+        await self.wait_until_served()
 
 
 async def settle(asker: NatsAsker, node_ids: list[str], timeout: float = 120.0) -> None:
@@ -805,8 +741,7 @@ def main() -> int:
         default=None,
         help="seconds to wait for answers after the last arrival [max(60, 3 x run)]",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+    output_options(parser)
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",") if x.strip()]
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -41,7 +40,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import psutil  # noqa: E402
-from overhead import CHAT_BODY, MODEL, NODE_ID, TEXT, Child, closed_loop, connect, http_request, publish, report_header  # noqa: E402
+from overhead import CHAT_BODY, MODEL, NODE_ID, TEXT, closed_loop, connect, http_request, publish, report_header  # noqa: E402
+
+from llm_router import processes  # noqa: E402
+from llm_router.processes import Process  # noqa: E402
 
 BEGIN, END = "<!-- gateway-cpu:begin -->", "<!-- gateway-cpu:end -->"
 GATEWAY_CORE, OTHER_CORE = 1, 0
@@ -54,39 +56,22 @@ class Variant:
         self.name = name
         self.tree = tree
         self.cmd = cmd
-        self.log = (workdir / f"gateway-{name}.log").open("wb")
-        self.popen: subprocess.Popen | None = None
+        self.log = workdir / f"gateway-{name}.log"
+        self.proc: Process | None = None
         self.port = 0
         self.api_key: str | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(self.tree), "PYTHONUNBUFFERED": "1"}
-        self.popen = subprocess.Popen(
-            [sys.executable, *self.cmd],
-            cwd=str(self.tree),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
+        self.proc = Process(
+            [sys.executable, *self.cmd], name=self.name, env={"PYTHONPATH": str(self.tree)}, cwd=self.tree, log=self.log
         )
-        assert self.popen.stdout is not None
-        deadline = time.monotonic() + 60
-        for line in self.popen.stdout:
-            if line.startswith("READY "):
-                info = json.loads(line[6:])
-                self.port, self.api_key = int(info["port"]), info.get("api_key")
-                break
-            if time.monotonic() > deadline:
-                break
-        if not self.port:
-            raise RuntimeError(f"gateway {self.name} did not start; see {self.log.name}")
-        os.sched_setaffinity(self.popen.pid, {GATEWAY_CORE})
+        info = self.proc.ready(60)
+        self.port, self.api_key = int(info["port"]), info.get("api_key")
+        os.sched_setaffinity(self.proc.pid, {GATEWAY_CORE})
 
     def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            self.popen.wait(20)
+        if self.proc is not None and self.proc.running:
+            self.proc.stop()
 
 
 async def measure(variant: Variant, concurrency: int, warmup: float, duration: float) -> dict:
@@ -97,7 +82,7 @@ async def measure(variant: Variant, concurrency: int, warmup: float, duration: f
     start = clock()
     measure_from, measure_to = start + int(warmup * 1e9), start + int((warmup + duration) * 1e9)
     samples: list[int] = []
-    process = psutil.Process(variant.popen.pid)
+    process = psutil.Process(variant.proc.pid)
     marks: dict[str, tuple[float, float]] = {}
 
     async def sampler() -> None:
@@ -162,29 +147,7 @@ def main() -> int:
     model_path = write_tiny_gguf(workdir / f"{MODEL}.gguf")
     nats = EmbeddedNats(workdir / "nats", port=0)
     url = nats.start_sync()
-    children = [
-        Child(
-            "registry",
-            ["--role", "registry", "--nats-url", url, "--model-path", str(model_path), "--model-name", MODEL],
-            workdir,
-        ),
-        Child(
-            "node",
-            [
-                "--role",
-                "node",
-                "--nats-url",
-                url,
-                "--data-dir",
-                str(workdir / "node"),
-                "--parallel",
-                "64",
-                "--node-id",
-                NODE_ID,
-            ],
-            workdir,
-        ),
-    ]
+    stack = processes.Stack(url, workdir)
     stack_args = ["--role", "gateway", "--nats-url", url, "--port", "0"]
     variants = [
         Variant(
@@ -203,8 +166,8 @@ def main() -> int:
     results: dict[str, list[dict]] = {v.name: [] for v in variants}
     started = time.time()
     try:
-        for child in children:
-            child.ready()
+        stack.start_bench("registry", "--model-path", str(model_path), "--model-name", MODEL)
+        stack.start_bench_node(NODE_ID, parallel=64)
         time.sleep(1.0)  # the node's first heartbeat, so every gateway sees it
         for round_ in range(args.rounds):
             for variant in variants:
@@ -216,7 +179,7 @@ def main() -> int:
                             "py-spy",
                             "record",
                             "-p",
-                            str(variant.popen.pid),
+                            str(variant.proc.pid),
                             "-d",
                             str(int(args.duration)),
                             "-r",
@@ -247,8 +210,7 @@ def main() -> int:
     finally:
         for variant in variants:
             variant.stop()
-        for child in reversed(children):
-            child.stop()
+        stack.stop()
         nats.stop_sync()
 
     def median(name: str, key: str) -> float:

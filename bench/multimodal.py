@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -41,6 +38,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 sys.path.insert(2, str(ROOT / "tests"))
+
+from llm_router.processes import Process, cli  # noqa: E402
 
 os.environ.setdefault("LLM_ROUTER_ENGINE_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -85,53 +84,22 @@ class Up:
     """``llm-router up`` with the three models, in its own process."""
 
     def __init__(self, models: dict[str, Path], data_dir: Path) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "llm_router",
-            "--log-level",
-            "warning",
-            "up",
-            "--no-auth",
-            "--port",
-            "0",
-            "--nats-port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-        ]
+        args = ["--log-level", "warning", "up", "--no-auth", "--port", "0", "--nats-port", "0"]
+        args += ["--data-dir", str(data_dir)]
         for path in models.values():
             args += ["--model", str(path)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-        self.lines: list[str] = []
+        self.proc = Process(cli(*args))
         self.url: str | None = None
         self.nats_url: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            match = re.search(r"LLM Router ready: (http://\S+)/v1\s+\(NATS (\S+)\)", line)
-            if match:
-                self.url, self.nats_url = match.group(1), match.group(2)
-            if line.startswith("Serving:"):
-                self._ready.set()
-        self._ready.set()
 
     def wait(self, timeout: float = 120.0) -> str:
-        if not self._ready.wait(timeout) or self.url is None or self.proc.poll() is not None:
-            raise RuntimeError("llm-router up did not start:\n" + "\n".join(self.lines[-30:]))
+        match = self.proc.wait_for(r"LLM Router ready: (http://\S+)/v1\s+\(NATS (\S+)\)", timeout)
+        self.url, self.nats_url = match.group(1), match.group(2)
+        self.proc.wait_for(r"^Serving:", timeout)
         return self.url
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.stop(timeout=30)
 
 
 def endpoints(engines: dict, names: dict[str, str], url: str) -> dict[str, tuple[Callable, Callable]]:

@@ -1,7 +1,7 @@
 """How much latency and throughput the router itself costs, measured with an instant engine.
 
-    python bench/overhead.py                      # ~2 min: both layouts, 3 concurrencies
-    python bench/overhead.py --quick              # ~20 s: split layout only, shorter phases
+    python bench/overhead.py                      # ~3 min: both layouts, 3 concurrencies, keys on and off
+    python bench/overhead.py --quick              # ~40 s: split layout only, shorter phases
     python bench/overhead.py --output docs/benchmarks.md
 
 Three setups answer the same chat request with the same engine (``bench/minimal_engine.py``,
@@ -13,7 +13,9 @@ which returns "pong" at once):
     registry, the gateway and one node (``NodeAgent(runtimes=[MinimalRuntime()],
     parallel=64)``), started by ``bench/stack.py`` in processes of their own: either each
     in its own process (layout ``split``, as on a cluster) or all three in one process
-    (layout ``up``, the shape of ``llm-router up``). A tiny GGUF file is registered with
+    (layout ``up``, the shape of ``llm-router up``). With ``--keys`` (on by default) the split
+    layout has a second gateway with API keys on, every request sending a bearer key, measured
+    right after the plain one at each concurrency: ``stack (split, keys)`` against ``stack (split)``. A tiny GGUF file is registered with
     ``Registry.register``, so the node loads the minimal engine through the normal
     registry -> node path. This process drives ``POST /v1/chat/completions`` (not streamed)
     over HTTP/1.1 keep-alive connections to 127.0.0.1, one connection per concurrent client.
@@ -41,13 +43,11 @@ import logging
 import math
 import os
 import platform
-import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +61,12 @@ sys.path.insert(1, str(ROOT))
 import psutil  # noqa: E402
 from minimal_engine import TEXT, MinimalEngine  # noqa: E402
 
+from llm_router import processes  # noqa: E402
+
 MODEL = "bench-tiny"
+KEYED = "gateway+keys"  # the split layout's second gateway, API keys on (--keys)
+TARGET_AUTH_ADDED_US = 50.0  # API keys: at most this much p50 latency at concurrency 1...
+TARGET_AUTH_RPS_LOSS = 0.05  # ...and at most this share of throughput at concurrency 64
 NODE_ID = "bench-node"
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 TARGET_ADDED_P50_MS = 1.0
@@ -313,10 +318,12 @@ async def run_nats_direct(
     return Result("NATS -> node", concurrency, samples, duration, errors, cpu, sent)
 
 
-async def run_http(port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int]) -> Result:
+async def run_http(
+    port: int, concurrency: int, warmup: float, duration: float, pids: dict[str, int], api_key: str | None = None
+) -> Result:
     """``concurrency`` clients, each on its own connection, sending the next request when the
     previous answer arrived (a closed loop). Samples: requests completed in the window."""
-    request = http_request("POST", "/v1/chat/completions", port, CHAT_BODY)
+    request = http_request("POST", "/v1/chat/completions", port, CHAT_BODY, api_key=api_key)
     expected = f'"content":"{TEXT}"'.encode()
     conns = [await connect(port) for _ in range(concurrency)]
     clock = time.perf_counter_ns
@@ -435,59 +442,9 @@ def _cpu_times(pids: dict[str, int]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- the stack
 
 
-class Child:
-    """A ``bench/stack.py`` process: stdout read by a thread, stderr to a log file."""
-
-    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.popen = subprocess.Popen(
-            [sys.executable, str(HERE / "stack.py"), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            cwd=str(ROOT),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        threading.Thread(target=self._pump, daemon=True, name=f"pump-{name}").start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def ready(self, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if line.startswith("READY "):
-                return json.loads(line[6:])
-        self.stop()
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{self.name} did not start (exit code {self.popen.poll()}):\n{tail}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
 class Stack:
-    """nats-server + registry + gateway + node, in ``split`` or ``up`` layout."""
+    """nats-server + registry + gateway + nodes of ``bench/stack.py``, in ``split`` or ``up``
+    layout; the processes are started and stopped by ``llm_router.processes.Stack``."""
 
     def __init__(
         self,
@@ -497,70 +454,90 @@ class Stack:
         *,
         node_args: list[str] | None = None,
         gateway_args: list[str] | None = None,
+        nodes: list[tuple[str, list[str]]] | None = None,
+        common_args: list[str] | None = None,
+        keyed_gateway: bool = False,
     ) -> None:
         """``node_args``/``gateway_args``: extra ``bench/stack.py`` options (``--delay-ms``,
-        ``--queue-timeout``...); in the ``up`` layout both go to the one process."""
+        ``--queue-timeout``...); in the ``up`` layout both go to the one process. ``nodes``:
+        (node id, its own extra options) per node of the split layout (default: one, NODE_ID).
+        ``common_args``: for every process (``--log-level warning``). ``keyed_gateway``: the
+        split layout also gets a second gateway with API keys on (``keyed_port``, ``api_key``)."""
         self.layout = layout
         self.workdir = workdir
         self.parallel = parallel
         self.node_args = list(node_args or [])
         self.gateway_args = list(gateway_args or [])
-        self.children: list[Child] = []
+        self.node_ids = [node_id for node_id, _ in nodes] if nodes else [NODE_ID]
+        self._nodes = nodes or [(NODE_ID, [])]
+        self.common_args = list(common_args or [])
         self.nats = None
+        self.processes: processes.Stack | None = None
         self.port = 0
+        self.keyed_gateway = keyed_gateway
+        self.keyed_port = 0
+        self.api_key: str | None = None  # the keyed gateway's admin key: every request to it sends it
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Every process started and READY (blocking); then wait until the model is served."""
         from broker import EmbeddedNats
         from nodes.demo_model import write_tiny_gguf
 
         model_path = write_tiny_gguf(self.workdir / "models" / f"{MODEL}.gguf")
         self.nats = EmbeddedNats(self.workdir / "nats", port=0)
+        # Started from the thread that runs the benchmark: the server dies with the thread that
+        # started it (PR_SET_PDEATHSIG), like the children below.
         url = self.nats.start_sync()
-        common = ["--nats-url", url]
+        self.processes = stack = processes.Stack(url, self.workdir)
+        common = self.common_args
         registry_args = ["--model-path", str(model_path), "--model-name", MODEL]
-        node_args = [
-            "--data-dir",
-            str(self.workdir / "node"),
-            "--parallel",
-            str(self.parallel),
-            "--node-id",
-            NODE_ID,
-            *self.node_args,
-        ]
         gateway_args = ["--port", "0", *self.gateway_args]
-        if self.layout == "up":
-            plan = [("up", ["--role", "up", *common, *registry_args, *node_args, *gateway_args])]
-        else:
-            plan = [
-                ("registry", ["--role", "registry", *common, *registry_args]),
-                ("node", ["--role", "node", *common, *node_args]),
-                ("gateway", ["--role", "gateway", *common, *gateway_args]),
-            ]
-        for name, args in plan:
-            child = Child(name, args, self.workdir)
-            self.children.append(child)
-            info = child.ready()
-            if "port" in info:
-                self.port = int(info["port"])
-        asyncio.run(self._wait_until_served())
 
-    async def _wait_until_served(self, timeout: float = 60.0) -> None:
+        def node_args(node_id: str, extra: list[str]) -> list[str]:
+            data_dir = str(self.workdir / node_id)
+            return ["--data-dir", data_dir, "--parallel", str(self.parallel), "--node-id", node_id, *extra]
+
+        if self.layout == "up":
+            args = [*common, *registry_args, *node_args(NODE_ID, self.node_args), *gateway_args]
+            gateway = stack.start_bench("up", *args)
+        else:
+            stack.start_bench("registry", *common, *registry_args)
+            for node_id, extra in self._nodes:
+                name = node_id if len(self._nodes) > 1 else "node"  # "node" is what the report's columns name
+                stack.start_bench("node", *common, *node_args(node_id, [*self.node_args, *extra]), name=name)
+            gateway = stack.start_bench("gateway", *common, *gateway_args)
+            if self.keyed_gateway:
+                keys = ["--auth", "--data-dir", str(self.workdir / "keys")]
+                keyed = stack.start_bench("gateway", *common, *gateway_args, *keys, name=KEYED)
+                self.keyed_port, self.api_key = int(keyed.info["port"]), keyed.info["api_key"]
+        self.port = int(gateway.info["port"])
+
+    def start(self) -> None:
+        self.launch()
+        asyncio.run(self.wait_until_served())
+
+    async def wait_until_served(self, timeout: float = 60.0) -> None:
+        """Until the gateway lists every node as serving the model."""
+        wanted = set(self.node_ids)
         deadline = time.monotonic() + timeout
         last = b""
         while time.monotonic() < deadline:
             try:
                 conn = await connect(self.port)
                 try:
-                    status, body = await asyncio.wait_for(conn.request(http_request("GET", "/v1/models", self.port)), 5)
+                    request = http_request("GET", f"/v0/models/{MODEL}", self.port)
+                    status, last = await asyncio.wait_for(conn.request(request), 5)
                 finally:
                     conn.close()
-                last = body
-                if status == 200 and any(m.get("id") == MODEL for m in json.loads(body).get("data", [])):
+                if status == 200 and wanted <= set(json.loads(last).get("nodes") or []):
                     return
             except (TimeoutError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"model {MODEL!r} was not served within {timeout}s; last /v1/models: {last[:500]!r}")
+        raise RuntimeError(
+            f"the gateway did not see all of {sorted(wanted)} serving {MODEL!r} within {timeout}s; "
+            f"last /v0/models/{MODEL}: {last[:500]!r}"
+        )
 
     async def history_count(self, expected: int, timeout: float = 15.0) -> int:
         """Records in the HISTORY stream, once the gateway's background writer caught up."""
@@ -583,16 +560,21 @@ class Stack:
         finally:
             await nc.close()
 
-    def pids(self) -> dict[str, int]:
-        out = {child.name: child.popen.pid for child in self.children}
+    def pids(self, keyed: bool = False) -> dict[str, int]:
+        """Processes to measure, by name; ``keyed``: the keyed gateway as "gateway" (the plain
+        one left out), else the plain gateway (the keyed one, idle then, left out)."""
+        out = {proc.name: proc.pid for proc in self.processes.processes} if self.processes else {}
+        keyed_pid = out.pop(KEYED, None)
+        if keyed and keyed_pid is not None:
+            out["gateway"] = keyed_pid
         if self.nats is not None and self.nats._proc is not None:
             out["nats-server"] = self.nats._proc.pid
         out["load generator"] = os.getpid()
         return out
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+        if self.processes is not None:
+            self.processes.stop()
         if self.nats is not None:
             self.nats.stop_sync()
 
@@ -644,6 +626,20 @@ def render(
                 f"- {setup}: {s64.rps:,.0f} requests/s at concurrency 64 "
                 f"(target >= {TARGET_RPS_AT_64:,.0f}: {_verdict(s64.rps >= TARGET_RPS_AT_64)})"
             )
+    plain1, keyed1 = by.get(("stack (split)", 1)), by.get(("stack (split, keys)", 1))
+    plain64, keyed64 = by.get(("stack (split)", 64)), by.get(("stack (split, keys)", 64))
+    if plain1 and keyed1:
+        added_us = 1000 * (keyed1.percentile_ms(50) - plain1.percentile_ms(50))
+        summary.append(
+            f"- API keys on (split, keys vs split): {added_us:+.0f} µs of p50 latency at concurrency 1 "
+            f"(target <= {TARGET_AUTH_ADDED_US:g} µs: {_verdict(added_us <= TARGET_AUTH_ADDED_US)})"
+        )
+    if plain64 and keyed64 and plain64.rps > 0:
+        loss = 1 - keyed64.rps / plain64.rps
+        summary.append(
+            f"- API keys on (split, keys vs split): {100 * loss:+.1f}% throughput lost at concurrency 64 "
+            f"(target <= {100 * TARGET_AUTH_RPS_LOSS:g}%: {_verdict(loss <= TARGET_AUTH_RPS_LOSS)})"
+        )
     for layout in args.layouts:
         if layout in stored:
             summary.append(
@@ -744,6 +740,12 @@ def report_header(started: float, command: str) -> list[str]:
     ]
 
 
+def output_options(parser: argparse.ArgumentParser) -> None:
+    """``--output`` and ``--keep``, as every benchmark that runs a stack takes them."""
+    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+
+
 def publish(text: str, output: Path | None, begin: str = BEGIN, end: str = END) -> int:
     """Print a results section, and write it between its markers in ``output`` when given."""
     print(text)
@@ -796,13 +798,18 @@ def main() -> int:
         help="load generator for the stack: the built-in asyncio client or wrk [%(default)s]",
     )
     parser.add_argument(
+        "--keys",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split layout: a second gateway with API keys on, measured after the plain one at each level [on]",
+    )
+    parser.add_argument(
         "--nats-direct",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also measure the node alone over NATS, without gateway and HTTP, in the split layout [on; --quick: off]",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
+    output_options(parser)
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.layouts = [
@@ -834,7 +841,7 @@ def main() -> int:
 
     for layout in args.layouts:
         workdir = Path(tempfile.mkdtemp(prefix=f"llm-router-bench-{layout}-"))
-        stack = Stack(layout, workdir, args.parallel)
+        stack = Stack(layout, workdir, args.parallel, keyed_gateway=args.keys and layout == "split")
         try:
             t0 = time.monotonic()
             stack.start()
@@ -843,16 +850,21 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            for c in args.levels:
+            # With --keys, each level is measured on the plain gateway, then on the keyed one
+            # (same NATS, node and moment): the difference is what API keys cost.
+            runs = [(f"stack ({layout})", stack.port, None, stack.pids(keyed=False))]
+            if stack.keyed_port:
+                runs.append((f"stack ({layout}, keys)", stack.keyed_port, stack.api_key, stack.pids(keyed=True)))
+            for c, (setup, port, key, pids) in ((c, run) for c in args.levels for run in runs):
                 if args.client == "wrk":
-                    r = run_wrk(stack.port, c, warmup, duration, stack.pids(), workdir)
+                    r = run_wrk(port, c, warmup, duration, pids, workdir)
                 else:
-                    r = _event_loop_run(run_http(stack.port, c, warmup, duration, stack.pids()))
-                r.setup = f"stack ({layout})"
+                    r = _event_loop_run(run_http(port, c, warmup, duration, pids, key))
+                r.setup = setup
                 results.append(r)
                 sent[layout] = sent.get(layout, 0) + r.sent
                 print(
-                    f"stack ({layout}) c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
+                    f"{setup:<20} c={c:<3} p50={r.percentile_ms(50):.3f} ms  p99={r.percentile_ms(99):.3f} ms  "
                     f"{r.rps:,.0f} req/s  errors={r.errors}  cpu%="
                     + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r.cpu.items(), key=lambda kv: _process_order(kv[0]))),
                     file=sys.stderr,
@@ -861,7 +873,7 @@ def main() -> int:
             stored[layout] = _event_loop_run(stack.history_count(sent[layout]))
             if args.nats_direct and layout == "split":
                 for c in args.levels:
-                    pids = {k: v for k, v in stack.pids().items() if k != "gateway"}
+                    pids = {k: v for k, v in stack.pids(keyed=False).items() if k != "gateway"}
                     r = _event_loop_run(run_nats_direct(stack.nats.url, NODE_ID, c, warmup, duration, pids))
                     r.setup = "NATS -> node (split)"
                     results.append(r)

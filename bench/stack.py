@@ -48,7 +48,9 @@ async def _main(args: argparse.Namespace) -> int:
     components: list = []
     gateway = registry = None
     if "registry" in roles:
-        registry = Registry(nats_url=args.nats_url)
+        # Its models root: the directory of the one file it registers (--model-path).
+        roots = [Path(args.model_path).resolve().parent] if args.model_path else []
+        registry = Registry(nats_url=args.nats_url, model_roots=roots)
         components.append(registry)
     if "gateway" in roles:
         gateway = Gateway(

@@ -46,10 +46,8 @@ CLI_INBOX = "_INBOX"  # nats-py's and the NATS CLI's default
 REPLY_TTL_S = 3600
 
 # Streams that hold secrets or other people's data: only the gateway (and the operator) reach them.
-KV_USERS = "users"
-KV_SESSIONS = "sessions"
-AUDIT = "AUDIT"
-SECRET_BUCKETS = (storage.KV_KEYS, KV_USERS, KV_SESSIONS, storage.KV_SETTINGS)
+AUDIT = "AUDIT"  # the audit log's stream (who did what), once it exists
+SECRET_BUCKETS = (storage.KV_KEYS, storage.KV_USERS, storage.KV_SESSIONS, storage.KV_SETTINGS)
 
 
 def kv_stream(bucket: str) -> str:

@@ -33,6 +33,12 @@ KV_KEYS = "keys"  # API keys, by id: digests only (nodes get no access to it)
 KV_LEASES = "leases"
 # A download lease lives this long unless its holder renews it (every third of it).
 LEASE_TTL_S = 15.0
+# Dashboard users by name (``user_key``): argon2id hashes, never a password. Also the secret that
+# signs session tokens, under a key no username encodes to; nodes get no access to either bucket.
+KV_USERS = "users"
+KV_SESSIONS = "sessions"  # dashboard sessions by id; a session lives SESSION_TTL_S and no longer
+SESSION_TTL_S = 7 * DAY
+SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
 OBJ_MODEL_BLOBS = "model-blobs"
 # Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
 # Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.
@@ -75,6 +81,15 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
     KeyValueConfig(bucket=KV_SETTINGS, description="users, hashed API keys and settings", history=5),
     KeyValueConfig(bucket=KV_KEYS, description="API keys: SHA-256 digests, scopes, models, expiry", history=1),
     KeyValueConfig(bucket=KV_LEASES, description="who downloads a model into a shared models dir", ttl=LEASE_TTL_S),
+    KeyValueConfig(
+        bucket=KV_USERS, description="dashboard users: argon2id hashes, roles; the session secret", history=1
+    ),
+    KeyValueConfig(
+        bucket=KV_SESSIONS,
+        description="dashboard sessions: user and expiry, never the token",
+        ttl=SESSION_TTL_S,
+        history=1,
+    ),
 )
 
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
@@ -91,6 +106,11 @@ OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
 def download_key(node_id: str, model: str) -> str:
     """``downloads`` bucket key of a node's latest progress report on a model."""
     return f"progress.{encode_token(node_id)}.{encode_token(model)}"
+
+
+def user_key(name: str) -> str:
+    """``users`` bucket key of a user (names checked by ``events.tokens.username_error`` first)."""
+    return encode_token(name)
 
 
 def download_task_key(task_id: str) -> str:

@@ -65,3 +65,20 @@ def decode_token(token: str) -> str:
         # e.g. "=41" for "A": a safe byte escaped is not canonical, so reject it.
         raise ValueError(f"not a canonical model token: {token!r}")
     return decoded
+
+
+# Dashboard usernames: a KV key (encoded like any name) and a line in listings, audit and logs,
+# so fewer characters than a model name may hold: letters, digits and ``. _ @ -``, at most 64.
+MAX_USERNAME_CHARS = 64
+USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def username_error(name: object) -> str | None:
+    """Why ``name`` cannot be a username, or None when it can."""
+    if not isinstance(name, str) or not _USERNAME.fullmatch(name):
+        return (
+            f"a username is 1 to {MAX_USERNAME_CHARS} letters, digits or '.', '_', '@', '-', "
+            "starting with a letter or digit"
+        )
+    return None

@@ -14,10 +14,10 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from broker import NatsAuth, connect, provision
 from broker.mirrors import NodeDirectory, RegisteredModels
@@ -29,28 +29,38 @@ from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
 from .history import HistoryWriter
+from .hot_routes import HotRoutes
 from .http import json_response
 from .key_routes import KeyRoutes
+from .login_throttle import LoginThrottle
 from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
+from .passwords import Passwords
+from .sessions import Sessions
+from .user_routes import UserRoutes
+from .users import UserDirectory
 
 log = structlog.get_logger("gateway")
 
 
-async def _api_error(request: Request, exc: ApiError) -> Response:
-    return exc.response()
-
-
-async def _dispatch_error(request: Request, exc: DispatchError) -> Response:
+def error_response(exc: Exception) -> Response:
+    """The one table from an exception to its OpenAI error response, for the Starlette app and
+    for :class:`~gateway.hot_routes.HotRoutes` alike."""
+    if isinstance(exc, ApiError):
+        return exc.response()
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
-    return api_error(exc).response()
+    if isinstance(exc, DispatchError):
+        return api_error(exc).response()
+    if isinstance(exc, NameTooLong):  # a name in the path or query no subject or key can hold
+        return ApiError(400, f"Invalid name: {exc}.", code="invalid_name").response()
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error").response()
 
 
-async def _bad_name(request: Request, exc: NameTooLong) -> Response:
-    """A name in the path or query that no subject or key can hold (model, node, task ids)."""
-    return ApiError(400, f"Invalid name: {exc}.", code="invalid_name").response()
+async def _handled(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -58,15 +68,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return ApiError(exc.status_code, message, type="invalid_request_error").response()
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", path=request.url.path)
-    return ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error").response()
-
-
-def build_app(gateway: Gateway) -> Starlette:
+def build_app(gateway: Gateway) -> ASGIApp:
+    """The Starlette app with every route, behind the hot inference routes and the key check."""
     api, admin, downloads, media = gateway.routes, gateway.admin, gateway.downloads, gateway.media
     routes = [
-        # Inference first: Starlette tries routes in order, and these take nearly all the traffic.
+        # Also served by HotRoutes in front (nearly all the traffic); listed here for the route table.
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
@@ -101,20 +107,36 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v0/keys", keys.list, methods=["GET"]),
         Route("/v0/keys/{key_id}", keys.revoke, methods=["DELETE"]),
     ]
-    middleware = [Middleware(AuthMiddleware, ring=gateway.keys)] if gateway.auth else []
+    users = gateway.user_routes
+    routes += [
+        Route("/v0/auth/login", users.login, methods=["POST"]),
+        Route("/v0/auth/logout", users.logout, methods=["POST"]),
+        Route("/v0/auth/me", users.me, methods=["GET"]),
+        Route("/v0/auth/password", users.change_password, methods=["POST"]),
+        Route("/v0/users", users.list, methods=["GET"]),
+        Route("/v0/users", users.create, methods=["POST"]),
+        Route("/v0/users/{name}", users.delete, methods=["DELETE"]),
+        Route("/v0/users/{name}/password", users.reset_password, methods=["PUT"]),
+    ]
     app = Starlette(
         routes=routes,
-        middleware=middleware,
         exception_handlers={
-            ApiError: _api_error,
-            DispatchError: _dispatch_error,
-            NameTooLong: _bad_name,
+            ApiError: _handled,
+            DispatchError: _handled,
+            NameTooLong: _handled,
             HTTPException: _http_error,
-            Exception: _server_error,
+            Exception: _handled,
         },
     )
     app.state.auth = gateway.auth  # the OpenAPI document says whether keys are wanted
-    return app
+    gateway.starlette = app
+    hot = {
+        "/v1/chat/completions": api.chat_completions,
+        "/v1/completions": api.completions,
+        "/v1/embeddings": api.embeddings,
+    }
+    served: ASGIApp = HotRoutes(app, hot, error_response)
+    return AuthMiddleware(served, gateway.keys, sessions=gateway.sessions) if gateway.auth else served
 
 
 def is_loopback(host: str) -> bool:
@@ -136,14 +158,17 @@ class Gateway:
         queue_timeout: float = 60.0,
         replicas: int | None = None,
         auth: bool = True,
+        passwords: Passwords | None = None,
         nats_auth: NatsAuth | None = None,
     ) -> None:
-        """``auth=False`` serves without API keys: only for a gateway on a loopback address."""
+        """``auth=False`` serves without API keys: only for a gateway on a loopback address.
+        ``passwords``: argon2 settings for new password hashes (tests make them cheap)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
             )
         self.auth = auth
+        self.passwords = passwords
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
@@ -156,6 +181,7 @@ class Gateway:
         self.dispatcher: Dispatcher | None = None
         self._serve_task: asyncio.Task | None = None
         self._socket: socket.socket | None = None
+        self.starlette: Starlette | None = None  # every route; self.app is it behind HotRoutes and auth
 
     @property
     def url(self) -> str:
@@ -196,6 +222,12 @@ class Gateway:
         self.keys = KeyRing()
         await self.keys.start(self.js)
         self.key_routes = KeyRoutes(self.keys)
+        self.users = UserDirectory()
+        await self.users.start(self.js)  # makes the session secret when the cluster has none
+        self.sessions = Sessions(self.users)
+        await self.sessions.start(self.js)
+        self.passwords = self.passwords or await asyncio.to_thread(Passwords)  # hashes its dummy password
+        self.user_routes = UserRoutes(self.users, self.sessions, self.passwords, LoginThrottle())
         self.app = build_app(self)
         if not serve_http:
             await self.nc.flush()
@@ -237,6 +269,8 @@ class Gateway:
         await provision(self.js, self.replicas, role=self.nc.role)
         await self.catalog.resync(self.js)
         await self.keys.resync(self.js)
+        await self.users.resync(self.js)
+        await self.sessions.resync(self.js)
         log.info("gateway state recovered", models=len(self.catalog.records))
 
     async def stop(self) -> None:
@@ -249,6 +283,8 @@ class Gateway:
         await self.directory.stop()
         await self.catalog.stop()
         await self.keys.stop()
+        await self.sessions.stop()
+        await self.users.stop()
         await self.nc.drain()
 
     async def healthz(self, request: Request) -> Response:

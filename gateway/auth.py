@@ -10,7 +10,9 @@ secret carries 256 random bits, there is nothing to guess, and the check runs on
 
 :class:`AuthMiddleware` is plain ASGI (no per-request task or Request object): it finds the
 scope a path needs, checks the bearer token and leaves the key in ``scope["state"]["api_key"]``
-for the routes (model limits, the key id in history).
+for the routes (model limits, the key id in history). A bearer token without the key prefix is
+a dashboard session (:mod:`gateway.sessions`); its principal is an ``ApiKey`` too, with
+``id="user:<name>"`` and its role's scope, so everything that reads the key works unchanged.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def required_scope(method: str, path: str) -> str | None:
         # DELETE /v1/models/{model} removes a registration: administration, not inference.
         return "inference" if method in ("GET", "HEAD", "POST") else "admin"
     if path.startswith("/v0/"):
+        if path.startswith("/v0/auth/"):
+            return None if path == "/v0/auth/login" else "read"  # login checks a password; the rest, a session
+        if path.startswith("/v0/users"):
+            return "admin"  # like keys: listing users is administration
         if path.startswith("/v0/keys"):
             return "admin"  # listing keys is administration, not a read
         if path.startswith("/v0/files/") and method in ("GET", "HEAD"):
@@ -141,9 +147,11 @@ def _token(scope: Scope) -> str | None:
 class AuthMiddleware:
     """401 without a valid, unexpired key; 403 without the scope the path needs."""
 
-    def __init__(self, app: ASGIApp, ring: KeyRing) -> None:
+    def __init__(self, app: ASGIApp, ring: KeyRing, sessions: Any = None) -> None:
+        """``sessions``: a :class:`gateway.sessions.Sessions`, for bearer tokens that are not keys."""
         self.app = app
         self.ring = ring
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,9 +174,15 @@ class AuthMiddleware:
                 code="missing_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        key = self.ring.check(token)
+        session = self.sessions is not None and not token.startswith(PREFIX)  # a dashboard session (JWT)
+        key = self.sessions.check(token) if session else self.ring.check(token)
         if key is None:
-            return ApiError(401, "Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            message, code = (
+                ("Invalid API key or session.", "invalid_session")
+                if session
+                else ("Invalid API key.", "invalid_api_key")
+            )
+            return ApiError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
         if key.expires_at is not None and key.expires_at <= time.time():
             return ApiError(401, f"API key {key.id} has expired.", code="expired_api_key")
         if not allows(key, needed):

@@ -33,31 +33,28 @@ def client_finish_reason(reason: str) -> str:
 
 
 def chat_completion(cid: str, created: int, model: str, text: str, finish_reason: str, usage: Usage) -> dict:
-    return {
-        "id": cid,
-        "object": CHAT_OBJECT,
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": client_finish_reason(finish_reason),
-            }
-        ],
-        "usage": usage_dict(usage),
-        "system_fingerprint": None,
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": client_finish_reason(finish_reason),
     }
+    return _completion(CHAT_OBJECT, cid, created, model, choice, usage)
 
 
 def text_completion(cid: str, created: int, model: str, text: str, finish_reason: str, usage: Usage) -> dict:
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": client_finish_reason(finish_reason)}
+    return _completion(TEXT_OBJECT, cid, created, model, choice, usage)
+
+
+def _completion(obj: str, cid: str, created: int, model: str, choice: dict, usage: Usage) -> dict:
+    """The envelope both non-streamed completions share (the key order is the bytes clients see)."""
     return {
         "id": cid,
-        "object": TEXT_OBJECT,
+        "object": obj,
         "created": created,
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": client_finish_reason(finish_reason)}],
+        "choices": [choice],
         "usage": usage_dict(usage),
         "system_fingerprint": None,
     }

@@ -17,7 +17,16 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from events.messages import CreateKey, DownloadModel, HfQuery, RegisterModel
+from events.messages import (
+    ChangePassword,
+    CreateKey,
+    CreateUser,
+    DownloadModel,
+    HfQuery,
+    Login,
+    RegisterModel,
+    SetPassword,
+)
 from events.openai import (
     ChatCompletionBody,
     CompletionBody,
@@ -28,6 +37,7 @@ from events.openai import (
     SpeechBody,
     TranscriptionBody,
 )
+from events.tokens import MAX_USERNAME_CHARS, USERNAME_PATTERN
 
 REF = "#/components/schemas/{name}"
 JSON_BODIES = [
@@ -39,6 +49,10 @@ JSON_BODIES = [
     RegisterModel,
     DownloadModel,
     CreateKey,
+    Login,
+    ChangePassword,
+    CreateUser,
+    SetPassword,
 ]
 MULTIPART_BODIES = {ImageEditBody: {"image", "mask"}, ImageVariationBody: {"image"}, TranscriptionBody: {"file"}}
 # Form fields whose OpenAI name carries "[]" (repeated parts make a list; see media_routes._fields).
@@ -90,6 +104,10 @@ def _query(name: str, description: str, **schema: Any) -> dict:
 
 def _model_path() -> dict:
     return _path("model", "A registered model's name; it may contain '/'.")
+
+
+def _username_path() -> dict:
+    return _path("name", "A username.", maxLength=MAX_USERNAME_CHARS, pattern=USERNAME_PATTERN)
 
 
 def _json_body(name: str, *, required: bool = True) -> dict:
@@ -261,6 +279,47 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             params=[_path("key_id", "The key's id (key_...).")],
         )
     },
+    "/v0/auth/login": {
+        "post": _op(
+            "Sign in (no key needed): a session token for 'Authorization: Bearer', valid 7 days. "
+            "Throttled per username and address (429 with Retry-After).",
+            JSON,
+            tag="auth",
+            body=_json_body("Login"),
+        )
+    },
+    "/v0/auth/logout": {"post": _op("End this session, on every gateway.", JSON, tag="auth")},
+    "/v0/auth/me": {"get": _op("The signed-in user and this session.", JSON, tag="auth")},
+    "/v0/auth/password": {
+        "post": _op(
+            "Change one's own password (the old one first); the user's other sessions end.",
+            JSON,
+            tag="auth",
+            body=_json_body("ChangePassword"),
+        )
+    },
+    "/v0/users": {
+        "get": _op("List dashboard users (admin); never their password hashes.", JSON, tag="admin"),
+        "post": _op(
+            "Create a dashboard user (admin): admin or viewer.",
+            JSON,
+            tag="admin",
+            statuses=("201",),
+            body=_json_body("CreateUser"),
+        ),
+    },
+    "/v0/users/{name}": {
+        "delete": _op("Delete a user (admin); their sessions end.", JSON, tag="admin", params=[_username_path()])
+    },
+    "/v0/users/{name}/password": {
+        "put": _op(
+            "Set a user's password (admin); every session of the user ends.",
+            JSON,
+            tag="admin",
+            params=[_username_path()],
+            body=_json_body("SetPassword"),
+        )
+    },
     "/v0/models/{model}": {
         "get": _op("A registration with what live nodes say about it.", JSON, tag="admin", params=[_model_path()]),
         "delete": _op("Delete a registration.", JSON, tag="admin", params=[_model_path()]),
@@ -268,12 +327,18 @@ OPERATIONS: dict[str, dict[str, dict]] = {
 }
 
 
-SECURITY = {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key, sk-llmr-..."}}
+SECURITY = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key, sk-llmr-..., or a session token from POST /v0/auth/login",
+    }
+}
 
 
 def _open_meta(paths: dict) -> dict:
-    """The meta operations (health, this document) need no key: gateway.auth.required_scope."""
-    for path in ("/healthz", "/openapi.json"):
+    """The meta operations (health, this document) and login need no key: gateway.auth.required_scope."""
+    for path in ("/healthz", "/openapi.json", "/v0/auth/login"):
         for operation in paths[path].values():
             operation["security"] = []
     return paths

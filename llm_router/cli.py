@@ -92,6 +92,22 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         help="host nodes may download models from (repeatable; 'none' for no origin) "
         f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]",
     )
+    parser.add_argument(
+        "--allow-fetch-host",
+        action="append",
+        metavar="HOST",
+        default=[h for h in env("ALLOW_FETCH_HOSTS", "").split(",") if h] or None,
+        help="host (or host:port) a vision chat's image_url may be fetched from even though it resolves to an "
+        "internal address (repeatable); others must resolve to public addresses "
+        f"[env {ENV_PREFIX}ALLOW_FETCH_HOSTS, comma-separated]",
+    )
+    parser.add_argument(
+        "--no-remote-images",
+        action="store_true",
+        default=env("NO_REMOTE_IMAGES", "") in ("1", "true", "yes"),
+        help="never fetch a vision chat's http(s) image_url (only data: URLs are accepted) "
+        f"[env {ENV_PREFIX}NO_REMOTE_IMAGES]",
+    )
     _add(
         parser,
         "--runtimes",
@@ -115,17 +131,21 @@ def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
         "shared_models_dir": Path(args.shared_models_dir).expanduser() if args.shared_models_dir else None,
         "allow_origins": args.allow_origin,
         "predownload": args.predownload,
-        "runtimes": _runtimes(args.runtimes),
+        "runtimes": _runtimes(args.runtimes, _image_fetcher(args)),
     }
 
 
-def _runtimes(names: str | None) -> list[Any] | None:
-    if not names:
-        return None
+def _image_fetcher(args: argparse.Namespace) -> Any:
+    from nodes.remote_media import ImageFetcher
+
+    return ImageFetcher.from_settings(enabled=not args.no_remote_images, allow_hosts=args.allow_fetch_host or [])
+
+
+def _runtimes(names: str | None, images: Any = None) -> list[Any]:
     from nodes.runtimes import default_runtimes
 
     try:
-        return default_runtimes([n.strip() for n in names.split(",") if n.strip()])
+        return default_runtimes([n.strip() for n in names.split(",") if n.strip()] if names else None, images=images)
     except ValueError as exc:
         raise SystemExit(f"llm-router: --runtimes: {exc}") from None
 
@@ -149,9 +169,21 @@ def _registry_options(parser: argparse.ArgumentParser) -> None:
         None,
         "curated model catalog to use instead of the built-in supported_models.json",
     )
+    parser.add_argument(
+        "--model-root",
+        action="append",
+        metavar="DIR",
+        default=[r for r in env("MODEL_ROOTS", "").split(os.pathsep) if r] or None,
+        help="directory a model registered by path must lie under, symlinks resolved (repeatable); with none, "
+        "registering a path is refused (`up` adds its data dir and each --model's directory) "
+        f"[env {ENV_PREFIX}MODEL_ROOTS, '{os.pathsep}'-separated]",
+    )
 
 
-def _registry(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> Any:
+def _registry(
+    args: argparse.Namespace, nats_url: str | None, nats_auth: Any, extra_roots: list[Path] | None = None
+) -> Any:
+    """``extra_roots``: models roots besides --model-root (``up``'s own)."""
     from registry import Registry
 
     return Registry(
@@ -161,6 +193,7 @@ def _registry(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) ->
         hf_cache_ttl=float(args.hf_cache_ttl),
         hf_timeout=float(args.hf_timeout),
         replicas=args.replicas,
+        model_roots=[*(args.model_root or []), *(extra_roots or [])],
     )
 
 
@@ -248,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .key_commands import add_key_commands
 
     add_key_commands(commands, _add)
+    from .user_commands import add_user_commands
+
+    add_user_commands(commands, _add)
     from .creds_commands import add_creds_command
 
     add_creds_command(commands, _add, _data_dir_option)
@@ -330,6 +366,10 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_aut
         argv += ["--allow-origin", origin]
     if args.runtimes:
         argv += ["--runtimes", str(args.runtimes)]
+    for host in args.allow_fetch_host or []:
+        argv += ["--allow-fetch-host", host]
+    if args.no_remote_images:
+        argv += ["--no-remote-images"]
     if args.replicas is not None:
         argv += ["--replicas", str(args.replicas)]
     return argv + nats_auth_argv(nats_auth)
@@ -358,7 +398,9 @@ async def _up(args: argparse.Namespace) -> int:
         embedded = _EmbeddedNatsComponent(data_dir, int(args.nats_port), str(args.nats_host), authority)
         await embedded.start()
         nats_url = embedded.url
-    registry = _registry(args, nats_url, auths["registry"])
+    # The data dir (the demo model) and each --model's directory are models roots of `up`'s registry.
+    roots = [data_dir, *(Path(p).expanduser().resolve().parent for p in args.model)]
+    registry = _registry(args, nats_url, auths["registry"], roots)
     gateway = _gateway(args, nats_url, auths["gateway"])
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
 
@@ -499,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         from .key_commands import run_key_command
 
         return run_key_command(args)
+    if args.command == "users":
+        from .user_commands import run_user_command
+
+        return run_user_command(args)
     if args.command == "nats-creds":
         from .creds_commands import run_creds_command
 

@@ -22,13 +22,13 @@ from events.messages import Accepted, Failure, InferenceRequest, LoadedModel, Mo
 
 from .responder import Responder
 from .runners import RUNNERS, Job
-from .runtimes.base import AnyEngine, EngineError
+from .runtimes.base import EngineError, LoadedEngine
 
 log = structlog.get_logger("node")
 
 
 class ServedModel:
-    def __init__(self, record: ModelRecord, runtime: str, engine: AnyEngine, path: str) -> None:
+    def __init__(self, record: ModelRecord, runtime: str, engine: LoadedEngine, path: str) -> None:
         self.record = record
         self.runtime = runtime
         self.engine = engine

@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,14 @@ class Registry:
         hf_cache_ttl: float = 600.0,
         hf_timeout: float = 5.0,
         replicas: int | None = None,
+        model_roots: Iterable[str | Path] = (),
         nats_auth: NatsAuth | None = None,
     ) -> None:
+        """``model_roots``: directories a registration by path must lie under (``--model-root``);
+        none: registering a path is refused."""
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
+        self.model_roots = sources.model_roots(model_roots)
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.catalog = {entry.id: entry for entry in load_catalog(catalog_path)}  # fails fast on a bad file
         self.hf = HuggingFace(cache_ttl=hf_cache_ttl, timeout=hf_timeout)
@@ -127,7 +131,12 @@ class Registry:
         self._subs.append(await self.nc.subscribe(subjects.DOWNLOADS_PROGRESS_ALL, cb=self._on_progress))
         self._lifecycle_task = asyncio.create_task(self._lifecycle_loop(), name="lifecycle")
         await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
-        log.info("registry started", catalog=len(self.catalog), hf_endpoint=self.hf.endpoint)
+        log.info(
+            "registry started",
+            catalog=len(self.catalog),
+            hf_endpoint=self.hf.endpoint,
+            model_roots=[str(root) for root in self.model_roots],
+        )
 
     async def _recover(self) -> None:
         """After a reconnection (the server may have restarted, or lost its store): provision
@@ -176,7 +185,7 @@ class Registry:
             if kind == "catalog_id":
                 record = await sources.from_catalog(request, self.catalog, self.hf)
             elif kind == "path":
-                record = sources.from_path(request)
+                record = sources.from_path(request, self.model_roots)
             else:
                 record = await sources.from_hugging_face(request, self.hf)
         except sources.RegistrationError as exc:

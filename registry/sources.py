@@ -16,6 +16,7 @@ from Hugging Face (documented in the README):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from events import subjects
@@ -96,20 +97,50 @@ async def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry],
     )
 
 
-def from_path(request: RegisterModel) -> ModelRecord:
-    path = Path(request.path or "").expanduser().resolve()
+def confined(path: str, roots: Sequence[Path], *, what: str = "path") -> Path:
+    """``path`` resolved (symlinks and ``..``), or a 400 unless it lies under one of ``roots``
+    (``--model-root``): registering a path must not let anyone point nodes at any file of the host.
+    Checked before the path is looked at, so a refusal says nothing about what exists there."""
+    resolved = Path(path).expanduser().resolve()
+    if not roots:
+        raise RegistrationError(
+            400,
+            "registering a local path is off: this registry has no models root "
+            "(start it with --model-root DIR, or set LLM_ROUTER_MODEL_ROOTS)",
+        )
+    if not any(resolved.is_relative_to(root) for root in roots):
+        leads = "" if str(resolved) == str(Path(path).expanduser().absolute()) else f" (from {path})"
+        names = ", ".join(str(root) for root in roots)
+        raise RegistrationError(400, f"{what} {resolved}{leads} is outside this registry's models roots ({names})")
+    return resolved
+
+
+def model_roots(roots: Iterable[str | Path]) -> list[Path]:
+    """Models roots as they are compared: absolute, symlinks resolved."""
+    return list(dict.fromkeys(Path(root).expanduser().resolve() for root in roots if str(root)))
+
+
+def from_path(request: RegisterModel, roots: Sequence[Path]) -> ModelRecord:
+    """``roots``: the resolved models roots (:func:`model_roots`); the model, its projector and,
+    for a folder, every file in it must lie under one."""
+    path = confined(request.path or "", roots)
     try:
         kind = detect(path)
     except UnrecognisedModel as exc:
         raise RegistrationError(422, str(exc)) from None
+    if path.is_dir():
+        for inside in path.rglob("*"):  # a symlink in the folder leads its reader elsewhere
+            confined(str(inside), roots, what="a file of the model folder,")
     capabilities = list(kind.capabilities)
     projector = None
     if kind.format == "gguf":
+        explicit = str(confined(request.projector, roots, what="projector")) if request.projector else None
         try:
-            projector = find_projector(path, request.projector)
+            projector = find_projector(path, explicit)
         except UnrecognisedModel as exc:
             raise RegistrationError(422, str(exc)) from None
         if projector is not None:
+            confined(str(projector), roots, what="projector")  # a mmproj beside it may be a symlink
             capabilities.append(subjects.VISION)
     elif request.projector:
         raise RegistrationError(400, "projector goes with a GGUF model")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from llm_router import processes
+from llm_router.processes import Process, cli
 
 # One engine thread: on 2 cores, 2 threads are 2-10x slower when anything else runs.
 os.environ.setdefault("LLM_ROUTER_LLAMA_THREADS", "1")
@@ -57,7 +56,6 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
 
 
 NATS_MONITORS: dict[str, str | None] = {}
-STACK_SCRIPT = str(Path(__file__).resolve().parent.parent / "bench" / "stack.py")  # components on the bench engine
 
 
 @pytest.fixture(scope="session")
@@ -76,103 +74,41 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Tiny multimodal models, built once per session (tests/tiny_models.py); each skips without its extra.
 
 
+def _tiny_model(factory: pytest.TempPathFactory, needs: list[str], builder: str, name: str, **options) -> Path:
+    """``tiny_models.<builder>`` into a fresh models folder, skipped unless ``needs`` and torch import."""
+    for module in needs:
+        pytest.importorskip(module)
+    pytest.importorskip("torch").set_num_threads(1)
+    import tiny_models  # here, not at the top: only model fixtures need it
+
+    return getattr(tiny_models, builder)(factory.mktemp("models") / name, **options)
+
+
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    from tiny_models import build_tiny_sd
-
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return _tiny_model(tmp_path_factory, ["diffusers"], "build_tiny_sd", "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("faster_whisper")
-    pytest.importorskip("transformers")
-    pytest.importorskip("torch").set_num_threads(1)
-    from tiny_models import build_tiny_whisper
-
-    return build_tiny_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
+    return _tiny_model(tmp_path_factory, ["faster_whisper", "transformers"], "build_tiny_whisper", "tiny-whisper")
 
 
 @pytest.fixture(scope="session")
 def voice_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    pytest.importorskip("torch").set_num_threads(1)
-    from tiny_models import build_tiny_piper_voice
-
-    return build_tiny_piper_voice(tmp_path_factory.mktemp("models") / "tiny-voice", sample_rate=22050)
+    return _tiny_model(
+        tmp_path_factory, ["onnxruntime", "onnx"], "build_tiny_piper_voice", "tiny-voice", sample_rate=22050
+    )
 
 
-class Proc:
-    """A component started as its own process (``python -m llm_router ...``), output captured.
-
-    Every one is remembered in ``Proc.started``: a process a test started and left running
-    (a node it forgot, or one a failed assertion skipped the stop of) is stopped after that
-    test, so it cannot answer another test's requests.
-    """
-
-    started: list[Proc] = []
+class Proc(Process):
+    """``llm-router ARGS`` (or ``python SCRIPT ARGS``) as its own process, output captured
+    (llm_router.processes.Process: every one is in ``Proc.started``, and one a test left
+    running is stopped after that test, so it cannot answer another test's requests)."""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None, script: str | None = None) -> None:
-        """``script``: run that Python file instead of ``-m llm_router`` (bench/stack.py's nodes)."""
+        super().__init__([sys.executable, script, *args] if script else cli(*args), env=env)
         self.args = args
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.popen = subprocess.Popen(
-            [sys.executable, *([script] if script else ["-m", "llm_router"]), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-        Proc.started.append(self)
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            seen = 0
-            while True:
-                for line in self.lines[seen:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.popen.poll() is not None and seen == len(self.lines):
-                    output = "\n".join(self.lines[-40:])
-                    raise AssertionError(f"{self.args[0]}: no line matching {pattern!r}; output:\n{output}")
-                self._cond.wait(min(remaining, 0.2))
-
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-            raise AssertionError(f"{self.args[0]} did not stop within {timeout}s:\n{self.output()[-3000:]}") from None
-
-    def kill(self) -> None:
-        self.popen.kill()
-        self.popen.wait()
 
 
 @pytest.fixture(autouse=True)
@@ -238,12 +174,21 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message=
     raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 
-class Stack:
+@pytest.fixture(scope="session", autouse=True)
+def _stack_model_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every file a test registers lies in one of the session's temporary directories: the
+    registry of a Stack takes their base as its models root (``--model-root``)."""
+    Stack.model_root = tmp_path_factory.getbasetemp()
+
+
+class Stack(processes.Stack):
     """registry + gateway + node, each its own process, on the session's NATS.
 
     Models registered through it are deleted again on close, so stacks of different tests
     sharing the session's NATS do not see each other's registrations.
     """
+
+    model_root: Path | None = None  # the session's base temporary directory (fixture above)
 
     def __init__(
         self,
@@ -256,36 +201,26 @@ class Stack:
         node: bool = True,
         auth: bool = False,
     ) -> None:
-        self.nats_url = nats_url
+        super().__init__(nats_url, data_dir, env=env)
         self.data_dir = data_dir
-        self.env = env
         self.registered: list[str] = []
-        self.registry = Proc(["registry", "--nats-url", nats_url, *registry_args], env=env)
+        roots = ("--model-root", str(Stack.model_root)) if Stack.model_root else ()
         # API keys off unless a test asks (tests/test_auth.py): every other test talks to it keyless.
         no_auth = () if auth else ("--no-auth",)
-        self.gateway = Proc(["gateway", "--nats-url", nats_url, "--port", "0", *no_auth, *gateway_args], env=env)
-        self.registry.wait_for("registry ready")
-        self.url = self.gateway.wait_for(r"gateway ready: (http://\S+)/v1").group(1)
+        self.registry = self.start("registry", *roots, *registry_args, wait=False)
+        self.gateway = self.start("gateway", *no_auth, *gateway_args, wait=False)
+        self.wait_ready(self.registry)
+        self.url = self.wait_ready(self.gateway).url
         self.node = self.start_node() if node else None
 
-    def start_node(self, name: str = "node", *args: str) -> Proc:
-        node = Proc(
-            ["node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / name), "--allow-cpu", *args],
-            env=self.env,
-        )
-        node.node_id = node.wait_for(r"node (\S+) ready").group(1)
-        return node
+    def start_node(self, name: str = "node", *args: str) -> Process:
+        return self.start("node", *args, name=name)
 
-    def delay_node(self, delay_ms: float, *, parallel: int = 1, node_id: str | None = None) -> Proc:
+    def delay_node(self, delay_ms: float, *, parallel: int = 1, node_id: str | None = None) -> Process:
         """A node of bench/stack.py whose engine holds a slot ``delay_ms`` per request (a cancel
         ends it early): for tests that need a model of a known speed."""
         node_id = node_id or f"slow{int(delay_ms)}-{uuid.uuid4().hex[:6]}"
-        args = ["--role", "node", "--nats-url", self.nats_url, "--data-dir", str(self.data_dir / node_id)]
-        args += ["--parallel", str(parallel), "--node-id", node_id, "--delay-ms", str(delay_ms)]
-        proc = Proc(args, script=STACK_SCRIPT, env=self.env)
-        proc.wait_for("READY")
-        proc.node_id = node_id
-        return proc
+        return self.start_bench_node(node_id, parallel=parallel, delay_ms=delay_ms, log=False)
 
     def admin(self, verb: str, payload: object) -> dict:
         import asyncio
@@ -298,15 +233,20 @@ class Stack:
     def register(self, path: Path, name: str) -> dict:
         return self.admin("register", {"path": str(path), "name": name})
 
+    def serve(self, path: Path, name: str, timeout: float = 20.0) -> dict:
+        """Register ``path`` as ``name`` and wait until the gateway lists it as ready."""
+        reply = self.register(path, name)
+        assert reply["ok"], reply
+        wait_until(lambda: name in self.models(), timeout=timeout, message=f"model {name} ready")
+        return reply
+
     def models(self) -> list[str]:
         import httpx
 
         return [m["id"] for m in httpx.get(self.url + "/v1/models").json()["data"]]
 
     def close(self) -> None:
-        if self.registry.popen.poll() is None:
+        if self.registry.running:
             for name in self.registered:
                 self.admin("delete", {"name": name})
-        for proc in (self.node, self.gateway, self.registry):
-            if proc is not None and proc.popen.poll() is None:
-                proc.stop()
+        self.stop()

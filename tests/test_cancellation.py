@@ -37,8 +37,7 @@ def test_engine_stops_at_the_next_token_when_cancelled(tiny_gguf) -> None:
 def test_disconnect_publishes_cancel_and_frees_the_node(nats_url, tiny_gguf, tmp_path) -> None:
     stack = Stack(nats_url, tmp_path)
     try:
-        assert stack.register(tiny_gguf, MODEL)["ok"]
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        stack.serve(tiny_gguf, MODEL)
 
         async def scenario() -> list[str]:
             nc = await nats.connect(nats_url)

@@ -140,6 +140,14 @@ class Cluster:
     def start(self, call: Call | None = None) -> asyncio.Task:
         return asyncio.create_task(self.ask(call))
 
+    async def held_node(self, call: Call | None = None) -> tuple[FakeNode, asyncio.Task]:
+        """A one-slot node that got ``call`` (or a new one) and holds it: later calls wait in the gateway."""
+        node = await self.add_node("one")
+        node.hold()
+        running = self.start(call)
+        await until(lambda: len(node.seen) == 1)
+        return node, running
+
 
 @asynccontextmanager
 async def cluster(nats_url: str, **settings) -> AsyncIterator[Cluster]:
@@ -188,11 +196,9 @@ async def test_the_free_node_that_answered_fastest_gets_the_request(nats_url) ->
 
 async def test_a_full_node_queues_requests_in_order_and_serves_each_when_a_slot_frees(nats_url) -> None:
     async with cluster(nats_url) as c:
-        node = await c.add_node("one")
-        node.hold()
         calls = [c.call() for _ in range(3)]
-        tasks = [c.start(calls[0])]
-        await until(lambda: len(node.seen) == 1)
+        node, first = await c.held_node(calls[0])
+        tasks = [first]
         for waiting, call in enumerate(calls[1:], start=1):
             tasks.append(c.start(call))
             await until(lambda waiting=waiting: c.dispatcher.waiting == waiting)
@@ -207,10 +213,7 @@ async def test_a_full_node_queues_requests_in_order_and_serves_each_when_a_slot_
 
 async def test_a_full_queue_refuses_at_once(nats_url) -> None:
     async with cluster(nats_url, queue_size=1) as c:
-        node = await c.add_node("one")
-        node.hold()
-        running = c.start()
-        await until(lambda: len(node.seen) == 1)
+        node, running = await c.held_node()
         queued = c.start()
         await until(lambda: c.dispatcher.waiting == 1)
         with pytest.raises(QueueFull) as err:
@@ -223,10 +226,7 @@ async def test_a_full_queue_refuses_at_once(nats_url) -> None:
 
 async def test_a_wait_past_the_queue_timeout_gives_up(nats_url) -> None:
     async with cluster(nats_url, queue_timeout=0.15) as c:
-        node = await c.add_node("one")
-        node.hold()
-        running = c.start()
-        await until(lambda: len(node.seen) == 1)
+        node, running = await c.held_node()
         started = time.monotonic()
         with pytest.raises(QueueTimeout):
             await c.ask()
@@ -272,10 +272,7 @@ async def test_no_responders_retries_on_the_other_node(nats_url) -> None:
 
 async def test_abandoning_a_queued_call_leaves_the_queue_at_once(nats_url) -> None:
     async with cluster(nats_url) as c:
-        node = await c.add_node("one")
-        node.hold()
-        running = c.start()
-        await until(lambda: len(node.seen) == 1)
+        node, running = await c.held_node()
         call = c.call()
         queued = asyncio.create_task(call.next())
         await until(lambda: c.dispatcher.waiting == 1)

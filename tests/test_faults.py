@@ -77,8 +77,7 @@ async def test_a_server_error_reconnects_the_client_with_its_subscriptions(nats_
 def test_an_over_long_model_name_is_refused_and_the_gateway_keeps_serving(nats_url, tiny_gguf, tmp_path) -> None:
     stack = Stack(nats_url, tmp_path)
     try:
-        assert stack.register(tiny_gguf, MODEL)["ok"]
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        stack.serve(tiny_gguf, MODEL)
         long_name = "m" * 5000
         for path, body in (
             ("/v1/chat/completions", {"model": long_name, "messages": [{"role": "user", "content": "hi"}]}),
@@ -172,8 +171,7 @@ def test_kill_9_of_nats_under_load_recovers_within_5_s_and_loses_no_history(tiny
     stack = Stack(url, tmp_path)
     load = None
     try:
-        assert stack.register(tiny_gguf, MODEL)["ok"]
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        stack.serve(tiny_gguf, MODEL)
         load = Load(stack.url)
         time.sleep(2.0)
         server._proc.kill()  # kill -9: nothing flushed, every connection cut
@@ -297,8 +295,7 @@ def test_nodes_and_the_registry_answer_nats_micro_discovery(nats_url, tiny_gguf,
     """`nats micro ls|info|stats` work on our components: the endpoint layer speaks the micro protocol."""
     stack = Stack(nats_url, tmp_path)
     try:
-        assert stack.register(tiny_gguf, MODEL)["ok"]
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        stack.serve(tiny_gguf, MODEL)
         assert chat(stack.url).status_code == 200
 
         async def ask() -> tuple[list[dict], dict, dict]:
@@ -344,8 +341,7 @@ def test_a_fresh_nats_server_with_an_empty_store_is_provisioned_again(tiny_gguf,
     url = server.start_sync()
     stack = Stack(url, tmp_path)
     try:
-        assert stack.register(tiny_gguf, MODEL)["ok"]
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        stack.serve(tiny_gguf, MODEL)
         server._proc.kill()
         server._proc.wait()
         server = EmbeddedNats(tmp_path / "nats-b", port=port)  # a new, empty store

@@ -84,7 +84,9 @@ async def test_document_covers_every_route(nats_url) -> None:
     await gateway.start()
     try:
         routes = {
-            (method, route.path.replace(":path}", "}")) for route in gateway.app.routes for method in route.methods
+            (method, route.path.replace(":path}", "}"))
+            for route in gateway.starlette.routes
+            for method in route.methods
         }
     finally:
         await gateway.stop()

@@ -490,12 +490,18 @@ def test_up_runs_nats_with_credentials_and_a_node_on_another_machine_joins(tmp_p
             assert answer.status_code == 200
             assert any("[DONE]" in line for line in answer.iter_lines())
 
-        keys = Proc(["keys", "--nats-url", nats_url, "--nats-creds", str(auth_dir / "operator.creds"), "ls"])
-        assert keys.popen.wait(30) == 0, keys.output()
-
+        operator_creds = ["--nats-url", nats_url, "--nats-creds", str(auth_dir / "operator.creds")]
+        for command in (["keys", *operator_creds, "ls"], ["users", *operator_creds, "ls"]):
+            done = Proc(command)
+            assert done.popen.wait(30) == 0, done.output()
         log = (data / "nats" / "nats-server.log").read_text(errors="replace")
         refused = re.findall(r".*(?:Publish|Subscription) Violation.*", log)
         assert not refused, refused[:5]
+
+        node_keys = Proc(["keys", *operator_creds[:2], "--nats-creds", str(creds), "ls"])  # a node's: no keys
+        assert node_keys.popen.wait(60) != 0
+        log = (data / "nats" / "nats-server.log").read_text(errors="replace")
+        assert 'Publish Violation - Subject "$JS.API.STREAM.INFO.KV_keys"' in log
     finally:
         if remote is not None:
             assert remote.stop(signal.SIGTERM) == 0, remote.output()[-2000:]

@@ -25,8 +25,7 @@ MODEL = "lifecycle-tiny"
 @pytest.fixture
 def stack(nats_url, tiny_gguf, tmp_path):
     stack = Stack(nats_url, tmp_path)
-    assert stack.register(tiny_gguf, MODEL)["ok"]
-    wait_until(lambda: MODEL in stack.models(), message="model ready")
+    stack.serve(tiny_gguf, MODEL)
     yield stack
     stack.close()
 

@@ -56,6 +56,12 @@ def build_tiny_sd(directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
+    # The sizes the components must agree on, each named once.
+    max_tokens = 77  # tokenizer length = text encoder positions
+    text_width = 32  # text encoder hidden size = what the UNet cross-attends to
+    latents = 4  # VAE latent channels = UNet input and output channels
+    side = 64  # image side; the two VAE blocks halve it for the UNet's latents
+    blocks, groups = (32, 64), 8  # block widths of UNet and VAE; GroupNorm groups divide them
 
     symbols = _byte_symbols()
     merges = ["t h", "e r", "a n", "i n"]
@@ -67,43 +73,43 @@ def build_tiny_sd(directory: Path) -> Path:
         tok_dir = Path(tmp)
         (tok_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
         (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_tokens)
 
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
+            hidden_size=text_width,
             intermediate_size=37,
             num_attention_heads=4,
             num_hidden_layers=2,
-            max_position_embeddings=77,
-            projection_dim=32,
+            max_position_embeddings=max_tokens,
+            projection_dim=text_width,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=blocks,
         layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        sample_size=side // 2,
+        in_channels=latents,
+        out_channels=latents,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
+        cross_attention_dim=text_width,
+        norm_num_groups=groups,
         attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
+        block_out_channels=blocks,
+        in_channels=3,  # RGB
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
+        latent_channels=latents,
+        norm_num_groups=groups,
+        sample_size=side,
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085,

@@ -5,7 +5,19 @@ message carries ``schema`` so a reader can tell which contract wrote it. Import 
 (``from events.messages import X``); the area modules are the contract's layout, not its API.
 """
 
-from .auth import ApiKey, CreateKey, Scope
+from .auth import (
+    ApiKey,
+    ChangePassword,
+    CreateKey,
+    CreateUser,
+    Login,
+    Role,
+    Scope,
+    Session,
+    SessionSecret,
+    SetPassword,
+    User,
+)
 from .base import SCHEMA_VERSION, Answer, NodeReply, Usage, now
 from .catalogs import (
     Capability,
@@ -58,6 +70,14 @@ __all__ = [
     "ApiKey",
     "CreateKey",
     "Scope",
+    "ChangePassword",
+    "CreateUser",
+    "Login",
+    "Role",
+    "Session",
+    "SessionSecret",
+    "SetPassword",
+    "User",
     "FINAL_REPLIES",
     "SCHEMA_VERSION",
     "Accepted",

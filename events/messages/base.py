@@ -28,9 +28,10 @@ class Answer(Struct, kw_only=True):
     message: str = ""
 
 
-class NodeReply(Struct, kw_only=True):
+class NodeReply(Struct, kw_only=True, tag_field="kind"):
     """Base of the tagged replies a node sends on a request's inbox: the gateway routes each
-    by ``request_id`` and counts it against ``node_id``. Subclasses set ``tag_field="kind"``."""
+    by ``request_id`` and counts it against ``node_id``. Subclasses inherit the tag field
+    ``kind`` and set their ``tag`` (and ``kw_only=True``, which msgspec does not inherit)."""
 
     request_id: str = ""  # stamped by the node's Responder (nodes/responder.py)
     node_id: str = ""

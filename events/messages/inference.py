@@ -30,20 +30,20 @@ class InferenceRequest(Struct, Generic[P], kw_only=True):
     schema: int = SCHEMA_VERSION
 
 
-class Accepted(NodeReply, tag_field="kind", tag="accepted", kw_only=True):
+class Accepted(NodeReply, tag="accepted", kw_only=True):
     """A node took a streamed request and is starting it, so the gateway can open the stream."""
 
     waited_ms: float = 0.0  # time spent waiting for a free slot on the node
 
 
-class TextDelta(NodeReply, tag_field="kind", tag="delta", kw_only=True):
+class TextDelta(NodeReply, tag="delta", kw_only=True):
     """A piece of generated text of a streamed answer."""
 
     text: str
     index: int = 0
 
 
-class TextDone(NodeReply, tag_field="kind", tag="done", kw_only=True):
+class TextDone(NodeReply, tag="done", kw_only=True):
     """Ends a text answer. Carries the whole text only when the request was not streamed."""
 
     finish_reason: str
@@ -52,7 +52,7 @@ class TextDone(NodeReply, tag_field="kind", tag="done", kw_only=True):
     index: int = 0
 
 
-class EmbeddingResult(NodeReply, tag_field="kind", tag="embeddings", kw_only=True):
+class EmbeddingResult(NodeReply, tag="embeddings", kw_only=True):
     vectors: list[list[float]]
     usage: Usage
 
@@ -76,13 +76,13 @@ class Attachment(Struct, kw_only=True, omit_defaults=True):
         return self.object is None
 
 
-class ImageResult(NodeReply, tag_field="kind", tag="images", kw_only=True):
+class ImageResult(NodeReply, tag="images", kw_only=True):
     """Generated or edited images, PNG each, in request order."""
 
     images: list[Attachment]
 
 
-class TranscriptionResult(NodeReply, tag_field="kind", tag="transcription", kw_only=True):
+class TranscriptionResult(NodeReply, tag="transcription", kw_only=True):
     """A transcript (or translation) already rendered in the requested response_format."""
 
     body: Attachment  # JSON for json/verbose_json, text for text/srt/vtt; content_type says which
@@ -91,7 +91,7 @@ class TranscriptionResult(NodeReply, tag_field="kind", tag="transcription", kw_o
     duration_s: float = 0.0
 
 
-class SpeechResult(NodeReply, tag_field="kind", tag="speech", kw_only=True):
+class SpeechResult(NodeReply, tag="speech", kw_only=True):
     """Synthesised speech, encoded in the requested response_format."""
 
     audio: Attachment
@@ -99,7 +99,7 @@ class SpeechResult(NodeReply, tag_field="kind", tag="speech", kw_only=True):
     duration_s: float = 0.0
 
 
-class Failure(NodeReply, tag_field="kind", tag="error", kw_only=True):
+class Failure(NodeReply, tag="error", kw_only=True):
     """Ends an answer with an error; ``status`` is the HTTP status the gateway should use."""
 
     status: int

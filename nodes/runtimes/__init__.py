@@ -4,6 +4,7 @@ Importing a runtime module is cheap: each imports its engine library only in loa
 reads package metadata.
 """
 
+from ..remote_media import ImageFetcher
 from .base import Engine, EngineError, Runtime, TextOutcome
 from .diffusers_images import DiffusersRuntime
 from .faster_whisper import FasterWhisperRuntime
@@ -11,9 +12,15 @@ from .llama_cpp import LlamaCppRuntime
 from .piper_tts import PiperRuntime
 
 
-def default_runtimes(names: list[str] | None = None) -> list[Runtime]:
-    """Every runtime this build knows, or only those ``names`` (``--runtimes``)."""
-    runtimes: list[Runtime] = [LlamaCppRuntime(), DiffusersRuntime(), FasterWhisperRuntime(), PiperRuntime()]
+def default_runtimes(names: list[str] | None = None, *, images: ImageFetcher | None = None) -> list[Runtime]:
+    """Every runtime this build knows, or only those ``names`` (``--runtimes``); ``images``: how
+    vision chats fetch remote images (default: from public addresses only)."""
+    runtimes: list[Runtime] = [
+        LlamaCppRuntime(images=images),
+        DiffusersRuntime(),
+        FasterWhisperRuntime(),
+        PiperRuntime(),
+    ]
     if names is None:
         return runtimes
     known = {r.name for r in runtimes}

@@ -40,12 +40,19 @@ class TextOutcome:
 OnDelta = Callable[[str], None]
 
 
-class Engine(Protocol):
-    """A text engine (llama.cpp): chat, completion, embeddings."""
+class LoadedEngine(Protocol):
+    """What the node agent itself uses of every engine (nodes/serving.py); its request methods
+    are called by capability (nodes/runners.py, nodes/media.py)."""
 
     capabilities: list[str]
     artifact_bytes: int
     slots: int  # calls it runs at once
+
+    def close(self) -> None: ...
+
+
+class Engine(LoadedEngine, Protocol):
+    """A text engine (llama.cpp): chat, completion, embeddings."""
 
     def chat(self, body: Any, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome: ...
 
@@ -53,101 +60,11 @@ class Engine(Protocol):
 
     def embed(self, body: Any) -> tuple[list[list[float]], Usage]: ...
 
-    def close(self) -> None: ...
 
-
-# The multimodal engines take and return bytes; ``nodes.media`` calls them by capability.
-# (Full signatures and error conventions: the runtimes' docstrings.)
-
-
-class ImageEngine(Protocol):
-    """diffusers: PNG bytes out."""
-
-    capabilities: list[str]
-    artifact_bytes: int
-    slots: int  # calls it runs at once
-
-    def generate(
-        self,
-        prompt: str,
-        n: int = 1,
-        width: int = 512,
-        height: int = 512,
-        seed: int | None = None,
-        steps: int | None = None,
-        negative_prompt: str | None = None,
-        *,
-        cancelled: threading.Event | None = None,
-    ) -> list[bytes]: ...
-
-    def edit(
-        self,
-        image: bytes,
-        mask: bytes | None,
-        prompt: str,
-        n: int = 1,
-        width: int | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        *,
-        cancelled: threading.Event | None = None,
-    ) -> list[bytes]: ...
-
-    def variation(
-        self,
-        image: bytes,
-        n: int = 1,
-        width: int | None = None,
-        height: int | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        *,
-        cancelled: threading.Event | None = None,
-    ) -> list[bytes]: ...
-
-    def close(self) -> None: ...
-
-
-class TranscriptionEngine(Protocol):
-    """faster-whisper: audio bytes in, a ``Transcript`` out (rendered by ``transcript_formats``)."""
-
-    capabilities: list[str]
-    artifact_bytes: int
-    slots: int  # calls it runs at once
-
-    def transcribe(
-        self,
-        audio: bytes,
-        *,
-        task: str = "transcribe",
-        language: str | None = None,
-        prompt: str | None = None,
-        temperature: float = 0.0,
-        word_timestamps: bool = False,
-        cancelled: threading.Event | None = None,
-    ) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class SpeechEngine(Protocol):
-    """Piper voices: text to int16 samples, then encoded to a response format."""
-
-    capabilities: list[str]
-    artifact_bytes: int
-    slots: int  # calls it runs at once
-
-    def speak(
-        self, text: str, *, speed: float = 1.0, voice: str | None = None, cancelled: threading.Event | None = None
-    ) -> tuple[Any, int]: ...
-
-    def encode(self, pcm: Any, sample_rate: int, response_format: str = "mp3") -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-AnyEngine = Engine | ImageEngine | TranscriptionEngine | SpeechEngine
+# The multimodal engines take and return bytes, each through the methods of its one
+# implementation, whose signatures and docstrings are the contract (no second copy here):
+# images DiffusersEngine.generate/edit/variation, transcription FasterWhisperEngine.transcribe,
+# speech PiperEngine.speak/encode.
 
 
 class Runtime(Protocol):
@@ -161,6 +78,6 @@ class Runtime(Protocol):
 
     def accepts(self, record: ModelRecord) -> bool: ...
 
-    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> AnyEngine:
+    def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> LoadedEngine:
         """An engine for ``slots`` concurrent calls, or fewer (its ``slots`` says how many)."""
         ...

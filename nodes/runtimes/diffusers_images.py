@@ -175,17 +175,7 @@ class DiffusersEngine:
         steps = self._steps(steps)
         rgb = source.convert("RGB").resize((width, height))
         if repaint is None:
-            # One prompt and one image per output: diffusers deprecates duplicating the image.
-            images = self._run(
-                self._img2img,
-                cancelled,
-                prompt=[prompt] * n,
-                image=[rgb] * n,
-                strength=EDIT_STRENGTH,
-                num_inference_steps=_steps_for_strength(steps, EDIT_STRENGTH),
-                generator=self._generator(seed),
-            )
-            return [_png(img) for img in images]
+            return self._redraw(rgb, prompt, n, EDIT_STRENGTH, steps, seed, cancelled)
         area = repaint.resize((width, height))
         images = self._run(
             self._inpaint,
@@ -220,16 +210,8 @@ class DiffusersEngine:
         source = _decode_image(image, "image")
         width, height = _output_size(source, width, height)
         steps = self._steps(steps)
-        images = self._run(
-            self._img2img,
-            cancelled,
-            prompt=[""] * n,
-            image=[source.convert("RGB").resize((width, height))] * n,
-            strength=VARIATION_STRENGTH,
-            num_inference_steps=_steps_for_strength(steps, VARIATION_STRENGTH),
-            generator=self._generator(seed),
-        )
-        return [_png(img) for img in images]
+        rgb = source.convert("RGB").resize((width, height))
+        return self._redraw(rgb, "", n, VARIATION_STRENGTH, steps, seed, cancelled)
 
     def close(self) -> None:
         self._txt2img = self._img2img = self._inpaint = None
@@ -250,6 +232,29 @@ class DiffusersEngine:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise EngineError(f"seed must be a non-negative 64-bit integer, not {seed!r}", param="seed")
         return self._torch.Generator(device=self.device).manual_seed(seed)
+
+    def _redraw(
+        self,
+        rgb: Any,
+        prompt: str,
+        n: int,
+        strength: float,
+        steps: int,
+        seed: int | None,
+        cancelled: threading.Event | None,
+    ) -> list[bytes]:
+        """Image-to-image: ``n`` PNGs redrawn from ``rgb`` at ``strength`` (a variation, a whole-image edit)."""
+        # One prompt and one image per output: diffusers deprecates duplicating the image.
+        images = self._run(
+            self._img2img,
+            cancelled,
+            prompt=[prompt] * n,
+            image=[rgb] * n,
+            strength=strength,
+            num_inference_steps=_steps_for_strength(steps, strength),
+            generator=self._generator(seed),
+        )
+        return [_png(img) for img in images]
 
     def _run(self, pipe: Any, cancelled: threading.Event | None, **kwargs: Any) -> list[Any]:
         def stop_when_cancelled(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:

@@ -10,8 +10,10 @@ GPU); what each slot adds is its own KV cache of ``n_ctx`` tokens and compute bu
 
 A model registered with a multimodal projector (``source.projector``, an mmproj GGUF) also
 offers "vision": chats go through llama-cpp-python's LLaVA-1.5 chat handler (libmtmd), which
-turns ``image_url`` parts (data: URLs, or http(s) URLs it fetches) into image embeddings. That
-handler formats every chat of the model with the LLaVA-1.5 prompt, not the GGUF's template.
+turns ``image_url`` parts into image embeddings. It only ever sees data: URLs: the node's guarded
+:class:`~nodes.remote_media.ImageFetcher` fetches an http(s) URL first (refusing internal
+addresses), since the handler would fetch any URL it is given. The handler formats every chat
+of the model with the LLaVA-1.5 prompt, not the GGUF's template.
 The handler holds the projector's libmtmd context, bound to one ``Llama`` and used for every
 image it encodes, so each slot gets a handler of its own: each slot also loads the projector.
 """
@@ -31,6 +33,7 @@ from events.messages import ModelRecord, RuntimeStatus, Usage
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
 from formats.gguf import context_length
 
+from ..remote_media import ImageFetcher, ImageFetchError
 from .base import EngineError, OnDelta, TextOutcome
 from .common import probe_packages
 
@@ -141,7 +144,17 @@ class LlamaEngine:
     """``slots`` calls run at once, each in its own context; each slot costs one KV cache of
     ``n_ctx`` tokens (plus compute buffers, and the projector of a vision model) in memory."""
 
-    def __init__(self, path: str, *, n_ctx: int, n_threads: int, projector: str | None = None, slots: int = 1) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        projector: str | None = None,
+        slots: int = 1,
+        images: ImageFetcher | None = None,
+    ) -> None:
+        """``images``: fetches a vision chat's http(s) image URLs (default: public addresses only)."""
         import llama_cpp
 
         if slots < 1:
@@ -153,6 +166,7 @@ class LlamaEngine:
         self.capabilities = list(CAPABILITIES)
         self.artifact_bytes = Path(path).stat().st_size
         self.vision = projector is not None
+        self.images = images if images is not None else ImageFetcher()
         if projector is not None:
             if not Path(projector).is_file():
                 raise RuntimeError(f"the multimodal projector {projector} of {path} is missing")
@@ -253,7 +267,8 @@ class LlamaEngine:
 
     def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
-        messages = [_message(m, images=self.vision) for m in body.messages]
+        # Before taking a slot: fetching a remote image must not hold a context.
+        messages = [_message(m, images=self.images if self.vision else None) for m in body.messages]
         sampling = self._sampling(body, counter)
         with self._generators.use() as llm:
             chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **sampling)
@@ -328,12 +343,13 @@ def _logit_bias_processor(bias: dict[str, float], n_vocab: int) -> Any:
     return apply
 
 
-def _message(message: Any, *, images: bool) -> dict[str, Any]:
-    """A chat message for llama-cpp-python: text parts joined, image parts kept for a vision model."""
+def _message(message: Any, *, images: ImageFetcher | None) -> dict[str, Any]:
+    """A chat message for llama-cpp-python: text parts joined, image parts kept for a vision model
+    (``images``: None for a model without one), every image as a data: URL."""
     content = message.content
     if isinstance(content, list):
-        if images and any(part.get("type") == "image_url" for part in content):
-            return {"role": message.role, "content": [_part(part) for part in content]}
+        if images is not None and any(part.get("type") == "image_url" for part in content):
+            return {"role": message.role, "content": [_part(part, images) for part in content]}
         texts = []
         for part in content:
             if part.get("type") != "text":
@@ -348,7 +364,7 @@ def _message(message: Any, *, images: bool) -> dict[str, Any]:
     return out
 
 
-def _part(part: dict[str, Any]) -> dict[str, Any]:
+def _part(part: dict[str, Any], images: ImageFetcher) -> dict[str, Any]:
     kind = part.get("type")
     if kind == "text":
         return {"type": "text", "text": str(part.get("text", ""))}
@@ -357,6 +373,11 @@ def _part(part: dict[str, Any]) -> dict[str, Any]:
         url = image.get("url") if isinstance(image, dict) else image
         if not isinstance(url, str) or not url.startswith(("data:image/", "http://", "https://")):
             raise EngineError("image_url.url must be a data:image/... URL or an http(s) URL", param="messages")
+        if not url.startswith("data:"):
+            try:
+                url = images.data_url(url)
+            except ImageFetchError as exc:
+                raise EngineError(str(exc), param="messages", code=exc.code) from None
         return {"type": "image_url", "image_url": {"url": url}}
     raise EngineError(f"this model does not accept content parts of type {kind!r}", param="messages")
 
@@ -365,9 +386,12 @@ class LlamaCppRuntime:
     name = NAME
     capabilities = [*CAPABILITIES, subjects.VISION]  # vision: models registered with a projector
 
-    def __init__(self, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+    def __init__(self, *, n_ctx: int = 4096, n_threads: int | None = None, images: ImageFetcher | None = None) -> None:
+        """``images``: how vision chats fetch http(s) image URLs (the node's --allow-fetch-host,
+        --no-remote-images); default: from public addresses only."""
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _threads()
+        self.images = images
 
     def probe(self) -> RuntimeStatus:
         return probe_packages(NAME, self.capabilities, [("llama_cpp", "llama-cpp-python")])
@@ -378,4 +402,6 @@ class LlamaCppRuntime:
     def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> LlamaEngine:
         """``slots``: contexts, so requests run at once; each costs one KV cache of ``n_ctx``."""
         projector = record.source.projector if subjects.VISION in record.capabilities else None
-        return LlamaEngine(path, n_ctx=self.n_ctx, n_threads=self.n_threads, projector=projector, slots=slots)
+        return LlamaEngine(
+            path, n_ctx=self.n_ctx, n_threads=self.n_threads, projector=projector, slots=slots, images=self.images
+        )
