@@ -341,7 +341,7 @@ class _EmbeddedNatsComponent:
         await self.server.stop()
 
 
-def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_auth: Any) -> list[str]:
+def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_auth: Any = None) -> list[str]:
     """``llm-router node`` with ``up``'s node options: the node ``up`` runs as its own process."""
     from .nats_options import nats_auth_argv
 
@@ -372,7 +372,7 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_aut
         argv += ["--no-remote-images"]
     if args.replicas is not None:
         argv += ["--replicas", str(args.replicas)]
-    return argv + nats_auth_argv(nats_auth)
+    return argv + (nats_auth_argv(nats_auth) if nats_auth is not None else [])
 
 
 async def _up(args: argparse.Namespace) -> int:

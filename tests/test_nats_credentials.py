@@ -362,6 +362,18 @@ def test_credential_files_are_private_and_say_who_they_are(tmp_path) -> None:
         identity_of(tmp_path / "junk.creds")
 
 
+def test_up_hands_its_node_process_the_credential_and_tls_files() -> None:
+    """`up --nats-url ... --nats-creds F --nats-tls-ca C`: the node process it starts gets them too."""
+    from llm_router.cli import _node_argv, build_parser
+    from llm_router.nats_options import nats_auth
+
+    args = build_parser().parse_args(
+        ["up", "--nats-url", "tls://n:4222", "--nats-creds", "/c.creds", "--nats-tls-ca", "/ca"]
+    )
+    node = build_parser().parse_args(_node_argv(args, "tls://n:4222", Path("/d"), nats_auth(args))[3:])
+    assert node.command == "node" and nats_auth(node) == NatsAuth(creds=Path("/c.creds"), tls_ca=Path("/ca"))
+
+
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
