@@ -6,9 +6,11 @@ Roles: ``gateway``, ``registry``, ``operator`` (everything: the NATS CLI's admin
 key layout has it (heartbeat, goodbye, admin subjects, its ``downloads`` entries, its durable
 consumer), so one node's credential cannot speak as another node.
 
-Allow lists first, deny lists for what must never pass even where a wildcard of the allow list
-would reach it (the secret buckets, above all: a JetStream API subject naming a stream is the
-same shape for every stream). Three rules the lists depend on:
+Nodes, the registry and observers have allow lists, with deny lists for what must never pass
+even where a wildcard would reach it (the secret buckets, above all: a JetStream API subject
+naming a stream has the same shape for every stream). The gateway, which holds the secrets
+anyway, has only a deny list: what it must not do is speak as the registry or a node. Three
+rules the lists depend on:
 
 - Each component has its own inbox prefix (``_INBOX_llmr.gateway``, ``_INBOX_llmr.node.<id>``):
   replies to the gateway's JetStream requests (an API key lookup, say) land under the gateway's
@@ -252,8 +254,7 @@ def registry_rules() -> Rules:
         f"$KV.{storage.KV_DOWNLOADS}.>",
         f"$O.{storage.OBJ_MODEL_BLOBS}.>",
         "$JS.API.STREAM.NAMES",
-        "$JS.ACK.>",
-        "$JS.FC.>",
+        "$JS.FC.>",  # its watchers and object listings are ordered consumers: flow control, no acks
         f"$JS.API.STREAM.PURGE.{obj_stream(storage.OBJ_MODEL_BLOBS)}",  # a deleted model's files
     ]
     for stream in sorted(REGISTRY_STREAMS):
@@ -290,7 +291,7 @@ def observer_rules() -> Rules:
         "$JS.API.CONSUMER.CREATE.>",
         "$JS.API.CONSUMER.MSG.NEXT.>",
         "$JS.API.CONSUMER.DELETE.*.*",
-        "$JS.ACK.>",
+        "$JS.ACK.>",  # its consumers' names are its own choice, so acks cannot be limited to them
         "$JS.FC.>",
     ]
     deny = [

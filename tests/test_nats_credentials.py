@@ -502,6 +502,23 @@ def test_up_runs_nats_with_credentials_and_a_node_on_another_machine_joins(tmp_p
             assert answer.status_code == 200
             assert any("[DONE]" in line for line in answer.iter_lines())
 
+        # The registry's side: a download order to every node, a registration and its deletion.
+        assert httpx.post(f"{base}/v0/nodes/remote-1/resume", timeout=30).status_code == 200
+
+        def all_online() -> bool:
+            return all(n["state"] == "online" for n in httpx.get(base + "/v0/nodes", timeout=10).json()["data"])
+
+        wait_until(all_online, timeout=20)
+        download = httpx.post(f"{base}/v0/models/tiny-demo/download", json={"all": True}, timeout=30)
+        assert download.status_code in (200, 202) and len(download.json()["task"]["nodes"]) == 2, download.text
+        second = data / "models" / "second.gguf"
+        shutil.copy(data / "models" / "demo" / "tiny-demo.gguf", second)
+        registered = httpx.post(f"{base}/v0/models/register", json={"path": str(second), "name": "second"}, timeout=30)
+        assert registered.status_code in (200, 201), registered.text
+        wait_until(lambda: "second" in [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]], timeout=30)
+        assert httpx.delete(f"{base}/v0/models/second", timeout=30).status_code == 200
+        remote.wait_for("model unloaded.*second|second.*model unloaded", timeout=30)
+
         operator_creds = ["--nats-url", nats_url, "--nats-creds", str(auth_dir / "operator.creds")]
         for command in (["keys", *operator_creds, "ls"], ["users", *operator_creds, "ls"]):
             done = Proc(command)
