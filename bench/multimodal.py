@@ -91,6 +91,7 @@ class Up:
         self.proc = Process(cli(*args))
         self.url: str | None = None
         self.nats_url: str | None = None
+        self.nats_creds = data_dir / "nats-auth" / "operator.creds"  # `up`'s NATS admits credentials only
 
     def wait(self, timeout: float = 120.0) -> str:
         match = self.proc.wait_for(r"LLM Router ready: (http://\S+)/v1\s+\(NATS (\S+)\)", timeout)
@@ -222,7 +223,7 @@ def measure(calls: dict[str, tuple[Callable, Callable]], rounds: int, warmup: in
     return rows
 
 
-async def claim_checks(nats_url: str, rounds: int) -> list[tuple[int, float, float]]:
+async def claim_checks(nats_url: str, creds: Path, rounds: int) -> list[tuple[int, float, float]]:
     """Per size: median ms to store a payload (``payloads.attach``) and to read + delete it
     (``payloads.load(consume=True)``), on the same NATS as the stack: what a large upload or
     image answer adds, besides HTTP."""
@@ -230,7 +231,7 @@ async def claim_checks(nats_url: str, rounds: int) -> list[tuple[int, float, flo
 
     from broker import payloads
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, user_credentials=str(creds))
     js = nc.jetstream()
     out = []
     try:
@@ -311,7 +312,7 @@ def main() -> int:
             # The names `up` registers: a folder's name, a file's stem.
             names = {"sd": models["sd"].name, "whisper": models["whisper"].name, "voice": models["voice"].stem}
             rows = measure(endpoints(engines, names, url), args.rounds, args.warmup)
-            checks = asyncio.run(claim_checks(up.nats_url, min(args.rounds, 5)))
+            checks = asyncio.run(claim_checks(up.nats_url, up.nats_creds, min(args.rounds, 5)))
         finally:
             up.stop()
     command = "python bench/multimodal.py" + (f" --rounds {args.rounds}" if args.rounds != 15 else "")

@@ -1,4 +1,8 @@
-"""Connecting to NATS: one place for URL, credentials, reconnect and backoff.
+"""Connecting to NATS: one place for URL, credentials, TLS, reconnect and backoff.
+
+A component with a credential minted by ``broker.credentials`` connects with its identity's
+inbox prefix (``broker.permissions``: the answers to its requests land where no other role may
+read or write) and knows its role (``ResilientClient.role``), which decides what it provisions.
 
 Every component uses :class:`ResilientClient`, nats-py's client with two changes that keep a
 component online whatever it is asked to send:
@@ -8,18 +12,25 @@ component online whatever it is asked to send:
 - a server ``-ERR`` that nats-py would answer by closing the client for good (any error but a
   stale connection or a permissions violation, ``Client._process_err``) is treated like a lost
   connection instead: the client reconnects and replays its subscriptions, JetStream consumers
-  and KV watchers included, as after a broker restart.
+  and KV watchers included, as after a broker restart;
+- a permissions violation (a publish or subscription the credential does not allow) is
+  reported to the error callback and changes nothing else: the server keeps the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from nats.aio.client import Client
 from nats.errors import BadSubjectError, Error
+
+from .credentials import Identity, identity_of
 
 log = structlog.get_logger("broker")
 
@@ -56,6 +67,12 @@ def _check(subject: str, limit: int) -> None:
 class ResilientClient(Client):
     """nats-py's ``Client`` that never closes itself on a server error (see the module doc)."""
 
+    identity: Identity | None = None  # from the credential, when minted by broker.credentials
+
+    @property
+    def role(self) -> str | None:
+        return self.identity.role if self.identity is not None else None
+
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "", headers: dict | None = None) -> None:
         _check(subject, MAX_SUBJECT_BYTES)
         if reply:
@@ -68,11 +85,18 @@ class ResilientClient(Client):
 
     async def _process_err(self, err_msg: str) -> None:
         lowered = err_msg.lower()
-        if _STALE in lowered or _PERMISSIONS in lowered or not self.is_connected:
+        err = Error(f"nats: {err_msg.strip(chr(39))}")
+        if _PERMISSIONS in lowered:
+            # A refused publish or subscription: the server keeps the connection, and so do we.
+            # nats-py spots these by "Permissions Violation" only; nats-server 2.15 writes it in
+            # lower case, and nats-py would then close the client for good.
+            self._err = err
+            await self._error_cb(err)
+            return
+        if _STALE in lowered or not self.is_connected:
             await super()._process_err(err_msg)
             return
         # The server closes this connection after the -ERR: reconnect as after any lost link.
-        err = Error(f"nats: {err_msg.strip(chr(39))}")
         self._err = err
         await self._error_cb(err)
         await self._process_op_err(err)
@@ -82,11 +106,43 @@ def nats_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("LLM_ROUTER_NATS_URL") or DEFAULT_URL
 
 
+# NatsAuth's fields and the LLM_ROUTER_ environment variables that default them.
+AUTH_ENV = {"creds": "NATS_CREDS", "tls_ca": "NATS_TLS_CA", "tls_cert": "NATS_TLS_CERT", "tls_key": "NATS_TLS_KEY"}
+
+
+@dataclass(frozen=True)
+class NatsAuth:
+    """How a component proves who it is to NATS: a ``.creds`` file, and TLS files (a CA to
+    trust the server by, a client certificate and key where the server asks for one)."""
+
+    creds: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> NatsAuth:
+        """``LLM_ROUTER_NATS_CREDS``, ``..._TLS_CA``, ``..._TLS_CERT``, ``..._TLS_KEY``."""
+        values = {field: os.environ.get("LLM_ROUTER_" + name) for field, name in AUTH_ENV.items()}
+        return cls(**{field: Path(value).expanduser() for field, value in values.items() if value})
+
+    def identity(self) -> Identity | None:
+        return identity_of(self.creds) if self.creds is not None else None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert is not None:
+            context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return context
+
+
 async def connect(
     url: str | None = None,
     *,
     name: str,
-    credentials: str | None = None,
+    auth: NatsAuth | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     on_disconnect: Callable[[], None] | None = None,
 ) -> ResilientClient:
@@ -95,10 +151,13 @@ async def connect(
     ``on_reconnect`` runs after every reconnection, once the subscriptions are replayed: where a
     component re-creates what the server may have lost (a fresh server has no streams, no
     consumers); it runs in its own task, so the client is serving meanwhile. ``on_disconnect``
-    runs when the link drops (a gateway fails its queued requests fast). ``credentials`` is a
-    NATS ``.creds`` file.
+    runs when the link drops (a gateway fails its queued requests fast). ``auth``: credentials
+    and TLS (default: from the environment, :meth:`NatsAuth.from_env`).
     """
     url = nats_url(url)
+    auth = auth if auth is not None else NatsAuth.from_env()
+    identity = auth.identity()
+    tls = auth.tls_context()
     recoveries: set[asyncio.Task] = set()
 
     async def error_cb(exc: Exception) -> None:
@@ -126,10 +185,13 @@ async def connect(
         log.info("nats connection closed", component=name)
 
     client = ResilientClient()
+    client.identity = identity
     await client.connect(
         servers=[s.strip() for s in url.split(",")],
         name=name,
-        user_credentials=credentials or os.environ.get("LLM_ROUTER_NATS_CREDS") or None,
+        user_credentials=str(auth.creds) if auth.creds is not None else None,
+        inbox_prefix=identity.inbox_prefix if identity is not None else "_INBOX",
+        tls=tls,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import structlog
 
+from .credentials import Authority, write_private
+
 log = structlog.get_logger("broker.embedded")
+
+OPEN_ACCOUNT = "$G"  # the account of a server without authentication
 
 # Large enough for multi-MB answers; bigger bodies go through the object store (claim check).
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -46,6 +50,17 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _adopt_open_store(store: Path, account: str) -> None:
+    """A data dir from before NATS authentication keeps its streams, buckets and stores: JetStream
+    keeps them per account (``<store>/jetstream/<account>``), and the open server's account is
+    ``$G``. Its directory becomes the application account's, once, before the server starts."""
+    accounts = store / "jetstream"
+    old, new = accounts / OPEN_ACCOUNT, accounts / account
+    if old.is_dir() and not new.exists():
+        old.rename(new)
+        log.info("JetStream data of the unauthenticated server moved to the application account")
+
+
 @dataclass(frozen=True)
 class ClusterMember:
     """This server's place in a JetStream cluster: its name, route port and the routes to its peers."""
@@ -60,15 +75,24 @@ class EmbeddedNats:
     """A nats-server child process with JetStream; ``port=0`` picks a free port.
 
     With ``cluster``, it is one member of a JetStream cluster (``broker.cluster.NatsCluster``).
+    With ``auth``, it runs in operator mode: only users that ``auth`` signed may connect, each
+    within its credential's permissions (``broker.credentials``).
     """
 
     def __init__(
-        self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 4222, cluster: ClusterMember | None = None
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4222,
+        cluster: ClusterMember | None = None,
+        auth: Authority | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
         self.cluster = cluster
+        self.auth = auth
         self.url: str | None = None
         self.monitor_url: str | None = None  # the HTTP monitoring endpoint (/connz, /subsz)
         self._proc: subprocess.Popen | None = None
@@ -98,7 +122,10 @@ class EmbeddedNats:
                 f"  routes: {json.dumps(member.routes)}",
                 "}",
             ]
-        conf.write_text("\n".join(lines) + "\n")
+        if self.auth is not None:
+            lines += self.auth.server_config()
+            _adopt_open_store(store, self.auth.account)
+        write_private(conf, "\n".join(lines) + "\n")
         return conf
 
     def start_sync(self, timeout: float = 10.0) -> str:

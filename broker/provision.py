@@ -8,6 +8,11 @@ servers (3 survives the loss of one). An explicit count (``--replicas`` /
 ``LLM_ROUTER_NATS_REPLICAS``) is applied to what exists too (``update_stream`` moves a stream
 to more or fewer peers); without one, new resources get 1 and existing ones keep theirs, so
 a component started without the option cannot quietly take a cluster's copies away.
+
+Roles (``broker.permissions``): with a credential minted by ``broker.credentials`` a component
+provisions what its role creates (the gateway: everything; the registry: what it writes) and
+waits for what it only binds (a node creates nothing, so it may not rewrite a bucket's config).
+Without one, it provisions everything, as on an open server.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from nats.js.api import StreamConfig, StreamInfo
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from events import storage
+
+from . import permissions
 
 log = structlog.get_logger("broker.provision")
 
@@ -51,15 +58,28 @@ def replica_count(explicit: int | str | None = None) -> int | None:
     return count
 
 
-async def provision(js: JetStreamContext, replicas: int | None = None, *, timeout: float = 30.0) -> None:
-    """Provision everything; retried while the cluster has no JetStream leader (a cluster that is
-    still forming, or electing after a server died), for up to ``timeout`` seconds."""
+async def provision(
+    js: JetStreamContext, replicas: int | None = None, *, role: str | None = None, timeout: float = 30.0
+) -> None:
+    """Provision what ``role`` creates (None: everything) and wait for what it binds; retried
+    while the cluster has no JetStream leader (a cluster that is still forming, or electing
+    after a server died) or a stream to bind is missing, for up to ``timeout`` seconds."""
     count = replica_count(replicas)
     deadline = time.monotonic() + timeout
+    creates = permissions.creates(role)
+    missing = set(permissions.binds(role))
     while True:
         try:
-            await _provision(js, count)
-            return
+            await _provision(js, count, creates)
+            missing = {stream for stream in missing if not await _exists(js, stream)}
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"NATS has no {', '.join(sorted(missing))} yet, and a {role} may not create them: "
+                    "start the gateway (or the registry) first"
+                )
+            reason = f"waiting for {', '.join(sorted(missing))}"
         except APIError as exc:
             if exc.err_code in (JS_INSUFFICIENT_RESOURCES, JS_REPLICAS_NOT_SUPPORTED, JS_NO_PEERS):
                 raise RuntimeError(
@@ -77,23 +97,36 @@ async def provision(js: JetStreamContext, replicas: int | None = None, *, timeou
         await asyncio.sleep(0.5)
 
 
-async def _provision(js: JetStreamContext, replicas: int | None) -> None:
+async def _provision(js: JetStreamContext, replicas: int | None, creates: frozenset[str] | None) -> None:
     for config in storage.STREAMS:
-        await _stream(js, config, replicas)
+        if creates is None or config.name in creates:
+            await _stream(js, config, replicas)
     for kv in storage.KEY_VALUES:
-        await _built_stream(
-            js,
-            f"KV_{kv.bucket}",
-            replicas,
-            lambda r, kv=kv: js.create_key_value(config=dataclasses.replace(kv, replicas=r)),
-        )
+        if creates is None or permissions.kv_stream(kv.bucket) in creates:
+            await _built_stream(
+                js,
+                permissions.kv_stream(kv.bucket),
+                replicas,
+                lambda r, kv=kv: js.create_key_value(config=dataclasses.replace(kv, replicas=r)),
+            )
     for obj in storage.OBJECT_STORES:
-        await _built_stream(
-            js,
-            f"OBJ_{obj.bucket}",
-            replicas,
-            lambda r, obj=obj: js.create_object_store(bucket=obj.bucket, config=dataclasses.replace(obj, replicas=r)),
-        )
+        if creates is None or permissions.obj_stream(obj.bucket) in creates:
+            await _built_stream(
+                js,
+                permissions.obj_stream(obj.bucket),
+                replicas,
+                lambda r, obj=obj: js.create_object_store(
+                    bucket=obj.bucket, config=dataclasses.replace(obj, replicas=r)
+                ),
+            )
+
+
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def _stream(js: JetStreamContext, config: StreamConfig, replicas: int | None) -> None:

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from broker import connect, provision
+from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import NameTooLong
@@ -169,6 +169,7 @@ class Gateway:
         replicas: int | None = None,
         auth: bool = True,
         passwords: Passwords | None = None,
+        nats_auth: NatsAuth | None = None,
     ) -> None:
         """``auth=False`` serves without API keys: only for a gateway on a loopback address.
         ``passwords``: argon2 settings for new password hashes (tests make them cheap)."""
@@ -179,6 +180,7 @@ class Gateway:
         self.auth = auth
         self.passwords = passwords
         self.nats_url = nats_url
+        self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.host = host
         self.port = port
@@ -198,10 +200,14 @@ class Gateway:
     async def start(self, serve_http: bool = True) -> None:
         """``serve_http=False``: no socket, for in-process use of ``self.app`` (httpx.ASGITransport)."""
         self.nc = await connect(
-            self.nats_url, name="gateway", on_reconnect=self._recover, on_disconnect=self._broker_lost
+            self.nats_url,
+            name="gateway",
+            auth=self.nats_auth,
+            on_reconnect=self._recover,
+            on_disconnect=self._broker_lost,
         )
         self.js = self.nc.jetstream()
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         self.catalog = RegisteredModels()
         await self.catalog.start(self.js)
         self.directory = NodeDirectory()
@@ -274,7 +280,7 @@ class Gateway:
         provision again and re-read the models bucket; heartbeats refill the node directory."""
         if self.dispatcher is not None:
             self.dispatcher.broker_back()
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         await self.catalog.resync(self.js)
         await self.keys.resync(self.js)
         await self.users.resync(self.js)

@@ -33,8 +33,11 @@ def _add(parser: argparse.ArgumentParser, flag: str, env_name: str, default: Any
 
 
 def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
+    from .nats_options import add_nats_auth_options
+
     help = "NATS server URL(s), comma-separated" + ("" if required else "; when set, no embedded server is started")
     _add(parser, "--nats-url", "NATS_URL", None if not required else "nats://127.0.0.1:4222", help)
+    add_nats_auth_options(parser, _add)
     _add(
         parser,
         "--replicas",
@@ -177,12 +180,15 @@ def _registry_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _registry(args: argparse.Namespace, nats_url: str | None, extra_roots: list[Path] | None = None) -> Any:
+def _registry(
+    args: argparse.Namespace, nats_url: str | None, nats_auth: Any, extra_roots: list[Path] | None = None
+) -> Any:
     """``extra_roots``: models roots besides --model-root (``up``'s own)."""
     from registry import Registry
 
     return Registry(
         nats_url=nats_url,
+        nats_auth=nats_auth,
         catalog_path=Path(args.catalog) if args.catalog else None,
         hf_cache_ttl=float(args.hf_cache_ttl),
         hf_timeout=float(args.hf_timeout),
@@ -191,11 +197,12 @@ def _registry(args: argparse.Namespace, nats_url: str | None, extra_roots: list[
     )
 
 
-def _gateway(args: argparse.Namespace, nats_url: str | None) -> Any:
+def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> Any:
     from gateway import Gateway
 
     return Gateway(
         nats_url=nats_url,
+        nats_auth=nats_auth,
         host=args.host,
         port=int(args.port),
         request_timeout=float(args.request_timeout),
@@ -225,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_option(up)
     _nats_option(up, required=False)
     _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
+    _add(
+        up,
+        "--nats-host",
+        "NATS_HOST",
+        "127.0.0.1",
+        "address the embedded NATS server listens on (0.0.0.0: nodes on other machines may join, with credentials)",
+    )
     up.add_argument(
         "--model",
         action="append",
@@ -270,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .user_commands import add_user_commands
 
     add_user_commands(commands, _add)
+    from .creds_commands import add_creds_command
+
+    add_creds_command(commands, _add, _data_dir_option)
     return parser
 
 
@@ -307,10 +324,10 @@ async def _run_components(components: list[Any], after_start: Any = None) -> int
 class _EmbeddedNatsComponent:
     """The embedded nats-server, started again (same port, same store) if it dies."""
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, host: str, auth: Any) -> None:
         from broker import EmbeddedNats
 
-        self.server = EmbeddedNats(data_dir / "nats", port=port)
+        self.server = EmbeddedNats(data_dir / "nats", host=host, port=port, auth=auth)
         self.url: str | None = None
         self._keeper: asyncio.Task | None = None
 
@@ -324,8 +341,10 @@ class _EmbeddedNatsComponent:
         await self.server.stop()
 
 
-def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[str]:
+def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_auth: Any = None) -> list[str]:
     """``llm-router node`` with ``up``'s node options: the node ``up`` runs as its own process."""
+    from .nats_options import nats_auth_argv
+
     argv = [sys.executable, "-m", "llm_router", "--log-level", str(args.log_level)]
     if args.log_format:
         argv += ["--log-format", str(args.log_format)]
@@ -353,7 +372,7 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path) -> list[
         argv += ["--no-remote-images"]
     if args.replicas is not None:
         argv += ["--replicas", str(args.replicas)]
-    return argv
+    return argv + (nats_auth_argv(nats_auth) if nats_auth is not None else [])
 
 
 async def _up(args: argparse.Namespace) -> int:
@@ -365,18 +384,25 @@ async def _up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     nats_url = args.nats_url
+    _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
+    node_id = persistent_node_id(data_dir / "node")
     embedded: _EmbeddedNatsComponent | None = None
-    if not nats_url:
-        embedded = _EmbeddedNatsComponent(data_dir, int(args.nats_port))
+    if nats_url:
+        from .nats_options import nats_auth
+
+        auths = dict.fromkeys(("gateway", "registry", "node"), nats_auth(args))  # the operator's own NATS users
+    else:  # our server: every component with its role's credential, the node with its own
+        from .creds_commands import embedded_credentials
+
+        authority, auths = embedded_credentials(data_dir, node_id)
+        embedded = _EmbeddedNatsComponent(data_dir, int(args.nats_port), str(args.nats_host), authority)
         await embedded.start()
         nats_url = embedded.url
     # The data dir (the demo model) and each --model's directory are models roots of `up`'s registry.
     roots = [data_dir, *(Path(p).expanduser().resolve().parent for p in args.model)]
-    registry = _registry(args, nats_url, roots)
-    gateway = _gateway(args, nats_url)
-    _runtimes(args.runtimes)  # a bad --runtimes stops `up` here, not in a child restarted forever
+    registry = _registry(args, nats_url, auths["registry"], roots)
+    gateway = _gateway(args, nats_url, auths["gateway"])
     # The node (its engines: native code that can crash) runs as its own process, restarted if it dies.
-    node_id = persistent_node_id(data_dir / "node")
 
     async def node_died(how: str) -> None:
         """Gateways drop the node now: its in-flight requests fail or go elsewhere within a second."""
@@ -386,7 +412,7 @@ async def _up(args: argparse.Namespace) -> int:
         goodbye = NodeGoodbye(node_id=node_id, reason=f"process died ({how})")
         await gateway.nc.publish(subjects.node_goodbye(node_id), codec.encode(goodbye))
 
-    node = SupervisedProcess("node", _node_argv(args, nats_url, data_dir), on_death=node_died)
+    node = SupervisedProcess("node", _node_argv(args, nats_url, data_dir, auths["node"]), on_death=node_died)
 
     models: list[tuple[Path, str | None, dict[str, str]]] = [(Path(p), None, {}) for p in args.model]
     if args.demo:
@@ -423,6 +449,10 @@ async def _up(args: argparse.Namespace) -> int:
             else:
                 print(f"Admin API key: in {key_path}", flush=True)
         print(f"LLM Router ready: {base}/v1  (NATS {nats_url})", flush=True)
+        if embedded is not None:
+            from .creds_commands import join_instructions
+
+            print(join_instructions(data_dir, str(args.nats_host), nats_url), flush=True)
         if names:
             print("Serving: " + ", ".join(names), flush=True)
             if args.demo:
@@ -451,8 +481,11 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _single(args: argparse.Namespace) -> int:
+    from .nats_options import checked_nats_auth
+
+    auth = checked_nats_auth(args, args.command)
     if args.command == "gateway":
-        gateway = _gateway(args, args.nats_url)
+        gateway = _gateway(args, args.nats_url, auth)
 
         async def ready() -> int:
             print(f"LLM Router gateway ready: http://{args.host}:{gateway.port}/v1", flush=True)
@@ -465,11 +498,14 @@ async def _single(args: argparse.Namespace) -> int:
             print("LLM Router registry ready", flush=True)
             return 0
 
-        return await _run_components([_registry(args, args.nats_url)], registry_ready)
+        return await _run_components([_registry(args, args.nats_url, auth)], registry_ready)
     from nodes import NodeAgent
 
+    identity = auth.identity()  # a node credential names the node: it serves as that node
     node = NodeAgent(
         nats_url=args.nats_url,
+        nats_auth=auth,
+        node_id=identity.node_id if identity is not None else None,
         data_dir=Path(args.data_dir).expanduser() / "node",
         allow_cpu=bool(args.allow_cpu),
         replicas=args.replicas,
@@ -509,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         from .user_commands import run_user_command
 
         return run_user_command(args)
+    if args.command == "nats-creds":
+        from .creds_commands import run_creds_command
+
+        return run_creds_command(args)
     logs.configure(args.log_level, args.log_format)
     run = _event_loop_runner()
     try:

@@ -25,12 +25,15 @@ from events.messages import ApiKey
 from gateway.auth import new_key
 from gateway.key_routes import view
 
+from .nats_options import add_nats_auth_options, nats_auth
+
 EXPIRIES = ("3", "7", "21", "70", "90", "never")
 
 
 def add_key_commands(commands: Any, add: Callable[..., None]) -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys (over NATS, as an operator)")
     add(keys, "--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    add_nats_auth_options(keys, add)  # `up`'s server: --nats-creds <data-dir>/nats-auth/operator.creds
     verbs = keys.add_subparsers(dest="verb", required=True)
     create = verbs.add_parser("create", help="a new key; its secret is printed once")
     create.add_argument("name")
@@ -57,10 +60,10 @@ def run_key_command(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    nc = await connect(args.nats_url, name="llm-router-keys")
+    nc = await connect(args.nats_url, name="llm-router-keys", auth=nats_auth(args))
     try:
         js = nc.jetstream()
-        await provision(js)
+        await provision(js, role=nc.role)
         kv = await js.key_value(storage.KV_KEYS)
         if args.verb == "create":
             days = None if args.expires_days == "never" else int(args.expires_days)

@@ -27,6 +27,8 @@ from events.messages import Session, User
 from events.tokens import username_error
 from gateway.passwords import password_error
 
+from .nats_options import add_nats_auth_options, nats_auth
+
 
 class CommandError(Exception):
     """What the operator did wrong, printed as one line (exit status 1)."""
@@ -35,6 +37,7 @@ class CommandError(Exception):
 def add_user_commands(commands: Any, add: Callable[..., None]) -> None:
     users = commands.add_parser("users", help="add, list and remove dashboard users (over NATS, as an operator)")
     add(users, "--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    add_nats_auth_options(users, add)  # `up`'s server: --nats-creds <data-dir>/nats-auth/operator.creds
     verbs = users.add_subparsers(dest="verb", required=True)
     stdin_help = "read the password from the first line of standard input instead of a prompt"
     add_ = verbs.add_parser("add", help="a new user; the password is asked for (never an argument)")
@@ -75,10 +78,10 @@ async def run_users(args: argparse.Namespace) -> int:
     if args.verb != "ls" and username_error(args.name):
         raise CommandError(username_error(args.name))
     password = read_password(args.password_stdin) if args.verb in ("add", "passwd") else None
-    nc = await connect(args.nats_url, name="llm-router-users")
+    nc = await connect(args.nats_url, name="llm-router-users", auth=nats_auth(args))
     try:
         js = nc.jetstream()
-        await provision(js)
+        await provision(js, role=nc.role)
         users = await js.key_value(storage.KV_USERS)
         if args.verb == "ls":
             for user in sorted(await _users(users), key=lambda u: u.created_at):

@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
-from broker import connect, provision
+from broker import NatsAuth, connect, provision
 from broker.endpoints import Endpoint, Service
 from events import codec, encode_token, name_error, storage, subjects
 from events.capabilities import CAPABILITIES
@@ -66,10 +66,12 @@ class NodeAgent:
         allow_origins: list[str] | None = None,
         predownload: str = "registered",
         replicas: int | None = None,
+        nats_auth: NatsAuth | None = None,
     ) -> None:
         """``predownload``: "all" fetches every model it can run as soon as it is registered,
         "registered" only those registered with ``predownload``, "none" waits for a request."""
         self.nats_url = nats_url
+        self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.data_dir = Path(data_dir)
         self.models_dir = self.data_dir / "models"
         self.runtimes = runtimes if runtimes is not None else default_runtimes()
@@ -101,9 +103,11 @@ class NodeAgent:
         self._gpus = await asyncio.to_thread(system.gpus)
         if not self._gpus and not self.allow_cpu:
             raise RuntimeError("no GPU found on this machine; start the node with --allow-cpu to serve on CPU")
-        self.nc = await connect(self.nats_url, name=f"node-{self.node_id}", on_reconnect=self._recover)
+        self.nc = await connect(
+            self.nats_url, name=f"node-{self.node_id}", auth=self.nats_auth, on_reconnect=self._recover
+        )
         self.js = self.nc.jetstream()
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)  # a node's own credential: bind only
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
         self.kv_models = await self.js.key_value(storage.KV_MODELS)
         self.resolver = Resolver(
@@ -164,7 +168,7 @@ class NodeAgent:
         """After a reconnection: beat at once (gateways route to us again), and re-create what a
         server that lost its store no longer has (streams, buckets, our durable consumer)."""
         self._beat_now.set()
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         try:
             await self.js.consumer_info(storage.REGISTRY_EVENTS, self._durable)
         except NotFoundError:

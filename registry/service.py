@@ -23,7 +23,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from broker import connect, provision
+from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog, bounded
 from broker.blobs import blob_prefix
 from broker.endpoints import Service
@@ -88,10 +88,12 @@ class Registry:
         hf_timeout: float = 5.0,
         replicas: int | None = None,
         model_roots: Iterable[str | Path] = (),
+        nats_auth: NatsAuth | None = None,
     ) -> None:
         """``model_roots``: directories a registration by path must lie under (``--model-root``);
         none: registering a path is refused."""
         self.nats_url = nats_url
+        self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.model_roots = sources.model_roots(model_roots)
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.catalog = {entry.id: entry for entry in load_catalog(catalog_path)}  # fails fast on a bad file
@@ -103,9 +105,9 @@ class Registry:
         self._lifecycle_task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.nats_url, name="registry", on_reconnect=self._recover)
+        self.nc = await connect(self.nats_url, name="registry", auth=self.nats_auth, on_reconnect=self._recover)
         self.js = self.nc.jetstream()
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         self.kv = await self.js.key_value(storage.KV_MODELS)
         self.kv_downloads = await self.js.key_value(storage.KV_DOWNLOADS)
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
@@ -149,7 +151,7 @@ class Registry:
     async def _recover(self) -> None:
         """After a reconnection (the server may have restarted, or lost its store): provision
         again and re-read the models bucket, the one state this service writes from."""
-        await provision(self.js, self.replicas)
+        await provision(self.js, self.replicas, role=self.nc.role)
         await self.models.resync(self.js)
         self._dirty.set()
 
