@@ -48,7 +48,7 @@ CLI_INBOX = "_INBOX"  # nats-py's and the NATS CLI's default
 REPLY_TTL_S = 3600
 
 # Streams that hold secrets or other people's data: only the gateway (and the operator) reach them.
-AUDIT = "AUDIT"  # the audit log's stream (who did what), once it exists
+AUDIT = storage.AUDIT  # the audit log's stream (who did what)
 SECRET_BUCKETS = (storage.KV_KEYS, storage.KV_USERS, storage.KV_SESSIONS, storage.KV_SETTINGS)
 
 
@@ -245,9 +245,10 @@ def gateway_rules() -> Rules:
 
 def registry_rules() -> Rules:
     """The model registry: writes ``models``, download tasks and model files, emits registry
-    events, asks nodes to download; reaches no secret, history or audit stream."""
+    events, asks nodes to download, appends its own audit records; reaches no secret or history."""
     pub = [
         subjects.REGISTRY_EVENTS_ALL,
+        "audit.registry.>",  # the admin.model.* requests it carried out (broker/audit.py)
         f"admin.node.*.{subjects.NODE_DOWNLOAD}",
         "logs.registry.*",
         f"$KV.{storage.KV_MODELS}.>",
@@ -268,7 +269,7 @@ def registry_rules() -> Rules:
         subjects.NODE_GOODBYE_ALL,
         subjects.DOWNLOADS_PROGRESS_ALL,
     ]
-    deny = ["infer.>", *_NOT_THEIRS]
+    deny = ["infer.>", *(s for s in _NOT_THEIRS if s != "audit.>")]  # allow-listed: only its own audit subjects
     return Rules(pub_allow=tuple(pub), pub_deny=tuple(deny), sub_allow=tuple(sub), answers_requests=True)
 
 
