@@ -268,6 +268,11 @@ class CompletionBody(SamplingParams, kw_only=True):
         return self.max_tokens or 16
 
     @property
+    def shapes_output(self) -> bool:
+        """Whether the answer is more than one plain text: logprobs or several choices."""
+        return self.logprobs is not None or self.n > 1
+
+    @property
     def text_prompt(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 

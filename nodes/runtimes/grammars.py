@@ -37,7 +37,7 @@ class _Rules:
         try:
             resolved = self.converter.resolve_refs(json.loads(json.dumps(schema)), name)
             return self.converter.visit(resolved, name)
-        except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        except Exception as exc:  # the converter's asserts and lookups: each says what in the schema failed
             raise EngineError(f"the JSON Schema cannot be turned into a grammar: {exc}", param=param) from None
 
     def literal(self, text: str) -> str:

@@ -14,6 +14,7 @@ distribution, before biases, penalties or the grammar), computed only when asked
 from __future__ import annotations
 
 import codecs
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ def generate(
     grammar = llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False) if sampling.grammar else None
     if fresh:
         llm.reset()
-    llm.set_seed(sampling.seed if sampling.seed is not None else int(np.random.default_rng().integers(2**31)))
+    # Unseeded: the next of the context's own sequence of seeds, as llama-cpp-python does.
+    llm.set_seed(sampling.seed if sampling.seed is not None else random.Random(llm._seed).randint(0, 2**32))
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
     text, sent = "", 0
