@@ -81,7 +81,7 @@ class Choice(Struct, kw_only=True, omit_defaults=True):
     logprobs: list[TokenLogprob] | None = None
 
 
-class TextDelta(NodeReply, tag="delta", kw_only=True, omit_defaults=True):
+class TextDelta(NodeReply, tag="delta", kw_only=True):
     """A piece of generated text of a streamed answer (of choice ``index``), with the
     logprobs of its tokens and tool call fragments when the request asked for them."""
 
@@ -91,7 +91,7 @@ class TextDelta(NodeReply, tag="delta", kw_only=True, omit_defaults=True):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class TextDone(NodeReply, tag="done", kw_only=True, omit_defaults=True):
+class TextDone(NodeReply, tag="done", kw_only=True):
     """Ends a text answer. Carries the whole text only when the request was not streamed.
 
     ``choices``: set when the answer is more than one plain text; then it has every choice's
