@@ -199,6 +199,25 @@ class ChatCompletionBody(SamplingParams, kw_only=True):
     verbosity: Any = None
 
     def __post_init__(self) -> None:
+        # Plain chats (nearly all requests) set none of these: one chain of checks, on the gateway and node.
+        if (
+            self.tools is None
+            and self.tool_choice is None
+            and self.response_format is None
+            and self.top_logprobs is None
+            and self.modalities is None
+            and self.audio is None
+            and self.prediction is None
+            and self.web_search_options is None
+            and self.functions is None
+            and self.function_call is None
+            and self.reasoning_effort is None
+            and self.verbosity is None
+        ):
+            return
+        self._check()
+
+    def _check(self) -> None:
         _refuse_set(self, CHAT_UNSUPPORTED, "by this router's chat completions")
         if self.modalities is not None and self.modalities != ["text"]:
             raise Unsupported("Only text output is supported: 'modalities' may only be [\"text\"].", "modalities")

@@ -109,6 +109,8 @@ def _refused(call, param: str, code: str = "unsupported_parameter") -> str:
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"web_search_options": {}}, "web_search_options"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"verbosity": "low"}, "verbosity"),
     ],
 )
 def test_output_changing_fields_not_supported_are_400_naming_them(client, extra, param) -> None:
@@ -299,6 +301,21 @@ def test_auto_falls_back_to_plain_content(client) -> None:
     answer = out.choices[0]
     assert answer.message.tool_calls is None and isinstance(answer.message.content, str)
     assert answer.finish_reason in ("stop", "length")
+
+
+def test_auto_with_a_response_format_calls_or_answers_in_that_format(client) -> None:
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model=NATIVE, messages=HI, tools=TOOLS, max_tokens=400, seed=seed, response_format=_schema_format(PING)
+        )
+        answer = out.choices[0]
+        if answer.message.tool_calls:
+            assert answer.finish_reason == "tool_calls"
+            for call in answer.message.tool_calls:
+                _valid_call(call.function.name, call.function.arguments)
+        else:
+            assert answer.finish_reason == "stop"
+            jsonschema.validate(json.loads(answer.message.content), PING)
 
 
 def test_tool_choice_none_is_plain_chat(client) -> None:
