@@ -257,14 +257,20 @@ class ChatCompletionBody(SamplingParams, kw_only=True):
         return self.tool_choice or "auto"
 
     @property
+    def shaping_field(self) -> str | None:
+        """The first field that makes the answer more than plain text (tools, a response
+        format, logprobs, several choices), or None."""
+        if self.tools:
+            return "tools"
+        if self.response_format is not None and not isinstance(self.response_format, TextFormat):
+            return "response_format"
+        if self.logprobs:
+            return "logprobs"
+        return "n" if self.n > 1 else None
+
+    @property
     def shapes_output(self) -> bool:
-        """Whether the answer is more than plain text: tools, a response format, logprobs or choices."""
-        return bool(
-            self.tools
-            or (self.response_format is not None and not isinstance(self.response_format, TextFormat))
-            or self.logprobs
-            or self.n > 1
-        )
+        return self.shaping_field is not None
 
 
 class CompletionBody(SamplingParams, kw_only=True):

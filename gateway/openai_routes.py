@@ -49,10 +49,8 @@ def _chat_capability(body: ChatCompletionBody) -> str:
     Those run through llama.cpp's LLaVA handler, which has no tools, grammars, logprobs or n."""
     if not has_image_parts(body):
         return subjects.CHAT
-    if body.shapes_output:
-        field = next(
-            f for f in ("tools", "response_format", "logprobs", "n") if getattr(body, f) not in (None, False, 1)
-        )
+    field = body.shaping_field
+    if field is not None:
         raise ApiError(
             400,
             f"'{field}' is not supported in chats with images (docs/openai.md lists what each engine offers).",

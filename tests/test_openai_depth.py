@@ -148,6 +148,8 @@ def test_inconsistent_or_unenforceable_requests_are_400(client) -> None:
         }
     ]
     _refused(lambda: chat(model=PLAIN, messages=HI, tools=tool), "tools", "unsupported_schema")
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    _refused(lambda: chat(model=PLAIN, messages=image, tools=TOOLS), "tools")  # the LLaVA handler has no tools
     _refused(lambda: client.completions.create(model=PLAIN, prompt="x", suffix="y"), "suffix")
     _refused(lambda: client.completions.create(model=PLAIN, prompt="x", best_of=3), "best_of")
     with pytest.raises(openai.BadRequestError) as err:

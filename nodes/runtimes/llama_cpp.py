@@ -59,8 +59,9 @@ def _threads() -> int:
 
 
 class _TokenCounter:
-    """A logits processor run before every sampled token: counts tokens, enforces the token
-    limit, the context window and cancel.
+    """For vision chats, which run llama-cpp-python's own completion (through the LLaVA
+    handler): a logits processor run before every sampled token that counts tokens, enforces
+    the token limit, the context window and cancel.
 
     It sees the prompt length on its first call and every sampling step after. To stop it
     leaves only the end-of-generation token possible, so llama.cpp stops at the next token
@@ -378,12 +379,8 @@ class LlamaEngine:
     def _vision_chat(
         self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event
     ) -> TextOutcome:
-        if body.shapes_output:
-            field = next(
-                name
-                for name in ("tools", "response_format", "logprobs", "n")
-                if getattr(body, name) not in (None, False, 1)
-            )
+        field = body.shaping_field
+        if field is not None:
             raise EngineError(
                 f"'{field}' is not supported for a model with a vision projector (its chats go through the LLaVA handler).",
                 param=field,
