@@ -233,8 +233,6 @@ class LlamaEngine:
             value = getattr(body, name)
             if value is not None:
                 setattr(sampling, name, value)
-        if grammar is not None:
-            self._check_grammar(grammar)
         return sampling
 
     def _check_grammar(self, grammar: str) -> None:
@@ -264,6 +262,8 @@ class LlamaEngine:
         choices: list[Choice] = []
         completion = 0
         param = "messages" if chat else "prompt"
+        if grammar is not None:
+            self._check_grammar(grammar)
         with self._generators.use() as llm:
             for index in range(body.n):
                 out = writer(index)
