@@ -8,7 +8,7 @@ import msgspec
 from starlette.responses import Response
 
 from events import codec
-from events.openai import validation_param
+from events.openai import Unsupported, validation_param
 
 from .errors import ApiError
 
@@ -27,6 +27,8 @@ def parse_body(raw: bytes, kind: type) -> Any:
         raise ApiError(400, f"Invalid request: {exc}", param=validation_param(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
+    except Unsupported as exc:  # a known field the router cannot honour: never dropped silently
+        raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
 
 
 def parsed_json(raw: bytes) -> Any:

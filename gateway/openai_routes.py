@@ -20,8 +20,8 @@ from starlette.responses import Response, StreamingResponse
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, name_error, subjects
 from events.capabilities import CAPABILITIES
-from events.messages import Accepted, EmbeddingResult, Failure, ModelRecord, TextDelta, TextDone, Usage
-from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts
+from events.messages import Accepted, Choice, EmbeddingResult, Failure, ModelRecord, TextDelta, TextDone, Usage
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts, model_features
 
 from . import formatting
 from .dispatch import Dispatcher, DispatchError
@@ -45,8 +45,19 @@ def unavailable_message(record: ModelRecord) -> str:
 
 
 def _chat_capability(body: ChatCompletionBody) -> str:
-    """Chats with image parts go to the vision capability: only nodes with a vision model subscribe there."""
-    return subjects.VISION if has_image_parts(body) else subjects.CHAT
+    """Chats with image parts go to the vision capability: only nodes with a vision model subscribe there.
+    Those run through llama.cpp's LLaVA handler, which has no tools, grammars, logprobs or n."""
+    if not has_image_parts(body):
+        return subjects.CHAT
+    field = body.shaping_field
+    if field is not None:
+        raise ApiError(
+            400,
+            f"'{field}' is not supported in chats with images (docs/openai.md lists what each engine offers).",
+            param=field,
+            code="unsupported_parameter",
+        )
+    return subjects.VISION
 
 
 class OpenAIRoutes:
@@ -78,6 +89,7 @@ class OpenAIRoutes:
             "created": int(record.created_at),
             "owned_by": record.labels.get("owner", "llm-router"),
             "capabilities": list(record.capabilities),
+            "features": model_features(record.capabilities),
             "ready": bool(nodes),
             "lifecycle_status": "ready" if nodes else record.state,
             "download_progress": msgspec.to_builtins(record.download) if record.download and not nodes else None,
@@ -193,19 +205,22 @@ class OpenAIRoutes:
             await exchange.close()
             if not isinstance(first, TextDone):
                 raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
-            encoded = codec.encode(make(cid, created, body.model, first.text, first.finish_reason, first.usage))
+            encoded = codec.encode(
+                make(cid, created, body.model, first.text, first.finish_reason, first.usage, first.choices)
+            )
             exchange.record(200, usage=first.usage, response=msgspec.Raw(encoded))  # encoded once, for both
             return Response(encoded, 200, exchange.headers(), media_type="application/json")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage)
+        writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage, body.n)
         first_byte_ms = (time.perf_counter() - exchange.t0) * 1000
 
-        def summary(text: str, finish: str, usage: Usage) -> dict:
-            return make(cid, created, body.model, text, finish, usage)
+        def summary(text: str, finish: str, usage: Usage, choices: list[Choice] | None) -> dict:
+            return make(cid, created, body.model, text, finish, usage, choices)
 
+        collected = formatting.Choices() if body.shapes_output else None
         return CallStream(
             exchange,
-            self._stream(exchange, first, writer, summary, first_byte_ms),
+            self._stream(exchange, first, writer, summary, first_byte_ms, collected),
             media_type="text/event-stream",
             headers={**exchange.headers(), "cache-control": "no-cache"},
         )
@@ -215,23 +230,31 @@ class OpenAIRoutes:
         exchange: Exchange,
         reply: Any,
         writer: formatting.ChunkWriter,
-        summary: Callable[[str, str, Usage], dict],
+        summary: Callable[[str, str, Usage, list[Choice] | None], dict],
         first_byte_ms: float,
+        collected: formatting.Choices | None = None,
     ) -> AsyncIterator[bytes]:
-        """SSE chunks from the first reply on; ``summary`` is the answer as the history records it."""
+        """SSE chunks from the first reply on; ``summary`` is the answer as the history records it
+        (``collected`` gathers every choice of an answer that has more than one plain text)."""
         call = exchange.call
         assert call is not None
         parts: list[str] = []
         status, error, usage, finish = 200, None, Usage(), "stop"
+        finals: list[Choice] | None = None
         try:
             yield writer.opening()
             while True:
                 if isinstance(reply, TextDelta):
-                    parts.append(reply.text)
-                    yield writer.delta(reply.text)
+                    if collected is not None:
+                        collected.add(reply)
+                    if reply.index == 0 and reply.logprobs is None and reply.tool_calls is None:
+                        parts.append(reply.text)
+                        yield writer.delta(reply.text)
+                    else:
+                        yield writer.rich(reply)
                 elif isinstance(reply, TextDone):
-                    usage, finish = reply.usage, reply.finish_reason
-                    yield writer.closing(finish, usage)
+                    usage, finish, finals = reply.usage, reply.finish_reason, reply.choices
+                    yield writer.closing(finish, usage, finals)
                     return
                 elif isinstance(reply, Failure):
                     status, error = reply.status, reply.message
@@ -251,10 +274,11 @@ class OpenAIRoutes:
                 status, error = 499, "client disconnected"
             # Starlette cancels this generator when the client leaves; the close is shielded.
             await exchange.close()
+            choices = collected.result(finals) if collected is not None and finals else None
             exchange.record(
                 status,
                 usage=usage,
-                response=summary("".join(parts), finish, usage),
+                response=summary("".join(parts), finish, usage, choices),
                 stream=True,
                 error=error,
                 first_byte_ms=first_byte_ms,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from events.messages import ModelRecord, RuntimeStatus, Usage
+from events.messages import Choice, ModelRecord, RuntimeStatus, Usage
 
 
 class EngineError(Exception):
@@ -32,12 +32,18 @@ class EngineError(Exception):
 
 @dataclass
 class TextOutcome:
+    """A text answer: its first choice's text and finish reason, the usage of all of them, and
+    every choice when the answer is more than one plain text (n > 1, tool calls, logprobs)."""
+
     text: str
     finish_reason: str
     usage: Usage
+    choices: list[Choice] | None = None
 
 
-OnDelta = Callable[[str], None]
+# Called with each piece of streamed text: a str (choice 0's text, nothing else), or a
+# TextDelta when it carries more (another choice, logprobs, tool call fragments).
+OnDelta = Callable[[Any], None]
 
 
 class LoadedEngine(Protocol):
