@@ -14,7 +14,7 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -53,7 +53,7 @@ def error_response(exc: Exception) -> Response:
     for :class:`~gateway.hot_routes.HotRoutes` alike."""
     if isinstance(exc, ApiError):
         return exc.response()
-    if isinstance(exc, ClientDisconnected):
+    if isinstance(exc, ClientDisconnected | ClientDisconnect):
         return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
     if isinstance(exc, DispatchError):
         return api_error(exc).response()
