@@ -38,9 +38,14 @@ class BucketWatch(ABC):
     ``start`` reads a snapshot into fresh tables and swaps them in whole once it is read, then
     applies every change as it comes. Calling it again (``resync``, after a reconnection: the
     server may have restarted or lost its store, and revisions from before mean nothing to a
-    fresh one) does the same with a new watcher, the old view answering until then."""
+    fresh one) does the same with a new watcher, the old view answering until then.
+
+    Every entry is decoded here as ``record_type`` (one that does not decode is logged and
+    skipped), so a subclass says only what it keeps: ``_put`` a record, ``_drop`` a deletion."""
 
     bucket: str
+    record_type: type
+    record_kind: str  # names the record in the log line of one that does not decode
 
     def __init__(self) -> None:
         self.kv = None
@@ -87,8 +92,30 @@ class BucketWatch(ABC):
         """Make a fully read snapshot the live view."""
 
     @abstractmethod
+    def _live(self) -> Any:
+        """The tables of the live view (what ``_swap_in`` made it)."""
+
     def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
         """One entry: into ``snapshot`` while it is being read (not None), else into the live view."""
+        live = snapshot is None
+        tables = self._live() if live else snapshot
+        if deleted:
+            self._drop(entry, tables, live)
+            return
+        try:
+            record = codec.decode(entry.value, self.record_type)
+        except msgspec.DecodeError:
+            log.error(f"undecodable {self.record_kind}", key=entry.key)
+            return
+        self._put(entry, record, tables, live)
+
+    @abstractmethod
+    def _put(self, entry: Any, record: Any, tables: Any, live: bool) -> None:
+        """Keep a decoded record in ``tables`` (the live view's when ``live``)."""
+
+    @abstractmethod
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        """Forget what a deleted (or purged) entry's key held."""
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -101,6 +128,8 @@ class RegisteredModels(BucketWatch):
     """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
 
     bucket = storage.KV_MODELS
+    record_type = ModelRecord
+    record_kind = "model record"
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,22 +144,20 @@ class RegisteredModels(BucketWatch):
         self.records, self.revisions = tables
         self._deleted.clear()
 
-    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        if deleted:
-            name = decode_token(entry.key)
-            if snapshot is not None:
-                snapshot[0].pop(name, None)
-                snapshot[1].pop(name, None)
-            self.forget(name)
-            self._deleted.discard(name)
-            return
-        try:
-            record = codec.decode(entry.value, ModelRecord)
-        except msgspec.DecodeError:
-            log.error("undecodable model record", key=entry.key)
-            return
-        if snapshot is not None:
-            snapshot[0][record.name], snapshot[1][record.name] = record, entry.revision
+    def _live(self) -> tuple[dict[str, ModelRecord], dict[str, int]]:
+        return self.records, self.revisions
+
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        name = decode_token(entry.key)
+        if not live:
+            tables[0].pop(name, None)
+            tables[1].pop(name, None)
+        self.forget(name)
+        self._deleted.discard(name)
+
+    def _put(self, entry: Any, record: ModelRecord, tables: Any, live: bool) -> None:
+        if not live:
+            tables[0][record.name], tables[1][record.name] = record, entry.revision
         elif record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
             self.records[record.name] = record
             self.revisions[record.name] = entry.revision

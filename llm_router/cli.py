@@ -32,6 +32,36 @@ def _add(parser: argparse.ArgumentParser, flag: str, env_name: str, default: Any
     )
 
 
+def _add_list(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env_name: str,
+    help: str,
+    metavar: str = "HOST",
+    sep: str = ",",
+    note: str = "",
+) -> None:
+    """A repeatable option whose environment default is a ``sep``-separated list (``note``: after it in the help)."""
+    named = "comma" if sep == "," else f"'{sep}'"
+    parser.add_argument(
+        flag,
+        action="append",
+        metavar=metavar,
+        default=[value for value in env(env_name, "").split(sep) if value] or None,
+        help=f"{help} [env {ENV_PREFIX}{env_name}, {named}-separated{note}]",
+    )
+
+
+def _add_switch(parser: argparse.ArgumentParser, flag: str, env_name: str, help: str) -> None:
+    """An on/off option, on by default when its environment variable is 1, true or yes."""
+    parser.add_argument(
+        flag,
+        action="store_true",
+        default=env(env_name, "") in ("1", "true", "yes"),
+        help=f"{help} [env {ENV_PREFIX}{env_name}]",
+    )
+
+
 def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
     from .nats_options import add_nats_auth_options
 
@@ -67,12 +97,7 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _auth_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-auth",
-        action="store_true",
-        default=env("NO_AUTH", "") in ("1", "true", "yes"),
-        help="serve without API keys (refused unless --host is a loopback address) [env LLM_ROUTER_NO_AUTH]",
-    )
+    _add_switch(parser, "--no-auth", "NO_AUTH", "serve without API keys (refused unless --host is a loopback address)")
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
@@ -84,29 +109,25 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         None,
         "models dir shared by several nodes (e.g. NFS): used in place, and downloads go there, one node at a time",
     )
-    parser.add_argument(
+    _add_list(
+        parser,
         "--allow-origin",
-        action="append",
-        metavar="HOST",
-        default=[o for o in env("ALLOW_ORIGINS", "").split(",") if o] or None,
-        help="host nodes may download models from (repeatable; 'none' for no origin) "
-        f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]",
+        "ALLOW_ORIGINS",
+        "host nodes may download models from (repeatable; 'none' for no origin)",
+        note="; default: the Hugging Face endpoint in use",
     )
-    parser.add_argument(
+    _add_list(
+        parser,
         "--allow-fetch-host",
-        action="append",
-        metavar="HOST",
-        default=[h for h in env("ALLOW_FETCH_HOSTS", "").split(",") if h] or None,
-        help="host (or host:port) a vision chat's image_url may be fetched from even though it resolves to an "
-        "internal address (repeatable); others must resolve to public addresses "
-        f"[env {ENV_PREFIX}ALLOW_FETCH_HOSTS, comma-separated]",
+        "ALLOW_FETCH_HOSTS",
+        "host (or host:port) a vision chat's image_url may be fetched from even though it resolves to an "
+        "internal address (repeatable); others must resolve to public addresses",
     )
-    parser.add_argument(
+    _add_switch(
+        parser,
         "--no-remote-images",
-        action="store_true",
-        default=env("NO_REMOTE_IMAGES", "") in ("1", "true", "yes"),
-        help="never fetch a vision chat's http(s) image_url (only data: URLs are accepted) "
-        f"[env {ENV_PREFIX}NO_REMOTE_IMAGES]",
+        "NO_REMOTE_IMAGES",
+        "never fetch a vision chat's http(s) image_url (only data: URLs are accepted)",
     )
     _add(
         parser,
@@ -169,14 +190,14 @@ def _registry_options(parser: argparse.ArgumentParser) -> None:
         None,
         "curated model catalog to use instead of the built-in supported_models.json",
     )
-    parser.add_argument(
+    _add_list(
+        parser,
         "--model-root",
-        action="append",
+        "MODEL_ROOTS",
+        "directory a model registered by path must lie under, symlinks resolved (repeatable); with none, "
+        "registering a path is refused (`up` adds its data dir and each --model's directory)",
         metavar="DIR",
-        default=[r for r in env("MODEL_ROOTS", "").split(os.pathsep) if r] or None,
-        help="directory a model registered by path must lie under, symlinks resolved (repeatable); with none, "
-        "registering a path is refused (`up` adds its data dir and each --model's directory) "
-        f"[env {ENV_PREFIX}MODEL_ROOTS, '{os.pathsep}'-separated]",
+        sep=os.pathsep,
     )
 
 
@@ -268,12 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_option(node, required=True)
     _data_dir_option(node)
     _node_options(node)
-    node.add_argument(
-        "--allow-cpu",
-        action="store_true",
-        default=env("ALLOW_CPU", "") in ("1", "true", "yes"),
-        help=f"serve on a machine without a GPU (refused otherwise) [env {ENV_PREFIX}ALLOW_CPU]",
-    )
+    _add_switch(node, "--allow-cpu", "ALLOW_CPU", "serve on a machine without a GPU (refused otherwise)")
 
     from .model_commands import add_model_commands
 
