@@ -11,6 +11,9 @@ is electing a leader) is kept and written again once the connection is back; eac
 id as ``Nats-Msg-Id``, so a retry after a lost acknowledgement is stored once (the stream's
 duplicate window). The backlog is bounded: when it is full the oldest records are counted as
 dropped and logged, rather than growing memory without limit.
+
+Observers (``observe``) see every record once, as it is appended and before it is written: the
+usage meter counts tokens and adds the cost there (gateway/usage.py); metrics can hook in the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 
 import structlog
 from nats.aio.client import Client
@@ -50,6 +54,11 @@ class HistoryWriter:
         self._tasks: list[asyncio.Task] = []
         self._sub = None
         self._pause_until = 0.0  # after refused writes, the next attempt waits until then
+        self._observers: list[Callable[[HistoryRecord], None]] = []
+
+    def observe(self, observer: Callable[[HistoryRecord], None]) -> None:
+        """Call ``observer(record)`` for every record appended (it may complete the record, e.g. its cost)."""
+        self._observers.append(observer)
 
     @property
     def pending(self) -> int:
@@ -63,6 +72,11 @@ class HistoryWriter:
         ]
 
     def append(self, record: HistoryRecord) -> None:
+        for observer in self._observers:
+            try:
+                observer(record)
+            except Exception:  # an observer's bug must not lose the record
+                log.exception("history observer failed", observer=getattr(observer, "__qualname__", repr(observer)))
         if len(self._pending) >= self.max_pending:
             self._pending.popleft()
             self.dropped += 1

@@ -46,7 +46,7 @@ from .downloads import (
     NodeDownloadReply,
     NodeDownloadState,
 )
-from .history import HistoryRecord
+from .history import HistoryRecord, UsageDay
 from .inference import (
     FINAL_REPLIES,
     Accepted,
@@ -104,6 +104,7 @@ __all__ = [
     "HfQuery",
     "HfReply",
     "HistoryRecord",
+    "UsageDay",
     "HubEntry",
     "HubQuery",
     "HubReply",
