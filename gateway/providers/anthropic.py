@@ -12,11 +12,12 @@ import httpx
 import msgspec
 
 from events import codec, subjects
+from formats.sse import sse_events
 
 from ..errors import ApiError
 from . import anthropic_messages as am
 from .answers import Answer, Stream, Transcript
-from .base import MODELS_TIMEOUT_S, CloudModel, Provider, sse, sse_events
+from .base import MODELS_TIMEOUT_S, CloudModel, Provider, sse
 
 API_VERSION = "2023-06-01"
 JSON = {"content-type": "application/json"}

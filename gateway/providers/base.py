@@ -9,7 +9,6 @@ before it reaches a client, a log line or the history.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -176,36 +175,6 @@ def _error_fields(content: bytes) -> tuple[str | None, str | None, str | None, s
         str(param) if param else None,
         str(code) if isinstance(code, str) and code else None,
     )
-
-
-# ---------------------------------------------------------------- server-sent events
-
-
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
-    """(event name, data) of each event in an SSE byte stream, as soon as its blank line comes.
-
-    Multi-line data is joined with newlines; comments and ``id``/``retry`` fields are skipped;
-    an event without a name is a ``message`` (the SSE default)."""
-    pending = b""
-    event, data = "", []
-    async for chunk in chunks:
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()  # an incomplete last line waits for the next chunk
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data:
-                    yield event or "message", b"\n".join(data)
-                event, data = "", []
-            elif line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line.startswith(b"event:"):
-                event = line[6:].strip().decode("utf-8", "replace")
-    if pending.startswith(b"data:"):
-        data.append(pending[6:] if pending[5:6] == b" " else pending[5:])
-    if data:
-        yield event or "message", b"\n".join(data)
 
 
 def sse(payload: Any) -> bytes:

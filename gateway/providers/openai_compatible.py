@@ -18,11 +18,12 @@ from msgspec import Struct
 
 from events import codec, subjects
 from events.messages import Usage
+from formats.sse import sse_events
 
 from ..errors import ApiError
 from ..formatting import SSE_DONE
 from .answers import Answer, Stream, Transcript
-from .base import MODELS_TIMEOUT_S, CloudModel, Provider, sse, sse_events
+from .base import MODELS_TIMEOUT_S, CloudModel, Provider, sse
 
 JSON = {"content-type": "application/json"}
 PATHS = {subjects.CHAT: "/chat/completions", subjects.COMPLETION: "/completions", subjects.EMBEDDING: "/embeddings"}

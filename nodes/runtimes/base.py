@@ -61,6 +61,9 @@ class Engine(LoadedEngine, Protocol):
     def embed(self, body: Any) -> tuple[list[list[float]], Usage]: ...
 
 
+# An engine whose methods are coroutines (nodes/upstream.py: an existing server's model) has the
+# same methods, awaited in the event loop; its ``on_delta`` is a coroutine function too.
+
 # The multimodal engines take and return bytes, each through the methods of its one
 # implementation, whose signatures and docstrings are the contract (no second copy here):
 # images DiffusersEngine.generate/edit/variation, transcription FasterWhisperEngine.transcribe,
