@@ -23,6 +23,7 @@ from msgspec import Struct
 
 from events import codec, subjects
 from events.messages import Usage
+from formats.redact import redact
 from formats.sse import sse_events
 
 from .runtimes.base import EngineError, TextOutcome
@@ -106,7 +107,7 @@ class UpstreamServer:
         )
 
     def scrub(self, text: str) -> str:
-        return text.replace(self.key, "***") if self.key else text
+        return redact(text, self.key)
 
     async def models(self, timeout: float) -> list[str]:
         """The ids the server lists (``GET /v1/models``): also its health check."""

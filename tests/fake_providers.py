@@ -173,7 +173,7 @@ class FakeOpenAI(FakeProvider):
     def refused(self, request: Request, body: dict | None = None) -> Response | None:
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
         if token != self.key:
-            shown = f"{token[:6]}...{token[-4:]}" if len(token) > 10 else token
+            shown = f"{token[:10]}...{token[-4:]}" if len(token) > 14 else token  # as OpenAI quotes a wrong key
             return self.error(401, f"Incorrect API key provided: {shown}.", "invalid_request_error", "invalid_api_key")
         if body is not None:
             model = body.get("model")

@@ -18,6 +18,7 @@ import msgspec
 import structlog
 
 from events import codec
+from formats.redact import redact
 
 from ..errors import ApiError
 
@@ -113,13 +114,8 @@ class Provider:
     # ------------------------------------------------------------ errors
 
     def scrub(self, text: str) -> str:
-        """``text`` with this provider's key (and any long piece of it) replaced by ``***``."""
-        key = self.settings.key
-        if key and key in text:
-            text = text.replace(key, "***")
-        if key and len(key) > 12 and key[:8] in text:  # "Incorrect API key provided: sk-abc...xyz"
-            text = text.replace(key[:8], "***")
-        return text
+        """``text`` without this provider's key, or any piece of it (formats/redact.py)."""
+        return redact(text, self.settings.key)
 
     def error_from(self, status: int, content: bytes) -> ApiError:
         """The OpenAI error for a provider's non-2xx answer, with the provider's status."""
