@@ -208,6 +208,21 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         )
     },
     "/v0/nodes": {"get": _op("Nodes heard from, with the dispatch queue.", JSON, tag="admin")},
+    "/v0/usage": {
+        "get": _op(
+            "Tokens and cost per day, week and month (UTC), by provider, model and API key.",
+            JSON,
+            tag="admin",
+            params=[
+                _query("period", "Only this period.", enum=["day", "week", "month"]),
+                _query("date", "A day of the periods (default: today).", format="date"),
+                _query("provider", "Only this provider ('local' for nodes)."),
+                _query("model", "Only this model (as requested, prefix included)."),
+                _query("key_id", "Only this API key's requests."),
+            ],
+        )
+    },
+    "/v0/clouds": {"get": _op("The cloud providers: key set or not, and their model lists.", JSON, tag="admin")},
     "/v0/nodes/{node_id}/{verb}": {
         "post": _op(
             "Drain a node, or resume it.",
