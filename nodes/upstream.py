@@ -1,7 +1,7 @@
 """An existing OpenAI-compatible server (vLLM, Ollama, llama.cpp's server, LM Studio, …) as
 the engine of a node: ``llm-router node --upstream URL [--upstream-key K]``.
 
-:class:`UpstreamServer` is one pooled ``httpx.AsyncClient`` to the server; each model the server
+:class:`UpstreamServer` is one pooled client to the server (outbound/http.py); each model the server
 lists gets an :class:`UpstreamEngine`, which the node serves on the usual subjects like any
 engine, so dispatch, queueing, failover and history apply unchanged. The engine is async (it
 waits on the network, not on a CPU): the runners await it in the event loop instead of
@@ -17,14 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import msgspec
 from msgspec import Struct
 
 from events import codec, subjects
 from events.messages import Usage
-from formats.redact import redact
-from formats.sse import sse_events
+from outbound.http import HttpError, Timeout, client_for
+from outbound.redact import redact
+from outbound.sse import sse_events
 
 from .runtimes.base import EngineError, TextOutcome
 
@@ -98,13 +98,7 @@ class UpstreamServer:
         self.shown = safe_url(self.base)
         self.key = key or None
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.AsyncClient(
-            base_url=self.base,
-            headers=headers,
-            timeout=httpx.Timeout(request_timeout, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256, keepalive_expiry=60),
-            follow_redirects=False,
-        )
+        self.client = client_for(self.base, headers=headers, timeout=request_timeout, connect_timeout=CONNECT_TIMEOUT_S)
 
     def scrub(self, text: str) -> str:
         return redact(text, self.key)
@@ -113,7 +107,7 @@ class UpstreamServer:
         """The ids the server lists (``GET /v1/models``): also its health check."""
         response = await self.client.get("/models", timeout=timeout)
         if not response.is_success:
-            raise EngineError(self._message(response.status_code, response.content), status=502)
+            raise EngineError(self._message(response.status, response.content), status=502)
         listed = msgspec.json.decode(response.content, type=_ModelList).data
         return [m["id"] for m in listed if isinstance(m.get("id"), str) and m["id"]]
 
@@ -129,15 +123,15 @@ class UpstreamServer:
     def failure(self, status: int, content: bytes) -> EngineError:
         return EngineError(self._message(status, content), status=status, code="upstream_error")
 
-    def unreachable(self, exc: httpx.HTTPError) -> EngineError:
-        if isinstance(exc, httpx.TimeoutException):
+    def unreachable(self, exc: HttpError) -> EngineError:
+        if isinstance(exc, Timeout):
             return EngineError(f"upstream {self.shown} did not answer in time", status=504, code="upstream_timeout")
         reason = self.scrub(str(exc) or type(exc).__name__)
         return EngineError(f"upstream {self.shown} is unreachable: {reason}", status=502, code="upstream_unavailable")
 
     async def post(self, path: str, payload: dict[str, Any], cancelled: threading.Event) -> _Answer:
         """One whole answer; a client that left meanwhile ends the wait (and the upstream request)."""
-        request = asyncio.ensure_future(self.client.post(path, content=codec.encode(payload), headers=JSON))
+        request = asyncio.ensure_future(self.client.request("POST", path, codec.encode(payload), headers=JSON))
         try:
             while True:
                 done, _ = await asyncio.wait({request}, timeout=CANCEL_POLL_S)
@@ -147,13 +141,13 @@ class UpstreamServer:
                     request.cancel()
                     raise EngineError("cancelled: the client left", status=499, code="cancelled")
             response = request.result()
-        except httpx.HTTPError as exc:
+        except HttpError as exc:
             raise self.unreachable(exc) from None
         finally:
             if not request.done():
                 request.cancel()
         if not response.is_success:
-            raise self.failure(response.status_code, response.content)
+            raise self.failure(response.status, response.content)
         try:
             return _answer(response.content)
         except msgspec.DecodeError:
@@ -166,15 +160,14 @@ class UpstreamServer:
         that reports no usage in streams (llama-cpp-python) gets its pieces counted as tokens
         (servers send one a token) and its prompt tokens left at 0."""
         finish, usage, pieces = None, None, 0
-        built = self.client.build_request("POST", path, content=codec.encode(payload), headers=JSON)
         try:
-            response = await self.client.send(built, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.client.request("POST", path, codec.encode(payload), headers=JSON, stream=True)
+        except HttpError as exc:
             raise self.unreachable(exc) from None
         try:
             if not response.is_success:
-                raise self.failure(response.status_code, await response.aread())
-            async for _, data in sse_events(response.aiter_bytes()):
+                raise self.failure(response.status, await response.read())
+            async for _, data in sse_events(response.iter_bytes()):
                 if data == b"[DONE]" or cancelled.is_set():
                     break
                 try:
@@ -192,7 +185,7 @@ class UpstreamServer:
                         await on_delta(piece)
                     if choice.finish_reason:
                         finish = choice.finish_reason
-        except httpx.HTTPError as exc:
+        except HttpError as exc:
             raise self.unreachable(exc) from None
         finally:
             await response.aclose()

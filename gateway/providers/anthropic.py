@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
-import httpx
 import msgspec
 
 from events import codec, subjects
-from formats.sse import sse_events
+from outbound.http import HttpError, Response
+from outbound.sse import sse_events
 
 from ..errors import ApiError
 from . import anthropic_messages as am
@@ -34,10 +35,8 @@ def _epoch(created_at: Any) -> int:
 class AnthropicProvider(Provider):
     capabilities = frozenset({subjects.CHAT})
 
-    def __init__(self, settings, **kwargs) -> None:
-        super().__init__(settings, **kwargs)
-        # ANTHROPIC_API_BASE_URL may be given with or without its /v1.
-        self.api = self.base_url.removesuffix("/v1") + "/v1"
+    def client_base(self) -> str:
+        return self.base_url.removesuffix("/v1")  # ANTHROPIC_API_BASE_URL may be given with or without it
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.settings.key or "", "anthropic-version": API_VERSION}
@@ -46,9 +45,7 @@ class AnthropicProvider(Provider):
         models: list[CloudModel] = []
         params: dict[str, Any] = {"limit": 1000}
         for _ in range(MAX_MODEL_PAGES):
-            response = await self.checked(
-                await self.client.get(self.api + "/models", params=params, timeout=MODELS_TIMEOUT_S)
-            )
+            response = await self.send("GET", "/v1/models?" + urlencode(params), timeout=MODELS_TIMEOUT_S)
             page = msgspec.json.decode(response.content)
             for entry in page.get("data") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str):
@@ -60,12 +57,7 @@ class AnthropicProvider(Provider):
 
     async def complete(self, capability: str, payload: dict[str, Any], meta: Any) -> Answer:
         request, structured = am.messages_request(payload, payload["model"], stream=False)
-        try:
-            response = await self.client.post(self.api + "/messages", content=codec.encode(request), headers=JSON)
-        except httpx.HTTPError as exc:
-            raise self.unreachable(exc) from None
-        if not response.is_success:
-            raise self.error_from(response.status_code, response.content)
+        response = await self.send("POST", "/v1/messages", codec.encode(request), headers=JSON)
         try:
             message = msgspec.json.decode(response.content)
         except msgspec.DecodeError:
@@ -77,23 +69,16 @@ class AnthropicProvider(Provider):
 
     async def stream(self, capability: str, payload: dict[str, Any], meta: Any, *, client_wants_usage: bool) -> Stream:
         request, structured = am.messages_request(payload, payload["model"], stream=True)
-        built = self.client.build_request("POST", self.api + "/messages", content=codec.encode(request), headers=JSON)
-        try:
-            response = await self.client.send(built, stream=True)
-        except httpx.HTTPError as exc:
-            raise self.unreachable(exc) from None
-        await self.checked(response)
+        response = await self.send("POST", "/v1/messages", codec.encode(request), headers=JSON, stream=True)
         translator = am.StreamTranslator(
             meta.cid, meta.created, meta.model, include_usage=client_wants_usage, structured=structured
         )
         transcript = Transcript()
         return Stream(self._relay(response, translator, transcript), transcript, response.aclose)
 
-    async def _relay(
-        self, response: httpx.Response, translator: am.StreamTranslator, t: Transcript
-    ) -> AsyncIterator[bytes]:
+    async def _relay(self, response: Response, translator: am.StreamTranslator, t: Transcript) -> AsyncIterator[bytes]:
         try:
-            async for event, data in sse_events(response.aiter_bytes()):
+            async for event, data in sse_events(response.iter_bytes()):
                 try:
                     decoded = msgspec.json.decode(data)
                 except msgspec.DecodeError:
@@ -117,7 +102,7 @@ class AnthropicProvider(Provider):
                     return
             t.error = (502, "anthropic ended the stream before the answer was complete")
             yield sse(ApiError(502, t.error[1], type="server_error", code="provider_error").body()) + am.SSE_DONE
-        except httpx.HTTPError as exc:
+        except HttpError as exc:
             error = self.unreachable(exc)
             t.error = (error.status, error.message)
             yield sse(error.body()) + am.SSE_DONE

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import msgspec
 from msgspec import Struct
 
 from events import codec, subjects
 from events.messages import Usage
-from formats.sse import sse_events
+from outbound.http import HttpError, Response
+from outbound.sse import sse_events
 
 from ..errors import ApiError
 from ..formatting import SSE_DONE
@@ -91,15 +91,12 @@ class OpenAICompatible(Provider):
     # when the client did not ask: the tokens are counted either way.
     ask_stream_usage = True
 
-    def url(self, capability: str) -> str:
-        return self.base_url + PATHS[capability]
-
     def model_id(self, listed: str) -> str:
         """The name a listed model is requested by (and listed under, after the prefix)."""
         return listed
 
     async def models(self) -> list[CloudModel]:
-        response = await self.checked(await self.client.get(self.base_url + "/models", timeout=MODELS_TIMEOUT_S))
+        response = await self.send("GET", "/models", timeout=MODELS_TIMEOUT_S)
         listed = msgspec.json.decode(response.content, type=_ModelList).data
         models = []
         for entry in listed:
@@ -114,12 +111,7 @@ class OpenAICompatible(Provider):
 
     async def complete(self, capability: str, payload: dict[str, Any], meta: Any) -> Answer:
         """One JSON answer, passed through as the provider wrote it."""
-        try:
-            response = await self.client.post(self.url(capability), content=codec.encode(payload), headers=JSON)
-        except httpx.HTTPError as exc:
-            raise self.unreachable(exc) from None
-        if not response.is_success:
-            raise self.error_from(response.status_code, response.content)
+        response = await self.send("POST", PATHS[capability], codec.encode(payload), headers=JSON)
         content = response.content
         try:
             read = _answer(content)
@@ -137,18 +129,13 @@ class OpenAICompatible(Provider):
         """The provider's stream, opened (its HTTP error raised as ours before anything is sent)."""
         if self.ask_stream_usage:
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        request = self.client.build_request("POST", self.url(capability), content=codec.encode(payload), headers=JSON)
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self.unreachable(exc) from None
-        await self.checked(response)
+        response = await self.send("POST", PATHS[capability], codec.encode(payload), headers=JSON, stream=True)
         transcript = Transcript()
         return Stream(self._relay(response, transcript, client_wants_usage), transcript, response.aclose)
 
-    async def _relay(self, response: httpx.Response, t: Transcript, wants_usage: bool) -> AsyncIterator[bytes]:
+    async def _relay(self, response: Response, t: Transcript, wants_usage: bool) -> AsyncIterator[bytes]:
         try:
-            async for _, data in sse_events(response.aiter_bytes()):
+            async for _, data in sse_events(response.iter_bytes()):
                 if data == b"[DONE]":
                     t.done = True
                     yield SSE_DONE
@@ -172,7 +159,7 @@ class OpenAICompatible(Provider):
                 return
             t.error = (502, f"{self.name} ended the stream before the answer was complete")
             yield _stream_error(502, t.error[1]) + SSE_DONE
-        except httpx.HTTPError as exc:  # the provider went away mid-stream: say so, never truncate silently
+        except HttpError as exc:  # the provider went away mid-stream: say so, never truncate silently
             error = self.unreachable(exc)
             t.error = (error.status, error.message)
             yield sse(error.body()) + SSE_DONE
