@@ -24,7 +24,7 @@ from events import codec, subjects
 from events.messages import Usage
 from outbound.http import HttpError, Timeout, client_for
 from outbound.redact import redact
-from outbound.sse import sse_events
+from outbound.sse import sse_batches
 
 from .runtimes.base import EngineError, TextOutcome
 
@@ -167,24 +167,32 @@ class UpstreamServer:
         try:
             if not response.is_success:
                 raise self.failure(response.status, await response.read())
-            async for _, data in sse_events(response.iter_bytes()):
-                if data == b"[DONE]" or cancelled.is_set():
+            async for batch in sse_batches(response.iter_bytes()):
+                text = []  # the pieces of one network read go out as one delta
+                ended = False
+                for _, data in batch:
+                    if data == b"[DONE]":
+                        ended = True
+                        break
+                    try:
+                        chunk = _answer(data)
+                    except msgspec.DecodeError:
+                        continue
+                    if chunk.error is not None:
+                        raise EngineError(self.scrub(f"upstream {self.shown}: {chunk.error}"), status=502)
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices[:1]:
+                        piece = choice.delta.content if choice.delta is not None else choice.text
+                        if piece:
+                            pieces += 1
+                            text.append(piece)
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                if text:
+                    await on_delta("".join(text))
+                if ended or cancelled.is_set():
                     break
-                try:
-                    chunk = _answer(data)
-                except msgspec.DecodeError:
-                    continue
-                if chunk.error is not None:
-                    raise EngineError(self.scrub(f"upstream {self.shown}: {chunk.error}"), status=502)
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices[:1]:
-                    piece = choice.delta.content if choice.delta is not None else choice.text
-                    if piece:
-                        pieces += 1
-                        await on_delta(piece)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
         except HttpError as exc:
             raise self.unreachable(exc) from None
         finally:

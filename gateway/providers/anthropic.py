@@ -13,7 +13,7 @@ import msgspec
 
 from events import codec, subjects
 from outbound.http import HttpError, Response
-from outbound.sse import sse_events
+from outbound.sse import sse_batches
 
 from ..errors import ApiError
 from . import anthropic_messages as am
@@ -76,25 +76,32 @@ class AnthropicProvider(Provider):
         transcript = Transcript()
         return Stream(self._relay(response, translator, transcript), transcript, response.aclose)
 
-    async def _relay(self, response: Response, translator: am.StreamTranslator, t: Transcript) -> AsyncIterator[bytes]:
+    def _translate(self, event: str, data: bytes, translator: am.StreamTranslator, t: Transcript) -> bytes:
+        if translator.done or translator.error is not None:
+            return b""  # what follows the end is not relayed
         try:
-            async for event, data in sse_events(response.iter_bytes()):
-                try:
-                    decoded = msgspec.json.decode(data)
-                except msgspec.DecodeError:
-                    continue  # not an event this code can read; Anthropic sends only JSON
-                if not isinstance(decoded, dict):
-                    continue
-                out, delta = translator.feed(event, decoded)
-                if delta is not None:
-                    if delta.get("content"):
-                        t.text.append(delta["content"])
-                    for call in delta.get("tool_calls") or ():
-                        function = call.get("function") or {}
-                        t.tool_delta(call["index"], call.get("id"), function.get("name"), function.get("arguments"))
-                t.usage, t.finish_reason = translator.usage, translator.finish_reason
-                if translator.error is not None:
-                    t.error = (translator.error[0], self.scrub(translator.error[1]))
+            decoded = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return b""  # not an event this code can read; Anthropic sends only JSON
+        if not isinstance(decoded, dict):
+            return b""
+        out, delta = translator.feed(event, decoded)
+        if delta is not None:
+            if delta.get("content"):
+                t.text.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                t.tool_delta(call["index"], call.get("id"), function.get("name"), function.get("arguments"))
+        t.usage, t.finish_reason = translator.usage, translator.finish_reason
+        if translator.error is not None:
+            t.error = (translator.error[0], self.scrub(translator.error[1]))
+        return out
+
+    async def _relay(self, response: Response, translator: am.StreamTranslator, t: Transcript) -> AsyncIterator[bytes]:
+        """Each network read's events translated and passed on in one write, as soon as they arrive."""
+        try:
+            async for batch in sse_batches(response.iter_bytes()):
+                out = b"".join(self._translate(event, data, translator, t) for event, data in batch)
                 if out:
                     yield out
                 if translator.done or translator.error is not None:

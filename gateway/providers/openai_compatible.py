@@ -18,7 +18,7 @@ from msgspec import Struct
 from events import codec, subjects
 from events.messages import Usage
 from outbound.http import HttpError, Response
-from outbound.sse import sse_events
+from outbound.sse import sse_batches
 
 from ..errors import ApiError
 from ..formatting import SSE_DONE
@@ -134,25 +134,21 @@ class OpenAICompatible(Provider):
         return Stream(self._relay(response, transcript, client_wants_usage), transcript, response.aclose)
 
     async def _relay(self, response: Response, t: Transcript, wants_usage: bool) -> AsyncIterator[bytes]:
+        """Each network read's events passed on in one write, as soon as they arrive."""
         try:
-            async for _, data in sse_events(response.iter_bytes()):
-                if data == b"[DONE]":
-                    t.done = True
-                    yield SSE_DONE
+            async for batch in sse_batches(response.iter_bytes()):
+                out = []
+                for _, data in batch:
+                    if data == b"[DONE]":
+                        t.done = True
+                        out.append(SSE_DONE)
+                        break
+                    if self._read(data, t, wants_usage):
+                        out.append(b"data: " + data.replace(b"\n", b"\ndata: ") + b"\n\n")
+                if out:
+                    yield b"".join(out)
+                if t.done:
                     return
-                try:
-                    chunk = _chunk(data)
-                except msgspec.DecodeError:  # not ours to judge: pass it on as it came
-                    chunk = None
-                if chunk is not None:
-                    if chunk.error is not None:
-                        t.error = (502, self.scrub(str(chunk.error)))
-                    if chunk.usage is not None:
-                        t.usage = complete_usage(chunk.usage)
-                        if not chunk.choices and not wants_usage:
-                            continue  # the usage chunk we asked for; the client did not
-                    _note(t, chunk)
-                yield b"data: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"
             if t.finish_reason is not None:  # ended without [DONE], but complete
                 t.done = True
                 yield SSE_DONE
@@ -163,6 +159,21 @@ class OpenAICompatible(Provider):
             error = self.unreachable(exc)
             t.error = (error.status, error.message)
             yield sse(error.body()) + SSE_DONE
+
+    def _read(self, data: bytes, t: Transcript, wants_usage: bool) -> bool:
+        """Note one event in the transcript; False for the usage chunk the client did not ask for."""
+        try:
+            chunk = _chunk(data)
+        except msgspec.DecodeError:  # not ours to judge: pass it on as it came
+            return True
+        if chunk.error is not None:
+            t.error = (502, self.scrub(str(chunk.error)))
+        if chunk.usage is not None:
+            t.usage = complete_usage(chunk.usage)
+            if not chunk.choices and not wants_usage:
+                return False  # the usage chunk we asked for; the client did not
+        _note(t, chunk)
+        return True
 
 
 def _note(t: Transcript, chunk: _Chunk) -> None:
