@@ -45,6 +45,7 @@ from .downloads import Downloads
 from .resolution import ModelNotFound, Resolver, SourceUnavailable
 from .responder import Responder
 from .runtimes import Runtime, default_runtimes
+from .runtimes.base import Cancellation
 from .serving import ServedModel
 from .upstream import CAPABILITIES as UPSTREAM_CAPABILITIES
 from .upstream import RUNTIME as UPSTREAM
@@ -475,7 +476,7 @@ class NodeAgent:
                     503, f"node {self.node_id} is draining", type="service_unavailable", code="node_draining"
                 )
                 return
-            cancelled = threading.Event()
+            cancelled = Cancellation()
             if self._early_cancels.pop(request.request_id, None) is not None:
                 cancelled.set()  # its cancel overtook it (another subscription, another task)
             self._cancels[request.request_id] = cancelled

@@ -26,12 +26,11 @@ from outbound.http import HttpError, Timeout, client_for
 from outbound.redact import redact
 from outbound.sse import sse_batches
 
-from .runtimes.base import EngineError, TextOutcome
+from .runtimes.base import Cancellation, EngineError, TextOutcome
 
 RUNTIME = "upstream"
 CAPABILITIES = [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING]  # a model list does not say more
 CONNECT_TIMEOUT_S = 5.0
-CANCEL_POLL_S = 0.2  # how often a whole-answer request checks for its client having left
 JSON = {"content-type": "application/json"}
 
 AsyncDelta = Callable[[str], Awaitable[None]]
@@ -131,21 +130,27 @@ class UpstreamServer:
 
     async def post(self, path: str, payload: dict[str, Any], cancelled: threading.Event) -> _Answer:
         """One whole answer; a client that left meanwhile ends the wait (and the upstream request)."""
-        request = asyncio.ensure_future(self.client.request("POST", path, codec.encode(payload), headers=JSON))
+        task = asyncio.current_task()
+        waiting = True
+
+        def stop() -> None:
+            if waiting:  # a callback that comes after the answer must not cancel what follows it
+                task.cancel()
+
+        remove = cancelled.on_set(stop) if isinstance(cancelled, Cancellation) else None
         try:
-            while True:
-                done, _ = await asyncio.wait({request}, timeout=CANCEL_POLL_S)
-                if done:
-                    break
-                if cancelled.is_set():
-                    request.cancel()
-                    raise EngineError("cancelled: the client left", status=499, code="cancelled")
-            response = request.result()
+            response = await self.client.request("POST", path, codec.encode(payload), headers=JSON)
+        except asyncio.CancelledError:
+            if not cancelled.is_set():
+                raise
+            task.uncancel()
+            raise EngineError("cancelled: the client left", status=499, code="cancelled") from None
         except HttpError as exc:
             raise self.unreachable(exc) from None
         finally:
-            if not request.done():
-                request.cancel()
+            waiting = False
+            if remove is not None:
+                remove()
         if not response.is_success:
             raise self.failure(response.status, response.content)
         try:

@@ -97,8 +97,10 @@ class Response:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
-        data = self._chunks.popleft()
-        self._buffered -= len(data)
+        chunks = self._chunks  # all that arrived since the last read, as one piece
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
         if self._buffered <= MAX_BUFFERED // 2:
             self._connection.resume()
         return data
