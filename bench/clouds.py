@@ -39,7 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
-from overhead import publish, quiet_logs_and_check_machine, report_header  # noqa: E402
+from overhead import machine_busy, publish, quiet_logs_and_check_machine, report_header  # noqa: E402
 
 from llm_router.processes import Process, cli  # noqa: E402
 
@@ -161,8 +161,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-def render(samples: dict[tuple[str, bool], list[float]], started: float, command: str) -> str:
+def render(samples: dict[tuple[str, bool], list[float]], started: float, command: str, busy: float) -> str:
     lines = report_header(started, command)
+    lines += [f"Other processes used {busy:.0f}% of a core just before the run (the machine is shared).", ""]
     lines += [
         "| path | stream | requests | p50 (ms) | p90 (ms) | p99 (ms) | added at p50 (ms) | target <= 1 ms |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -192,6 +193,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
     args = parser.parse_args()
     quiet_logs_and_check_machine()
+    busy = machine_busy()
     started = time.time()
     command = "python bench/clouds.py" + "".join(
         f" --{k} {v}" for k, v in (("rounds", args.rounds), ("warmup", args.warmup)) if v != parser.get_default(k)
@@ -228,7 +230,7 @@ def main() -> int:
                 if proc.running:
                     proc.stop()
             nats.stop_sync()
-    return publish(render(samples, started, command), args.output, BEGIN, END)
+    return publish(render(samples, started, command, busy), args.output, BEGIN, END)
 
 
 if __name__ == "__main__":
