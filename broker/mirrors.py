@@ -24,7 +24,7 @@ from nats.js.errors import NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from events import codec, decode_token, storage, subjects
-from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
+from events.messages import LoadedModel, ModelRecord, NodeGoodbye, NodeHeartbeat
 
 log = structlog.get_logger("mirrors")
 
@@ -194,6 +194,7 @@ class NodeDirectory:
         self._nodes: dict[str, NodeView] = {}
         self._index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         self._slots: dict[tuple[str, str], int] = {}
+        self._announced: dict[str, LoadedModel] = {}  # upstream models, by name (one report of each)
         self._index_until = 0.0  # monotonic time the index must be rebuilt by
         self._subs: list = []
 
@@ -301,6 +302,13 @@ class NodeDirectory:
             self._rebuild_index()
         return self._index.get((model, capability), _NONE)
 
+    def announced(self) -> dict[str, LoadedModel]:
+        """Models live nodes serve without a registry record (an upstream server's, announced in
+        their heartbeats), by name: the gateway lists and serves them while a node announces them."""
+        if time.monotonic() >= self._index_until:
+            self._rebuild_index()
+        return self._announced
+
     def slots(self, node_id: str, model: str) -> int:
         """How many requests for ``model`` the node runs at once (from its last heartbeat)."""
         if time.monotonic() >= self._index_until:
@@ -311,6 +319,7 @@ class NodeDirectory:
         now = time.monotonic()
         index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         slots: dict[tuple[str, str], int] = {}
+        announced: dict[str, LoadedModel] = {}
         until = float("inf")
         for view in self._nodes.values():
             expires = view.seen + self.ttl
@@ -323,10 +332,12 @@ class NodeDirectory:
                 continue
             until = min(until, expires)
             for model in beat.models:
-                if model.state != "ready" or model.artifact_bytes <= 0:
+                if not model.servable:
                     continue
+                if model.origin == "upstream":
+                    announced.setdefault(model.name, model)
                 for key in ((model.name, None), *((model.name, c) for c in model.capabilities)):
                     entries = index.setdefault(key, [])
                     if not entries or entries[-1] is not beat:
                         entries.append(beat)
-        self._index, self._slots, self._index_until = index, slots, until
+        self._index, self._slots, self._announced, self._index_until = index, slots, announced, until

@@ -40,6 +40,10 @@ KV_USERS = "users"
 KV_SESSIONS = "sessions"  # dashboard sessions by id; a session lives SESSION_TTL_S and no longer
 SESSION_TTL_S = 7 * DAY
 SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
+# Token and cost counters per UTC day, provider, model and API key (gateway/usage.py): kept 100
+# days, so this month, last month and the weeks between can always be added up from days.
+KV_USAGE = "usage"
+USAGE_TTL_S = 100 * DAY
 OBJ_MODEL_BLOBS = "model-blobs"
 # Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
 # Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.
@@ -103,6 +107,12 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
         ttl=SESSION_TTL_S,
         history=1,
     ),
+    KeyValueConfig(
+        bucket=KV_USAGE,
+        description="tokens and cost per UTC day, provider, model and API key",
+        ttl=USAGE_TTL_S,
+        history=1,
+    ),
 )
 
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
@@ -124,6 +134,11 @@ def download_key(node_id: str, model: str) -> str:
 def user_key(name: str) -> str:
     """``users`` bucket key of a user (names checked by ``events.tokens.username_error`` first)."""
     return encode_token(name)
+
+
+def usage_key(day: str, provider: str, model: str, key_id: str | None) -> str:
+    """``usage`` bucket key of one day's counters (``day``: ``YYYY-MM-DD``; no key: ``-``)."""
+    return f"{day}.{encode_token(provider)}.{encode_token(model)}.{encode_token(key_id) if key_id else '-'}"
 
 
 def download_task_key(task_id: str) -> str:

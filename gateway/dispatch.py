@@ -394,6 +394,8 @@ class Call:
     the node to stop. Raises DispatchError subclasses only.
     """
 
+    provider: str | None = None  # answered by a node (a cloud provider's call: gateway/providers/routes.py)
+
     def __init__(self, dispatcher: Dispatcher, capability: str, model: str, params: Any, stream: bool) -> None:
         self.d = dispatcher
         self.capability = capability

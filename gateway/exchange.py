@@ -143,6 +143,7 @@ class Exchange:
                 duration_ms=(time.perf_counter() - self.t0) * 1000,
                 stream=stream,
                 node_id=node_id,
+                provider=call.provider if call is not None else None,
                 key_id=key.id if (key := key_of(self.request.scope)) is not None else None,
                 first_byte_ms=first_byte_ms,
                 usage=usage,

@@ -207,6 +207,19 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         )
     },
     "/v0/nodes": {"get": _admin("Nodes heard from, with the dispatch queue.")},
+    "/v0/usage": {
+        "get": _admin(
+            "Tokens and cost per day, week and month (UTC), by provider, model and API key.",
+            params=[
+                _query("period", "Only this period.", enum=["day", "week", "month"]),
+                _query("date", "A day of the periods (default: today).", format="date"),
+                _query("provider", "Only this provider ('local' for nodes)."),
+                _query("model", "Only this model (as requested, prefix included)."),
+                _query("key_id", "Only this API key's requests."),
+            ],
+        )
+    },
+    "/v0/clouds": {"get": _admin("The cloud providers: key set or not, and their model lists.")},
     "/v0/nodes/{node_id}/{verb}": {
         "post": _admin(
             "Drain a node, or resume it.",

@@ -85,6 +85,13 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--host", "HOST", "127.0.0.1", "address the HTTP gateway listens on")
     _add(parser, "--port", "PORT", 8080, "HTTP port of the gateway (0 picks a free one)", type=int)
     _add(parser, "--request-timeout", "REQUEST_TIMEOUT", 600.0, "seconds a request may take end to end", type=float)
+    _add(
+        parser,
+        "--prices",
+        "PRICES",
+        None,
+        "JSON file of USD prices per million tokens ('provider:model' -> {input, output}) over the built-in table",
+    )
     _add(parser, "--queue-size", "QUEUE_SIZE", 100, "requests that may wait for a free node (then 429)", type=int)
     _add(
         parser,
@@ -143,6 +150,59 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         "registered",
         "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
         choices=["all", "registered", "none"],
+    )
+
+
+def _upstream_options(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--upstream",
+        "UPSTREAM",
+        None,
+        "serve the models of this existing OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio...) "
+        "instead of engines of the node's own, e.g. http://gpu-box:8000",
+    )
+    parser.add_argument(  # not _add: its help shows the default, which here would be the key itself
+        "--upstream-key",
+        default=env("UPSTREAM_KEY"),
+        help="API key the upstream server wants (sent as a Bearer token; never logged). Prefer the environment, "
+        f"[env {ENV_PREFIX}UPSTREAM_KEY]: a command line shows in process listings",
+    )
+    _add(parser, "--upstream-prefix", "UPSTREAM_PREFIX", "", "put before each upstream model's name, e.g. 'box1/'")
+    _add(
+        parser,
+        "--upstream-interval",
+        "UPSTREAM_INTERVAL",
+        5.0,
+        "seconds between health checks of the upstream (each also re-reads its model list)",
+        type=float,
+    )
+    _add(
+        parser,
+        "--upstream-failures",
+        "UPSTREAM_FAILURES",
+        3,
+        "failed health checks in a row after which the node goes offline (it comes back on the next success)",
+        type=int,
+    )
+
+
+def _upstream(args: argparse.Namespace) -> Any:
+    """The upstream link of ``llm-router node --upstream URL``, or None."""
+    if not getattr(args, "upstream", None):
+        return None
+    from nodes.upstream import UpstreamServer
+    from nodes.upstream_link import UpstreamLink
+
+    try:
+        server = UpstreamServer(args.upstream, args.upstream_key)
+    except ValueError as exc:
+        raise SystemExit(f"llm-router: {exc}") from None
+    return UpstreamLink(
+        server,
+        prefix=args.upstream_prefix or "",
+        interval=float(args.upstream_interval),
+        failures=int(args.upstream_failures),
     )
 
 
@@ -220,7 +280,9 @@ def _registry(
 
 def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> Any:
     from gateway import Gateway
+    from gateway.providers import Clouds, PriceTable
 
+    clouds = Clouds.from_env(prices=PriceTable.load(args.prices), request_timeout=float(args.request_timeout))
     return Gateway(
         nats_url=nats_url,
         nats_auth=nats_auth,
@@ -231,6 +293,7 @@ def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> 
         queue_timeout=float(args.queue_timeout),
         replicas=args.replicas,
         auth=not args.no_auth,
+        clouds=clouds,
     )
 
 
@@ -290,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_option(node)
     _node_options(node)
     _add_switch(node, "--allow-cpu", "ALLOW_CPU", "serve on a machine without a GPU (refused otherwise)")
+    _upstream_options(node)
 
     from .model_commands import add_model_commands
 
@@ -518,6 +582,10 @@ async def _single(args: argparse.Namespace) -> int:
     from nodes import NodeAgent
 
     identity = auth.identity()  # a node credential names the node: it serves as that node
+    upstream = _upstream(args)
+    settings = _node_settings(args)
+    if upstream is not None and not args.runtimes:
+        settings["runtimes"] = []  # the upstream's models only, unless --runtimes asks for engines too
     node = NodeAgent(
         nats_url=args.nats_url,
         nats_auth=auth,
@@ -525,7 +593,8 @@ async def _single(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir).expanduser() / "node",
         allow_cpu=bool(args.allow_cpu),
         replicas=args.replicas,
-        **_node_settings(args),
+        upstream=upstream,
+        **settings,
     )
 
     async def node_ready() -> int:
