@@ -48,6 +48,8 @@ def add_to(total: UsageDay, delta: UsageDay) -> None:
 
 class UsageMeter(BucketWatch):
     bucket = storage.KV_USAGE
+    record_type = UsageDay
+    record_kind = "usage counters"
 
     def __init__(self, prices: PriceTable, *, flush_s: float = FLUSH_S) -> None:
         super().__init__()
@@ -66,15 +68,14 @@ class UsageMeter(BucketWatch):
     def _swap_in(self, tables: dict[str, UsageDay]) -> None:
         self.days = tables
 
-    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        table = snapshot if snapshot is not None else self.days
-        if deleted:
-            table.pop(entry.key, None)
-            return
-        try:
-            table[entry.key] = codec.decode(entry.value, UsageDay)
-        except msgspec.DecodeError:
-            log.error("undecodable usage counters", key=entry.key)
+    def _live(self) -> dict[str, UsageDay]:
+        return self.days
+
+    def _put(self, entry: Any, record: UsageDay, tables: dict[str, UsageDay], live: bool) -> None:
+        tables[entry.key] = record
+
+    def _drop(self, entry: Any, tables: dict[str, UsageDay], live: bool) -> None:
+        tables.pop(entry.key, None)
 
     async def start(self, js: Any) -> None:
         await super().start(js)

@@ -53,11 +53,19 @@ class CloudCall:
             self._task.cancel()
 
     async def aclose(self) -> None:
+        if self.release_all():
+            await self.cancel_on_node()
+
+    def release_all(self) -> bool:
+        """As ``Call.release_all``: closed (once); True when a provider response is still open."""
         if self.closed:
-            return
+            return False
         self.closed = True
-        if self.on_close is not None:
-            await self.on_close()
+        return self.on_close is not None
+
+    async def cancel_on_node(self) -> None:
+        """End the provider's response (a stream): what a node's cancel is to a local call."""
+        await self.on_close()
 
 
 class Meta(msgspec.Struct):
