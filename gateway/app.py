@@ -28,6 +28,7 @@ from .admin_routes import AdminRoutes
 from .audit import AuditMiddleware
 from .audit_routes import AuditRoutes
 from .auth import AuthMiddleware, KeyRing
+from .cluster_metrics import ClusterCollector, DownloadMeter
 from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
@@ -37,6 +38,7 @@ from .http import json_response
 from .key_routes import KeyRoutes
 from .login_throttle import LoginThrottle
 from .media_routes import MediaRoutes
+from .metrics import Metrics, metrics_page
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 from .passwords import Passwords
@@ -110,6 +112,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/usage", gateway.usage_routes.usage, methods=["GET"]),
         Route("/v0/clouds", gateway.clouds_status, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
     ]
     keys = gateway.key_routes
     routes += [
@@ -140,6 +143,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
         },
     )
     app.state.auth = gateway.auth  # the OpenAPI document says whether keys are wanted
+    app.state.metrics = gateway.metrics  # None with --no-metrics
     gateway.starlette = app
     hot = {
         "/v1/chat/completions": api.chat_completions,
@@ -176,10 +180,12 @@ class Gateway:
         passwords: Passwords | None = None,
         nats_auth: NatsAuth | None = None,
         clouds: Clouds | None = None,
+        metrics: bool = True,
     ) -> None:
         """``auth=False`` serves without API keys: only for a gateway on a loopback address.
         ``passwords``: argon2 settings for new password hashes (tests make them cheap).
-        ``clouds``: the cloud providers; default: from the environment (``OPENAI_API_KEY``...)."""
+        ``clouds``: the cloud providers; default: from the environment (``OPENAI_API_KEY``...).
+        ``metrics=False``: no ``/metrics`` (404) and nothing counted (what bench/gateway_cpu.py compares)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
@@ -195,6 +201,9 @@ class Gateway:
         self.clouds = clouds if clouds is not None else Clouds.from_env(request_timeout=request_timeout)
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
+        self.metrics_on = metrics
+        self.metrics: Metrics | None = None
+        self._downloads_meter: DownloadMeter | None = None
         self._server: uvicorn.Server | None = None
         self.dispatcher: Dispatcher | None = None
         self._serve_task: asyncio.Task | None = None
@@ -234,6 +243,8 @@ class Gateway:
         await self.usage.start(self.js)
         self.history.observe(self.usage.count)  # tokens and cost of every answered request
         self.usage_routes = UsageRoutes(self.usage)
+        if self.metrics_on:
+            await self._start_metrics()
         await self.clouds.start()  # model lists fetched in the background
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
         self.routes = OpenAIRoutes(
@@ -284,6 +295,22 @@ class Gateway:
         await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
         log.info("gateway listening", url=self.url)
 
+    async def _start_metrics(self) -> None:
+        """The registry of ``/metrics``; requests counted as the history records them (after the
+        usage meter, so with their cost)."""
+        self._downloads_meter = DownloadMeter()
+        await self._downloads_meter.start(self.nc)
+        self.metrics = Metrics(
+            known_model=lambda name: (
+                name in self.catalog.records
+                or name in self.directory.announced()
+                or self.clouds.catalog.get(name) is not None
+            ),
+            providers=set(self.clouds.providers),
+            collectors=(ClusterCollector(self.directory, self.dispatcher), self._downloads_meter),
+        )
+        self.history.observe(self.metrics.requests.observe)
+
     def _broker_lost(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.broker_lost()
@@ -310,6 +337,8 @@ class Gateway:
         await self.history.stop()
         await self.audit.stop()
         await self.usage.stop()  # after the last record: its counts are written
+        if self._downloads_meter is not None:
+            await self._downloads_meter.stop()
         await self.dispatcher.stop()
         await self.directory.stop()
         await self.catalog.stop()

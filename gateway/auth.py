@@ -72,6 +72,8 @@ def new_key(
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; None for the open routes (health, the OpenAPI document)."""
+    if path == "/metrics":
+        return "read"  # a Prometheus scrape sends a read-only key (bearer token): docs/observability.md
     if path.startswith("/v1/"):
         # DELETE /v1/models/{model} removes a registration: administration, not inference.
         return "inference" if method in ("GET", "HEAD", "POST") else "admin"

@@ -189,6 +189,13 @@ class Dispatcher:
         except Exception as err:
             log.warning("cancel not delivered", request_id=request_id, error=str(err))
 
+    def queued(self) -> Counter[str]:
+        """Requests waiting for a free slot now, by model (read by /metrics at scrape time)."""
+        counts: Counter[str] = Counter()
+        for (model, _), queue in self._waiters.items():
+            counts[model] += sum(1 for future, _, _ in queue if not future.done())
+        return counts
+
     def node_inflight(self, node_id: str) -> int:
         return sum(n for (node, _), n in self.inflight.items() if node == node_id)
 
@@ -306,11 +313,11 @@ class Dispatcher:
         finally:
             call.waiting = None
             self.waiting -= 1
+            call.waited_ms += (time.monotonic() - started) * 1000  # a timeout's wait too (history, metrics)
             if entry in queue:
                 queue.remove(entry)
             if not queue and self._waiters.get(key) is queue:  # not a newer queue of the same model
                 del self._waiters[key]
-        call.waited_ms += (time.monotonic() - started) * 1000
         return beat
 
     def _standing(self, queue: deque, now: float) -> bool:

@@ -118,6 +118,7 @@ class Exchange:
         stream: bool = False,
         error: str | None = None,
         first_byte_ms: float | None = None,
+        first_token_ms: float | None = None,
     ) -> None:
         """The history record of this request; only the first call records anything."""
         if self.recorded:
@@ -132,6 +133,8 @@ class Exchange:
             model = model if not name_error(model) else "-"  # absent, or not one a subject can hold
         else:
             request, record_id, node_id, model = msgspec.Raw(self.raw), call.request_id, call.node_id, call.model
+        # Queue wait of a call that reached a node or waited for one (None: refused, or a cloud call).
+        queued = call is not None and call.provider is None and (node_id is not None or call.waited_ms > 0)
         self.history.append(
             HistoryRecord(
                 id=record_id,
@@ -146,6 +149,8 @@ class Exchange:
                 provider=call.provider if call is not None else None,
                 key_id=key.id if (key := key_of(self.request.scope)) is not None else None,
                 first_byte_ms=first_byte_ms,
+                first_token_ms=first_token_ms,
+                queue_ms=call.waited_ms if queued else None,
                 usage=usage,
                 error=error,
                 request=request,

@@ -267,9 +267,12 @@ class OpenAIRoutes:
         parts: list[str] = []
         status, error, usage, finish = 200, None, Usage(), "stop"
         finals: list[Choice] | None = None
+        first_token_ms = None
         try:
             yield writer.opening()
             while True:
+                if first_token_ms is None and isinstance(reply, TextDelta | TextDone):
+                    first_token_ms = (time.perf_counter() - exchange.t0) * 1000
                 if isinstance(reply, TextDelta):
                     if collected is not None:
                         collected.add(reply)
@@ -308,6 +311,7 @@ class OpenAIRoutes:
                 stream=True,
                 error=error,
                 first_byte_ms=first_byte_ms,
+                first_token_ms=first_token_ms,
             )
 
     # ------------------------------------------------------------ models without a registry record

@@ -176,6 +176,13 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             statuses=("200", "503"),
         )
     },
+    "/metrics": {
+        "get": _op(
+            "Prometheus metrics of this gateway ('read' scope): requests, latencies, tokens, queues, nodes, GPUs.",
+            {"text/plain": {"type": "string"}, "application/openmetrics-text": {"type": "string"}},
+            tag="meta",
+        )
+    },
     "/v1/models": {"get": _op("Models some live node serves.")},
     "/v1/models/{model}": {
         "get": _op("One registered model.", params=[_model_path()]),

@@ -51,20 +51,24 @@ class Running:
 
 
 @asynccontextmanager
-async def running(nats_url: str, data_dir: Path, *, node: bool = True):
+async def running(
+    nats_url: str, data_dir: Path, *, node: bool = True, delay_s: float = 0.0, parallel: int = 4, **gateway_options
+):
+    """``delay_s``: the engine's service time per chat or completion; ``parallel``: the node's
+    slots per model; ``gateway_options``: more arguments of the Gateway (e.g. ``clouds``)."""
     # Tests register files of the session's temporary directories (e.g. the tiny_gguf fixture).
     registry = Registry(nats_url=nats_url, model_roots=[Stack.model_root or data_dir])
     await registry.start()
-    gateway = Gateway(nats_url=nats_url)
+    gateway = Gateway(nats_url=nats_url, **gateway_options)
     await gateway.start(serve_http=False)
     agent = None
     if node:
         agent = NodeAgent(
             nats_url=nats_url,
             data_dir=data_dir / "node",
-            runtimes=[minimal_engine.MinimalRuntime(0.0)],
+            runtimes=[minimal_engine.MinimalRuntime(delay_s)],
             node_id=f"inproc-{uuid.uuid4().hex[:6]}",
-            parallel=4,
+            parallel=parallel,
         )
         await agent.start()
     secret, _ = await admin_key(gateway.keys, data_dir / "admin.key")

@@ -26,6 +26,9 @@ class HistoryRecord(Struct, kw_only=True):
     provider: str | None = None
     key_id: str | None = None  # the API key that made it (never the key itself)
     first_byte_ms: float | None = None
+    # A stream's first token (the first byte may be the node's "accepted"); None when not streamed.
+    first_token_ms: float | None = None
+    queue_ms: float | None = None  # waited for a free slot in the gateway's queue (node calls only)
     usage: Usage | None = None
     cost_usd: float | None = None  # from the price table (gateway/providers/prices.py), when usage is known
     error: str | None = None

@@ -121,9 +121,12 @@ async def serve(exchange: Exchange, body: Any, provider: Provider, model: str) -
 async def _relay(exchange: Exchange, stream: Stream, model: str, first_byte_ms: float):
     """The provider's chunks as they come; the record once the stream ended, however it ended."""
     t = stream.transcript
+    first_token_ms = None
     try:
         async with contextlib.aclosing(stream.chunks) as chunks:
             async for piece in chunks:
+                if first_token_ms is None:  # the provider's first chunk
+                    first_token_ms = (time.perf_counter() - exchange.t0) * 1000
                 yield piece
     finally:
         exchange.call.finished = t.done  # type: ignore[union-attr]
@@ -134,5 +137,11 @@ async def _relay(exchange: Exchange, stream: Stream, model: str, first_byte_ms: 
         elif not t.done:
             status, error = 499, "client disconnected"
         exchange.record(
-            status, usage=t.usage, response=t.summary(model), stream=True, error=error, first_byte_ms=first_byte_ms
+            status,
+            usage=t.usage,
+            response=t.summary(model),
+            stream=True,
+            error=error,
+            first_byte_ms=first_byte_ms,
+            first_token_ms=first_token_ms,
         )
