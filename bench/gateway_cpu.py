@@ -14,7 +14,8 @@ what it costs:
   to the node: the floor of any Starlette-on-NATS gateway;
 - ``before``: the gateway of another checkout (``--before DIR``, e.g. a ``git worktree`` of an
   older commit), with its own code, on the same NATS and node;
-- ``ours``: the gateway of this checkout, history on (every request is a HISTORY record).
+- ``ours``: the gateway of this checkout, history on (every request is a HISTORY record) and
+  Prometheus metrics on; ``--metrics-off`` adds ``no-metrics``, the same with ``--no-metrics``.
 
 Each variant runs a closed loop of ``--concurrency`` clients (64) for ``--warmup`` + ``--duration``
 seconds, ``--rounds`` times in turn (so drift on the machine hits every variant alike); the
@@ -129,6 +130,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--keys", action="store_true", help="also 'ours' with API keys on (each request sends one)")
     parser.add_argument(
+        "--metrics-off", action="store_true", help="also 'ours' without Prometheus metrics (what counting costs)"
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -160,6 +164,8 @@ def main() -> int:
     if args.before:
         variants.append(Variant("before", args.before, [str(args.before / "bench" / "stack.py"), *stack_args], workdir))
     variants.append(Variant("ours", ROOT, [str(HERE / "stack.py"), *stack_args], workdir))
+    if args.metrics_off:
+        variants.append(Variant("no-metrics", ROOT, [str(HERE / "stack.py"), *stack_args, "--no-metrics"], workdir))
     if args.keys:
         keyed = [*stack_args, "--auth", "--data-dir", str(workdir / "keys")]
         variants.append(Variant("ours+keys", ROOT, [str(HERE / "stack.py"), *keyed], workdir))
@@ -239,6 +245,11 @@ def main() -> int:
             f"- ours vs before: gateway CPU per request {100 * cut:.0f}% lower "
             f"({'cut by at least a third: met' if cut >= 1 / 3 else 'target, a third lower: not met'})",
         ]
+    if args.metrics_off:
+        cost = median("ours", "cpu_us") - median("no-metrics", "cpu_us")
+        lines.append(
+            f"- Prometheus metrics on: {cost:+.1f} µs of gateway CPU per request ('no-metrics': the same gateway with --no-metrics)"
+        )
     if args.keys:
         extra = median("ours+keys", "cpu_us") - median("ours", "cpu_us")
         lines.append(f"- API keys on: {extra:+.1f} µs of gateway CPU per request (a SHA-256 and a dict lookup)")

@@ -60,6 +60,7 @@ async def _main(args: argparse.Namespace) -> int:
             queue_size=args.queue_size,
             queue_timeout=args.queue_timeout,
             auth=args.auth,  # off unless asked: bench/gateway_cpu.py measures what keys cost
+            metrics=not args.no_metrics,  # bench/gateway_cpu.py --metrics-off measures what metrics cost
         )
         components.append(gateway)
     if "node" in roles:
@@ -114,6 +115,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help="gateway HTTP port (0: a free one)")
     parser.add_argument("--queue-size", type=int, default=100, help="gateway: requests that may wait (then 429)")
     parser.add_argument("--auth", action="store_true", help="gateway: API keys on (READY carries a key)")
+    parser.add_argument("--no-metrics", action="store_true", help="gateway: no Prometheus metrics (nothing counted)")
     parser.add_argument(
         "--queue-timeout", type=float, default=60.0, help="gateway: seconds a request may wait (then 504)"
     )

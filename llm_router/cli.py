@@ -105,6 +105,7 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
 
 def _auth_option(parser: argparse.ArgumentParser) -> None:
     _add_switch(parser, "--no-auth", "NO_AUTH", "serve without API keys (refused unless --host is a loopback address)")
+    _add_switch(parser, "--no-metrics", "NO_METRICS", "no Prometheus /metrics (nothing counted; 404)")
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
@@ -294,6 +295,7 @@ def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> 
         replicas=args.replicas,
         auth=not args.no_auth,
         clouds=clouds,
+        metrics=not args.no_metrics,
     )
 
 

@@ -288,3 +288,37 @@ async def test_every_gateway_has_its_own_registry_and_no_metrics_turns_it_off(st
     finally:
         await off.stop()
         await other.stop()
+
+
+def test_label_values_are_bounded_and_buckets_are_prometheus_le() -> None:
+    """Clients name models freely: past the ceiling, and for names the cluster does not know, the label is _other."""
+    from events.messages import HistoryRecord
+    from gateway.metrics import MAX_VALUES, RequestMetrics
+
+    metrics = RequestMetrics(known_model=lambda name: name.startswith("known-"), providers={"openai"})
+
+    def record(model: str, status: int = 200, **fields) -> HistoryRecord:
+        fields.setdefault("duration_ms", 1.0)
+        return HistoryRecord(
+            id="r", capability="chat", endpoint=CHAT, model=model, status_code=status, started_at=0.0, **fields
+        )
+
+    metrics.observe(record("known-x", node_id="n1", duration_ms=5.0, queue_ms=0.0))
+    for i in range(MAX_VALUES + 5):  # a provider answered each, so each is a real model, up to the ceiling
+        metrics.observe(record(f"openai:m{i}", provider="openai", duration_ms=10.0))
+    metrics.observe(record("made-up", 404))  # unknown locally: _other at once
+    metrics.observe(record("openai:made-up", 401))  # refused before the provider: named by its prefix
+    families = {family.name: family for family in metrics.collect()}
+    requests = {tuple(sorted(s.labels.items())): s.value for s in families["llm_router_requests"].samples}
+    models = {dict(labels)["model"] for labels in requests}
+    assert len(models) == MAX_VALUES + 1  # known-x and 999 cloud models, then _other
+    other = {labels: n for labels, n in requests.items() if dict(labels)["model"] == OTHER}
+    assert sum(other.values()) == 6 + 1 + 1
+    assert {dict(labels)["provider"] for labels in other} == {"openai", "local"}
+    buckets = {
+        s.labels["le"]: s.value
+        for s in families["llm_router_request_duration_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["model"] == "known-x"
+    }
+    assert buckets["0.005"] == 1  # 5 ms is "le 0.005": a bound holds what equals it
+    assert buckets["+Inf"] == 1
