@@ -18,7 +18,8 @@ what it costs:
   Prometheus metrics on; ``--metrics-off`` adds ``no-metrics``, the same with ``--no-metrics``.
 
 Each variant runs a closed loop of ``--concurrency`` clients (64) for ``--warmup`` + ``--duration``
-seconds, ``--rounds`` times in turn (so drift on the machine hits every variant alike); the
+seconds, ``--rounds`` times in turn, each round starting one variant later (so drift on the
+machine hits every variant alike, whatever its place in the order); the
 table has each variant's median round. Results are Markdown; ``--output FILE`` writes them
 between ``<!-- gateway-cpu:begin -->`` and ``<!-- gateway-cpu:end -->``.
 """
@@ -176,7 +177,8 @@ def main() -> int:
         stack.start_bench_node(NODE_ID, parallel=64)
         time.sleep(1.0)  # the node's first heartbeat, so every gateway sees it
         for round_ in range(args.rounds):
-            for variant in variants:
+            shift = round_ % len(variants)  # each round starts with the next variant: no one always runs first
+            for variant in variants[shift:] + variants[:shift]:
                 variant.start()
                 spy = None
                 if args.profile and variant.name == "ours" and round_ == 0:
