@@ -38,6 +38,9 @@ LEASE_TTL_S = 15.0
 # signs session tokens, under a key no username encodes to; nodes get no access to either bucket.
 KV_USERS = "users"
 KV_SESSIONS = "sessions"  # dashboard sessions by id; a session lives SESSION_TTL_S and no longer
+# GET /v0/history/{id}: a record's HISTORY sequence by its id, kept as long as the records are.
+KV_HISTORY_IDS = "history-ids"
+HISTORY_MAX_AGE_S = 7 * DAY
 SESSION_TTL_S = 7 * DAY
 SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
 OBJ_MODEL_BLOBS = "model-blobs"
@@ -60,7 +63,7 @@ STREAMS: tuple[StreamConfig, ...] = (
         name=HISTORY,
         description="one record per API request (7 days)",
         subjects=[subjects.HISTORY_ALL],
-        max_age=7 * DAY,
+        max_age=HISTORY_MAX_AGE_S,
         max_bytes=2 * GiB,
         storage=StorageType.FILE,
     ),
@@ -101,6 +104,13 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
         bucket=KV_SESSIONS,
         description="dashboard sessions: user and expiry, never the token",
         ttl=SESSION_TTL_S,
+        history=1,
+    ),
+    KeyValueConfig(
+        bucket=KV_HISTORY_IDS,
+        description="HISTORY sequence of each request id, for GET /v0/history/{id}",
+        ttl=HISTORY_MAX_AGE_S,
+        max_bytes=256 * MiB,
         history=1,
     ),
 )

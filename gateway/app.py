@@ -32,10 +32,12 @@ from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
 from .history import HistoryWriter
+from .history_routes import HistoryRoutes
 from .hot_routes import HotRoutes
 from .http import json_response
 from .key_routes import KeyRoutes
 from .login_throttle import LoginThrottle
+from .masking import MODES as MASKING_MODES
 from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
@@ -124,6 +126,12 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/users/{name}/password", users.reset_password, methods=["PUT"]),
     ]
     routes.append(Route("/v0/audit", gateway.audit_routes.page, methods=["GET"]))
+    history = gateway.history_routes
+    routes += [
+        Route("/v0/history", history.page, methods=["GET"]),
+        Route("/v0/history/export", history.export, methods=["GET"]),
+        Route("/v0/history/{record_id}", history.detail, methods=["GET"]),
+    ]
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -170,14 +178,19 @@ class Gateway:
         auth: bool = True,
         passwords: Passwords | None = None,
         nats_auth: NatsAuth | None = None,
+        history_masking: str = "none",
     ) -> None:
         """``auth=False`` serves without API keys: only for a gateway on a loopback address.
-        ``passwords``: argon2 settings for new password hashes (tests make them cheap)."""
+        ``passwords``: argon2 settings for new password hashes (tests make them cheap).
+        ``history_masking``: what the history keeps of bodies, none, partial or full (gateway.masking)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
             )
+        if history_masking not in MASKING_MODES:
+            raise RuntimeError(f"--history-masking must be one of {', '.join(MASKING_MODES)}, not {history_masking!r}")
         self.auth = auth
+        self.history_masking = history_masking
         self.passwords = passwords
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
@@ -220,7 +233,7 @@ class Gateway:
             queue_timeout=self.queue_timeout,
         )
         await self.dispatcher.start()
-        self.history = HistoryWriter(self.nc)
+        self.history = HistoryWriter(self.nc, masking=self.history_masking)
         await self.history.start()
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
         self.routes = OpenAIRoutes(
@@ -241,6 +254,7 @@ class Gateway:
         self.audit = AuditLog(self.nc, "gateway")
         await self.audit.start()
         self.audit_routes = AuditRoutes(self.nc, self.js)
+        self.history_routes = HistoryRoutes(self.nc, self.js)
         self.rate_limiter = RateLimiter()
         self.app = build_app(self)
         if not serve_http:
