@@ -197,7 +197,7 @@ def node_rules(node_id: str) -> Rules:
         subjects.node_heartbeat(node_id),
         subjects.node_goodbye(node_id),
         f"downloads.progress.{node}.*",
-        f"logs.node.{node}",
+        f"logs.node.{node}.*",  # its log records, one subject per level (events.subjects.logs)
         f"$KV.{storage.KV_NODES}.{node}",
         f"$KV.{storage.KV_DOWNLOADS}.progress.{node}.*",  # its storage.download_key entries
         f"$KV.{storage.KV_LEASES}.*",
@@ -250,7 +250,7 @@ def registry_rules() -> Rules:
         subjects.REGISTRY_EVENTS_ALL,
         "audit.registry.>",  # the admin.model.* requests it carried out (broker/audit.py)
         f"admin.node.*.{subjects.NODE_DOWNLOAD}",
-        "logs.registry.*",
+        "logs.registry.*.*",
         f"$KV.{storage.KV_MODELS}.>",
         f"$KV.{storage.KV_DOWNLOADS}.>",
         f"$O.{storage.OBJ_MODEL_BLOBS}.>",

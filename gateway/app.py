@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog
+from broker.logship import SHIPPER
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import NameTooLong
 
@@ -36,6 +37,7 @@ from .history_routes import HistoryRoutes
 from .hot_routes import HotRoutes
 from .http import json_response
 from .key_routes import KeyRoutes
+from .log_routes import LogRoutes
 from .login_throttle import LoginThrottle
 from .masking import MODES as MASKING_MODES
 from .media_routes import MediaRoutes
@@ -131,6 +133,7 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/history", history.page, methods=["GET"]),
         Route("/v0/history/export", history.export, methods=["GET"]),
         Route("/v0/history/{record_id}", history.detail, methods=["GET"]),
+        Route("/v0/logs", gateway.log_routes.page, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -219,6 +222,7 @@ class Gateway:
             on_reconnect=self._recover,
             on_disconnect=self._broker_lost,
         )
+        SHIPPER.attach(self.nc, "gateway")  # its log records, to the LOGS stream
         self.js = self.nc.jetstream()
         await provision(self.js, self.replicas, role=self.nc.role)
         self.catalog = RegisteredModels()
@@ -255,6 +259,7 @@ class Gateway:
         await self.audit.start()
         self.audit_routes = AuditRoutes(self.nc, self.js)
         self.history_routes = HistoryRoutes(self.nc, self.js)
+        self.log_routes = LogRoutes(self.nc)
         self.rate_limiter = RateLimiter()
         self.app = build_app(self)
         if not serve_http:
@@ -314,6 +319,7 @@ class Gateway:
         await self.keys.stop()
         await self.sessions.stop()
         await self.users.stop()
+        await SHIPPER.detach(self.nc)
         await self.nc.drain()
 
     async def healthz(self, request: Request) -> Response:
@@ -329,5 +335,6 @@ class Gateway:
                 "dropped": self.history.dropped,
             },
             "audit": {"pending": self.audit.pending, "retried": self.audit.retried, "dropped": self.audit.dropped},
+            "logs": SHIPPER.stats,
         }
         return json_response(body, 200 if connected else 503)

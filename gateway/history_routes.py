@@ -36,7 +36,7 @@ from broker.windows import Bounds, Stored, WindowError, Windows
 from events import codec, encode_token, name_error, storage
 from events.messages import HistoryRecord
 
-from . import query
+from . import paging, query
 from .errors import ApiError
 from .history import IndexEntry
 from .history_query import HistoryQuery, parse, visible
@@ -168,6 +168,14 @@ class HistoryRoutes:
         except WindowError as exc:
             raise _unavailable(exc) from None
 
+    @staticmethod
+    def _row(q: HistoryQuery):
+        def row(msg: Stored) -> dict[str, Any] | None:
+            record = _decode(msg) if q.matches_text(msg.data) else None
+            return summary(msg, record) if record is not None else None
+
+        return row
+
     async def _backward(
         self, q: HistoryQuery, bounds: Bounds, lo: int, hi: int, cursor: tuple[int, int] | None, per_page: int
     ) -> dict[str, Any]:
@@ -177,29 +185,25 @@ class HistoryRoutes:
         total: int | None = None
         if q.needle is None:
             total = span[1] if upper == top else (await self.windows.span(q.filters, lo, top, bounds))[1]
-        chunk = per_page if q.needle is None else TEXT_CHUNK
-        rows: list[dict[str, Any]] = []
-        consumed, oldest = 0, upper + 1
-        windows = self.windows.newest_first(q.filters, lo, upper, chunk=chunk, bounds=bounds, span=span)
-        async with aclosing(windows) as found:
-            async for window in found:
-                for msg in window:
-                    consumed, oldest = consumed + 1, msg.seq
-                    record = _decode(msg) if q.matches_text(msg.data) else None
-                    if record is not None:
-                        rows.append(summary(msg, record))
-                    if len(rows) == per_page or consumed >= MAX_SCAN:
-                        break
-                if len(rows) == per_page or consumed >= MAX_SCAN:
-                    break
-        more = span[1] > consumed
+        page = await paging.backward(
+            self.windows,
+            q.filters,
+            lo,
+            upper,
+            limit=per_page,
+            chunk=per_page if q.needle is None else TEXT_CHUNK,
+            row=self._row(q),
+            max_scan=MAX_SCAN,
+            bounds=bounds,
+            span=span,
+        )
         return {
             "object": "list",
-            "data": rows,
+            "data": page.rows,
             "per_page": per_page,
             "total": total,
-            "has_more": more,
-            "next_cursor": f"{oldest}.{top}" if more else None,
+            "has_more": page.more,
+            "next_cursor": f"{page.edge}.{top}" if page.more else None,
             "newest_seq": top if top >= lo else None,
         }
 
@@ -208,24 +212,24 @@ class HistoryRoutes:
     ) -> dict[str, Any]:
         """Records after ``after``, oldest first; ``has_more``: stopped by the page size (or the
         scan limit) before the newest record, so asking again at once gets more."""
-        start, last, scanned, rows = max(lo, after + 1), after, 0, []
-        exhausted = False
-        while len(rows) < per_page and scanned < MAX_SCAN:
-            batch = per_page - len(rows) if q.needle is None else TEXT_CHUNK
-            found = [msg for msg in await self.windows.read(q.filters, start, batch) if msg.seq <= hi]
-            for msg in found:
-                scanned, last = scanned + 1, msg.seq
-                record = _decode(msg) if q.matches_text(msg.data) else None
-                if record is not None:
-                    rows.append(summary(msg, record))
-                if len(rows) == per_page:
-                    break
-            if len(found) < batch:
-                exhausted = True
-                break
-            start = last + 1
-        more = not exhausted and last < hi
-        return {"object": "list", "data": rows, "per_page": per_page, "has_more": more, "next_after": last}
+        page = await paging.forward(
+            self.windows,
+            q.filters,
+            after,
+            lo,
+            hi,
+            limit=per_page,
+            chunk=None if q.needle is None else TEXT_CHUNK,
+            row=self._row(q),
+            max_scan=MAX_SCAN,
+        )
+        return {
+            "object": "list",
+            "data": page.rows,
+            "per_page": per_page,
+            "has_more": page.more,
+            "next_after": page.edge,
+        }
 
     async def detail(self, request: Request) -> Response:
         record_id = request.path_params["record_id"]

@@ -23,6 +23,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import NatsAuth, connect, provision
 from broker.endpoints import Endpoint, Service
+from broker.logship import SHIPPER
 from events import codec, encode_token, name_error, storage, subjects
 from events.capabilities import CAPABILITIES
 from events.messages import (
@@ -106,6 +107,7 @@ class NodeAgent:
         self.nc = await connect(
             self.nats_url, name=f"node-{self.node_id}", auth=self.nats_auth, on_reconnect=self._recover
         )
+        SHIPPER.attach(self.nc, "node", self.node_id)  # its log records, to the LOGS stream (logs.node.<id>.*)
         self.js = self.nc.jetstream()
         await provision(self.js, self.replicas, role=self.nc.role)  # a node's own credential: bind only
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
@@ -201,6 +203,7 @@ class NodeAgent:
         for served in self.served.values():
             await served.close()
         self.served.clear()
+        await SHIPPER.detach(self.nc)
         await self.nc.drain()
         log.info("node stopped", node_id=self.node_id)
 
@@ -429,7 +432,8 @@ class NodeAgent:
                 cancelled.set()  # its cancel overtook it (another subscription, another task)
             self._cancels[request.request_id] = cancelled
             try:
-                await served.serve(request, responder, cancelled, self.js)
+                with structlog.contextvars.bound_contextvars(request_id=request.request_id):  # in its log lines
+                    await served.serve(request, responder, cancelled, self.js)
             finally:
                 self._cancels.pop(request.request_id, None)
                 if self.draining:

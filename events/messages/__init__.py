@@ -64,6 +64,7 @@ from .inference import (
     TextDone,
     TranscriptionResult,
 )
+from .logs import LogRecord
 from .models import AdminReply, DeleteModel, ModelEvent, ModelFile, ModelRecord, ModelSource, ModelState, RegisterModel
 from .nodes import GpuInfo, LoadedModel, NodeCommand, NodeCommandReply, NodeGoodbye, NodeHeartbeat, RuntimeStatus
 
@@ -106,6 +107,7 @@ __all__ = [
     "HfQuery",
     "HfReply",
     "HistoryRecord",
+    "LogRecord",
     "HubEntry",
     "HubQuery",
     "HubReply",
