@@ -17,6 +17,7 @@ like secrets (API keys, NATS seeds, JWTs), and keys that name one, are redacted 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import re
 import socket
@@ -41,6 +42,10 @@ _LEVELS = {"warn": "warning", "exception": "error", "fatal": "critical", "msg": 
 _OWN_REFUSAL = 'publish to "logs.'
 
 Entry = tuple[float, str, str | None, dict[str, Any]]  # time, level, logger name, event dict
+
+# The request being served, for every line logged while serving it (a node sets it per request):
+# one ContextVar, cheaper than structlog's bound_contextvars on a request path.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("log_request_id", default=None)
 
 
 def _text(value: Any, limit: int) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from broker.logship import SHIPPER
+from broker.logship import REQUEST_ID, SHIPPER
 
 from .log_files import DailyFiles
 
@@ -46,6 +46,10 @@ class _NamedLoggerFactory:
 
 def _tee(clock: Callable[[], float], files: DailyFiles | None):
     def tee(logger: Any, method: str, event: dict) -> dict:
+        if "request_id" not in event:
+            request_id = REQUEST_ID.get()
+            if request_id is not None:
+                event["request_id"] = request_id
         entry = (clock(), event.get("level") or method, getattr(logger, "name", None), dict(event))
         SHIPPER.emit(entry)
         if files is not None:

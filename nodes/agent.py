@@ -23,7 +23,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import NatsAuth, connect, provision
 from broker.endpoints import Endpoint, Service
-from broker.logship import SHIPPER
+from broker.logship import REQUEST_ID, SHIPPER
 from events import codec, encode_token, name_error, storage, subjects
 from events.capabilities import CAPABILITIES
 from events.messages import (
@@ -431,10 +431,11 @@ class NodeAgent:
             if self._early_cancels.pop(request.request_id, None) is not None:
                 cancelled.set()  # its cancel overtook it (another subscription, another task)
             self._cancels[request.request_id] = cancelled
+            logging_as = REQUEST_ID.set(request.request_id)  # its log lines carry it
             try:
-                with structlog.contextvars.bound_contextvars(request_id=request.request_id):  # in its log lines
-                    await served.serve(request, responder, cancelled, self.js)
+                await served.serve(request, responder, cancelled, self.js)
             finally:
+                REQUEST_ID.reset(logging_as)
                 self._cancels.pop(request.request_id, None)
                 if self.draining:
                     self._beat_now.set()  # report "drained" as soon as the last request ends

@@ -28,7 +28,7 @@ import structlog
 from inprocess import running
 
 from broker import EmbeddedNats, connect, provision
-from broker.logship import LogShipper
+from broker.logship import REQUEST_ID, LogShipper
 from broker.windows import Windows
 from events import storage, subjects
 from gateway import Gateway
@@ -115,10 +115,22 @@ async def test_filters_levels_text_regex_time_and_paging(stack) -> None:
     gw.error(f"{marker} error", i=31)
     with structlog.contextvars.bound_contextvars(request_id=f"req-{marker}"):
         other.info(f"{marker} in a request")
-    rows = await _eventually(s, 33, q=marker, since=str(since))
-    assert [r["event"] for r in rows[:3]] == [f"{marker} in a request", f"{marker} error", f"{marker} warn"]
-    assert rows[0]["request_id"] == f"req-{marker}" and rows[0]["component"] == "up"  # not one component's logger
-    assert rows[1]["component"] == "gateway" and rows[1]["level"] == "error"
+    serving = REQUEST_ID.set(f"node-req-{marker}")  # as a node sets it around each request it serves
+    try:
+        structlog.get_logger("node").info(f"{marker} serving")
+    finally:
+        REQUEST_ID.reset(serving)
+    rows = await _eventually(s, 34, q=marker, since=str(since))
+    assert [r["event"] for r in rows[:4]] == [
+        f"{marker} serving",
+        f"{marker} in a request",
+        f"{marker} error",
+        f"{marker} warn",
+    ]
+    assert rows[0]["request_id"] == f"node-req-{marker}" and rows[0]["component"] == "node"
+    assert rows[0]["node_id"] == s.node.node_id and rows[0]["instance"] == s.node.node_id
+    assert rows[1]["request_id"] == f"req-{marker}" and rows[1]["component"] == "up"  # not one component's logger
+    assert rows[2]["component"] == "gateway" and rows[2]["level"] == "error"
     until = time.time()
 
     errors = (await _logs(s, q=marker, level="warning"))["data"]
@@ -129,7 +141,7 @@ async def test_filters_levels_text_regex_time_and_paging(stack) -> None:
     assert (await _logs(s, q=marker, component="registry"))["data"] == []
     found = (await _logs(s, regex=rf"{marker} (warn|error)|i=2[0-9]\b", since=str(since)))["data"]
     assert sorted(r["fields"]["i"] for r in found) == [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]
-    assert len((await _logs(s, q=marker.upper(), since=str(since)))["data"]) == 33  # ASCII case-insensitive
+    assert len((await _logs(s, q=marker.upper(), since=str(since)))["data"]) == 34  # ASCII case-insensitive
 
     # Pages of 10, newest first, then forward from a seq.
     pages, before = [], None
@@ -141,7 +153,7 @@ async def test_filters_levels_text_regex_time_and_paging(stack) -> None:
         if not page["has_more"]:
             break
         before = page["next_before"]
-    assert [r["seq"] for r in pages] == [r["seq"] for r in rows[:33]]
+    assert [r["seq"] for r in pages] == [r["seq"] for r in rows]
     forward = (await _logs(s, q=marker, after=pages[-1]["seq"] - 1, limit=5))["data"]
     assert [r["seq"] for r in forward] == [r["seq"] for r in reversed(pages)][:5]
     assert (await _logs(s, q=marker, since=str(until + 60)))["data"] == []
