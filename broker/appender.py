@@ -77,7 +77,7 @@ class StreamAppender:
     def encode(self, record: Any) -> bytes:
         return codec.encode(record)
 
-    def stored(self, record: Any, seq: int) -> None:
+    async def stored(self, record: Any, seq: int) -> None:
         """Called with each record's stream sequence once JetStream acknowledged it."""
 
     @property
@@ -147,7 +147,7 @@ class StreamAppender:
             self._retry([entry[0]], msg.data.decode(errors="replace") or f"no responders (no {self.stream} stream)")
         elif self._wants_seq:
             try:
-                self.stored(entry[0], _decode_ack(msg.data).seq)
+                await self.stored(entry[0], _decode_ack(msg.data).seq)
             except Exception as exc:  # a hook's failure must not stop acknowledgements
                 log.error("stored hook failed", stream=self.stream, error=repr(exc)[:200])
         self._wake()

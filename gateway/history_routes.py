@@ -28,7 +28,8 @@ import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -38,7 +39,6 @@ from events.messages import HistoryRecord
 
 from . import paging, query
 from .errors import ApiError
-from .history import IndexEntry
 from .history_query import HistoryQuery, parse, visible
 from .http import json_response
 
@@ -142,6 +142,7 @@ class HistoryRoutes:
     def __init__(self, nc: Client, js: JetStreamContext) -> None:
         self.windows = Windows(nc, storage.HISTORY)
         self.js = js
+        self._ids: KeyValue | None = None  # the history-ids bucket, bound on first use
 
     async def _range(self, q: HistoryQuery) -> tuple[Bounds, int, int]:
         """The stream's bounds and the sequences ``since`` and ``until`` make of them (inclusive)."""
@@ -236,10 +237,11 @@ class HistoryRoutes:
         if name_error(record_id, "record id"):
             raise ApiError(404, f"No history record {record_id[:80]!r}.", code="record_not_found")
         try:
-            kv = await self.js.key_value(storage.KV_HISTORY_IDS)
-            entry = codec.decode((await kv.get(encode_token(record_id))).value, IndexEntry)
-            msg = await self.windows.get(entry.seq)
-        except KeyNotFoundError:
+            if self._ids is None:
+                self._ids = await self.js.key_value(storage.KV_HISTORY_IDS)
+            value = (await self._ids.get(encode_token(record_id))).value or b""
+            msg = await self.windows.get(int(value)) if value.isdigit() else None
+        except (KeyNotFoundError, NotFoundError):  # no entry; or no bucket yet (a gateway older than it made them)
             msg = None
         except WindowError as exc:
             raise _unavailable(exc) from None

@@ -85,7 +85,6 @@ async def written(stack):
             records.append(record)
             stack.gateway.history.append(record)
         await stack.gateway.history.flush(timeout=30)
-    await stack.gateway.history.index.flush(timeout=30)
     marks.append(time.time())
     return records, marks
 
@@ -99,6 +98,18 @@ async def _get(stack, path: str, key: str | None = None, **params) -> dict:
     answer = await stack.client.get(path, params=params, headers=stack.bearer(key))
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+async def _detail(client: httpx.AsyncClient, record_id: str, headers: dict | None = None) -> dict:
+    """``GET /v0/history/{id}``, once its index entry (a plain publish after the record's
+    acknowledgement) is stored: a moment after the record itself."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = await client.get(f"/v0/history/{record_id}", headers=headers or {})
+        if answer.status_code != 404 or time.monotonic() > deadline:
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+        await asyncio.sleep(0.05)
 
 
 async def _all_pages(stack, per_page: int = 100, **params) -> tuple[list[dict], list[int]]:
@@ -243,16 +254,15 @@ async def test_a_real_request_is_recorded_whole(stack) -> None:
     refused = await s.client.post("/v1/chat/completions", json={**chat, "model": "no-such-model"}, headers=s.bearer())
     assert refused.status_code == 404
     await s.gateway.history.flush()
-    await s.gateway.history.index.flush()
 
-    detail = await _get(s, f"/v0/history/{request_id}")
+    detail = await _detail(s.client, request_id, s.bearer())
     assert detail["id"] == request_id and detail["status_code"] == 200 and detail["model"] == model
     assert detail["request"]["messages"] == chat["messages"]
     assert detail["response"]["choices"][0]["message"]["content"] == minimal_engine.TEXT
     assert detail["node_id"] == s.node.node_id and detail["key_id"] == s.gateway.keys.check(s.admin).id
     assert detail["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     assert detail["masking"] == "none"
-    streamed_detail = await _get(s, f"/v0/history/{stream_id}")
+    streamed_detail = await _detail(s.client, stream_id, s.bearer())
     assert streamed_detail["stream"] is True and minimal_engine.TEXT in json.dumps(streamed_detail["response"])
 
     page = await _get(s, "/v0/history", model=model, per_page=10)
@@ -341,9 +351,10 @@ async def test_scopes_and_a_key_limited_to_models(stack, written) -> None:
     answer = await stack.client.get("/v0/history", params={"model": MODELS[0]}, headers=stack.bearer(limited["key"]))
     assert answer.status_code == 403 and answer.json()["error"]["code"] == "model_not_allowed"
     other = next(r for r in records if r.model == MODELS[0])
+    assert (await _detail(stack.client, other.id, stack.bearer()))["id"] == other.id  # there, for the admin
     assert (await stack.client.get(f"/v0/history/{other.id}", headers=stack.bearer(limited["key"]))).status_code == 404
     mine = next(r for r in records if r.model == MODELS[2])
-    assert (await _get(stack, f"/v0/history/{mine.id}", limited["key"]))["id"] == mine.id
+    assert (await _detail(stack.client, mine.id, stack.bearer(limited["key"])))["id"] == mine.id
     exported = await stack.client.get("/v0/history/export", params=since, headers=stack.bearer(limited["key"]))
     assert {json.loads(line)["model"] for line in exported.text.splitlines()} == {MODELS[2]}
 
@@ -367,8 +378,7 @@ async def test_masking_hides_bodies_before_they_are_stored(stack, nats_url, mode
             answer = await client.post("/v1/chat/completions", json=chat)
             assert answer.status_code == 200
             await gateway.history.flush()
-            await gateway.history.index.flush()
-            detail = (await client.get(f"/v0/history/{answer.headers['x-request-id']}")).json()
+            detail = await _detail(client, answer.headers["x-request-id"])
         stored = await Windows(gateway.nc, storage.HISTORY).get(detail["seq"])
         assert secret.encode() not in stored.data and b"passphrase" not in stored.data
         assert minimal_engine.TEXT.encode() not in stored.data.split(b'"response"')[1]
