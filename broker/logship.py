@@ -11,7 +11,9 @@ counted (``stats``).
 Which component a record is: its logger's first name (``gateway.auth``: the gateway,
 ``registry``, ``node``) when that component runs in this process, else the process's own
 (``up`` for ``llm-router up``, which also hosts the registry and the gateway). Values that look
-like secrets (API keys, NATS seeds, JWTs), and keys that name one, are redacted first.
+like secrets (API keys, NATS seeds, JWTs), and keys that name one, are redacted first. A node's
+records carry its id as their instance (one node per process; tests that run several in one
+process see the last one started).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from events.messages import LogRecord
 LOGGER_COMPONENTS = {"gateway": "gateway", "registry": "registry", "node": "node", "nodes": "node"}
 MAX_EVENT_CHARS = 2000
 MAX_VALUE_CHARS = 1000
+MAX_TRACEBACK_CHARS = 8000  # the ``exception`` field structlog renders
 MAX_FIELDS = 32
 _SECRET_KEY = re.compile(r"authorization|password|secret|token|api_?key|seed|jwt|creds|cookie", re.I)
 # API keys, NATS nkey seeds (S + type + base32), JWTs: never shipped, never written.
@@ -87,7 +90,8 @@ def record_of(entry: Entry, identity: Identity) -> LogRecord:
     fields: dict[str, Any] = {}
     for key, value in list(event.items())[:MAX_FIELDS]:
         key = str(key)[:64]
-        fields[key] = "[redacted]" if _SECRET_KEY.search(key) else _text(value, MAX_VALUE_CHARS)
+        limit = MAX_TRACEBACK_CHARS if key == "exception" else MAX_VALUE_CHARS
+        fields[key] = "[redacted]" if _SECRET_KEY.search(key) else _text(value, limit)
     component = identity.component_of(logger)
     return LogRecord(
         ts=when,

@@ -333,6 +333,7 @@ class Gateway:
                 "pending": self.history.pending,
                 "retried": self.history.retried,
                 "dropped": self.history.dropped,
+                "unindexed": self.history.unindexed,
             },
             "audit": {"pending": self.audit.pending, "retried": self.audit.retried, "dropped": self.audit.dropped},
             "logs": SHIPPER.stats,

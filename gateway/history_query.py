@@ -36,7 +36,6 @@ class HistoryQuery:
     since: float | None
     until: float | None
     needle: bytes | None  # free text, as it appears in a record's JSON (lower-cased ASCII)
-    models: frozenset[str] | None  # the models the caller's key may see (None: any)
 
     def matches_text(self, data: bytes) -> bool:
         return self.needle is None or self.needle in data.lower()
@@ -91,4 +90,4 @@ def parse(request: Request) -> HistoryQuery:
         filters = []  # everything: no filter at all (counts then need no consumer)
     since, until = query.time_range(request)
     text = query.text(request, "q")
-    return HistoryQuery(filters, since, until, needle(text) if text else None, allowed)
+    return HistoryQuery(filters, since, until, needle(text) if text else None)
