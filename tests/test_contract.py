@@ -252,7 +252,7 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
 
 # Fields added since the samples were written (optional, so old JSON still decodes): re-encoding
 # adds them with their defaults, and nothing else may change.
-ADDED_SINCE = {"history": {"key_id": None}}
+ADDED_SINCE = {"history": {"key_id": None, "masking": "none"}}
 
 
 def test_old_json_re_encodes_byte_for_byte() -> None:

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 
 from broker import EmbeddedNats, connect
 from broker.connection import SubjectTooLong
-from events import MAX_NAME_BYTES
+from events import MAX_NAME_BYTES, subjects
 from gateway.dispatch import BROKER_GRACE_S
 
 pytestmark = pytest.mark.e2e
@@ -271,7 +271,7 @@ def _history_statuses(url: str) -> dict[str, int]:
         try:
             js = nc.jetstream()
             found: dict[str, int] = {}
-            sub = await js.subscribe(f"history.chat.{MODEL}", ordered_consumer=True)
+            sub = await js.subscribe(subjects.history_filter("chat", MODEL), ordered_consumer=True)
             while True:  # until the stream has nothing more for half a second
                 try:
                     msg = await sub.next_msg(timeout=0.5)
