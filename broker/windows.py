@@ -159,7 +159,7 @@ class Windows:
         """One pull of up to ``batch`` messages into ``found``; False when the stream has no more."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        wanted = len(found) + batch
+        before, wanted = len(found), len(found) + batch
         more = True
 
         async def collect(msg: Msg) -> None:
@@ -189,7 +189,7 @@ class Windows:
                 raise WindowError(f"{self.stream}: no messages within {self.timeout:g} s") from None
         finally:
             await sub.unsubscribe()
-        return more and len(found) < wanted
+        return more and before < len(found) < wanted  # a pull that brought nothing ends the read
 
     async def span(self, filters: Sequence[str], lo: int, hi: int, bounds: Bounds | None = None) -> tuple[int, int]:
         """``(matches after hi, matches from lo to hi)``."""
