@@ -40,6 +40,11 @@ KV_USERS = "users"
 KV_SESSIONS = "sessions"  # dashboard sessions by id; a session lives SESSION_TTL_S and no longer
 SESSION_TTL_S = 7 * DAY
 SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
+# Stored Responses API answers (GET /v1/responses/{id}, previous_response_id), each with the whole
+# conversation that led to it, so a value is bounded (a default NATS server's max_payload is 1 MiB).
+KV_RESPONSES = "responses"
+RESPONSE_TTL_S = 30 * DAY
+RESPONSE_MAX_BYTES = 1000 * 1024
 OBJ_MODEL_BLOBS = "model-blobs"
 # Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
 # Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.
@@ -103,6 +108,14 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
         ttl=SESSION_TTL_S,
         history=1,
     ),
+    KeyValueConfig(
+        bucket=KV_RESPONSES,
+        description="stored Responses API answers and their conversations (30 days)",
+        ttl=RESPONSE_TTL_S,
+        max_value_size=RESPONSE_MAX_BYTES,
+        max_bytes=2 * GiB,
+        history=1,
+    ),
 )
 
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
@@ -124,6 +137,11 @@ def download_key(node_id: str, model: str) -> str:
 def user_key(name: str) -> str:
     """``users`` bucket key of a user (names checked by ``events.tokens.username_error`` first)."""
     return encode_token(name)
+
+
+def response_key(response_id: str) -> str:
+    """``responses`` bucket key of a stored response (ids are checked by the route first)."""
+    return encode_token(response_id)
 
 
 def download_task_key(task_id: str) -> str:

@@ -41,6 +41,8 @@ from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 from .passwords import Passwords
 from .rate_limits import RateLimiter, RateLimitMiddleware
+from .responses_routes import ResponsesRoutes
+from .responses_store import ResponseStore
 from .sessions import Sessions
 from .user_routes import UserRoutes
 from .users import UserDirectory
@@ -124,6 +126,12 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/users/{name}/password", users.reset_password, methods=["PUT"]),
     ]
     routes.append(Route("/v0/audit", gateway.audit_routes.page, methods=["GET"]))
+    responses = gateway.responses
+    routes += [
+        Route("/v1/responses", responses.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
+    ]
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -227,6 +235,9 @@ class Gateway:
             self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask)
         )
         self.media = MediaRoutes(self.routes, self.js)
+        self.response_store = ResponseStore()
+        await self.response_store.start(self.js)
+        self.responses = ResponsesRoutes(self.routes, self.response_store)
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
         self.keys = KeyRing()

@@ -54,6 +54,7 @@ ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("DELETE", "/v0/users/{target}", "user.delete"),
 )
 READS = frozenset(("GET", "HEAD", "OPTIONS"))
+INFERENCE_PATHS = ("/v1/responses/",)  # deleting one's own stored response is not administration
 # What routes may leave in scope["state"] for the record (other helpers' routes too).
 ACTOR, TARGET, DETAIL = "audit_actor", "audit_target", "audit_detail"
 
@@ -71,7 +72,7 @@ _TABLE = _compile(ACTIONS)
 
 def action_of(method: str, path: str) -> tuple[str, str | None] | None:
     """``(action, target)`` of an administrative request; None for reads and inference."""
-    if method in READS or (method == "POST" and path.startswith("/v1/")):
+    if method in READS or (method == "POST" and path.startswith("/v1/")) or path.startswith(INFERENCE_PATHS):
         return None
     for pattern, action in _TABLE.get(method, ()):
         match = pattern.match(path)

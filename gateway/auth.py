@@ -74,8 +74,11 @@ def new_key(
 def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; None for the open routes (health, the OpenAPI document)."""
     if path.startswith("/v1/"):
-        # DELETE /v1/models/{model} removes a registration: administration, not inference.
-        return "inference" if method in ("GET", "HEAD", "POST") else "admin"
+        # DELETE /v1/models/{model} removes a registration: administration, not inference; deleting
+        # a stored response (one's own: gateway.responses_store) is not.
+        if method in ("GET", "HEAD", "POST") or path.startswith("/v1/responses/"):
+            return "inference"
+        return "admin"
     if path.startswith("/v0/"):
         if path.startswith("/v0/auth/"):
             return None if path == "/v0/auth/login" else "read"  # login checks a password; the rest, a session

@@ -38,6 +38,7 @@ from events.openai import (
     SpeechBody,
     TranscriptionBody,
 )
+from events.responses import ResponsesBody
 from events.tokens import MAX_USERNAME_CHARS, USERNAME_PATTERN
 
 from . import audit_routes
@@ -47,6 +48,7 @@ JSON_BODIES = [
     ChatCompletionBody,
     CompletionBody,
     EmbeddingBody,
+    ResponsesBody,
     ImageGenerationBody,
     SpeechBody,
     RegisterModel,
@@ -182,6 +184,19 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         "post": _op("Text completion (stream: server-sent events).", TEXT_STREAM, body=_json_body("CompletionBody"))
     },
     "/v1/embeddings": {"post": _op("Embeddings.", JSON, body=_json_body("EmbeddingBody"))},
+    "/v1/responses": {
+        "post": _op(
+            "A response (OpenAI's Responses API; stream: typed server-sent events).",
+            TEXT_STREAM,
+            body=_json_body("ResponsesBody"),
+        )
+    },
+    "/v1/responses/{response_id}": {
+        "get": _op("A stored response.", JSON, params=[_path("response_id", "The response's id (resp_...).")]),
+        "delete": _op(
+            "Delete a stored response.", JSON, params=[_path("response_id", "The response's id (resp_...).")]
+        ),
+    },
     "/v1/images/generations": {"post": _op("Generate images.", JSON, body=_json_body("ImageGenerationBody"))},
     "/v1/images/edits": {"post": _op("Edit an image.", JSON, body=_multipart_body("ImageEditBody"))},
     "/v1/images/variations": {"post": _op("Variations of an image.", JSON, body=_multipart_body("ImageVariationBody"))},
