@@ -44,7 +44,7 @@ def unavailable_message(record: ModelRecord) -> str:
     return f"Model '{name}' is registered but no live node serves it yet (its files may still be downloading). Retry shortly."
 
 
-def chat_capability(body: ChatCompletionBody) -> str:
+def _chat_capability(body: ChatCompletionBody) -> str:
     """Chats with image parts go to the vision capability: only nodes with a vision model subscribe there.
     Those run through llama.cpp's LLaVA handler, which has no tools, grammars, logprobs or n."""
     if not has_image_parts(body):
@@ -150,7 +150,7 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.CHAT)
-        body = await exchange.accept(ChatCompletionBody, self.resolve, capability_of=chat_capability)
+        body = await exchange.accept(ChatCompletionBody, self.resolve, capability_of=_chat_capability)
         return await self._text(exchange, body, chat=True)
 
     async def completions(self, request: Request) -> Response:

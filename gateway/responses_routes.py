@@ -21,18 +21,20 @@ from starlette.responses import Response
 
 from events import codec, storage, subjects
 from events.messages import Accepted, Failure, TextDelta, TextDone, Usage
-from events.openai import Unsupported
+from events.openai import ChatCompletionBody, Unsupported, has_image_parts
 from events.responses import InputItem, ResponsesBody, StoredResponse, chat_body, output_items
 
 from .dispatch import DispatchError
 from .errors import ApiError, api_error
 from .exchange import Exchange, failure_error
 from .http import json_response
-from .openai_routes import CallStream, OpenAIRoutes, chat_capability
+from .openai_routes import CallStream, OpenAIRoutes
 from .responses_output import Envelope, EventWriter, new_id
 from .responses_store import ResponseStore, owner_of
 
 ENDPOINT = "/v1/responses"
+# The Responses field behind each chat field that shapes an answer (ChatCompletionBody.shaping_field).
+SHAPING_FIELDS = {"response_format": "text", "logprobs": "include"}
 
 
 class ResponsesRoutes:
@@ -52,9 +54,9 @@ class ResponsesRoutes:
                 chat = chat_body(body, conversation)
             except Unsupported as exc:
                 raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
-            exchange.capability = chat_capability(chat)
-            if exchange.capability == subjects.VISION:
-                self._check_vision(body.model)
+            if has_image_parts(chat):
+                self._check_vision(body.model, chat)
+                exchange.capability = subjects.VISION
                 await self.api.resolve(body.model, subjects.VISION)
         except ApiError as exc:
             exchange.record(exc.status, error=exc.message)
@@ -85,7 +87,18 @@ class ResponsesRoutes:
                 )
         return conversation
 
-    def _check_vision(self, model: str) -> None:
+    def _check_vision(self, model: str, chat: ChatCompletionBody) -> None:
+        """Input with images goes to the vision capability (llama.cpp's LLaVA handler: no tools,
+        grammars or logprobs), on a model that has it."""
+        field = chat.shaping_field
+        if field is not None:
+            name = SHAPING_FIELDS.get(field, field)
+            raise ApiError(
+                400,
+                f"'{name}' is not supported with image input (docs/openai.md lists what each engine offers).",
+                param=name,
+                code="unsupported_parameter",
+            )
         record = self.api.catalog.get(model)
         if record is not None and subjects.VISION not in record.capabilities:
             raise ApiError(

@@ -353,6 +353,11 @@ def test_image_input_items(client) -> None:
     )
     assert "does not accept images" in message
     _refused(lambda: client.responses.create(model=VISION, input=_image_input(), tools=TOOLS), "tools")
+    _refused(lambda: client.responses.create(model=VISION, input=_image_input(), text=PING_FORMAT), "text")
+    logprobs = ["message.output_text.logprobs"]
+    _refused(lambda: client.responses.create(model=VISION, input=_image_input(), include=logprobs), "include")
+    streamed = list(client.responses.create(model=VISION, input=_image_input(), max_output_tokens=3, stream=True))
+    assert streamed[-1].type in ("response.completed", "response.incomplete")
 
 
 # ---------------------------------------------------------------- refusals
@@ -488,3 +493,86 @@ async def test_a_stored_response_is_its_owners(nats_url) -> None:
         assert (await client.delete(f"/v1/responses/{rid}", headers=bearer("mine"))).status_code == 200
         assert (await client.get(f"/v1/responses/{rid}", headers=bearer("mine"))).status_code == 404
         assert (await client.get(f"/v1/responses/{rid}")).status_code == 401
+
+
+def test_auto_tools_streamed_is_the_unstreamed_answer(client) -> None:
+    body = dict(model=NATIVE, input="hi", tools=TOOLS, max_output_tokens=40, temperature=0)
+    whole = client.responses.create(**body)
+    with client.responses.stream(**body) as stream:
+        events = list(stream)
+    final = events[-1].response
+    assert events[-1].type == f"response.{whole.status}"
+    assert [(i.type, getattr(i, "arguments", None)) for i in final.output] == [
+        (i.type, getattr(i, "arguments", None)) for i in whole.output
+    ]
+    assert final.output_text == whole.output_text
+
+
+def test_history_records_a_response_once(client, stack) -> None:
+    import asyncio
+
+    import nats
+    from conftest import wait_until
+
+    out = client.responses.create(model=PLAIN, input="hi", max_output_tokens=2)
+
+    async def record() -> dict:
+        nc = await nats.connect(stack.nats_url)
+        try:
+            return json.loads((await nc.jetstream().get_last_msg("HISTORY", f"history.chat.{PLAIN}")).data)
+        finally:
+            await nc.close()
+
+    found = wait_until(lambda: (r := asyncio.run(record()))["response"]["id"] == out.id and r, timeout=10)
+    assert found["endpoint"] == "/v1/responses" and found["status_code"] == 200
+    assert found["request"]["input"] == "hi" and found["usage"]["completion_tokens"] == out.usage.output_tokens
+
+
+# ---------------------------------------------------------------- the event writer, in process
+
+
+def test_event_writer_covers_every_item_kind_and_a_failure() -> None:
+    """Text, then a call in fragments, then text again, logprobs, an empty answer and a
+    failure mid-way: every event is one of the SDK's types, numbered, and the final response
+    holds the items as streamed."""
+    from events.messages import TextDelta, TokenLogprob, ToolCallDelta, TopLogprob, Usage
+    from events.responses import ResponsesBody
+    from gateway.errors import ApiError
+    from gateway.responses_output import Envelope, EventWriter, new_id
+
+    def events_of(chunks: bytes) -> list[dict]:
+        found = [json.loads(line[6:]) for line in chunks.decode().splitlines() if line.startswith("data: ")]
+        for event in found:
+            EVENTS.validate_python(event)
+        return found
+
+    body = ResponsesBody(model="m", input="hi", include=["message.output_text.logprobs"], top_logprobs=1)
+    writer = EventWriter(Envelope(new_id("resp"), body))
+    top = [TopLogprob(token="a", logprob=-0.1, utf8=b"a")]
+    lp = [TokenLogprob(token="a", logprob=-0.1, utf8=b"a", top=top)]
+    out = writer.opening()
+    out += writer.delta(TextDelta(text="Let me look. ", logprobs=lp))
+    out += writer.delta(TextDelta(text="", tool_calls=[ToolCallDelta(index=0, id="call_1", name="ping")]))
+    out += writer.delta(TextDelta(text="", tool_calls=[ToolCallDelta(index=0, arguments='{"ok": ')]))
+    out += writer.delta(TextDelta(text="", tool_calls=[ToolCallDelta(index=0, arguments="true}")]))
+    out += writer.delta(TextDelta(text="Done."))
+    closing, final = writer.closing("stop", Usage(prompt_tokens=3, completion_tokens=5, total_tokens=8))
+    events = events_of(out + closing + writer.final(final))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [i["type"] for i in final["output"]] == ["message", "function_call", "message"]
+    assert final["output"][1]["arguments"] == '{"ok": true}' and final["output"][1]["call_id"] == "call_1"
+    assert final["output"][0]["content"][0]["logprobs"][0]["token"] == "a"
+    assert [e["output_index"] for e in events if e["type"] == "response.output_item.done"] == [0, 1, 2]
+    _strict(final)
+
+    empty = EventWriter(Envelope(new_id("resp"), ResponsesBody(model="m", input="hi")))
+    closing, final = empty.closing("length", Usage())
+    events_of(empty.opening() + closing + empty.final(final))
+    assert final["status"] == "incomplete" and final["output"][0]["status"] == "incomplete"
+
+    failing = EventWriter(Envelope(new_id("resp"), ResponsesBody(model="m", input="hi")))
+    out = failing.opening() + failing.delta(TextDelta(text="par"))
+    failed, response = failing.failed(ApiError(503, "The node serving this request went away."))
+    [*_, last] = events_of(out + failed)
+    assert last["type"] == "response.failed" and response["error"]["code"] == "server_error"
+    assert response["output"][0]["content"][0]["text"] == "par" and response["store"] is False
