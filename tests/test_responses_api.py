@@ -329,6 +329,15 @@ def test_store_false_keeps_nothing(client) -> None:
         client.responses.retrieve(final.id)
 
 
+def test_a_conversation_too_large_to_store_is_400_naming_store(stack) -> None:
+    from events.storage import RESPONSE_MAX_BYTES
+
+    big = {"model": PLAIN, "input": "x" * (RESPONSE_MAX_BYTES + 1)}
+    answer = httpx.post(stack.url + "/v1/responses", json=big)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "store", answer.text
+    assert "store': false" in answer.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -466,6 +475,10 @@ async def test_a_stored_response_is_its_owners(nats_url) -> None:
     assert required_scope("DELETE", "/v1/responses/resp_1") == "inference"
     assert required_scope("DELETE", "/v1/models/m") == "admin"
     assert action_of("DELETE", "/v1/responses/resp_1") is None  # not an admin action
+    from broker.permissions import node_rules, observer_rules
+
+    assert "$KV.responses.>" in node_rules("n1").pub_deny  # people's conversations: never a node's
+    assert "$KV.responses.>" in observer_rules().sub_deny
 
     async with _gateway(nats_url) as (gateway, client):
         keys = {}
