@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -98,6 +97,8 @@ class KeyRing(BucketWatch):
     """The ``keys`` bucket in memory, by digest, kept current by a watcher."""
 
     bucket = storage.KV_KEYS
+    record_type = ApiKey
+    record_kind = "API key record"
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,18 +111,17 @@ class KeyRing(BucketWatch):
     def _swap_in(self, tables: tuple[dict[str, ApiKey], dict[str, str]]) -> None:
         self.by_digest, self._ids = tables
 
-    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        table, index = snapshot if snapshot is not None else (self.by_digest, self._ids)
-        if deleted:
-            old = index.pop(entry.key, None)
-            if old is not None:
-                table.pop(old, None)
-            return
-        try:
-            key = codec.decode(entry.value, ApiKey)
-        except msgspec.DecodeError:
-            log.error("undecodable API key record", key=entry.key)
-            return
+    def _live(self) -> tuple[dict[str, ApiKey], dict[str, str]]:
+        return self.by_digest, self._ids
+
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        table, index = tables
+        old = index.pop(entry.key, None)
+        if old is not None:
+            table.pop(old, None)
+
+    def _put(self, entry: Any, key: ApiKey, tables: Any, live: bool) -> None:
+        table, index = tables
         previous = index.get(key.id)
         if previous is not None and previous != key.digest:
             table.pop(previous, None)

@@ -20,7 +20,18 @@ from starlette.responses import Response, StreamingResponse
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, name_error, subjects
 from events.capabilities import CAPABILITIES
-from events.messages import Accepted, Choice, EmbeddingResult, Failure, ModelRecord, TextDelta, TextDone, Usage
+from events.messages import (
+    Accepted,
+    Choice,
+    EmbeddingResult,
+    Failure,
+    LoadedModel,
+    ModelRecord,
+    ModelSource,
+    TextDelta,
+    TextDone,
+    Usage,
+)
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts, model_features
 
 from . import formatting
@@ -29,6 +40,8 @@ from .errors import ApiError, api_error, model_not_found
 from .exchange import Exchange, failure_error
 from .history import HistoryWriter
 from .http import json_response
+from .providers import Clouds, Provider
+from .providers import serve as serve_from_cloud
 
 log = structlog.get_logger("gateway")
 
@@ -68,20 +81,23 @@ class OpenAIRoutes:
         dispatcher: Dispatcher,
         history: HistoryWriter,
         on_demand: Any = None,
+        clouds: Clouds | None = None,
     ) -> None:
-        """``on_demand`` (gateway.downloads.OnDemand): asks for a download of a model no node has."""
+        """``on_demand`` (gateway.downloads.OnDemand): asks for a download of a model no node has.
+        ``clouds``: the cloud providers behind ``openai:``-style prefixes (none: local models only)."""
         self.catalog = catalog
         self.directory = directory
         self.dispatcher = dispatcher
         self.history = history
         self.on_demand = on_demand
+        self.clouds = clouds
 
     # ------------------------------------------------------------ models
 
     def _model_entry(self, name: str) -> dict | None:
         record = self.catalog.get(name)
         if record is None:
-            return None
+            return self._announced_entry(name)
         nodes = self.directory.serving(name)
         return {
             "id": record.name,
@@ -97,12 +113,13 @@ class OpenAIRoutes:
         }
 
     async def list_models(self, request: Request) -> Response:
-        entries = [self._model_entry(name) for name in sorted(self.catalog.records)]
+        entries = [self._model_entry(name) for name in sorted(self.catalog.records.keys() | self.directory.announced())]
+        entries += self.clouds.catalog.entries() if self.clouds is not None else []
         return json_response({"object": "list", "data": [e for e in entries if e and e["ready"]]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        entry = self._model_entry(name)
+        entry = self._model_entry(name) or (self.clouds.catalog.get(name) if self.clouds is not None else None)
         if entry is None:
             raise model_not_found(name)
         return json_response(entry)
@@ -115,7 +132,10 @@ class OpenAIRoutes:
         invalid = name_error(model)
         if invalid:  # never let it near a subject: the server would drop our connection
             raise ApiError(400, f"Invalid 'model': {invalid}.", param="model", code="invalid_model")
-        record = self.catalog.get(model)
+        if (cloud := self._cloud(model)) is not None:
+            Clouds.check(cloud[0], capability, model)
+            return
+        record = self.catalog.get(model) or self._announced_record(model)
         if record is None:
             raise model_not_found(model)
         if capability == subjects.VISION and capability not in record.capabilities:
@@ -151,16 +171,22 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.CHAT)
         body = await exchange.accept(ChatCompletionBody, self.resolve, capability_of=_chat_capability)
+        if (cloud := self._cloud(body.model)) is not None:
+            return await serve_from_cloud(exchange, body, *cloud)
         return await self._text(exchange, body, chat=True)
 
     async def completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.COMPLETION)
         body = await exchange.accept(CompletionBody, self.resolve)
+        if (cloud := self._cloud(body.model)) is not None:
+            return await serve_from_cloud(exchange, body, *cloud)
         return await self._text(exchange, body, chat=False)
 
     async def embeddings(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.EMBEDDING)
         body = await exchange.accept(EmbeddingBody, self.resolve)  # empty inputs: refused by the type
+        if (cloud := self._cloud(body.model)) is not None:
+            return await serve_from_cloud(exchange, body, *cloud)
         reply = await self.final_reply(exchange, body, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {
@@ -283,6 +309,48 @@ class OpenAIRoutes:
                 error=error,
                 first_byte_ms=first_byte_ms,
             )
+
+    # ------------------------------------------------------------ models without a registry record
+
+    def _cloud(self, model: str) -> tuple[Provider, str] | None:
+        """(provider, its model) for a cloud-prefixed model (400/401 for a bad prefix or no key)."""
+        if self.clouds is None or ":" not in model:
+            return None
+        return self.clouds.target(
+            model, lambda name: name in self.catalog.records or name in self.directory.announced()
+        )
+
+    def _announced_record(self, name: str) -> ModelRecord | None:
+        """A record for a model live nodes announce without registration (an upstream server's)."""
+        model = self.directory.announced().get(name)
+        if model is None:
+            return None
+        source = ModelSource(kind="upstream")
+        return ModelRecord(
+            name=name,
+            format="upstream",
+            runtime=model.runtime,
+            capabilities=model.capabilities,
+            source=source,
+            state="ready",
+        )
+
+    def _announced_entry(self, name: str) -> dict | None:
+        model: LoadedModel | None = self.directory.announced().get(name)
+        if model is None:
+            return None
+        nodes = self.directory.serving(name)
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "upstream",
+            "capabilities": list(model.capabilities),
+            "ready": bool(nodes),
+            "lifecycle_status": "ready" if nodes else "registered",
+            "download_progress": None,
+            "nodes": len(nodes),
+        }
 
 
 class CallStream(StreamingResponse):

@@ -49,6 +49,7 @@ class ResponsesRoutes:
         exchange = Exchange(request, self.api.history, subjects.CHAT, ENDPOINT)
         body: ResponsesBody = await exchange.accept(ResponsesBody, self.api.resolve)
         try:
+            self._check_local(body.model)
             conversation = await self._conversation(request, body)
             try:
                 chat = chat_body(body, conversation)
@@ -66,6 +67,19 @@ class ResponsesRoutes:
         if body.stream:
             return await self._streamed(exchange, chat, envelope, conversation, owner)
         return await self._whole(exchange, chat, envelope, conversation, owner)
+
+    def _check_local(self, model: str) -> None:
+        """501 for a cloud provider's model: Responses are made from this router's own engines
+        (the providers are reached through their chat completions)."""
+        if self.api._cloud(model) is not None:
+            raise ApiError(
+                501,
+                f"The Responses API is served by this router's own models; '{model}' is a cloud provider's model: "
+                "use /v1/chat/completions for it.",
+                type="invalid_request_error",
+                param="model",
+                code="responses_not_supported",
+            )
 
     async def _conversation(self, request: Request, body: ResponsesBody) -> list[InputItem]:
         """Every item of the conversation: the previous response's (its input, then its output)

@@ -9,6 +9,7 @@ answer has a known shape needs no new runner: a table entry and its engine metho
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -46,6 +47,8 @@ async def text(job: Job) -> Reply:
     """Chat or completion: one TextDone, or deltas batched while the previous one was sent."""
     loop = asyncio.get_running_loop()
     method, params, cancelled = job.method, job.request.params, job.cancelled
+    if inspect.iscoroutinefunction(method):
+        return await _text_async(job)
     if not job.request.stream:
         outcome = await loop.run_in_executor(job.pool, method, params, None, cancelled)
         return TextDone(
@@ -125,8 +128,25 @@ def _merged_calls(calls: list[ToolCallDelta], more: list[ToolCallDelta]) -> list
     return calls
 
 
+async def _text_async(job: Job) -> Reply:
+    """An engine that waits on the network (nodes/upstream.py): awaited here, no worker thread;
+    each streamed piece is sent as it comes."""
+    request, cancelled = job.request, job.cancelled
+
+    async def on_delta(piece: str) -> None:
+        if not cancelled.is_set():
+            await job.responder.send(TextDelta(text=piece))
+
+    outcome = await job.method(request.params, on_delta if request.stream else None, cancelled)
+    text = "" if request.stream else outcome.text
+    return TextDone(text=text, finish_reason=outcome.finish_reason, usage=outcome.usage)
+
+
 async def embedding(job: Job) -> Reply:
-    vectors, usage = await asyncio.get_running_loop().run_in_executor(job.pool, job.method, job.request.params)
+    if inspect.iscoroutinefunction(job.method):  # an upstream server's model
+        vectors, usage = await job.method(job.request.params)
+    else:
+        vectors, usage = await asyncio.get_running_loop().run_in_executor(job.pool, job.method, job.request.params)
     return EmbeddingResult(vectors=vectors, usage=usage)
 
 

@@ -253,10 +253,11 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
 # Fields added since the samples were written (optional, so old JSON still decodes): re-encoding
 # adds them with their defaults, and nothing else may change.
 ADDED_SINCE = {
-    "history": {"key_id": None},
+    "history": {"key_id": None, "provider": None, "cost_usd": None},
     "delta": {"logprobs": None, "tool_calls": None},  # logprobs and tool call fragments (issue 14)
     "done": {"choices": None},  # n choices, tool calls, logprobs
 }
+ADDED_TO_LOADED_MODELS = {"origin": "registry"}  # in each of a heartbeat's models
 
 
 def test_old_json_re_encodes_byte_for_byte() -> None:
@@ -271,6 +272,9 @@ def test_old_json_re_encodes_byte_for_byte() -> None:
         encoded = json.loads(codec.encode(value))
         for name, default in ADDED_SINCE.get(kind, {}).items():
             assert encoded.pop(name) == default, (kind, name)
+        for model in encoded.get("models", []) if kind == "heartbeat" else []:
+            for name, default in ADDED_TO_LOADED_MODELS.items():
+                assert model.pop(name) == default, (kind, name)
         assert json.dumps(encoded) == json.dumps(json.loads(data)), kind
 
 

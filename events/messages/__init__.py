@@ -47,7 +47,7 @@ from .downloads import (
     NodeDownloadReply,
     NodeDownloadState,
 )
-from .history import HistoryRecord
+from .history import HistoryRecord, UsageDay
 from .inference import (
     FINAL_REPLIES,
     Accepted,
@@ -111,6 +111,7 @@ __all__ = [
     "HfQuery",
     "HfReply",
     "HistoryRecord",
+    "UsageDay",
     "HubEntry",
     "HubQuery",
     "HubReply",
