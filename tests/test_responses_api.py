@@ -449,10 +449,10 @@ def test_harmless_metadata_is_accepted(stack) -> None:
 
 
 @asynccontextmanager
-async def _gateway(nats_url: str):
+async def _gateway(nats_url: str, **options):
     from gateway import Gateway
 
-    gateway = Gateway(nats_url=nats_url)
+    gateway = Gateway(nats_url=nats_url, **options)
     await gateway.start(serve_http=False)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app), base_url="http://gw")
     try:
@@ -589,3 +589,15 @@ def test_event_writer_covers_every_item_kind_and_a_failure() -> None:
     [*_, last] = events_of(out + failed)
     assert last["type"] == "response.failed" and response["error"]["code"] == "server_error"
     assert response["output"][0]["content"][0]["text"] == "par" and response["store"] is False
+
+
+async def test_a_cloud_providers_model_is_501(nats_url) -> None:
+    """Responses are made from the router's own engines: a cloud model gets 501 (the spec's answer
+    for a backend without the Responses API), before anything is sent anywhere."""
+    from gateway.providers import Clouds, ProviderSettings
+
+    clouds = Clouds([ProviderSettings("openai", "sk-test", "http://127.0.0.1:9/v1")])  # never reached
+    async with _gateway(nats_url, auth=False, clouds=clouds) as (_, client):
+        answer = await client.post("/v1/responses", json={"model": "openai:gpt-4o-mini", "input": "hi"})
+    assert answer.status_code == 501, answer.text
+    assert answer.json()["error"]["param"] == "model" and answer.json()["error"]["code"] == "responses_not_supported"
