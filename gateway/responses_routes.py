@@ -71,7 +71,7 @@ class ResponsesRoutes:
     def _check_local(self, model: str) -> None:
         """501 for a cloud provider's model: Responses are made from this router's own engines
         (the providers are reached through their chat completions)."""
-        if self.api._cloud(model) is not None:
+        if self.api.cloud_of(model) is not None:
             raise ApiError(
                 501,
                 f"The Responses API is served by this router's own models; '{model}' is a cloud provider's model: "
