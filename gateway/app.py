@@ -284,6 +284,7 @@ class Gateway:
             lifespan="off",
             timeout_graceful_shutdown=5,
             proxy_headers=False,  # nothing here reads the client address; saves a middleware per request
+            interface="asgi3",  # the outer layers are plain callables returning awaitables (gateway/hot_routes.py)
         )
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the CLI owns signals

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import Any
 
@@ -144,12 +145,14 @@ class AuditMiddleware:
         self.ring = ring
         self.fallback = "anonymous" if ring is not None else "local"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine for what is not an admin action (inference, reads): no frame of ours."""
         found = action_of(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if found is None:
-            await self.app(scope, receive, send)
-            return
-        action, target = found
+            return self.app(scope, receive, send)
+        return self._audited(scope, receive, send, *found)
+
+    async def _audited(self, scope: Scope, receive: Receive, send: Send, action: str, target: str | None) -> None:
         request_id = uuid.uuid4().hex
         t0 = time.perf_counter()
         outcome: dict[str, Any] = {"status": 500, "code": None}
