@@ -24,7 +24,7 @@ from nats.js.errors import NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from events import codec, decode_token, storage, subjects
-from events.messages import ModelRecord, NodeGoodbye, NodeHeartbeat
+from events.messages import LoadedModel, ModelRecord, NodeGoodbye, NodeHeartbeat
 
 log = structlog.get_logger("mirrors")
 
@@ -38,9 +38,14 @@ class BucketWatch(ABC):
     ``start`` reads a snapshot into fresh tables and swaps them in whole once it is read, then
     applies every change as it comes. Calling it again (``resync``, after a reconnection: the
     server may have restarted or lost its store, and revisions from before mean nothing to a
-    fresh one) does the same with a new watcher, the old view answering until then."""
+    fresh one) does the same with a new watcher, the old view answering until then.
+
+    Every entry is decoded here as ``record_type`` (one that does not decode is logged and
+    skipped), so a subclass says only what it keeps: ``_put`` a record, ``_drop`` a deletion."""
 
     bucket: str
+    record_type: type
+    record_kind: str  # names the record in the log line of one that does not decode
 
     def __init__(self) -> None:
         self.kv = None
@@ -87,8 +92,30 @@ class BucketWatch(ABC):
         """Make a fully read snapshot the live view."""
 
     @abstractmethod
+    def _live(self) -> Any:
+        """The tables of the live view (what ``_swap_in`` made it)."""
+
     def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
         """One entry: into ``snapshot`` while it is being read (not None), else into the live view."""
+        live = snapshot is None
+        tables = self._live() if live else snapshot
+        if deleted:
+            self._drop(entry, tables, live)
+            return
+        try:
+            record = codec.decode(entry.value, self.record_type)
+        except msgspec.DecodeError:
+            log.error(f"undecodable {self.record_kind}", key=entry.key)
+            return
+        self._put(entry, record, tables, live)
+
+    @abstractmethod
+    def _put(self, entry: Any, record: Any, tables: Any, live: bool) -> None:
+        """Keep a decoded record in ``tables`` (the live view's when ``live``)."""
+
+    @abstractmethod
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        """Forget what a deleted (or purged) entry's key held."""
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -101,6 +128,8 @@ class RegisteredModels(BucketWatch):
     """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
 
     bucket = storage.KV_MODELS
+    record_type = ModelRecord
+    record_kind = "model record"
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,22 +144,20 @@ class RegisteredModels(BucketWatch):
         self.records, self.revisions = tables
         self._deleted.clear()
 
-    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        if deleted:
-            name = decode_token(entry.key)
-            if snapshot is not None:
-                snapshot[0].pop(name, None)
-                snapshot[1].pop(name, None)
-            self.forget(name)
-            self._deleted.discard(name)
-            return
-        try:
-            record = codec.decode(entry.value, ModelRecord)
-        except msgspec.DecodeError:
-            log.error("undecodable model record", key=entry.key)
-            return
-        if snapshot is not None:
-            snapshot[0][record.name], snapshot[1][record.name] = record, entry.revision
+    def _live(self) -> tuple[dict[str, ModelRecord], dict[str, int]]:
+        return self.records, self.revisions
+
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        name = decode_token(entry.key)
+        if not live:
+            tables[0].pop(name, None)
+            tables[1].pop(name, None)
+        self.forget(name)
+        self._deleted.discard(name)
+
+    def _put(self, entry: Any, record: ModelRecord, tables: Any, live: bool) -> None:
+        if not live:
+            tables[0][record.name], tables[1][record.name] = record, entry.revision
         elif record.name not in self._deleted and entry.revision >= self.revisions.get(record.name, 0):
             self.records[record.name] = record
             self.revisions[record.name] = entry.revision
@@ -167,6 +194,7 @@ class NodeDirectory:
         self._nodes: dict[str, NodeView] = {}
         self._index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         self._slots: dict[tuple[str, str], int] = {}
+        self._announced: dict[str, LoadedModel] = {}  # upstream models, by name (one report of each)
         self._index_until = 0.0  # monotonic time the index must be rebuilt by
         self._subs: list = []
 
@@ -274,6 +302,13 @@ class NodeDirectory:
             self._rebuild_index()
         return self._index.get((model, capability), _NONE)
 
+    def announced(self) -> dict[str, LoadedModel]:
+        """Models live nodes serve without a registry record (an upstream server's, announced in
+        their heartbeats), by name: the gateway lists and serves them while a node announces them."""
+        if time.monotonic() >= self._index_until:
+            self._rebuild_index()
+        return self._announced
+
     def slots(self, node_id: str, model: str) -> int:
         """How many requests for ``model`` the node runs at once (from its last heartbeat)."""
         if time.monotonic() >= self._index_until:
@@ -284,6 +319,7 @@ class NodeDirectory:
         now = time.monotonic()
         index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         slots: dict[tuple[str, str], int] = {}
+        announced: dict[str, LoadedModel] = {}
         until = float("inf")
         for view in self._nodes.values():
             expires = view.seen + self.ttl
@@ -296,10 +332,12 @@ class NodeDirectory:
                 continue
             until = min(until, expires)
             for model in beat.models:
-                if model.state != "ready" or model.artifact_bytes <= 0:
+                if not model.servable:
                     continue
+                if model.origin == "upstream":
+                    announced.setdefault(model.name, model)
                 for key in ((model.name, None), *((model.name, c) for c in model.capabilities)):
                     entries = index.setdefault(key, [])
                     if not entries or entries[-1] is not beat:
                         entries.append(beat)
-        self._index, self._slots, self._index_until = index, slots, until
+        self._index, self._slots, self._announced, self._index_until = index, slots, announced, until

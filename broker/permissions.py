@@ -49,7 +49,8 @@ REPLY_TTL_S = 3600
 
 # Streams that hold secrets or other people's data: only the gateway (and the operator) reach them.
 AUDIT = storage.AUDIT  # the audit log's stream (who did what)
-SECRET_BUCKETS = (storage.KV_KEYS, storage.KV_USERS, storage.KV_SESSIONS, storage.KV_SETTINGS)
+# Stored responses (storage.KV_RESPONSES) are people's conversations: nodes and observers get none of them.
+SECRET_BUCKETS = (storage.KV_KEYS, storage.KV_USERS, storage.KV_SESSIONS, storage.KV_SETTINGS, storage.KV_RESPONSES)
 
 
 def kv_stream(bucket: str) -> str:

@@ -101,24 +101,22 @@ async def _provision(js: JetStreamContext, replicas: int | None, creates: frozen
     for config in storage.STREAMS:
         if creates is None or config.name in creates:
             await _stream(js, config, replicas)
-    for kv in storage.KEY_VALUES:
-        if creates is None or permissions.kv_stream(kv.bucket) in creates:
-            await _built_stream(
-                js,
-                permissions.kv_stream(kv.bucket),
-                replicas,
-                lambda r, kv=kv: js.create_key_value(config=dataclasses.replace(kv, replicas=r)),
-            )
-    for obj in storage.OBJECT_STORES:
-        if creates is None or permissions.obj_stream(obj.bucket) in creates:
-            await _built_stream(
-                js,
-                permissions.obj_stream(obj.bucket),
-                replicas,
-                lambda r, obj=obj: js.create_object_store(
-                    bucket=obj.bucket, config=dataclasses.replace(obj, replicas=r)
-                ),
-            )
+    buckets = [
+        (
+            permissions.kv_stream(kv.bucket),
+            lambda r, kv=kv: js.create_key_value(config=dataclasses.replace(kv, replicas=r)),
+        )
+        for kv in storage.KEY_VALUES
+    ] + [
+        (
+            permissions.obj_stream(obj.bucket),
+            lambda r, obj=obj: js.create_object_store(bucket=obj.bucket, config=dataclasses.replace(obj, replicas=r)),
+        )
+        for obj in storage.OBJECT_STORES
+    ]
+    for stream, build in buckets:  # a bucket is a stream its client library creates: ``build(replicas)``
+        if creates is None or stream in creates:
+            await _built_stream(js, stream, replicas, build)
 
 
 async def _exists(js: JetStreamContext, stream: str) -> bool:

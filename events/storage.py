@@ -43,6 +43,15 @@ KV_HISTORY_IDS = "history-ids"
 HISTORY_MAX_AGE_S = 7 * DAY
 SESSION_TTL_S = 7 * DAY
 SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
+# Token and cost counters per UTC day, provider, model and API key (gateway/usage.py): kept 100
+# days, so this month, last month and the weeks between can always be added up from days.
+KV_USAGE = "usage"
+USAGE_TTL_S = 100 * DAY
+# Stored Responses API answers (GET /v1/responses/{id}, previous_response_id), each with the whole
+# conversation that led to it, so a value is bounded (a default NATS server's max_payload is 1 MiB).
+KV_RESPONSES = "responses"
+RESPONSE_TTL_S = 30 * DAY
+RESPONSE_MAX_BYTES = 1000 * 1024
 OBJ_MODEL_BLOBS = "model-blobs"
 # Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
 # Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.
@@ -113,6 +122,20 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
         max_bytes=256 * MiB,
         history=1,
     ),
+    KeyValueConfig(
+        bucket=KV_USAGE,
+        description="tokens and cost per UTC day, provider, model and API key",
+        ttl=USAGE_TTL_S,
+        history=1,
+    ),
+    KeyValueConfig(
+        bucket=KV_RESPONSES,
+        description="stored Responses API answers and their conversations (30 days)",
+        ttl=RESPONSE_TTL_S,
+        max_value_size=RESPONSE_MAX_BYTES,
+        max_bytes=2 * GiB,
+        history=1,
+    ),
 )
 
 OBJECT_STORES: tuple[ObjectStoreConfig, ...] = (
@@ -134,6 +157,16 @@ def download_key(node_id: str, model: str) -> str:
 def user_key(name: str) -> str:
     """``users`` bucket key of a user (names checked by ``events.tokens.username_error`` first)."""
     return encode_token(name)
+
+
+def usage_key(day: str, provider: str, model: str, key_id: str | None) -> str:
+    """``usage`` bucket key of one day's counters (``day``: ``YYYY-MM-DD``; no key: ``-``)."""
+    return f"{day}.{encode_token(provider)}.{encode_token(model)}.{encode_token(key_id) if key_id else '-'}"
+
+
+def response_key(response_id: str) -> str:
+    """``responses`` bucket key of a stored response (ids are checked by the route first)."""
+    return encode_token(response_id)
 
 
 def download_task_key(task_id: str) -> str:

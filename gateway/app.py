@@ -14,7 +14,7 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -44,8 +44,13 @@ from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 from .passwords import Passwords
+from .providers import Clouds
 from .rate_limits import RateLimiter, RateLimitMiddleware
+from .responses_routes import ResponsesRoutes
+from .responses_store import ResponseStore
 from .sessions import Sessions
+from .usage import UsageMeter
+from .usage_routes import UsageRoutes
 from .user_routes import UserRoutes
 from .users import UserDirectory
 
@@ -57,7 +62,7 @@ def error_response(exc: Exception) -> Response:
     for :class:`~gateway.hot_routes.HotRoutes` alike."""
     if isinstance(exc, ApiError):
         return exc.response()
-    if isinstance(exc, ClientDisconnected):
+    if isinstance(exc, ClientDisconnected | ClientDisconnect):
         return Response(status_code=499)  # nobody reads it: the client left (nginx's code for that)
     if isinstance(exc, DispatchError):
         return api_error(exc).response()
@@ -108,6 +113,8 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v1/audio/translations", media.translations, methods=["POST"]),
         Route("/v1/audio/speech", media.speech, methods=["POST"]),
         Route("/v0/files/{name}", media.file, methods=["GET"]),
+        Route("/v0/usage", gateway.usage_routes.usage, methods=["GET"]),
+        Route("/v0/clouds", gateway.clouds_status, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     keys = gateway.key_routes
@@ -134,6 +141,12 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/history/export", history.export, methods=["GET"]),
         Route("/v0/history/{record_id}", history.detail, methods=["GET"]),
         Route("/v0/logs", gateway.log_routes.page, methods=["GET"]),
+    ]
+    responses = gateway.responses
+    routes += [
+        Route("/v1/responses", responses.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
     ]
     app = Starlette(
         routes=routes,
@@ -181,10 +194,12 @@ class Gateway:
         auth: bool = True,
         passwords: Passwords | None = None,
         nats_auth: NatsAuth | None = None,
+        clouds: Clouds | None = None,
         history_masking: str = "none",
     ) -> None:
         """``auth=False`` serves without API keys: only for a gateway on a loopback address.
         ``passwords``: argon2 settings for new password hashes (tests make them cheap).
+        ``clouds``: the cloud providers; default: from the environment (``OPENAI_API_KEY``...).
         ``history_masking``: what the history keeps of bodies, none, partial or full (gateway.masking)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
@@ -201,6 +216,7 @@ class Gateway:
         self.host = host
         self.port = port
         self.request_timeout = request_timeout
+        self.clouds = clouds if clouds is not None else Clouds.from_env(request_timeout=request_timeout)
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self._server: uvicorn.Server | None = None
@@ -239,11 +255,19 @@ class Gateway:
         await self.dispatcher.start()
         self.history = HistoryWriter(self.nc, masking=self.history_masking)
         await self.history.start()
+        self.usage = UsageMeter(self.clouds.prices)
+        await self.usage.start(self.js)
+        self.history.observe(self.usage.count)  # tokens and cost of every answered request
+        self.usage_routes = UsageRoutes(self.usage)
+        await self.clouds.start()  # model lists fetched in the background
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
         self.routes = OpenAIRoutes(
-            self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask)
+            self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask), self.clouds
         )
         self.media = MediaRoutes(self.routes, self.js)
+        self.response_store = ResponseStore()
+        await self.response_store.start(self.js)
+        self.responses = ResponsesRoutes(self.routes, self.response_store)
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
         self.keys = KeyRing()
@@ -279,6 +303,7 @@ class Gateway:
             lifespan="off",
             timeout_graceful_shutdown=5,
             proxy_headers=False,  # nothing here reads the client address; saves a middleware per request
+            interface="asgi3",  # the outer layers are plain callables returning awaitables (gateway/hot_routes.py)
         )
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the CLI owns signals
@@ -304,6 +329,7 @@ class Gateway:
         await self.keys.resync(self.js)
         await self.users.resync(self.js)
         await self.sessions.resync(self.js)
+        await self.usage.resync(self.js)
         log.info("gateway state recovered", models=len(self.catalog.records))
 
     async def stop(self) -> None:
@@ -311,8 +337,10 @@ class Gateway:
             self._server.should_exit = True
         if self._serve_task is not None:
             await self._serve_task
+        await self.clouds.stop()
         await self.history.stop()
         await self.audit.stop()
+        await self.usage.stop()  # after the last record: its counts are written
         await self.dispatcher.stop()
         await self.directory.stop()
         await self.catalog.stop()
@@ -321,6 +349,15 @@ class Gateway:
         await self.users.stop()
         await SHIPPER.detach(self.nc)
         await self.nc.drain()
+
+    async def clouds_status(self, request: Request) -> Response:
+        """``GET /v0/clouds``: each provider, whether it has a key, and its model list's state."""
+        lists = self.clouds.catalog.status()
+        data = [
+            {"provider": name, "base_url": p.base_url, "configured": p.configured, "models": lists.get(name)}
+            for name, p in self.clouds.providers.items()
+        ]
+        return json_response({"object": "list", "data": data})
 
     async def healthz(self, request: Request) -> Response:
         connected = self.nc.is_connected

@@ -21,10 +21,10 @@ import hashlib
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -74,8 +74,11 @@ def new_key(
 def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; None for the open routes (health, the OpenAPI document)."""
     if path.startswith("/v1/"):
-        # DELETE /v1/models/{model} removes a registration: administration, not inference.
-        return "inference" if method in ("GET", "HEAD", "POST") else "admin"
+        # DELETE /v1/models/{model} removes a registration: administration, not inference; deleting
+        # a stored response (one's own: gateway.responses_store) is not.
+        if method in ("GET", "HEAD", "POST") or path.startswith("/v1/responses/"):
+            return "inference"
+        return "admin"
     if path.startswith("/v0/"):
         if path.startswith("/v0/auth/"):
             return None if path == "/v0/auth/login" else "read"  # login checks a password; the rest, a session
@@ -95,6 +98,8 @@ class KeyRing(BucketWatch):
     """The ``keys`` bucket in memory, by digest, kept current by a watcher."""
 
     bucket = storage.KV_KEYS
+    record_type = ApiKey
+    record_kind = "API key record"
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,18 +112,17 @@ class KeyRing(BucketWatch):
     def _swap_in(self, tables: tuple[dict[str, ApiKey], dict[str, str]]) -> None:
         self.by_digest, self._ids = tables
 
-    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        table, index = snapshot if snapshot is not None else (self.by_digest, self._ids)
-        if deleted:
-            old = index.pop(entry.key, None)
-            if old is not None:
-                table.pop(old, None)
-            return
-        try:
-            key = codec.decode(entry.value, ApiKey)
-        except msgspec.DecodeError:
-            log.error("undecodable API key record", key=entry.key)
-            return
+    def _live(self) -> tuple[dict[str, ApiKey], dict[str, str]]:
+        return self.by_digest, self._ids
+
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        table, index = tables
+        old = index.pop(entry.key, None)
+        if old is not None:
+            table.pop(old, None)
+
+    def _put(self, entry: Any, key: ApiKey, tables: Any, live: bool) -> None:
+        table, index = tables
         previous = index.get(key.id)
         if previous is not None and previous != key.digest:
             table.pop(previous, None)
@@ -162,17 +166,16 @@ class AuthMiddleware:
         self.ring = ring
         self.sessions = sessions
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        needed = required_scope(scope["method"], scope["path"])
-        if needed is not None:
-            error = self._refusal(scope, needed)
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine: it returns the app's (or the refusal's), so that passing a request on
+        adds no frame that every resume of the request's task goes through (see gateway/hot_routes.py)."""
+        if scope["type"] == "http":
+            needed = required_scope(scope["method"], scope["path"])
+            if needed is not None:
+                error = self._refusal(scope, needed)
+                if error is not None:
+                    return error.response()(scope, receive, send)
+        return self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope, needed: str) -> ApiError | None:
         token = _token(scope)

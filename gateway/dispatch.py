@@ -394,6 +394,8 @@ class Call:
     the node to stop. Raises DispatchError subclasses only.
     """
 
+    provider: str | None = None  # answered by a node (a cloud provider's call: gateway/providers/routes.py)
+
     def __init__(self, dispatcher: Dispatcher, capability: str, model: str, params: Any, stream: bool) -> None:
         self.d = dispatcher
         self.capability = capability
@@ -438,13 +440,21 @@ class Call:
 
     async def aclose(self) -> None:
         """Free the slot and the inbox (once); stop the node's work if the answer is incomplete."""
+        if self.release_all():
+            await self.cancel_on_node()
+
+    def release_all(self) -> bool:
+        """The synchronous part of ``aclose``: slot and inbox freed (once). True when the node
+        still works on an incomplete answer, which ``cancel_on_node`` then stops."""
         if self.closed:
-            return
+            return False
         self.closed = True
         self.d.close_inbox(self.inbox)
         self._release()
-        if not self.finished and self.node_id is not None:
-            await self.d.cancel(self.request_id)
+        return not self.finished and self.node_id is not None
+
+    async def cancel_on_node(self) -> None:
+        await self.d.cancel(self.request_id)
 
     def abandon(self) -> None:
         """The client left: a queued call leaves the queue, a sent one stops waiting (``aclose``

@@ -27,7 +27,7 @@ from .disconnect import abandon_on_disconnect
 from .dispatch import Call, ClientDisconnected, Dispatcher, DispatchError
 from .errors import ApiError, api_error
 from .history import HistoryWriter
-from .http import parse_body, parsed_json
+from .http import parse_body, parsed_json, read_body
 from .rate_limits import charge
 
 
@@ -60,7 +60,7 @@ class Exchange:
     ) -> Any:
         """The JSON body as ``kind``, the key's model list checked, its model resolved for the
         capability (which ``capability_of`` may refine from the body); a refusal is recorded."""
-        self.raw = await self.request.body()
+        self.raw = await read_body(self.request)
         try:
             body = parse_body(self.raw, kind)
             if capability_of is not None:
@@ -102,9 +102,10 @@ class Exchange:
     async def close(self) -> None:
         """Free the call's slot and stop its work on the node if unfinished; shielded, since a
         client that left cancels the task that runs this."""
-        if self.call is not None and not self.call.closed:
+        # A complete answer needs nothing awaited: no cancel scope on the common path.
+        if self.call is not None and self.call.release_all():
             with anyio.CancelScope(shield=True):
-                await self.call.aclose()
+                await self.call.cancel_on_node()
 
     # ------------------------------------------------------------ history
 
@@ -142,6 +143,7 @@ class Exchange:
                 duration_ms=(time.perf_counter() - self.t0) * 1000,
                 stream=stream,
                 node_id=node_id,
+                provider=call.provider if call is not None else None,
                 key_id=key.id if (key := key_of(self.request.scope)) is not None else None,
                 first_byte_ms=first_byte_ms,
                 usage=usage,

@@ -9,14 +9,20 @@ its sequence under its id in the ``history-ids`` bucket, for ``GET /v0/history/{
 
 The index entry is a plain publish, not acknowledged: with an acknowledgement and retries it
 doubled what each request costs the gateway in history writes (8 µs more a record, as much as
-the record itself; as a plain publish, 4 µs), for an entry that only speeds up one lookup. An entry lost with a broker
-restart makes that record's ``/v0/history/{id}`` a 404; it stays in every list and export.
+the record itself; as a plain publish, 4 µs), for an entry that only speeds up one lookup. An
+entry lost with a broker restart makes that record's ``/v0/history/{id}`` a 404; it stays in
+every list and export.
+
+Observers (``observe``) see every record once, as it is appended and before it is written: the
+usage meter counts tokens and adds the cost there (gateway/usage.py); metrics can hook in the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import structlog
 from nats.aio.client import Client
 
 from broker.appender import StreamAppender
@@ -24,6 +30,8 @@ from events import codec, encode_token, storage, subjects
 from events.messages import HistoryRecord
 
 from .masking import MODES, mask
+
+log = structlog.get_logger("gateway.history")
 
 
 def index_subject(record_id: str) -> str:
@@ -39,6 +47,19 @@ class HistoryWriter(StreamAppender):
         super().__init__(nc, **options)
         self.masking = masking
         self.unindexed = 0  # index entries not sent (the link dropped, an id no subject holds)
+        self._observers: list[Callable[[HistoryRecord], None]] = []
+
+    def observe(self, observer: Callable[[HistoryRecord], None]) -> None:
+        """Call ``observer(record)`` for every record appended (it may complete the record, e.g. its cost)."""
+        self._observers.append(observer)
+
+    def append(self, record: HistoryRecord) -> None:
+        for observer in self._observers:
+            try:
+                observer(record)
+            except Exception:  # an observer's bug must not lose the record
+                log.exception("history observer failed", observer=getattr(observer, "__qualname__", repr(observer)))
+        super().append(record)
 
     def subject(self, record: HistoryRecord) -> str:
         return subjects.history(record.capability, record.model, record.status_code, record.node_id, record.key_id)

@@ -20,8 +20,19 @@ from starlette.responses import Response, StreamingResponse
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import codec, name_error, subjects
 from events.capabilities import CAPABILITIES
-from events.messages import Accepted, EmbeddingResult, Failure, ModelRecord, TextDelta, TextDone, Usage
-from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts
+from events.messages import (
+    Accepted,
+    Choice,
+    EmbeddingResult,
+    Failure,
+    LoadedModel,
+    ModelRecord,
+    ModelSource,
+    TextDelta,
+    TextDone,
+    Usage,
+)
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, has_image_parts, model_features
 
 from . import formatting
 from .dispatch import Dispatcher, DispatchError
@@ -29,6 +40,8 @@ from .errors import ApiError, api_error, model_not_found
 from .exchange import Exchange, failure_error
 from .history import HistoryWriter
 from .http import json_response
+from .providers import Clouds, Provider
+from .providers import serve as serve_from_cloud
 
 log = structlog.get_logger("gateway")
 
@@ -45,8 +58,19 @@ def unavailable_message(record: ModelRecord) -> str:
 
 
 def _chat_capability(body: ChatCompletionBody) -> str:
-    """Chats with image parts go to the vision capability: only nodes with a vision model subscribe there."""
-    return subjects.VISION if has_image_parts(body) else subjects.CHAT
+    """Chats with image parts go to the vision capability: only nodes with a vision model subscribe there.
+    Those run through llama.cpp's LLaVA handler, which has no tools, grammars, logprobs or n."""
+    if not has_image_parts(body):
+        return subjects.CHAT
+    field = body.shaping_field
+    if field is not None:
+        raise ApiError(
+            400,
+            f"'{field}' is not supported in chats with images (docs/openai.md lists what each engine offers).",
+            param=field,
+            code="unsupported_parameter",
+        )
+    return subjects.VISION
 
 
 class OpenAIRoutes:
@@ -57,20 +81,23 @@ class OpenAIRoutes:
         dispatcher: Dispatcher,
         history: HistoryWriter,
         on_demand: Any = None,
+        clouds: Clouds | None = None,
     ) -> None:
-        """``on_demand`` (gateway.downloads.OnDemand): asks for a download of a model no node has."""
+        """``on_demand`` (gateway.downloads.OnDemand): asks for a download of a model no node has.
+        ``clouds``: the cloud providers behind ``openai:``-style prefixes (none: local models only)."""
         self.catalog = catalog
         self.directory = directory
         self.dispatcher = dispatcher
         self.history = history
         self.on_demand = on_demand
+        self.clouds = clouds
 
     # ------------------------------------------------------------ models
 
     def _model_entry(self, name: str) -> dict | None:
         record = self.catalog.get(name)
         if record is None:
-            return None
+            return self._announced_entry(name)
         nodes = self.directory.serving(name)
         return {
             "id": record.name,
@@ -78,6 +105,7 @@ class OpenAIRoutes:
             "created": int(record.created_at),
             "owned_by": record.labels.get("owner", "llm-router"),
             "capabilities": list(record.capabilities),
+            "features": model_features(record.capabilities),
             "ready": bool(nodes),
             "lifecycle_status": "ready" if nodes else record.state,
             "download_progress": msgspec.to_builtins(record.download) if record.download and not nodes else None,
@@ -85,12 +113,13 @@ class OpenAIRoutes:
         }
 
     async def list_models(self, request: Request) -> Response:
-        entries = [self._model_entry(name) for name in sorted(self.catalog.records)]
+        entries = [self._model_entry(name) for name in sorted(self.catalog.records.keys() | self.directory.announced())]
+        entries += self.clouds.catalog.entries() if self.clouds is not None else []
         return json_response({"object": "list", "data": [e for e in entries if e and e["ready"]]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        entry = self._model_entry(name)
+        entry = self._model_entry(name) or (self.clouds.catalog.get(name) if self.clouds is not None else None)
         if entry is None:
             raise model_not_found(name)
         return json_response(entry)
@@ -103,7 +132,10 @@ class OpenAIRoutes:
         invalid = name_error(model)
         if invalid:  # never let it near a subject: the server would drop our connection
             raise ApiError(400, f"Invalid 'model': {invalid}.", param="model", code="invalid_model")
-        record = self.catalog.get(model)
+        if (cloud := self.cloud_of(model)) is not None:
+            Clouds.check(cloud[0], capability, model)
+            return
+        record = self.catalog.get(model) or self._announced_record(model)
         if record is None:
             raise model_not_found(model)
         if capability == subjects.VISION and capability not in record.capabilities:
@@ -139,16 +171,22 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.CHAT)
         body = await exchange.accept(ChatCompletionBody, self.resolve, capability_of=_chat_capability)
+        if (cloud := self.cloud_of(body.model)) is not None:
+            return await serve_from_cloud(exchange, body, *cloud)
         return await self._text(exchange, body, chat=True)
 
     async def completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.COMPLETION)
         body = await exchange.accept(CompletionBody, self.resolve)
+        if (cloud := self.cloud_of(body.model)) is not None:
+            return await serve_from_cloud(exchange, body, *cloud)
         return await self._text(exchange, body, chat=False)
 
     async def embeddings(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.EMBEDDING)
         body = await exchange.accept(EmbeddingBody, self.resolve)  # empty inputs: refused by the type
+        if (cloud := self.cloud_of(body.model)) is not None:
+            return await serve_from_cloud(exchange, body, *cloud)
         reply = await self.final_reply(exchange, body, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
         summary = {
@@ -193,19 +231,22 @@ class OpenAIRoutes:
             await exchange.close()
             if not isinstance(first, TextDone):
                 raise ApiError(500, f"unexpected reply from node: {type(first).__name__}")
-            encoded = codec.encode(make(cid, created, body.model, first.text, first.finish_reason, first.usage))
+            encoded = codec.encode(
+                make(cid, created, body.model, first.text, first.finish_reason, first.usage, first.choices)
+            )
             exchange.record(200, usage=first.usage, response=msgspec.Raw(encoded))  # encoded once, for both
             return Response(encoded, 200, exchange.headers(), media_type="application/json")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage)
+        writer = formatting.ChunkWriter(chat, cid, created, body.model, include_usage, body.n)
         first_byte_ms = (time.perf_counter() - exchange.t0) * 1000
 
-        def summary(text: str, finish: str, usage: Usage) -> dict:
-            return make(cid, created, body.model, text, finish, usage)
+        def summary(text: str, finish: str, usage: Usage, choices: list[Choice] | None) -> dict:
+            return make(cid, created, body.model, text, finish, usage, choices)
 
+        collected = formatting.Choices() if body.shapes_output else None
         return CallStream(
             exchange,
-            self._stream(exchange, first, writer, summary, first_byte_ms),
+            self._stream(exchange, first, writer, summary, first_byte_ms, collected),
             media_type="text/event-stream",
             headers={**exchange.headers(), "cache-control": "no-cache"},
         )
@@ -215,23 +256,31 @@ class OpenAIRoutes:
         exchange: Exchange,
         reply: Any,
         writer: formatting.ChunkWriter,
-        summary: Callable[[str, str, Usage], dict],
+        summary: Callable[[str, str, Usage, list[Choice] | None], dict],
         first_byte_ms: float,
+        collected: formatting.Choices | None = None,
     ) -> AsyncIterator[bytes]:
-        """SSE chunks from the first reply on; ``summary`` is the answer as the history records it."""
+        """SSE chunks from the first reply on; ``summary`` is the answer as the history records it
+        (``collected`` gathers every choice of an answer that has more than one plain text)."""
         call = exchange.call
         assert call is not None
         parts: list[str] = []
         status, error, usage, finish = 200, None, Usage(), "stop"
+        finals: list[Choice] | None = None
         try:
             yield writer.opening()
             while True:
                 if isinstance(reply, TextDelta):
-                    parts.append(reply.text)
-                    yield writer.delta(reply.text)
+                    if collected is not None:
+                        collected.add(reply)
+                    if reply.index == 0 and reply.logprobs is None and reply.tool_calls is None:
+                        parts.append(reply.text)
+                        yield writer.delta(reply.text)
+                    else:
+                        yield writer.rich(reply)
                 elif isinstance(reply, TextDone):
-                    usage, finish = reply.usage, reply.finish_reason
-                    yield writer.closing(finish, usage)
+                    usage, finish, finals = reply.usage, reply.finish_reason, reply.choices
+                    yield writer.closing(finish, usage, finals)
                     return
                 elif isinstance(reply, Failure):
                     status, error = reply.status, reply.message
@@ -251,14 +300,57 @@ class OpenAIRoutes:
                 status, error = 499, "client disconnected"
             # Starlette cancels this generator when the client leaves; the close is shielded.
             await exchange.close()
+            choices = collected.result(finals) if collected is not None and finals else None
             exchange.record(
                 status,
                 usage=usage,
-                response=summary("".join(parts), finish, usage),
+                response=summary("".join(parts), finish, usage, choices),
                 stream=True,
                 error=error,
                 first_byte_ms=first_byte_ms,
             )
+
+    # ------------------------------------------------------------ models without a registry record
+
+    def cloud_of(self, model: str) -> tuple[Provider, str] | None:
+        """(provider, its model) for a cloud-prefixed model (400/401 for a bad prefix or no key)."""
+        if self.clouds is None or ":" not in model:
+            return None
+        return self.clouds.target(
+            model, lambda name: name in self.catalog.records or name in self.directory.announced()
+        )
+
+    def _announced_record(self, name: str) -> ModelRecord | None:
+        """A record for a model live nodes announce without registration (an upstream server's)."""
+        model = self.directory.announced().get(name)
+        if model is None:
+            return None
+        source = ModelSource(kind="upstream")
+        return ModelRecord(
+            name=name,
+            format="upstream",
+            runtime=model.runtime,
+            capabilities=model.capabilities,
+            source=source,
+            state="ready",
+        )
+
+    def _announced_entry(self, name: str) -> dict | None:
+        model: LoadedModel | None = self.directory.announced().get(name)
+        if model is None:
+            return None
+        nodes = self.directory.serving(name)
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "upstream",
+            "capabilities": list(model.capabilities),
+            "ready": bool(nodes),
+            "lifecycle_status": "ready" if nodes else "registered",
+            "download_progress": None,
+            "nodes": len(nodes),
+        }
 
 
 class CallStream(StreamingResponse):

@@ -39,6 +39,7 @@ from events.openai import (
     SpeechBody,
     TranscriptionBody,
 )
+from events.responses import ResponsesBody
 from events.tokens import MAX_NAME_BYTES, MAX_USERNAME_CHARS, USERNAME_PATTERN
 
 from . import audit_routes, history_query, history_routes, log_routes, query
@@ -48,6 +49,7 @@ JSON_BODIES = [
     ChatCompletionBody,
     CompletionBody,
     EmbeddingBody,
+    ResponsesBody,
     ImageGenerationBody,
     SpeechBody,
     RegisterModel,
@@ -84,39 +86,26 @@ ERROR_SCHEMA = {
 
 OBJECT = {"type": "object"}
 BINARY = {"type": "string", "format": "binary"}
+JSON = {"application/json": OBJECT}  # what most operations answer
+
+
+def _param(where: str, name: str, description: str, schema: dict) -> dict:
+    """A parameter in the path (always required) or the query (never, here)."""
+    return {"name": name, "in": where, "required": where == "path", "description": description, "schema": schema}
 
 
 def _path(name: str, description: str, **schema: Any) -> dict:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": {"type": "string", "minLength": 1, **schema},
-    }
+    return _param("path", name, description, {"type": "string", "minLength": 1, **schema})
 
 
 def _query(name: str, description: str, **schema: Any) -> dict:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": {"type": "string", **schema},
-    }
+    return _param("query", name, description, {"type": "string", **schema})
 
 
 def _repeated(name: str, description: str, **item: Any) -> dict:
     """A filter that may be given several times (``?model=a&model=b``: either)."""
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "style": "form",
-        "explode": True,
-        "schema": {"type": "array", "maxItems": query.MAX_VALUES, "items": {"type": "string", "minLength": 1, **item}},
-    }
+    schema = {"type": "array", "maxItems": query.MAX_VALUES, "items": {"type": "string", "minLength": 1, **item}}
+    return {**_param("query", name, description, schema), "style": "form", "explode": True}
 
 
 def _time_query(name: str, description: str) -> dict:
@@ -158,12 +147,16 @@ def _username_path() -> dict:
     return _path("name", "A username.", maxLength=MAX_USERNAME_CHARS, pattern=USERNAME_PATTERN)
 
 
+def _body(media: str, name: str, required: bool = True) -> dict:
+    return {"required": required, "content": {media: {"schema": {"$ref": REF.format(name=name)}}}}
+
+
 def _json_body(name: str, *, required: bool = True) -> dict:
-    return {"required": required, "content": {"application/json": {"schema": {"$ref": REF.format(name=name)}}}}
+    return _body("application/json", name, required)
 
 
 def _multipart_body(name: str) -> dict:
-    return {"required": True, "content": {"multipart/form-data": {"schema": {"$ref": REF.format(name=name)}}}}
+    return _body("multipart/form-data", name)
 
 
 def _query_params(kind: type) -> list[dict]:
@@ -177,7 +170,7 @@ def _query_params(kind: type) -> list[dict]:
 
 def _op(
     summary: str,
-    ok: dict[str, dict],
+    ok: dict[str, dict] = JSON,
     *,
     params: list[dict] | None = None,
     body: dict | None = None,
@@ -199,26 +192,34 @@ def _op(
     return op
 
 
-JSON = {"application/json": OBJECT}
+def _admin(summary: str, **kw: Any) -> dict:
+    """An operation of the admin API (most ``/v0`` routes)."""
+    return _op(summary, tag="admin", **kw)
+
+
 # A stream is server-sent events: each a JSON chunk (or an error body) as its data, then "[DONE]".
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 TEXT_STREAM = {"application/json": OBJECT, "text/event-stream": SSE_EVENT}
+TRANSCRIPT = {
+    "application/json": OBJECT,
+    "text/plain": {"type": "string"},
+    "text/vtt": {"type": "string"},
+}  # by response_format
 
 # path -> method -> operation; one entry per Route in gateway.app.build_app.
 OPERATIONS: dict[str, dict[str, dict]] = {
-    "/openapi.json": {"get": _op("This document.", JSON, tag="meta")},
+    "/openapi.json": {"get": _op("This document.", tag="meta")},
     "/healthz": {
         "get": _op(
             "Gateway health: 200 while connected to NATS, else 503 (the same body).",
-            JSON,
             tag="meta",
             statuses=("200", "503"),
         )
     },
-    "/v1/models": {"get": _op("Models some live node serves.", JSON)},
+    "/v1/models": {"get": _op("Models some live node serves.")},
     "/v1/models/{model}": {
-        "get": _op("One registered model.", JSON, params=[_model_path()]),
-        "delete": _op("Delete a registration (OpenAI's delete shape).", JSON, params=[_model_path()]),
+        "get": _op("One registered model.", params=[_model_path()]),
+        "delete": _op("Delete a registration (OpenAI's delete shape).", params=[_model_path()]),
     },
     "/v1/chat/completions": {
         "post": _op("Chat completion (stream: server-sent events).", TEXT_STREAM, body=_json_body("ChatCompletionBody"))
@@ -226,23 +227,24 @@ OPERATIONS: dict[str, dict[str, dict]] = {
     "/v1/completions": {
         "post": _op("Text completion (stream: server-sent events).", TEXT_STREAM, body=_json_body("CompletionBody"))
     },
-    "/v1/embeddings": {"post": _op("Embeddings.", JSON, body=_json_body("EmbeddingBody"))},
-    "/v1/images/generations": {"post": _op("Generate images.", JSON, body=_json_body("ImageGenerationBody"))},
-    "/v1/images/edits": {"post": _op("Edit an image.", JSON, body=_multipart_body("ImageEditBody"))},
-    "/v1/images/variations": {"post": _op("Variations of an image.", JSON, body=_multipart_body("ImageVariationBody"))},
-    "/v1/audio/transcriptions": {
+    "/v1/embeddings": {"post": _op("Embeddings.", body=_json_body("EmbeddingBody"))},
+    "/v1/responses": {
         "post": _op(
-            "Speech to text.",
-            {"application/json": OBJECT, "text/plain": {"type": "string"}, "text/vtt": {"type": "string"}},
-            body=_multipart_body("TranscriptionBody"),
+            "A response (OpenAI's Responses API; stream: typed server-sent events).",
+            TEXT_STREAM,
+            body=_json_body("ResponsesBody"),
         )
     },
+    "/v1/responses/{response_id}": {
+        "get": _op("A stored response.", params=[_path("response_id", "The response's id (resp_...).")]),
+        "delete": _op("Delete a stored response.", params=[_path("response_id", "The response's id (resp_...).")]),
+    },
+    "/v1/images/generations": {"post": _op("Generate images.", body=_json_body("ImageGenerationBody"))},
+    "/v1/images/edits": {"post": _op("Edit an image.", body=_multipart_body("ImageEditBody"))},
+    "/v1/images/variations": {"post": _op("Variations of an image.", body=_multipart_body("ImageVariationBody"))},
+    "/v1/audio/transcriptions": {"post": _op("Speech to text.", TRANSCRIPT, body=_multipart_body("TranscriptionBody"))},
     "/v1/audio/translations": {
-        "post": _op(
-            "Speech to English text.",
-            {"application/json": OBJECT, "text/plain": {"type": "string"}, "text/vtt": {"type": "string"}},
-            body=_multipart_body("TranscriptionBody"),
-        )
+        "post": _op("Speech to English text.", TRANSCRIPT, body=_multipart_body("TranscriptionBody"))
     },
     "/v1/audio/speech": {
         "post": _op("Text to speech: the audio file.", {"audio/*": BINARY}, body=_json_body("SpeechBody"))
@@ -255,75 +257,69 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             tag="files",
         )
     },
-    "/v0/nodes": {"get": _op("Nodes heard from, with the dispatch queue.", JSON, tag="admin")},
+    "/v0/nodes": {"get": _admin("Nodes heard from, with the dispatch queue.")},
+    "/v0/usage": {
+        "get": _admin(
+            "Tokens and cost per day, week and month (UTC), by provider, model and API key.",
+            params=[
+                _query("period", "Only this period.", enum=["day", "week", "month"]),
+                _query("date", "A day of the periods (default: today).", format="date"),
+                _query("provider", "Only this provider ('local' for nodes)."),
+                _query("model", "Only this model (as requested, prefix included)."),
+                _query("key_id", "Only this API key's requests."),
+            ],
+        )
+    },
+    "/v0/clouds": {"get": _admin("The cloud providers: key set or not, and their model lists.")},
     "/v0/nodes/{node_id}/{verb}": {
-        "post": _op(
+        "post": _admin(
             "Drain a node, or resume it.",
-            JSON,
-            tag="admin",
             params=[_path("node_id", "The node's id."), _path("verb", "What to do.", enum=["drain", "resume"])],
         )
     },
-    "/v0/models": {"get": _op("Every registered model.", JSON, tag="admin")},
-    "/v0/models/hub": {
-        "get": _op("The curated catalog.", JSON, tag="admin", params=[_query("search", "Substring to filter by.")])
-    },
-    "/v0/models/hf": {"get": _op("Hugging Face GGUF repositories.", JSON, tag="admin", params=_query_params(HfQuery))},
+    "/v0/models": {"get": _admin("Every registered model.")},
+    "/v0/models/hub": {"get": _admin("The curated catalog.", params=[_query("search", "Substring to filter by.")])},
+    "/v0/models/hf": {"get": _admin("Hugging Face GGUF repositories.", params=_query_params(HfQuery))},
     "/v0/models/register": {
-        "post": _op(
-            "Register a model (metadata only).", JSON, tag="admin", statuses=("201",), body=_json_body("RegisterModel")
-        )
+        "post": _admin("Register a model (metadata only).", statuses=("201",), body=_json_body("RegisterModel"))
     },
     "/v0/models/blob/{model}": {
-        method: _op(
+        method: _admin(
             "A model's file (or one of its files), with Range requests.",
-            {"application/octet-stream": BINARY},
-            tag="admin",
+            ok={"application/octet-stream": BINARY},
             params=[_model_path(), _query("file", "The file's path in the model (default: its artifact).")],
         )
         for method in ("get", "head")
     },
     "/v0/models/{model}/download": {
-        "post": _op(
+        "post": _admin(
             "Download a model onto nodes now.",
-            JSON,
-            tag="admin",
             statuses=("200", "202"),
             params=[_model_path()],
             body=_json_body("DownloadModel", required=False),
         )
     },
     "/v0/downloads": {
-        "get": _op(
-            "Latest download progress of every node.",
-            JSON,
-            tag="admin",
-            params=[_query("model", "Only this model's downloads.")],
+        "get": _admin(
+            "Latest download progress of every node.", params=[_query("model", "Only this model's downloads.")]
         )
     },
     "/v0/downloads/{task_id}": {
-        "get": _op(
-            "A download task and its progress.",
-            JSON,
-            tag="admin",
-            params=[_path("task_id", "The task id a download answer gave.")],
+        "get": _admin(
+            "A download task and its progress.", params=[_path("task_id", "The task id a download answer gave.")]
         )
     },
     "/v0/keys": {
-        "post": _op(
+        "post": _admin(
             "Create an API key (admin); the secret is in this answer only.",
-            JSON,
-            tag="admin",
             statuses=("201",),
             body=_json_body("CreateKey"),
         ),
-        "get": _op("List API keys (admin): names, scopes, models, expiry; never the secrets.", JSON, tag="admin"),
+        "get": _admin("List API keys (admin): names, scopes, models, expiry; never the secrets."),
     },
     "/v0/keys/{key_id}": {
-        "delete": _op(
+        "delete": _admin(
             "Revoke an API key (admin): refused on every gateway within a second.",
-            JSON,
-            tag="admin",
             params=[_path("key_id", "The key's id (key_...).")],
         )
     },
@@ -331,48 +327,36 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         "post": _op(
             "Sign in (no key needed): a session token for 'Authorization: Bearer', valid 7 days. "
             "Throttled per username and address (429 with Retry-After).",
-            JSON,
             tag="auth",
             body=_json_body("Login"),
         )
     },
-    "/v0/auth/logout": {"post": _op("End this session, on every gateway.", JSON, tag="auth")},
-    "/v0/auth/me": {"get": _op("The signed-in user and this session.", JSON, tag="auth")},
+    "/v0/auth/logout": {"post": _op("End this session, on every gateway.", tag="auth")},
+    "/v0/auth/me": {"get": _op("The signed-in user and this session.", tag="auth")},
     "/v0/auth/password": {
         "post": _op(
             "Change one's own password (the old one first); the user's other sessions end.",
-            JSON,
             tag="auth",
             body=_json_body("ChangePassword"),
         )
     },
     "/v0/users": {
-        "get": _op("List dashboard users (admin); never their password hashes.", JSON, tag="admin"),
-        "post": _op(
-            "Create a dashboard user (admin): admin or viewer.",
-            JSON,
-            tag="admin",
-            statuses=("201",),
-            body=_json_body("CreateUser"),
+        "get": _admin("List dashboard users (admin); never their password hashes."),
+        "post": _admin(
+            "Create a dashboard user (admin): admin or viewer.", statuses=("201",), body=_json_body("CreateUser")
         ),
     },
-    "/v0/users/{name}": {
-        "delete": _op("Delete a user (admin); their sessions end.", JSON, tag="admin", params=[_username_path()])
-    },
+    "/v0/users/{name}": {"delete": _admin("Delete a user (admin); their sessions end.", params=[_username_path()])},
     "/v0/users/{name}/password": {
-        "put": _op(
+        "put": _admin(
             "Set a user's password (admin); every session of the user ends.",
-            JSON,
-            tag="admin",
             params=[_username_path()],
             body=_json_body("SetPassword"),
         )
     },
     "/v0/audit": {
-        "get": _op(
+        "get": _admin(
             "The audit log of admin actions (admin), newest first: who, what, when, the result.",
-            JSON,
-            tag="admin",
             params=[
                 _query(
                     "limit", "Records per page (default 50).", type="integer", minimum=1, maximum=audit_routes.MAX_LIMIT
@@ -487,8 +471,8 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         )
     },
     "/v0/models/{model}": {
-        "get": _op("A registration with what live nodes say about it.", JSON, tag="admin", params=[_model_path()]),
-        "delete": _op("Delete a registration.", JSON, tag="admin", params=[_model_path()]),
+        "get": _admin("A registration with what live nodes say about it.", params=[_model_path()]),
+        "delete": _admin("Delete a registration.", params=[_model_path()]),
     },
 }
 

@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import jwt
-import msgspec
 import structlog
 
 from broker.mirrors import BucketWatch
@@ -46,6 +45,8 @@ class SessionTable(BucketWatch):
     marker), so expired sessions are also pruned here, at most once an hour, on the next login."""
 
     bucket = storage.KV_SESSIONS
+    record_type = Session
+    record_kind = "session record"
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,21 +60,19 @@ class SessionTable(BucketWatch):
     def _swap_in(self, tables: tuple[dict[str, Session], dict[str, set[str]]]) -> None:
         self.by_id, self.by_user = tables
 
-    def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        by_id, by_user = snapshot if snapshot is not None else (self.by_id, self.by_user)
-        if deleted:
-            self._drop(by_id, by_user, entry.key)
-            return
-        try:
-            session = codec.decode(entry.value, Session)
-        except msgspec.DecodeError:
-            log.error("undecodable session record", key=entry.key)
-            return
+    def _live(self) -> tuple[dict[str, Session], dict[str, set[str]]]:
+        return self.by_id, self.by_user
+
+    def _put(self, entry: Any, session: Session, tables: Any, live: bool) -> None:
+        by_id, by_user = tables
         by_id[session.id] = session
         by_user.setdefault(session.user, set()).add(session.id)
 
+    def _drop(self, entry: Any, tables: Any, live: bool) -> None:
+        self._forget(*tables, entry.key)
+
     @staticmethod
-    def _drop(by_id: dict[str, Session], by_user: dict[str, set[str]], session_id: str) -> None:
+    def _forget(by_id: dict[str, Session], by_user: dict[str, set[str]], session_id: str) -> None:
         session = by_id.pop(session_id, None)
         if session is not None:
             ids = by_user.get(session.user)
@@ -97,11 +96,11 @@ class SessionTable(BucketWatch):
 
     async def remove(self, session_id: str) -> None:
         await self.kv.delete(session_id)
-        self._drop(self.by_id, self.by_user, session_id)
+        self._forget(self.by_id, self.by_user, session_id)
 
     def prune(self, now: float) -> None:
         for session_id in [s.id for s in self.by_id.values() if s.expires_at <= now]:
-            self._drop(self.by_id, self.by_user, session_id)
+            self._forget(self.by_id, self.by_user, session_id)
         self._pruned = time.monotonic()
 
 

@@ -60,6 +60,8 @@ class UserDirectory(BucketWatch):
     """Users by name, their principals, and the session secret; kept current by a watcher."""
 
     bucket = storage.KV_USERS
+    record_type = User
+    record_kind = "user record"
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,28 +84,28 @@ class UserDirectory(BucketWatch):
         if tables.secret != old_secret:
             self._secret_changed()
 
+    def _live(self) -> _Tables:
+        return self._tables
+
     def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
-        tables = snapshot if snapshot is not None else self._tables
+        """The secret's key is no user's; any other key must encode a username."""
         if entry.key == storage.SESSION_SECRET_KEY:
+            tables = snapshot if snapshot is not None else self._tables
             self._apply_secret(tables, None if deleted else entry.value, live=snapshot is None)
             return
         try:
-            name = decode_token(entry.key)
+            decode_token(entry.key)
         except ValueError:
             log.error("a users bucket key that is no username", key=entry.key)
             return
-        if deleted:
-            tables.users.pop(name, None)
-            tables.principals.pop(name, None)
-            tables.revisions.pop(name, None)
-            return
-        try:
-            user = codec.decode(entry.value, User)
-        except msgspec.DecodeError:
-            log.error("undecodable user record", key=entry.key)
-            return
-        if entry.revision >= tables.revisions.get(name, 0):
+        super()._apply(entry, deleted, snapshot)
+
+    def _put(self, entry: Any, user: User, tables: _Tables, live: bool) -> None:
+        if entry.revision >= tables.revisions.get(decode_token(entry.key), 0):
             self._remember(tables, user, entry.revision)
+
+    def _drop(self, entry: Any, tables: _Tables, live: bool) -> None:
+        self._forget(tables, decode_token(entry.key))
 
     def _apply_secret(self, tables: _Tables, value: bytes | None, live: bool) -> None:
         secret = None
@@ -122,6 +124,12 @@ class UserDirectory(BucketWatch):
         tables.users[user.name] = user
         tables.revisions[user.name] = revision
         tables.principals[user.name] = principal(user)
+
+    @staticmethod
+    def _forget(tables: _Tables, name: str) -> None:
+        tables.users.pop(name, None)
+        tables.principals.pop(name, None)
+        tables.revisions.pop(name, None)
 
     def _secret_changed(self) -> None:
         for listener in self._secret_listeners:
@@ -173,9 +181,7 @@ class UserDirectory(BucketWatch):
         if name not in self._tables.users:
             return False
         await self.kv.delete(storage.user_key(name))
-        self._tables.users.pop(name, None)
-        self._tables.principals.pop(name, None)
-        self._tables.revisions.pop(name, None)
+        self._forget(self._tables, name)
         return True
 
     async def _make_secret(self) -> None:

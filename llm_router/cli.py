@@ -33,6 +33,36 @@ def _add(parser: argparse.ArgumentParser, flag: str, env_name: str, default: Any
     )
 
 
+def _add_list(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env_name: str,
+    help: str,
+    metavar: str = "HOST",
+    sep: str = ",",
+    note: str = "",
+) -> None:
+    """A repeatable option whose environment default is a ``sep``-separated list (``note``: after it in the help)."""
+    named = "comma" if sep == "," else f"'{sep}'"
+    parser.add_argument(
+        flag,
+        action="append",
+        metavar=metavar,
+        default=[value for value in env(env_name, "").split(sep) if value] or None,
+        help=f"{help} [env {ENV_PREFIX}{env_name}, {named}-separated{note}]",
+    )
+
+
+def _add_switch(parser: argparse.ArgumentParser, flag: str, env_name: str, help: str) -> None:
+    """An on/off option, on by default when its environment variable is 1, true or yes."""
+    parser.add_argument(
+        flag,
+        action="store_true",
+        default=env(env_name, "") in ("1", "true", "yes"),
+        help=f"{help} [env {ENV_PREFIX}{env_name}]",
+    )
+
+
 def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
     from .nats_options import add_nats_auth_options
 
@@ -56,6 +86,13 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--host", "HOST", "127.0.0.1", "address the HTTP gateway listens on")
     _add(parser, "--port", "PORT", 8080, "HTTP port of the gateway (0 picks a free one)", type=int)
     _add(parser, "--request-timeout", "REQUEST_TIMEOUT", 600.0, "seconds a request may take end to end", type=float)
+    _add(
+        parser,
+        "--prices",
+        "PRICES",
+        None,
+        "JSON file of USD prices per million tokens ('provider:model' -> {input, output}) over the built-in table",
+    )
     _add(parser, "--queue-size", "QUEUE_SIZE", 100, "requests that may wait for a free node (then 429)", type=int)
     _add(
         parser,
@@ -80,12 +117,7 @@ def _history_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _auth_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-auth",
-        action="store_true",
-        default=env("NO_AUTH", "") in ("1", "true", "yes"),
-        help="serve without API keys (refused unless --host is a loopback address) [env LLM_ROUTER_NO_AUTH]",
-    )
+    _add_switch(parser, "--no-auth", "NO_AUTH", "serve without API keys (refused unless --host is a loopback address)")
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
@@ -97,29 +129,25 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         None,
         "models dir shared by several nodes (e.g. NFS): used in place, and downloads go there, one node at a time",
     )
-    parser.add_argument(
+    _add_list(
+        parser,
         "--allow-origin",
-        action="append",
-        metavar="HOST",
-        default=[o for o in env("ALLOW_ORIGINS", "").split(",") if o] or None,
-        help="host nodes may download models from (repeatable; 'none' for no origin) "
-        f"[env {ENV_PREFIX}ALLOW_ORIGINS, comma-separated; default: the Hugging Face endpoint in use]",
+        "ALLOW_ORIGINS",
+        "host nodes may download models from (repeatable; 'none' for no origin)",
+        note="; default: the Hugging Face endpoint in use",
     )
-    parser.add_argument(
+    _add_list(
+        parser,
         "--allow-fetch-host",
-        action="append",
-        metavar="HOST",
-        default=[h for h in env("ALLOW_FETCH_HOSTS", "").split(",") if h] or None,
-        help="host (or host:port) a vision chat's image_url may be fetched from even though it resolves to an "
-        "internal address (repeatable); others must resolve to public addresses "
-        f"[env {ENV_PREFIX}ALLOW_FETCH_HOSTS, comma-separated]",
+        "ALLOW_FETCH_HOSTS",
+        "host (or host:port) a vision chat's image_url may be fetched from even though it resolves to an "
+        "internal address (repeatable); others must resolve to public addresses",
     )
-    parser.add_argument(
+    _add_switch(
+        parser,
         "--no-remote-images",
-        action="store_true",
-        default=env("NO_REMOTE_IMAGES", "") in ("1", "true", "yes"),
-        help="never fetch a vision chat's http(s) image_url (only data: URLs are accepted) "
-        f"[env {ENV_PREFIX}NO_REMOTE_IMAGES]",
+        "NO_REMOTE_IMAGES",
+        "never fetch a vision chat's http(s) image_url (only data: URLs are accepted)",
     )
     _add(
         parser,
@@ -135,6 +163,59 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         "registered",
         "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
         choices=["all", "registered", "none"],
+    )
+
+
+def _upstream_options(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--upstream",
+        "UPSTREAM",
+        None,
+        "serve the models of this existing OpenAI-compatible server (vLLM, Ollama, llama.cpp, LM Studio...) "
+        "instead of engines of the node's own, e.g. http://gpu-box:8000",
+    )
+    parser.add_argument(  # not _add: its help shows the default, which here would be the key itself
+        "--upstream-key",
+        default=env("UPSTREAM_KEY"),
+        help="API key the upstream server wants (sent as a Bearer token; never logged). Prefer the environment, "
+        f"[env {ENV_PREFIX}UPSTREAM_KEY]: a command line shows in process listings",
+    )
+    _add(parser, "--upstream-prefix", "UPSTREAM_PREFIX", "", "put before each upstream model's name, e.g. 'box1/'")
+    _add(
+        parser,
+        "--upstream-interval",
+        "UPSTREAM_INTERVAL",
+        5.0,
+        "seconds between health checks of the upstream (each also re-reads its model list)",
+        type=float,
+    )
+    _add(
+        parser,
+        "--upstream-failures",
+        "UPSTREAM_FAILURES",
+        3,
+        "failed health checks in a row after which the node goes offline (it comes back on the next success)",
+        type=int,
+    )
+
+
+def _upstream(args: argparse.Namespace) -> Any:
+    """The upstream link of ``llm-router node --upstream URL``, or None."""
+    if not getattr(args, "upstream", None):
+        return None
+    from nodes.upstream import UpstreamServer
+    from nodes.upstream_link import UpstreamLink
+
+    try:
+        server = UpstreamServer(args.upstream, args.upstream_key)
+    except ValueError as exc:
+        raise SystemExit(f"llm-router: {exc}") from None
+    return UpstreamLink(
+        server,
+        prefix=args.upstream_prefix or "",
+        interval=float(args.upstream_interval),
+        failures=int(args.upstream_failures),
     )
 
 
@@ -182,14 +263,14 @@ def _registry_options(parser: argparse.ArgumentParser) -> None:
         None,
         "curated model catalog to use instead of the built-in supported_models.json",
     )
-    parser.add_argument(
+    _add_list(
+        parser,
         "--model-root",
-        action="append",
+        "MODEL_ROOTS",
+        "directory a model registered by path must lie under, symlinks resolved (repeatable); with none, "
+        "registering a path is refused (`up` adds its data dir and each --model's directory)",
         metavar="DIR",
-        default=[r for r in env("MODEL_ROOTS", "").split(os.pathsep) if r] or None,
-        help="directory a model registered by path must lie under, symlinks resolved (repeatable); with none, "
-        "registering a path is refused (`up` adds its data dir and each --model's directory) "
-        f"[env {ENV_PREFIX}MODEL_ROOTS, '{os.pathsep}'-separated]",
+        sep=os.pathsep,
     )
 
 
@@ -212,7 +293,9 @@ def _registry(
 
 def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> Any:
     from gateway import Gateway
+    from gateway.providers import Clouds, PriceTable
 
+    clouds = Clouds.from_env(prices=PriceTable.load(args.prices), request_timeout=float(args.request_timeout))
     return Gateway(
         nats_url=nats_url,
         nats_auth=nats_auth,
@@ -223,6 +306,7 @@ def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> 
         queue_timeout=float(args.queue_timeout),
         replicas=args.replicas,
         auth=not args.no_auth,
+        clouds=clouds,
         history_masking=args.history_masking,
     )
 
@@ -284,12 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_option(node, required=True)
     _data_dir_option(node)
     _node_options(node)
-    node.add_argument(
-        "--allow-cpu",
-        action="store_true",
-        default=env("ALLOW_CPU", "") in ("1", "true", "yes"),
-        help=f"serve on a machine without a GPU (refused otherwise) [env {ENV_PREFIX}ALLOW_CPU]",
-    )
+    _add_switch(node, "--allow-cpu", "ALLOW_CPU", "serve on a machine without a GPU (refused otherwise)")
+    _upstream_options(node)
 
     from .model_commands import add_model_commands
 
@@ -521,6 +601,10 @@ async def _single(args: argparse.Namespace) -> int:
     from nodes import NodeAgent
 
     identity = auth.identity()  # a node credential names the node: it serves as that node
+    upstream = _upstream(args)
+    settings = _node_settings(args)
+    if upstream is not None and not args.runtimes:
+        settings["runtimes"] = []  # the upstream's models only, unless --runtimes asks for engines too
     node = NodeAgent(
         nats_url=args.nats_url,
         nats_auth=auth,
@@ -528,7 +612,8 @@ async def _single(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir).expanduser() / "node",
         allow_cpu=bool(args.allow_cpu),
         replicas=args.replicas,
-        **_node_settings(args),
+        upstream=upstream,
+        **settings,
     )
 
     async def node_ready() -> int:

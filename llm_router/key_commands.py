@@ -16,16 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nats.js.errors import NoKeysError
-
-from broker import connect, provision
 from broker.audit import audit_record, publish_now
 from events import codec, storage
 from events.messages import ApiKey
 from gateway.auth import new_key
 from gateway.key_routes import view
 
-from .nats_options import add_nats_auth_options, nats_auth
+from .nats_options import add_nats_auth_options
+from .operator_kv import entries, operator_bucket
 
 EXPIRIES = ("3", "7", "21", "70", "90", "never")
 
@@ -60,11 +58,7 @@ def run_key_command(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    nc = await connect(args.nats_url, name="llm-router-keys", auth=nats_auth(args))
-    try:
-        js = nc.jetstream()
-        await provision(js, role=nc.role)
-        kv = await js.key_value(storage.KV_KEYS)
+    async with operator_bucket(args, "llm-router-keys", storage.KV_KEYS) as (js, kv):
         if args.verb == "create":
             days = None if args.expires_days == "never" else int(args.expires_days)
             secret, key = new_key(
@@ -75,7 +69,7 @@ async def _run(args: argparse.Namespace) -> int:
             print(json.dumps({**view(key), "key": secret}, indent=2))
             print("The key is shown only now; keep it.", file=sys.stderr)
             return 0
-        records = [codec.decode(entry.value, ApiKey) for entry in await _entries(kv)]
+        records = [codec.decode(entry.value, ApiKey) for entry in await entries(kv)]
         if args.verb == "ls":
             for key in sorted(records, key=lambda k: k.created_at):
                 expiry = (
@@ -97,8 +91,6 @@ async def _run(args: argparse.Namespace) -> int:
         await publish_now(js, audit_record("cli", "nats", "key.revoke", 200, target=args.key_id))
         print(f"revoked {args.key_id}")
         return 0
-    finally:
-        await nc.close()
 
 
 def _per_minute(text: str) -> int:
@@ -111,12 +103,3 @@ def _per_minute(text: str) -> int:
 def _facts(key: ApiKey) -> dict:
     """What the audit record says of a new key: never its secret or digest."""
     return {"name": key.name, "scopes": list(key.scopes)}
-
-
-async def _entries(kv: Any) -> list[Any]:
-    try:
-        names = await kv.keys()
-    except NoKeysError:
-        return []
-    entries = [await kv.get(name) for name in names]
-    return [entry for entry in entries if entry.value]

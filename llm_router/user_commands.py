@@ -19,15 +19,15 @@ from typing import Any
 
 import msgspec
 from argon2 import PasswordHasher
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyWrongLastSequenceError
 
-from broker import connect, provision
 from events import codec, storage
 from events.messages import Session, User
 from events.tokens import username_error
 from gateway.passwords import password_error
 
-from .nats_options import add_nats_auth_options, nats_auth
+from .nats_options import add_nats_auth_options
+from .operator_kv import entries, operator_bucket
 
 
 class CommandError(Exception):
@@ -78,11 +78,7 @@ async def run_users(args: argparse.Namespace) -> int:
     if args.verb != "ls" and username_error(args.name):
         raise CommandError(username_error(args.name))
     password = read_password(args.password_stdin) if args.verb in ("add", "passwd") else None
-    nc = await connect(args.nats_url, name="llm-router-users", auth=nats_auth(args))
-    try:
-        js = nc.jetstream()
-        await provision(js, role=nc.role)
-        users = await js.key_value(storage.KV_USERS)
+    async with operator_bucket(args, "llm-router-users", storage.KV_USERS) as (js, users):
         if args.verb == "ls":
             for user in sorted(await _users(users), key=lambda u: u.created_at):
                 print(
@@ -112,32 +108,21 @@ async def run_users(args: argparse.Namespace) -> int:
         await users.put(key, codec.encode(changed))
         print(f"password set for {args.name}; sessions ended: {await _end_sessions(js, args.name)}")
         return 0
-    finally:
-        await nc.close()
 
 
 def _day(when: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
-async def _values(kv: Any) -> list[tuple[str, bytes]]:
-    try:
-        names = await kv.keys()
-    except NoKeysError:
-        return []
-    entries = [await kv.get(name) for name in names]
-    return [(entry.key, entry.value) for entry in entries if entry.value]
-
-
 async def _users(kv: Any) -> list[User]:
-    return [codec.decode(value, User) for key, value in await _values(kv) if key != storage.SESSION_SECRET_KEY]
+    return [codec.decode(entry.value, User) for entry in await entries(kv) if entry.key != storage.SESSION_SECRET_KEY]
 
 
 async def _end_sessions(js: Any, name: str) -> int:
     sessions = await js.key_value(storage.KV_SESSIONS)
     ended = 0
-    for key, value in await _values(sessions):
-        if codec.decode(value, Session).user == name:
-            await sessions.delete(key)
+    for entry in await entries(sessions):
+        if codec.decode(entry.value, Session).user == name:
+            await sessions.delete(entry.key)
             ended += 1
     return ended

@@ -32,6 +32,7 @@ from events.messages import (
     LoadedModel,
     ModelEvent,
     ModelRecord,
+    ModelSource,
     NodeCommandReply,
     NodeDownload,
     NodeDownloadReply,
@@ -45,7 +46,12 @@ from .downloads import Downloads
 from .resolution import ModelNotFound, Resolver, SourceUnavailable
 from .responder import Responder
 from .runtimes import Runtime, default_runtimes
+from .runtimes.base import Cancellation
 from .serving import ServedModel
+from .upstream import CAPABILITIES as UPSTREAM_CAPABILITIES
+from .upstream import RUNTIME as UPSTREAM
+from .upstream import UpstreamEngine
+from .upstream_link import UpstreamLink
 
 log = structlog.get_logger("node")
 
@@ -68,14 +74,18 @@ class NodeAgent:
         predownload: str = "registered",
         replicas: int | None = None,
         nats_auth: NatsAuth | None = None,
+        upstream: UpstreamLink | None = None,
     ) -> None:
         """``predownload``: "all" fetches every model it can run as soon as it is registered,
-        "registered" only those registered with ``predownload``, "none" waits for a request."""
+        "registered" only those registered with ``predownload``, "none" waits for a request.
+        ``upstream``: serve an existing OpenAI-compatible server's models (nodes/upstream_link.py)
+        instead of engines of its own (``runtimes`` then defaults to none)."""
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.data_dir = Path(data_dir)
         self.models_dir = self.data_dir / "models"
-        self.runtimes = runtimes if runtimes is not None else default_runtimes()
+        self.upstream = upstream
+        self.runtimes = runtimes if runtimes is not None else ([] if upstream else default_runtimes())
         self.parallel = parallel
         self.node_id = node_id or system.persistent_node_id(self.data_dir)
         self.hostname = socket.gethostname()
@@ -86,6 +96,7 @@ class NodeAgent:
         self.predownload = predownload
         self.replicas = replicas  # NATS copies of streams and buckets (broker.provision)
         self.draining = False
+        self.silent = False  # an upstream node whose server is down: no heartbeats, so offline everywhere
         self.started_at = time.time()
         self.served: dict[str, ServedModel] = {}
         self.failed: dict[str, LoadedModel] = {}
@@ -102,7 +113,7 @@ class NodeAgent:
 
     async def start(self) -> None:
         self._gpus = await asyncio.to_thread(system.gpus)
-        if not self._gpus and not self.allow_cpu:
+        if not self._gpus and not self.allow_cpu and self.upstream is None:  # an upstream's GPUs are its own
             raise RuntimeError("no GPU found on this machine; start the node with --allow-cpu to serve on CPU")
         self.nc = await connect(
             self.nats_url, name=f"node-{self.node_id}", auth=self.nats_auth, on_reconnect=self._recover
@@ -142,6 +153,8 @@ class NodeAgent:
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._events_sub = await self._follow_registry()
         await self._sync_snapshot()
+        if self.upstream is not None:
+            await self.upstream.start(self)  # its models served before the node says it is ready
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
@@ -203,6 +216,8 @@ class NodeAgent:
         for served in self.served.values():
             await served.close()
         self.served.clear()
+        if self.upstream is not None:
+            await self.upstream.stop()
         await SHIPPER.detach(self.nc)
         await self.nc.drain()
         log.info("node stopped", node_id=self.node_id)
@@ -226,7 +241,11 @@ class NodeAgent:
             log.error("undecodable registry event", subject=msg.subject)
             await msg.term()
             return
-        if event.event == "deleted":
+        served = self.served.get(event.name)
+        ours = (
+            served is None or served.record.source.kind != "upstream"
+        )  # an upstream model's name: not the registry's here
+        if event.event == "deleted" and ours:
             await self.downloads.cancel(event.name, reason="deleted from the registry")
             await self._unload(event.name, reason="deleted from the registry")
             if await asyncio.to_thread(cache.remove, self.models_dir, event.name):
@@ -238,6 +257,8 @@ class NodeAgent:
     async def _ensure_loaded(self, record: ModelRecord) -> None:
         async with self._sync_lock:
             current = self.served.get(record.name)
+            if current is not None and current.record.source.kind == "upstream":
+                return  # the name is an upstream model's here; the registry's record is for other nodes
             if current is not None and current.record.source == record.source:
                 current.record = record
                 return
@@ -274,33 +295,33 @@ class NodeAgent:
                 )
                 self._beat_now.set()
                 return
-            served = ServedModel(record, runtime.name, engine, path)
-            self.served[record.name] = served
-            endpoints = []
-            for capability in served.capabilities:
-                handler = self._request_handler(served)
-                options = {
-                    "kind": CAPABILITIES[capability].request,
-                    "refuse": self._refuse_request,
-                    "metadata": {"model": record.name, "capability": capability},
-                }
-                endpoints.append(
-                    await self.service.add(
-                        capability,
-                        subjects.infer(capability, record.name),
-                        handler,
-                        queue=subjects.INFER_QUEUE,
-                        **options,
-                    )
+            await self._serve(record, runtime.name, engine, path)
+
+    async def _serve(self, record: ModelRecord, runtime: str, engine, path: str) -> None:
+        """Serve a loaded engine on its capabilities' subjects (the shared one and this node's own)."""
+        served = ServedModel(record, runtime, engine, path)
+        self.served[record.name] = served
+        endpoints = []
+        for capability in served.capabilities:
+            handler = self._request_handler(served)
+            options = {
+                "kind": CAPABILITIES[capability].request,
+                "refuse": self._refuse_request,
+                "metadata": {"model": record.name, "capability": capability},
+            }
+            endpoints.append(
+                await self.service.add(
+                    capability, subjects.infer(capability, record.name), handler, queue=subjects.INFER_QUEUE, **options
                 )
-                endpoints.append(
-                    await self.service.add(
-                        capability, subjects.infer_on_node(capability, record.name, self.node_id), handler, **options
-                    )
+            )
+            endpoints.append(
+                await self.service.add(
+                    capability, subjects.infer_on_node(capability, record.name, self.node_id), handler, **options
                 )
-            self._subs[record.name] = endpoints
-            log.info("model loaded", model=record.name, runtime=runtime.name, path=path)
-            self._beat_now.set()
+            )
+        self._subs[record.name] = endpoints
+        log.info("model loaded", model=record.name, runtime=runtime, path=path)
+        self._beat_now.set()
 
     def _runtime_for(self, record: ModelRecord) -> tuple[Runtime | None, str]:
         runtime = next((r for r in self.runtimes if r.accepts(record)), None)
@@ -411,6 +432,41 @@ class NodeAgent:
             log.info("model unloaded", model=name, reason=reason)
             self._beat_now.set()
 
+    # ------------------------------------------------------------ an upstream server's models
+
+    async def serve_upstream(self, name: str, engine: UpstreamEngine) -> None:
+        """Serve a model of the upstream server: a record of its own, never in the registry."""
+        async with self._sync_lock:
+            if name in self.served:
+                return
+            shown = engine.server.shown
+            record = ModelRecord(
+                name=name,
+                format=UPSTREAM,
+                runtime=UPSTREAM,
+                capabilities=list(UPSTREAM_CAPABILITIES),
+                source=ModelSource(kind="upstream", path=shown),
+                state="ready",
+            )
+            await self._serve(record, UPSTREAM, engine, shown)
+
+    async def unload_upstream(self, name: str, reason: str) -> None:
+        await self._unload(name, reason=reason)
+
+    async def go_offline(self, reason: str) -> None:
+        """One last heartbeat (its models already gone), then silence: offline once it expires."""
+        try:
+            await self._publish_heartbeat()
+        except Exception as exc:  # NATS away as well: the silence says it anyway
+            log.warning("last heartbeat not delivered", error=str(exc))
+        self.silent = True
+        log.warning("node offline", node_id=self.node_id, reason=reason)
+
+    def go_online(self) -> None:
+        self.silent = False
+        self._beat_now.set()
+        log.info("node online again", node_id=self.node_id)
+
     # ------------------------------------------------------------ requests
 
     async def _refuse_request(self, msg: Msg, why: str) -> None:
@@ -427,7 +483,7 @@ class NodeAgent:
                     503, f"node {self.node_id} is draining", type="service_unavailable", code="node_draining"
                 )
                 return
-            cancelled = threading.Event()
+            cancelled = Cancellation()
             if self._early_cancels.pop(request.request_id, None) is not None:
                 cancelled.set()  # its cancel overtook it (another subscription, another task)
             self._cancels[request.request_id] = cancelled
@@ -485,11 +541,22 @@ class NodeAgent:
 
     def runtime_report(self) -> list[RuntimeStatus]:
         """Each runtime's availability with the models of its kind loaded now (FR-007)."""
+        statuses = list(self._runtime_status)
+        if self.upstream is not None:
+            statuses.append(
+                RuntimeStatus(
+                    name=UPSTREAM,
+                    available=self.upstream.online,
+                    version=self.upstream.server.shown,
+                    error=self.upstream.last_error,
+                    capabilities=list(UPSTREAM_CAPABILITIES),
+                )
+            )
         return [
             msgspec.structs.replace(
                 status, models=sorted(s.name for s in self.served.values() if s.runtime == status.name)
             )
-            for status in self._runtime_status
+            for status in statuses
         ]
 
     def heartbeat(self) -> NodeHeartbeat:
@@ -516,6 +583,8 @@ class NodeAgent:
         )
 
     async def _publish_heartbeat(self) -> None:
+        if self.silent:
+            return
         self._gpus = await asyncio.to_thread(system.gpus)
         data = codec.encode(self.heartbeat())
         await self.nc.publish(subjects.node_heartbeat(self.node_id), data)

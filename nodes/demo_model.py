@@ -21,9 +21,16 @@ _WORDS = ["hello", "world", "the", "a", "router", "node", "model", "chat", "toke
 
 
 def write_tiny_gguf(
-    path: str | Path, *, seed: int = 0, n_embd: int = 64, n_layers: int = 2, context_length: int = 512
+    path: str | Path,
+    *,
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layers: int = 2,
+    context_length: int = 512,
+    chat_template: str = CHATML_TEMPLATE,
 ) -> Path:
-    """``context_length``: the trained context, which bounds the node's context (and so every generation)."""
+    """``context_length``: the trained context, which bounds the node's context (and so every generation).
+    ``chat_template``: the Jinja template in the file (tests give one that renders tools)."""
     import gguf
     import numpy as np
 
@@ -71,7 +78,7 @@ def write_tiny_gguf(
     writer.add_eos_token_id(4)  # <|im_end|>: the template's end marker stops generation
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)

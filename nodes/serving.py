@@ -58,6 +58,7 @@ class ServedModel:
             artifact_bytes=self.engine.artifact_bytes,
             active_requests=self.active,
             parallel=self.parallel,
+            origin="upstream" if self.record.source.kind == "upstream" else "registry",
         )
 
     async def serve(

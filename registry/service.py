@@ -338,25 +338,12 @@ class Registry:
             return codec.decode(msg.data, NodeDownloadReply)
         except (NoRespondersError, NatsTimeout) as exc:
             why = "is not answering" if isinstance(exc, NatsTimeout) else "is gone"
-            return NodeDownloadReply(
-                ok=False,
-                status=504,
-                node_id=node_id,
-                model=model,
-                task_id=task_id,
-                state="failed",
-                message=f"node {node_id} {why}",
-            )
+            status, message = 504, f"node {node_id} {why}"
         except msgspec.DecodeError as exc:
-            return NodeDownloadReply(
-                ok=False,
-                status=502,
-                node_id=node_id,
-                model=model,
-                task_id=task_id,
-                state="failed",
-                message=f"unreadable answer from node {node_id}: {exc}",
-            )
+            status, message = 502, f"unreadable answer from node {node_id}: {exc}"
+        return NodeDownloadReply(
+            ok=False, status=status, node_id=node_id, model=model, task_id=task_id, state="failed", message=message
+        )
 
     # ------------------------------------------------------------ catalogs
 

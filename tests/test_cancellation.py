@@ -21,8 +21,8 @@ MODEL = "cancel-tiny"
 
 def test_engine_stops_at_the_next_token_when_cancelled(tiny_gguf) -> None:
     engine = LlamaEngine(str(tiny_gguf), n_ctx=512, n_threads=1)
-    # Forbidding token 4 (the end token) makes the tiny model run to max_tokens unless cancelled.
-    body = CompletionBody(model=MODEL, prompt="go", max_tokens=450, logit_bias={"4": -100.0})
+    # Forbidding tokens 2 and 4 (its end tokens) makes the tiny model run to max_tokens unless cancelled.
+    body = CompletionBody(model=MODEL, prompt="go", max_tokens=450, logit_bias={"2": -100.0, "4": -100.0})
     full = engine.complete(body, None, threading.Event())
     assert full.usage.completion_tokens == 450
 
@@ -42,12 +42,12 @@ def test_disconnect_publishes_cancel_and_frees_the_node(nats_url, tiny_gguf, tmp
         async def scenario() -> list[str]:
             nc = await nats.connect(nats_url)
             cancels = await nc.subscribe("infer.cancel.*")
-            # Token 4 ends generation; forbidding it keeps the tiny model busy for all 480 tokens.
+            # Tokens 2 and 4 end generation; forbidding them keeps the tiny model busy for all 480 tokens.
             body = {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": "go"}],
                 "max_tokens": 480,
-                "logit_bias": {"4": -100},
+                "logit_bias": {"2": -100, "4": -100},
                 "stream": True,
             }
             async with httpx.AsyncClient(timeout=30) as client:

@@ -107,15 +107,16 @@ def _chat_ok(url: str) -> bool:
 
 
 def _long_stream(url: str, out: dict) -> None:
-    """A stream that would run for long (the end token forbidden), its last line kept."""
+    """A stream that would run for long (the end tokens forbidden, most of a 4096-token context:
+    the tiny model writes thousands of tokens a second), its last line kept."""
     import httpx
 
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 400,
+        "max_tokens": 4000,
         "stream": True,
-        "logit_bias": {"4": -100},
+        "logit_bias": {"2": -100, "4": -100},
     }
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as answer:
         for line in answer.iter_lines():
@@ -126,9 +127,13 @@ def _long_stream(url: str, out: dict) -> None:
     out["at"] = time.monotonic()
 
 
-def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tiny_gguf, tmp_path) -> None:
+def test_up_restarts_a_killed_node_process_and_a_killed_nats_server(tmp_path) -> None:
     """The engines run in their own process: kill -9 costs the requests on it, never the endpoint."""
     from conftest import wait_until
+
+    from nodes.demo_model import write_tiny_gguf
+
+    tiny_gguf = write_tiny_gguf(tmp_path / "models" / "tiny.gguf", context_length=4096)
 
     up = Proc(
         [

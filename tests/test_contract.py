@@ -99,7 +99,7 @@ def test_model_event_carries_the_record() -> None:
         (b'{"model": "m", "messages": []}', "messages"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', "temperature"),
         (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "model"),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}', "n"),
     ],
 )
 def test_validation_errors_name_the_param(body: bytes, param: str) -> None:
@@ -252,7 +252,12 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
 
 # Fields added since the samples were written (optional, so old JSON still decodes): re-encoding
 # adds them with their defaults, and nothing else may change.
-ADDED_SINCE = {"history": {"key_id": None, "masking": "none"}}
+ADDED_SINCE = {
+    "history": {"key_id": None, "provider": None, "cost_usd": None, "masking": "none"},
+    "delta": {"logprobs": None, "tool_calls": None},  # logprobs and tool call fragments (issue 14)
+    "done": {"choices": None},  # n choices, tool calls, logprobs
+}
+ADDED_TO_LOADED_MODELS = {"origin": "registry"}  # in each of a heartbeat's models
 
 
 def test_old_json_re_encodes_byte_for_byte() -> None:
@@ -267,6 +272,9 @@ def test_old_json_re_encodes_byte_for_byte() -> None:
         encoded = json.loads(codec.encode(value))
         for name, default in ADDED_SINCE.get(kind, {}).items():
             assert encoded.pop(name) == default, (kind, name)
+        for model in encoded.get("models", []) if kind == "heartbeat" else []:
+            for name, default in ADDED_TO_LOADED_MODELS.items():
+                assert model.pop(name) == default, (kind, name)
         assert json.dumps(encoded) == json.dumps(json.loads(data)), kind
 
 

@@ -56,6 +56,22 @@ def authed(tmp_path_factory: pytest.TempPathFactory):
     server.stop_sync()
 
 
+@pytest.fixture
+async def connected(authed):
+    """``await connected(role, node_id=None)``: a client of ``authed`` on that role's credential,
+    closed (the last opened first) when the test ends."""
+    url, authority, _ = authed
+    opened = []
+
+    async def connect_as(role: str, node_id: str | None = None):
+        opened.append(await _as(url, authority, role, node_id))
+        return opened[-1]
+
+    yield connect_as
+    for nc in reversed(opened):
+        await nc.close()
+
+
 def _auth(authority: Authority, identity: Identity) -> NatsAuth:
     return NatsAuth(creds=authority.write_creds(identity))
 
@@ -100,10 +116,9 @@ class Inbox:
         self.subjects.append(msg.subject)
 
 
-async def test_a_node_cannot_speak_as_the_registry_or_an_admin_nor_touch_models_or_keys(authed) -> None:
-    url, authority, _ = authed
-    operator = await _as(url, authority, OPERATOR)
-    node = await _as(url, authority, NODE, NODE_A)
+async def test_a_node_cannot_speak_as_the_registry_or_an_admin_nor_touch_models_or_keys(connected) -> None:
+    operator = await connected(OPERATOR)
+    node = await connected(NODE, NODE_A)
     try:
         assert node.role == NODE and node.identity.node_id == NODE_A
         seen = await Inbox().on(operator, "registry.events.>", "admin.>", "$KV.models.>")
@@ -150,62 +165,54 @@ async def test_a_node_cannot_speak_as_the_registry_or_an_admin_nor_touch_models_
         assert node.last_error is last_refusal  # nothing refused since
     finally:
         await (await operator.jetstream().key_value(storage.KV_MODELS)).purge("tiny")
-        await node.close()
-        await operator.close()
 
 
-async def test_one_node_credential_cannot_speak_as_another_node(authed) -> None:
-    url, authority, _ = authed
-    operator = await _as(url, authority, OPERATOR)
-    node_a = await _as(url, authority, NODE, NODE_A)
-    try:
-        seen = await Inbox().on(operator, "nodes.>", "downloads.>", "$KV.nodes.>", "$KV.downloads.>")
-        for subject in (
-            subjects.node_heartbeat(NODE_B),
-            subjects.node_goodbye(NODE_B),
-            subjects.downloads_progress(NODE_B, "tiny"),
-            f"$KV.{storage.KV_NODES}.{NODE_B}",
-            f"$KV.{storage.KV_DOWNLOADS}.{storage.download_key(NODE_B, 'tiny')}",
-            subjects.admin_node(NODE_B, subjects.NODE_DRAIN),
-        ):
-            await node_a.publish(subject, b"{}")
-            await _refused(node_a, "publish", subject)
-        for subject in (
-            subjects.admin_node(NODE_B, subjects.NODE_DOWNLOAD),  # its commands
-            subjects.infer_on_node("chat", "tiny", NODE_B),  # the requests sent to it alone
-            f"_INBOX_llmr.node.{NODE_B}.>",  # the answers to its requests
-        ):
-            await node_a.subscribe(subject)
-            await _refused(node_a, "subscription", subject)
-        durable = f"$JS.API.CONSUMER.INFO.{storage.REGISTRY_EVENTS}.node-{NODE_B}"
-        with pytest.raises(nats.errors.TimeoutError):  # its durable consumer of registry events
-            await node_a.request(durable, b"", timeout=1)
-        await _refused(node_a, "publish", durable)
-        await asyncio.sleep(0.3)
-        assert seen.subjects == []
+async def test_one_node_credential_cannot_speak_as_another_node(connected) -> None:
+    operator = await connected(OPERATOR)
+    node_a = await connected(NODE, NODE_A)
+    seen = await Inbox().on(operator, "nodes.>", "downloads.>", "$KV.nodes.>", "$KV.downloads.>")
+    for subject in (
+        subjects.node_heartbeat(NODE_B),
+        subjects.node_goodbye(NODE_B),
+        subjects.downloads_progress(NODE_B, "tiny"),
+        f"$KV.{storage.KV_NODES}.{NODE_B}",
+        f"$KV.{storage.KV_DOWNLOADS}.{storage.download_key(NODE_B, 'tiny')}",
+        subjects.admin_node(NODE_B, subjects.NODE_DRAIN),
+    ):
+        await node_a.publish(subject, b"{}")
+        await _refused(node_a, "publish", subject)
+    for subject in (
+        subjects.admin_node(NODE_B, subjects.NODE_DOWNLOAD),  # its commands
+        subjects.infer_on_node("chat", "tiny", NODE_B),  # the requests sent to it alone
+        f"_INBOX_llmr.node.{NODE_B}.>",  # the answers to its requests
+    ):
+        await node_a.subscribe(subject)
+        await _refused(node_a, "subscription", subject)
+    durable = f"$JS.API.CONSUMER.INFO.{storage.REGISTRY_EVENTS}.node-{NODE_B}"
+    with pytest.raises(nats.errors.TimeoutError):  # its durable consumer of registry events
+        await node_a.request(durable, b"", timeout=1)
+    await _refused(node_a, "publish", durable)
+    await asyncio.sleep(0.3)
+    assert seen.subjects == []
 
-        # Its own: heartbeat, downloads entry, commands.
-        last_refusal = node_a.last_error
-        await node_a.publish(subjects.node_heartbeat(NODE_A), b"{}")
-        downloads = await node_a.jetstream(timeout=2).key_value(storage.KV_DOWNLOADS)
-        await downloads.put(storage.download_key(NODE_A, "tiny"), b"{}")
-        await node_a.subscribe(subjects.admin_node(NODE_A, subjects.NODE_DRAIN))
-        await _settled(node_a)
-        assert node_a.last_error is last_refusal
-        await _until(lambda: len(seen.subjects) >= 2)
-        own_entry = f"$KV.{storage.KV_DOWNLOADS}.{storage.download_key(NODE_A, 'tiny')}"
-        assert set(seen.subjects) == {subjects.node_heartbeat(NODE_A), own_entry}
-    finally:
-        await node_a.close()
-        await operator.close()
+    # Its own: heartbeat, downloads entry, commands.
+    last_refusal = node_a.last_error
+    await node_a.publish(subjects.node_heartbeat(NODE_A), b"{}")
+    downloads = await node_a.jetstream(timeout=2).key_value(storage.KV_DOWNLOADS)
+    await downloads.put(storage.download_key(NODE_A, "tiny"), b"{}")
+    await node_a.subscribe(subjects.admin_node(NODE_A, subjects.NODE_DRAIN))
+    await _settled(node_a)
+    assert node_a.last_error is last_refusal
+    await _until(lambda: len(seen.subjects) >= 2)
+    own_entry = f"$KV.{storage.KV_DOWNLOADS}.{storage.download_key(NODE_A, 'tiny')}"
+    assert set(seen.subjects) == {subjects.node_heartbeat(NODE_A), own_entry}
 
 
-async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_leases(authed, tmp_path) -> None:
+async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_leases(connected) -> None:
     """The node's paths the trace of an `up` session does not take: a model file from the
     registry's object store, an image answer through the payloads store, a shared-dir lease."""
-    url, authority, _ = authed
-    operator = await _as(url, authority, OPERATOR)
-    node = await _as(url, authority, NODE, NODE_A)
+    operator = await connected(OPERATOR)
+    node = await connected(NODE, NODE_A)
     try:
         model_file = os.urandom(300_000)  # a few chunks
         blobs = await operator.jetstream().object_store(storage.OBJ_MODEL_BLOBS)
@@ -232,14 +239,11 @@ async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_l
         assert node.last_error is None
     finally:
         await blobs.delete(blob_name("hosted", "hosted.gguf"))
-        await node.close()
-        await operator.close()
 
 
-async def test_the_observer_reads_streams_and_buckets_but_publishes_nothing(authed) -> None:
-    url, authority, _ = authed
-    operator = await _as(url, authority, OPERATOR)
-    observer = await _as(url, authority, OBSERVER)
+async def test_the_observer_reads_streams_and_buckets_but_publishes_nothing(connected) -> None:
+    operator = await connected(OPERATOR)
+    observer = await connected(OBSERVER)
     try:
         await operator.jetstream().publish(subjects.MODEL_ADDED, b'{"event": "added", "name": "seen"}')
         await (await operator.jetstream().key_value(storage.KV_MODELS)).put("seen", b"{}")
@@ -268,26 +272,20 @@ async def test_the_observer_reads_streams_and_buckets_but_publishes_nothing(auth
         assert seen.subjects == []
     finally:
         await (await operator.jetstream().key_value(storage.KV_MODELS)).purge("seen")
-        await observer.close()
-        await operator.close()
 
 
-async def test_the_gateway_cannot_speak_as_the_registry_or_a_node(authed) -> None:
-    url, authority, _ = authed
-    gateway = await _as(url, authority, GATEWAY)
-    try:
-        for subject in (subjects.MODEL_ADDED, subjects.node_heartbeat(NODE_A), f"$KV.{storage.KV_MODELS}.tiny"):
-            await gateway.publish(subject, b"{}")
-            await _refused(gateway, "publish", subject)
-        refusal = gateway.last_error
-        keys = await gateway.jetstream(timeout=2).key_value(storage.KV_KEYS)  # its own: keys, history, asks
-        await keys.put("key_test", b"{}")
-        await keys.delete("key_test")
-        await gateway.publish(subjects.ADMIN_MODEL_HUB, b"{}")
-        await _settled(gateway)
-        assert gateway.last_error is refusal
-    finally:
-        await gateway.close()
+async def test_the_gateway_cannot_speak_as_the_registry_or_a_node(connected) -> None:
+    gateway = await connected(GATEWAY)
+    for subject in (subjects.MODEL_ADDED, subjects.node_heartbeat(NODE_A), f"$KV.{storage.KV_MODELS}.tiny"):
+        await gateway.publish(subject, b"{}")
+        await _refused(gateway, "publish", subject)
+    refusal = gateway.last_error
+    keys = await gateway.jetstream(timeout=2).key_value(storage.KV_KEYS)  # its own: keys, history, asks
+    await keys.put("key_test", b"{}")
+    await keys.delete("key_test")
+    await gateway.publish(subjects.ADMIN_MODEL_HUB, b"{}")
+    await _settled(gateway)
+    assert gateway.last_error is refusal
 
 
 async def test_each_role_ships_its_own_log_records_and_no_one_elses(authed) -> None:

@@ -301,6 +301,10 @@ def test_hf_catalog_pages_variants_and_cache(stack, hub) -> None:
     first = httpx.get(stack.url + "/v0/models/hf", params={"per_page": 50}, timeout=30)
     assert first.status_code == 200, first.text
     page = first.json()
+    # At once (this stack's cache lives 1 s, for the stale test below): answered from the cache.
+    before = len(hub.requests)
+    assert httpx.get(stack.url + "/v0/models/hf", params={"per_page": 50}).json()["models"] == page["models"]
+    assert len(hub.requests) == before
     assert len(page["models"]) == 50 and page["has_more"] and not page["stale"]
     assert page["models"][0]["id"] == "fakeorg/model-000-GGUF"  # most downloaded first
     variant = next(v for v in page["models"][0]["variants"] if v["quantization"] == "Q4_K_M")
@@ -314,10 +318,6 @@ def test_hf_catalog_pages_variants_and_cache(stack, hub) -> None:
     gguf_test_repos = ["tests/Embedder-GGUF", "tests/Huge-GGUF", "tests/Split-GGUF", "tests/Tiny-GGUF"]
     assert ids[:20] == [f"fakeorg/model-{i}-GGUF" for i in range(100, 120)]
     assert sorted(ids[20:]) == gguf_test_repos and not last["has_more"]
-
-    before = len(hub.requests)
-    assert httpx.get(stack.url + "/v0/models/hf", params={"per_page": 50}).json()["models"] == page["models"]
-    assert len(hub.requests) == before  # answered from the cache
 
     found = httpx.get(stack.url + "/v0/models/hf", params={"search": "model-11"}, timeout=30).json()
     assert sorted(m["id"] for m in found["models"]) == [f"fakeorg/model-{i}-GGUF" for i in range(110, 120)]

@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -71,6 +72,28 @@ class Cluster:
         assert answer.status_code == 200, answer.text
         return answer.json()["token"]
 
+    async def signed_in(self, name: str, role: str, password: str) -> str:
+        """A new user's session token."""
+        await self.add_user(name, role, password)
+        return await self.session(name, password)
+
+    def gets(self, index: int, path: str, status: int, *tokens: str) -> Callable[[], Awaitable[bool]]:
+        """For ``until``: whether GET ``path`` on gateway ``index`` answers ``status`` to each of ``tokens``."""
+
+        async def check() -> bool:
+            answers = [await self.client(index).get(path, headers=bearer(token)) for token in tokens]
+            return all(answer.status_code == status for answer in answers)
+
+        return check
+
+    def logins(self, name: str, password: str, status: int, index: int = 0) -> Callable[[], Awaitable[bool]]:
+        """For ``until``: whether signing in on gateway ``index`` answers ``status``."""
+
+        async def check() -> bool:
+            return (await self.login(name, password, index)).status_code == status
+
+        return check
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.aclose()
@@ -123,11 +146,7 @@ async def test_roles_sessions_on_two_gateways_and_the_openai_sdk(nats_url, tmp_p
         viewer_token = await c.session(viewer, "viewer-password")
         boss_token = await c.session(boss, "boss-password")
 
-        async def both_read_on_b() -> bool:
-            answers = [await cb.get("/v0/nodes", headers=bearer(token)) for token in (viewer_token, boss_token)]
-            return all(answer.status_code == 200 for answer in answers)
-
-        await until(both_read_on_b)
+        await until(c.gets(1, "/v0/nodes", 200, viewer_token, boss_token))
         for token, method, path, status in (
             (viewer_token, "GET", "/v0/models", 200),
             (viewer_token, "GET", "/v0/users", 403),
@@ -196,21 +215,13 @@ async def test_logout_is_refused_on_another_gateway_within_a_second(nats_url, tm
     async with cluster(nats_url, tmp_path) as c:
         ca, cb = c.client(0), c.client(1)
         name = unique("leaver")
-        await c.add_user(name, "viewer", "leaver-password")
-        token = await c.session(name, "leaver-password")
+        token = await c.signed_in(name, "viewer", "leaver-password")
         other = await c.session(name, "leaver-password")
-
-        async def works_on_b() -> bool:
-            return (await cb.get("/v0/nodes", headers=bearer(token))).status_code == 200
-
-        await until(works_on_b)
+        await until(c.gets(1, "/v0/nodes", 200, token))
         answer = await ca.post("/v0/auth/logout", headers=bearer(token))
         assert answer.status_code == 200 and answer.json()["deleted"] is True
 
-        async def refused_on_b() -> bool:
-            return (await cb.get("/v0/nodes", headers=bearer(token))).status_code == 401
-
-        assert await until(refused_on_b) < 1.0
+        assert await until(c.gets(1, "/v0/nodes", 401, token)) < 1.0
         assert error_of(await cb.post("/v0/auth/logout", headers=bearer(token)), 401)["code"] == "invalid_session"
         assert (await cb.get("/v0/nodes", headers=bearer(other))).status_code == 200  # only that session ended
 
@@ -222,11 +233,7 @@ async def test_password_change_and_reset_end_sessions(nats_url, tmp_path) -> Non
         await c.add_user(name, "viewer", "first-password")
         this, elsewhere = await c.session(name, "first-password"), await c.session(name, "first-password", index=1)
 
-        async def both_work_on_b() -> bool:
-            answers = [await cb.get("/v0/nodes", headers=bearer(t)) for t in (this, elsewhere)]
-            return all(a.status_code == 200 for a in answers)
-
-        await until(both_work_on_b)
+        await until(c.gets(1, "/v0/nodes", 200, this, elsewhere))
         change = {"old_password": "wrong-password", "new_password": "second-password"}
         answer = await ca.post("/v0/auth/password", json=change, headers=bearer(this))
         assert error_of(answer, 403)["param"] == "old_password"
@@ -238,17 +245,11 @@ async def test_password_change_and_reset_end_sessions(nats_url, tmp_path) -> Non
         answer = await ca.post("/v0/auth/password", json=change, headers=bearer(this))
         assert answer.status_code == 200 and answer.json()["sessions_ended"] == 1, answer.text
 
-        async def elsewhere_refused_on_b() -> bool:
-            return (await cb.get("/v0/nodes", headers=bearer(elsewhere))).status_code == 401
-
-        assert await until(elsewhere_refused_on_b) < 1.0
+        assert await until(c.gets(1, "/v0/nodes", 401, elsewhere)) < 1.0
         assert (await cb.get("/v0/nodes", headers=bearer(this))).status_code == 200  # the one that changed it
         assert error_of(await c.login(name, "first-password", 1), 401)["code"] == "invalid_credentials"
 
-        async def new_password_on_b() -> bool:
-            return (await c.login(name, "second-password", 1)).status_code == 200
-
-        await until(new_password_on_b)
+        await until(c.logins(name, "second-password", 200, index=1))
 
         # An admin's reset ends every session of the user, the current one included.
         answer = await cb.put(
@@ -256,38 +257,23 @@ async def test_password_change_and_reset_end_sessions(nats_url, tmp_path) -> Non
         )
         assert answer.status_code == 200 and answer.json()["sessions_ended"] >= 2, answer.text
 
-        async def this_refused_on_a() -> bool:
-            return (await ca.get("/v0/nodes", headers=bearer(this))).status_code == 401
-
-        await until(this_refused_on_a)
-        await until(lambda: _logs_in(c, name, "third-password"))
+        await until(c.gets(0, "/v0/nodes", 401, this))
+        await until(c.logins(name, "third-password", 200))
         assert (await c.login(name, "second-password")).status_code == 401
         answer = await ca.put("/v0/users/nobody-at-all/password", json={"password": "x" * 8}, headers=bearer(c.admin))
         assert error_of(answer, 404)["code"] == "user_not_found"
-
-
-async def _logs_in(c: Cluster, name: str, password: str) -> bool:
-    return (await c.login(name, password)).status_code == 200
 
 
 async def test_deleting_a_user_ends_their_sessions(nats_url, tmp_path) -> None:
     async with cluster(nats_url, tmp_path) as c:
         ca, cb = c.client(0), c.client(1)
         name = unique("gone")
-        await c.add_user(name, "admin", "gone-password")
-        token = await c.session(name, "gone-password")
-
-        async def works_on_b() -> bool:
-            return (await cb.get("/v0/users", headers=bearer(token))).status_code == 200
-
-        await until(works_on_b)
+        token = await c.signed_in(name, "admin", "gone-password")
+        await until(c.gets(1, "/v0/users", 200, token))
         answer = await cb.delete(f"/v0/users/{name}", headers=bearer(c.admin))
         assert answer.status_code == 200 and answer.json()["sessions_ended"] == 1
 
-        async def refused_on_a() -> bool:
-            return (await ca.get("/v0/users", headers=bearer(token))).status_code == 401
-
-        assert await until(refused_on_a) < 1.0
+        assert await until(c.gets(0, "/v0/users", 401, token)) < 1.0
         assert error_of(await c.login(name, "gone-password"), 401)["code"] == "invalid_credentials"
         assert error_of(await ca.delete(f"/v0/users/{name}", headers=bearer(c.admin)), 404)["code"] == "user_not_found"
         assert error_of(await ca.delete("/v0/users/bad%20name", headers=bearer(c.admin)), 400)["param"] == "name"
@@ -404,8 +390,7 @@ async def test_no_password_or_token_in_the_buckets_or_the_logs(nats_url, tmp_pat
         ca = c.client(0)
         name = unique("secretive")
         passwords = ["first-Pa55word", "second-Pa55word", "third-Pa55word", "wrong-Pa55word"]
-        await c.add_user(name, "admin", passwords[0])
-        token = await c.session(name, passwords[0])
+        token = await c.signed_in(name, "admin", passwords[0])
         assert (await c.login(name, passwords[3])).status_code == 401
         change = {"old_password": passwords[0], "new_password": passwords[1]}
         assert (await ca.post("/v0/auth/password", json=change, headers=bearer(token))).status_code == 200
@@ -448,10 +433,7 @@ async def test_cli_users_add_then_login_over_http(nats_url, tmp_path, monkeypatc
         with pytest.raises(CommandError, match="username"):
             await cli("add", "bad name", "--role", "viewer", "--password-stdin", stdin="long-enough\n")
 
-        async def logs_in_on_b() -> bool:
-            return (await c.login(name, "cli-password", 1)).status_code == 200
-
-        await until(logs_in_on_b)
+        await until(c.logins(name, "cli-password", 200, index=1))
         token = await c.session(name, "cli-password", 1)
         assert (await c.client(1).get("/v0/users", headers=bearer(token))).status_code == 200
         assert await cli("ls") == 0
@@ -461,27 +443,20 @@ async def test_cli_users_add_then_login_over_http(nats_url, tmp_path, monkeypatc
         assert await cli("passwd", name, "--password-stdin", stdin="cli-password-2\n") == 0
         assert "sessions ended: 2" in capsys.readouterr().out  # the two logins above
 
-        async def token_refused() -> bool:
-            return (await c.client(1).get("/v0/users", headers=bearer(token))).status_code == 401
-
-        assert await until(token_refused) < 1.0
-        await until(lambda: _logs_in(c, name, "cli-password-2"))
+        assert await until(c.gets(1, "/v0/users", 401, token)) < 1.0
+        await until(c.logins(name, "cli-password-2", 200))
         assert await cli("rm", name) == 0
         with pytest.raises(CommandError, match="no user"):
             await cli("rm", name)
 
-        async def gone() -> bool:
-            return (await c.login(name, "cli-password-2", 1)).status_code == 401
-
-        await until(gone)
+        await until(c.logins(name, "cli-password-2", 401, index=1))
 
 
 async def test_a_session_check_costs_no_round_trip(nats_url, tmp_path) -> None:
     """Checking a session is a cache hit and two dict lookups (µs), the first time a JWT decode."""
     async with cluster(nats_url, tmp_path, count=1) as c:
         name = unique("fast")
-        await c.add_user(name, "viewer", "fast-password")
-        token = await c.session(name, "fast-password")
+        token = await c.signed_in(name, "viewer", "fast-password")
         sessions = c.gateways[0].sessions
         sessions._verified.clear()
         first = _time(lambda: sessions.check(token))
@@ -501,13 +476,8 @@ async def test_a_new_session_secret_voids_every_token(nats_url, tmp_path) -> Non
     async with cluster(nats_url, tmp_path) as c:
         a, b = c.gateways
         name = unique("rotated")
-        await c.add_user(name, "viewer", "rotated-password")
-        token = await c.session(name, "rotated-password")
-
-        async def works_on_b() -> bool:
-            return (await c.client(1).get("/v0/nodes", headers=bearer(token))).status_code == 200
-
-        await until(works_on_b)  # now in B's cache of verified tokens
+        token = await c.signed_in(name, "viewer", "rotated-password")
+        await until(c.gets(1, "/v0/nodes", 200, token))  # now in B's cache of verified tokens
         old = a.users.secret
         await (await a.js.key_value(storage.KV_USERS)).delete(storage.SESSION_SECRET_KEY)
         await a.users.resync(a.js)  # what a reconnection does: a new secret, as none is left
@@ -519,8 +489,4 @@ async def test_a_new_session_secret_voids_every_token(nats_url, tmp_path) -> Non
         await until(b_has_the_new_secret)
         assert (await c.client(1).get("/v0/nodes", headers=bearer(token))).status_code == 401
         fresh = await c.session(name, "rotated-password")
-        await until(lambda: _reads(c, 1, fresh))
-
-
-async def _reads(c: Cluster, index: int, token: str) -> bool:
-    return (await c.client(index).get("/v0/nodes", headers=bearer(token))).status_code == 200
+        await until(c.gets(1, "/v0/nodes", 200, fresh))

@@ -47,12 +47,13 @@ from .downloads import (
     NodeDownloadReply,
     NodeDownloadState,
 )
-from .history import HistoryRecord
+from .history import HistoryRecord, UsageDay
 from .inference import (
     FINAL_REPLIES,
     Accepted,
     Attachment,
     CancelRequest,
+    Choice,
     EmbeddingResult,
     Failure,
     ImageResult,
@@ -62,6 +63,10 @@ from .inference import (
     SpeechResult,
     TextDelta,
     TextDone,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     TranscriptionResult,
 )
 from .logs import LogRecord
@@ -108,6 +113,7 @@ __all__ = [
     "HfReply",
     "HistoryRecord",
     "LogRecord",
+    "UsageDay",
     "HubEntry",
     "HubQuery",
     "HubReply",
@@ -137,6 +143,11 @@ __all__ = [
     "SpeechResult",
     "TextDelta",
     "TextDone",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolCallDelta",
+    "TopLogprob",
+    "Choice",
     "TranscriptionResult",
     "Usage",
     "now",

@@ -36,20 +36,73 @@ class Accepted(NodeReply, tag="accepted", kw_only=True):
     waited_ms: float = 0.0  # time spent waiting for a free slot on the node
 
 
+class TopLogprob(Struct, array_like=True):
+    """One alternative at a token position: its text, log-probability and raw bytes."""
+
+    token: str
+    logprob: float
+    utf8: bytes  # a token may hold part of a UTF-8 character: its text alone can't say
+
+
+class TokenLogprob(Struct, array_like=True):
+    """The log-probability of a generated token and the ``top`` most likely tokens there."""
+
+    token: str
+    logprob: float
+    utf8: bytes
+    top: list[TopLogprob] = []
+
+
+class ToolCall(Struct, kw_only=True):
+    """A function call the model made; ``arguments`` is JSON text, as OpenAI returns it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
+    """A streamed fragment of tool call ``index``: its first has ``id`` and ``name``, the
+    following ones pieces of ``arguments``."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class Choice(Struct, kw_only=True, omit_defaults=True):
+    """One choice of an answer that is more than one plain text (n > 1, tools, logprobs)."""
+
+    index: int = 0
+    text: str = ""
+    finish_reason: str = "stop"  # stop, length, tool_calls, cancelled
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class TextDelta(NodeReply, tag="delta", kw_only=True):
-    """A piece of generated text of a streamed answer."""
+    """A piece of generated text of a streamed answer (of choice ``index``), with the
+    logprobs of its tokens and tool call fragments when the request asked for them."""
 
     text: str
     index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class TextDone(NodeReply, tag="done", kw_only=True):
-    """Ends a text answer. Carries the whole text only when the request was not streamed."""
+    """Ends a text answer. Carries the whole text only when the request was not streamed.
+
+    ``choices``: set when the answer is more than one plain text; then it has every choice's
+    finish reason (and, unstreamed, its text, tool calls and logprobs), and ``usage`` sums them.
+    """
 
     finish_reason: str
     usage: Usage
     text: str = ""
     index: int = 0
+    choices: list[Choice] | None = None
 
 
 class EmbeddingResult(NodeReply, tag="embeddings", kw_only=True):

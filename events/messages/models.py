@@ -33,7 +33,8 @@ class ModelSource(Struct, kw_only=True, omit_defaults=True):
     model has more files than that one, ``files`` lists all of them, ``filename`` included.
     """
 
-    kind: Literal["path", "hf"]
+    # "upstream": only on the node that proxies an existing server, never in the registry (nodes/upstream.py)
+    kind: Literal["path", "hf", "upstream"]
     path: str | None = None
     repo: str | None = None
     filename: str | None = None

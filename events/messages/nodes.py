@@ -38,6 +38,14 @@ class LoadedModel(Struct, kw_only=True):
     active_requests: int = 0
     parallel: int = 1
     error: str | None = None
+    # "upstream": a model of an existing OpenAI-compatible server the node proxies (nodes/upstream.py).
+    # It has no registry record and no artifact: gateways serve it while the node announces it.
+    origin: Literal["registry", "upstream"] = "registry"
+
+    @property
+    def servable(self) -> bool:
+        """Ready, with a real artifact loaded or an upstream answering for it."""
+        return self.state == "ready" and (self.artifact_bytes > 0 or self.origin == "upstream")
 
 
 class NodeHeartbeat(Struct, kw_only=True):
@@ -65,11 +73,7 @@ class NodeHeartbeat(Struct, kw_only=True):
     def serves(self, model: str, capability: str | None = None) -> bool:
         """Whether ``model`` is loaded with a real artifact (and offers ``capability`` when given)."""
         return any(
-            m.name == model
-            and m.state == "ready"
-            and m.artifact_bytes > 0
-            and (capability is None or capability in m.capabilities)
-            for m in self.models
+            m.name == model and m.servable and (capability is None or capability in m.capabilities) for m in self.models
         )
 
 

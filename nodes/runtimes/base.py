@@ -12,12 +12,37 @@ so the gateway never sends an engine more than it can run.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from events.messages import ModelRecord, RuntimeStatus, Usage
+from events.messages import Choice, ModelRecord, RuntimeStatus, Usage
+
+
+class Cancellation(threading.Event):
+    """Set when the client went away. A thread engine polls it between tokens; an async engine
+    (nodes/upstream.py) registers ``on_set`` to stop waiting at once, in its event loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[tuple[Any, Callable[[], None]]] = []
+
+    def set(self) -> None:
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for loop, callback in callbacks:
+            loop.call_soon_threadsafe(callback)
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` in the running loop once set (soon, if set already); returns its remover."""
+        entry = (asyncio.get_running_loop(), callback)
+        if self.is_set():
+            entry[0].call_soon(callback)
+        else:
+            self._callbacks.append(entry)
+        return lambda: self._callbacks.remove(entry) if entry in self._callbacks else None
 
 
 class EngineError(Exception):
@@ -32,12 +57,18 @@ class EngineError(Exception):
 
 @dataclass
 class TextOutcome:
+    """A text answer: its first choice's text and finish reason, the usage of all of them, and
+    every choice when the answer is more than one plain text (n > 1, tool calls, logprobs)."""
+
     text: str
     finish_reason: str
     usage: Usage
+    choices: list[Choice] | None = None
 
 
-OnDelta = Callable[[str], None]
+# Called with each piece of streamed text: a str (choice 0's text, nothing else), or a
+# TextDelta when it carries more (another choice, logprobs, tool call fragments).
+OnDelta = Callable[[Any], None]
 
 
 class LoadedEngine(Protocol):
@@ -60,6 +91,9 @@ class Engine(LoadedEngine, Protocol):
 
     def embed(self, body: Any) -> tuple[list[list[float]], Usage]: ...
 
+
+# An engine whose methods are coroutines (nodes/upstream.py: an existing server's model) has the
+# same methods, awaited in the event loop; its ``on_delta`` is a coroutine function too.
 
 # The multimodal engines take and return bytes, each through the methods of its one
 # implementation, whose signatures and docstrings are the contract (no second copy here):

@@ -1,5 +1,12 @@
 """llama.cpp (llama-cpp-python) on GGUF files: chat, completion, embeddings, streaming.
 
+Chats and completions run through our own token loop (nodes/runtimes/llama_generate.py: exact
+token limits, stop strings, grammars, logprobs), with the prompt made by the GGUF's chat
+template (tools and earlier calls given to it, or written into the prompt, by
+nodes/runtimes/tool_calls.py). ``response_format`` and forced tool calls become grammars
+(nodes/runtimes/grammars.py); ``n`` choices run one after another in the same slot, reusing
+the prompt's KV cache.
+
 A llama.cpp context is not thread-safe (two generations in one crash the process), so an
 engine with ``slots=N`` holds N ``Llama`` instances over the same GGUF, one per slot, and
 each call takes a free one for its duration. Embeddings run in instances of their own, in
@@ -16,6 +23,8 @@ addresses), since the handler would fetch any URL it is given. The handler forma
 of the model with the LLaVA-1.5 prompt, not the GGUF's template.
 The handler holds the projector's libmtmd context, bound to one ``Llama`` and used for every
 image it encodes, so each slot gets a handler of its own: each slot also loads the projector.
+Chats of a vision model go through the handler's own completion, which offers none of the
+above: such a request that asks for them is refused.
 """
 
 from __future__ import annotations
@@ -29,13 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from events import subjects
-from events.messages import ModelRecord, RuntimeStatus, Usage
-from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
+from events.messages import Choice, ModelRecord, RuntimeStatus, Usage
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, JsonObjectFormat, JsonSchemaFormat
 from formats.gguf import context_length
 
 from ..remote_media import ImageFetcher, ImageFetchError
+from . import grammars
 from .base import EngineError, OnDelta, TextOutcome
+from .choices import ChoiceWriter
 from .common import probe_packages
+from .llama_generate import Pieces, Sampling, generate
+from .tool_calls import MAX_PARALLEL_CALLS, prompt_messages, template_format, template_tools, with_tools_prompt
 
 NAME = "llama_cpp"
 CAPABILITIES = [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING]
@@ -46,8 +59,9 @@ def _threads() -> int:
 
 
 class _TokenCounter:
-    """A logits processor run before every sampled token: counts tokens, enforces the token
-    limit, the context window and cancel.
+    """For vision chats, which run llama-cpp-python's own completion (through the LLaVA
+    handler): a logits processor run before every sampled token that counts tokens, enforces
+    the token limit, the context window and cancel.
 
     It sees the prompt length on its first call and every sampling step after. To stop it
     leaves only the end-of-generation token possible, so llama.cpp stops at the next token
@@ -198,10 +212,183 @@ class LlamaEngine:
         first = self._generators.first()
         self._n_vocab = first.n_vocab()
         self._eos = first.token_eos()
+        self._vocab = first._model.vocab
+        self._pieces = Pieces(first)
+        template = first.metadata.get("tokenizer.chat_template")
+        self._formatter = _formatter(first, template) if template else None
+        self._call_format = template_format(template)
 
     # ------------------------------------------------------------ generation
 
-    def _sampling(self, body: ChatCompletionBody | CompletionBody, counter: _TokenCounter) -> dict[str, Any]:
+    def _sampling(
+        self, body: ChatCompletionBody | CompletionBody, index: int, grammar: str | None, *, chat: bool
+    ) -> Sampling:
+        processors: list[Any] = []
+        if body.logit_bias:
+            processors.append(_logit_bias_processor(body.logit_bias, self._n_vocab))
+        seed = None if body.seed is None else (body.seed + index) & 0xFFFFFFFF
+        sampling = Sampling(temperature=body.temperature if body.temperature is not None else (0.2 if chat else 0.8))
+        sampling.seed, sampling.processors, sampling.grammar = seed, processors, grammar
+        for name in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty"):
+            value = getattr(body, name)
+            if value is not None:
+                setattr(sampling, name, value)
+        return sampling
+
+    def _check_grammar(self, grammar: str) -> None:
+        """llama.cpp's parser returns no sampler for a grammar it cannot read, and sampling with
+        none would crash the process: try it once first."""
+        llama_cpp = self._llama_cpp
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise EngineError("the output's grammar could not be built (llama.cpp refused it)", status=500)
+        llama_cpp.llama_sampler_free(sampler)
+
+    def _run(
+        self,
+        prompt: list[int],
+        body: ChatCompletionBody | CompletionBody,
+        writer: Callable[[int], ChoiceWriter],
+        *,
+        grammar: str | None,
+        stops: list[str],
+        top_logprobs: int | None,
+        cancelled: threading.Event,
+        chat: bool,
+        echo: str = "",
+    ) -> TextOutcome:
+        """``body.n`` choices after ``prompt``, one after another in one slot (the prompt's KV
+        cache is reused); ``writer(i)`` shapes choice i."""
+        choices: list[Choice] = []
+        completion = 0
+        param = "messages" if chat else "prompt"
+        if grammar is not None:
+            self._check_grammar(grammar)
+        with self._generators.use() as llm:
+            for index in range(body.n):
+                out = writer(index)
+                if echo and out.on_delta is not None:
+                    out.on_text(echo, None)
+                generation = generate(
+                    llm,
+                    prompt,
+                    self._sampling(body, index, grammar, chat=chat),
+                    n_ctx=self.n_ctx,
+                    limit=body.token_limit,
+                    stops=stops,
+                    cancelled=cancelled,
+                    pieces=self._pieces,
+                    top_logprobs=top_logprobs,
+                    on_text=out.on_text if out.on_delta is not None else None,
+                    fresh=body.seed is not None and index == 0,
+                    param=param,
+                )
+                completion += generation.completion_tokens
+                choices.append(out.finish(echo + generation.text, generation.finish_reason, generation.logprobs))
+                if cancelled.is_set():
+                    break
+        usage = Usage(len(prompt), completion, len(prompt) + completion)
+        first = choices[0]
+        plain = len(choices) == 1 and first.tool_calls is None and first.logprobs is None
+        return TextOutcome(first.text, first.finish_reason, usage, None if plain else choices)
+
+    def _prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[int], list[str]]:
+        """The chat as tokens, through the GGUF's chat template, and the template's stop strings."""
+        from llama_cpp import llama_chat_format
+
+        try:
+            if self._formatter is not None:
+                result = self._formatter(messages=messages, tools=tools)
+            else:  # no template in the file: llama-cpp-python's default
+                result = llama_chat_format.format_llama2(messages=messages)
+        except Exception as exc:  # jinja2 errors and the template's own raise_exception
+            raise EngineError(f"the model's chat template refused these messages: {exc}", param="messages") from None
+        tokens = self._generators.first().tokenize(
+            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
+        )
+        stop = result.stop
+        return tokens, [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
+
+    def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
+        if self.vision:
+            return self._vision_chat(body, on_delta, cancelled)
+        messages = [_message(m, images=None) for m in body.messages]
+        mode, tools = body.tool_mode, body.tools or []
+        form, native = self._call_format
+        messages = prompt_messages(messages, body.messages, form, native)
+        if mode != "none" and not native:
+            messages = with_tools_prompt(messages, tools)
+        prompt, stops = self._prompt(messages, template_tools(tools) if mode != "none" and native else None)
+        parallel = body.parallel_tool_calls is not False and form.parallel
+        answer = _answer_schema(body)
+        grammar = None
+        if mode in ("required", "named"):
+            named = body.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
+            grammar = grammars.tool_grammar(
+                tools, form, named=named, parallel=MAX_PARALLEL_CALLS if parallel and not named else 1
+            )
+        elif mode == "auto" and answer is not False:
+            grammar = grammars.tool_grammar(
+                tools, form, parallel=MAX_PARALLEL_CALLS if parallel else 1, otherwise=answer
+            )
+        elif answer is not False:
+            grammar = grammars.json_grammar(answer)
+        names = {tool.function.name for tool in tools}
+        shape = {"none": "text", "auto": "auto"}.get(mode, "forced")
+
+        def writer(index: int) -> ChoiceWriter:
+            return ChoiceWriter(index, shape, on_delta=on_delta, form=form, names=names, parallel=parallel)
+
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return self._run(
+            prompt,
+            body,
+            writer,
+            grammar=grammar,
+            stops=body.stops + stops,
+            top_logprobs=top,
+            cancelled=cancelled,
+            chat=True,
+        )
+
+    def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
+        text = body.text_prompt
+        llm = self._generators.first()
+        prompt = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) if text else []
+        prompt = prompt or [llm.token_bos()]
+
+        def writer(index: int) -> ChoiceWriter:
+            return ChoiceWriter(index, "text", on_delta=on_delta)
+
+        return self._run(
+            prompt,
+            body,
+            writer,
+            grammar=None,
+            stops=body.stops,
+            top_logprobs=body.logprobs,
+            cancelled=cancelled,
+            chat=False,
+            echo=text if body.echo else "",
+        )
+
+    # ------------------------------------------------------------ vision chats (LLaVA handler)
+
+    def _vision_chat(
+        self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event
+    ) -> TextOutcome:
+        field = body.shaping_field
+        if field is not None:
+            raise EngineError(
+                f"'{field}' is not supported for a model with a vision projector (its chats go through the LLaVA handler).",
+                param=field,
+                code="unsupported_parameter",
+            )
+        counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
+        # Before taking a slot: fetching a remote image must not hold a context.
+        messages = [_message(m, images=self.images) for m in body.messages]
         processors: list[Any] = []
         if body.logit_bias:
             # Applied here, not through llama-cpp-python's logit_bias argument: combined with a
@@ -209,29 +396,32 @@ class LlamaEngine:
             processors.append(_logit_bias_processor(body.logit_bias, self._n_vocab))
         processors.append(counter)
         kwargs: dict[str, Any] = {
-            "stop": body.stop or [],
+            "stop": body.stops,
             "seed": body.seed,
             "logits_processor": self._llama_cpp.LogitsProcessorList(processors),
         }
-        if body.temperature is not None:
-            kwargs["temperature"] = body.temperature
-        if body.top_p is not None:
-            kwargs["top_p"] = body.top_p
-        if body.presence_penalty is not None:
-            kwargs["presence_penalty"] = body.presence_penalty
-        if body.frequency_penalty is not None:
-            kwargs["frequency_penalty"] = body.frequency_penalty
-        return kwargs
+        for name, value in (
+            ("temperature", body.temperature),
+            ("top_p", body.top_p),
+            ("top_k", body.top_k),
+            ("min_p", body.min_p),
+            ("presence_penalty", body.presence_penalty),
+            ("frequency_penalty", body.frequency_penalty),
+            ("repeat_penalty", body.repeat_penalty),
+        ):
+            if value is not None:
+                kwargs[name] = value
+        with self._generators.use() as llm:
+            chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **kwargs)
+            return self._drain(chunks, on_delta, cancelled, counter, body.token_limit)
 
     def _drain(
         self,
         chunks: Iterator[dict],
-        text_of: Any,
         on_delta: OnDelta | None,
         cancelled: threading.Event,
         counter: _TokenCounter,
         limit: int | None,
-        param: str,
     ) -> TextOutcome:
         parts: list[str] = []
         finish_reason = "length"
@@ -240,7 +430,7 @@ class LlamaEngine:
                 if cancelled.is_set():
                     break
                 choice = chunk["choices"][0]
-                text = text_of(choice)
+                text = choice["delta"].get("content")
                 if text:
                     parts.append(text)
                     if on_delta is not None:
@@ -248,7 +438,7 @@ class LlamaEngine:
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
         except ValueError as exc:  # e.g. prompt longer than the context window
-            raise EngineError(str(exc), param=param) from exc
+            raise EngineError(str(exc), param="messages") from exc
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -256,7 +446,7 @@ class LlamaEngine:
         if counter.prompt_tokens >= counter.n_ctx:  # a padded context let it in; nothing fits after it
             raise EngineError(
                 f"The prompt ({counter.prompt_tokens}+ tokens) does not fit the model's context of {counter.n_ctx} tokens.",
-                param=param,
+                param="messages",
                 code="context_length_exceeded",
             )
         if counter.truncated:
@@ -264,34 +454,6 @@ class LlamaEngine:
         if cancelled.is_set():
             finish_reason = "cancelled"
         return TextOutcome("".join(parts), finish_reason, counter.usage(finish_reason, limit))
-
-    def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
-        counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
-        # Before taking a slot: fetching a remote image must not hold a context.
-        messages = [_message(m, images=self.images if self.vision else None) for m in body.messages]
-        sampling = self._sampling(body, counter)
-        with self._generators.use() as llm:
-            chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **sampling)
-            return self._drain(
-                chunks, lambda c: c["delta"].get("content"), on_delta, cancelled, counter, body.token_limit, "messages"
-            )
-
-    def complete(self, body: CompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
-        if not isinstance(body.prompt, str):
-            if len(body.prompt) != 1:
-                raise EngineError("only one prompt per request is supported", param="prompt")
-            prompt = body.prompt[0]
-        else:
-            prompt = body.prompt
-        counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
-        sampling = self._sampling(body, counter)
-        with self._generators.use() as llm:
-            chunks = llm.create_completion(
-                prompt=prompt, suffix=body.suffix, max_tokens=body.token_limit, echo=body.echo, stream=True, **sampling
-            )
-            return self._drain(
-                chunks, lambda c: c.get("text"), on_delta, cancelled, counter, body.token_limit, "prompt"
-            )
 
     # ------------------------------------------------------------ embeddings
 
@@ -314,6 +476,29 @@ class LlamaEngine:
     def close(self) -> None:
         self._generators.close()
         self._embedders.close()
+
+
+def _answer_schema(body: ChatCompletionBody) -> dict[str, Any] | None | bool:
+    """The JSON Schema the answer must follow (None: any JSON object), False for free text."""
+    form = body.response_format
+    if isinstance(form, JsonSchemaFormat):
+        return form.json_schema.schema
+    if isinstance(form, JsonObjectFormat):
+        return None
+    return False
+
+
+def _formatter(llm: Any, template: str) -> Any:
+    """The GGUF's chat template, as llama-cpp-python would use it (its tokens, its end token)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        stop_token_ids=[eos],
+    )
 
 
 def _vision_handler(projector: str) -> Any:
