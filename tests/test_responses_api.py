@@ -24,6 +24,8 @@ from conftest import Stack, requires_llama
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, Field
 
+from events import subjects
+
 pytestmark = [pytest.mark.e2e, requires_llama]
 
 PLAIN = "resp-chatml"
@@ -532,7 +534,9 @@ def test_history_records_a_response_once(client, stack) -> None:
     async def record() -> dict:
         nc = await nats.connect(stack.nats_url)
         try:
-            return json.loads((await nc.jetstream().get_last_msg("HISTORY", f"history.chat.{PLAIN}")).data)
+            return json.loads(
+                (await nc.jetstream().get_last_msg("HISTORY", subjects.history_filter("chat", PLAIN))).data
+            )
         finally:
             await nc.close()
 
