@@ -61,6 +61,11 @@ NODE_RESUME = "resume"
 NODE_DOWNLOAD = "download"  # fetch a model now (sent by the registry for admin.model.download)
 
 
+def gateway_health(instance_id: str) -> str:
+    """A gateway's health over NATS (its micro service's ``health`` endpoint)."""
+    return f"gateway.{encode_token(instance_id)}.health"
+
+
 def admin_node(node_id: str, verb: str) -> str:
     return f"admin.node.{encode_token(node_id)}.{verb}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Any
 
 import structlog
 import uvicorn
@@ -21,9 +22,10 @@ from starlette.types import ASGIApp
 
 from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog
+from broker.endpoints import Service
 from broker.logship import SHIPPER
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import NameTooLong
+from events import NameTooLong, codec, subjects
 
 from .admin_routes import AdminRoutes
 from .audit import AuditMiddleware
@@ -286,6 +288,10 @@ class Gateway:
         self.log_routes = LogRoutes(self.nc)
         self.rate_limiter = RateLimiter()
         self.app = build_app(self)
+        # `nats micro ls` lists gateways beside nodes and the registry; `nats req gateway.<id>.health ''` asks one.
+        self.service = Service(self.nc, "llm-router-gateway", description="LLM Router HTTP gateway")
+        await self.service.start()
+        await self.service.add("health", subjects.gateway_health(self.service.id), self._health_over_nats)
         if not serve_http:
             await self.nc.flush()
             return
@@ -337,6 +343,7 @@ class Gateway:
             self._server.should_exit = True
         if self._serve_task is not None:
             await self._serve_task
+        await self.service.stop()
         await self.clouds.stop()
         await self.history.stop()
         await self.audit.stop()
@@ -360,6 +367,14 @@ class Gateway:
         return json_response({"object": "list", "data": data})
 
     async def healthz(self, request: Request) -> Response:
+        body = self.health()
+        return json_response(body, 200 if body["status"] == "ok" else 503)
+
+    async def _health_over_nats(self, msg: Any, _: Any = None) -> None:
+        """The ``health`` endpoint of the gateway's micro service: /healthz's JSON over NATS."""
+        await msg.respond(codec.encode({**self.health(), "url": self.url}))
+
+    def health(self) -> dict[str, Any]:
         connected = self.nc.is_connected
         body = {
             "status": "ok" if connected else "degraded",
@@ -375,4 +390,4 @@ class Gateway:
             "audit": {"pending": self.audit.pending, "retried": self.audit.retried, "dropped": self.audit.dropped},
             "logs": SHIPPER.stats,
         }
-        return json_response(body, 200 if connected else 503)
+        return body
