@@ -13,7 +13,9 @@ duplicate window). The backlog is bounded: when it is full the oldest records ar
 dropped and logged, rather than growing memory without limit.
 
 A subclass says where a record goes (:meth:`StreamAppender.subject`) and what its id is
-(:meth:`StreamAppender.msg_id`).
+(:meth:`StreamAppender.msg_id`); it may change what is stored (:meth:`StreamAppender.encode`,
+run by the background task, never on the caller's path) and learn each record's sequence once
+it is stored (:meth:`StreamAppender.stored`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -32,8 +35,16 @@ from events import codec
 
 log = structlog.get_logger("broker.appender")
 
+
+class _Ack(msgspec.Struct):
+    seq: int = 0
+
+
 RETRY_S = 0.5  # pause after a failed write before the next attempt
 MAX_UNACKED = 2048  # records sent and not acknowledged yet; more wait in the backlog
+
+
+_decode_ack = msgspec.json.Decoder(_Ack).decode
 
 
 class StreamAppender:
@@ -55,12 +66,19 @@ class StreamAppender:
         self._tasks: list[asyncio.Task] = []
         self._sub = None
         self._pause_until = 0.0  # after refused writes, the next attempt waits until then
+        self._wants_seq = type(self).stored is not StreamAppender.stored
 
     def subject(self, record: Any) -> str:
         raise NotImplementedError
 
     def msg_id(self, record: Any) -> str:
         return record.id
+
+    def encode(self, record: Any) -> bytes:
+        return codec.encode(record)
+
+    async def stored(self, record: Any, seq: int) -> None:
+        """Called with each record's stream sequence once JetStream acknowledged it."""
 
     @property
     def pending(self) -> int:
@@ -105,7 +123,7 @@ class StreamAppender:
             try:
                 subject, payload, headers = (
                     self.subject(record),
-                    codec.encode(record),
+                    self.encode(record),
                     {"Nats-Msg-Id": self.msg_id(record)},
                 )
             except Exception as exc:  # a record no retry could write: drop it rather than loop on it
@@ -127,6 +145,11 @@ class StreamAppender:
         failed = (msg.headers and msg.headers.get("Status") == "503") or b'"error"' in msg.data
         if failed:
             self._retry([entry[0]], msg.data.decode(errors="replace") or f"no responders (no {self.stream} stream)")
+        elif self._wants_seq:
+            try:
+                await self.stored(entry[0], _decode_ack(msg.data).seq)
+            except Exception as exc:  # a hook's failure must not stop acknowledgements
+                log.error("stored hook failed", stream=self.stream, error=repr(exc)[:200])
         self._wake()
 
     async def _expire(self) -> None:

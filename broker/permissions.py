@@ -49,7 +49,8 @@ REPLY_TTL_S = 3600
 
 # Streams that hold secrets or other people's data: only the gateway (and the operator) reach them.
 AUDIT = storage.AUDIT  # the audit log's stream (who did what)
-SECRET_BUCKETS = (storage.KV_KEYS, storage.KV_USERS, storage.KV_SESSIONS, storage.KV_SETTINGS)
+# Stored responses (storage.KV_RESPONSES) are people's conversations: nodes and observers get none of them.
+SECRET_BUCKETS = (storage.KV_KEYS, storage.KV_USERS, storage.KV_SESSIONS, storage.KV_SETTINGS, storage.KV_RESPONSES)
 
 
 def kv_stream(bucket: str) -> str:
@@ -197,7 +198,7 @@ def node_rules(node_id: str) -> Rules:
         subjects.node_heartbeat(node_id),
         subjects.node_goodbye(node_id),
         f"downloads.progress.{node}.*",
-        f"logs.node.{node}",
+        f"logs.node.{node}.*",  # its log records, one subject per level (events.subjects.logs)
         f"$KV.{storage.KV_NODES}.{node}",
         f"$KV.{storage.KV_DOWNLOADS}.progress.{node}.*",  # its storage.download_key entries
         f"$KV.{storage.KV_LEASES}.*",
@@ -250,7 +251,7 @@ def registry_rules() -> Rules:
         subjects.REGISTRY_EVENTS_ALL,
         "audit.registry.>",  # the admin.model.* requests it carried out (broker/audit.py)
         f"admin.node.*.{subjects.NODE_DOWNLOAD}",
-        "logs.registry.*",
+        "logs.registry.*.*",
         f"$KV.{storage.KV_MODELS}.>",
         f"$KV.{storage.KV_DOWNLOADS}.>",
         f"$O.{storage.OBJ_MODEL_BLOBS}.>",

@@ -38,12 +38,20 @@ LEASE_TTL_S = 15.0
 # signs session tokens, under a key no username encodes to; nodes get no access to either bucket.
 KV_USERS = "users"
 KV_SESSIONS = "sessions"  # dashboard sessions by id; a session lives SESSION_TTL_S and no longer
+# GET /v0/history/{id}: a record's HISTORY sequence by its id, kept as long as the records are.
+KV_HISTORY_IDS = "history-ids"
+HISTORY_MAX_AGE_S = 7 * DAY
 SESSION_TTL_S = 7 * DAY
 SESSION_SECRET_KEY = "session.secret"  # a '.': never the encoding of a name (events.tokens escapes it)
 # Token and cost counters per UTC day, provider, model and API key (gateway/usage.py): kept 100
 # days, so this month, last month and the weeks between can always be added up from days.
 KV_USAGE = "usage"
 USAGE_TTL_S = 100 * DAY
+# Stored Responses API answers (GET /v1/responses/{id}, previous_response_id), each with the whole
+# conversation that led to it, so a value is bounded (a default NATS server's max_payload is 1 MiB).
+KV_RESPONSES = "responses"
+RESPONSE_TTL_S = 30 * DAY
+RESPONSE_MAX_BYTES = 1000 * 1024
 OBJ_MODEL_BLOBS = "model-blobs"
 # Claim-check payloads (uploads, generated images and audio) too big for one NATS message.
 # Consumers delete what they read; the TTL removes whatever a crash or a ``url`` answer left.
@@ -64,7 +72,7 @@ STREAMS: tuple[StreamConfig, ...] = (
         name=HISTORY,
         description="one record per API request (7 days)",
         subjects=[subjects.HISTORY_ALL],
-        max_age=7 * DAY,
+        max_age=HISTORY_MAX_AGE_S,
         max_bytes=2 * GiB,
         storage=StorageType.FILE,
     ),
@@ -108,9 +116,24 @@ KEY_VALUES: tuple[KeyValueConfig, ...] = (
         history=1,
     ),
     KeyValueConfig(
+        bucket=KV_HISTORY_IDS,
+        description="HISTORY sequence of each request id, for GET /v0/history/{id}",
+        ttl=HISTORY_MAX_AGE_S,
+        max_bytes=256 * MiB,
+        history=1,
+    ),
+    KeyValueConfig(
         bucket=KV_USAGE,
         description="tokens and cost per UTC day, provider, model and API key",
         ttl=USAGE_TTL_S,
+        history=1,
+    ),
+    KeyValueConfig(
+        bucket=KV_RESPONSES,
+        description="stored Responses API answers and their conversations (30 days)",
+        ttl=RESPONSE_TTL_S,
+        max_value_size=RESPONSE_MAX_BYTES,
+        max_bytes=2 * GiB,
         history=1,
     ),
 )
@@ -139,6 +162,11 @@ def user_key(name: str) -> str:
 def usage_key(day: str, provider: str, model: str, key_id: str | None) -> str:
     """``usage`` bucket key of one day's counters (``day``: ``YYYY-MM-DD``; no key: ``-``)."""
     return f"{day}.{encode_token(provider)}.{encode_token(model)}.{encode_token(key_id) if key_id else '-'}"
+
+
+def response_key(response_id: str) -> str:
+    """``responses`` bucket key of a stored response (ids are checked by the route first)."""
+    return encode_token(response_id)
 
 
 def download_task_key(task_id: str) -> str:

@@ -61,6 +61,11 @@ NODE_RESUME = "resume"
 NODE_DOWNLOAD = "download"  # fetch a model now (sent by the registry for admin.model.download)
 
 
+def gateway_health(instance_id: str) -> str:
+    """A gateway's health over NATS (its micro service's ``health`` endpoint)."""
+    return f"gateway.{encode_token(instance_id)}.health"
+
+
 def admin_node(node_id: str, verb: str) -> str:
     return f"admin.node.{encode_token(node_id)}.{verb}"
 
@@ -88,19 +93,58 @@ def downloads_progress(node_id: str, model: str) -> str:
     return f"downloads.progress.{encode_token(node_id)}.{encode_token(model)}"
 
 
-def history(capability: str, model: str) -> str:
-    """HISTORY stream subject of one request record, filterable by capability and model."""
-    return f"history.{capability}.{encode_token(model)}"
-
-
+# HISTORY: ``history.<capability>.<model>.<class>.<status>.<node>.<key>``, one record per request.
+# Every filter of ``GET /v0/history`` but free text is a subject filter the server applies from its
+# per-subject index (``history.*.*.5xx.>``: the errors; ``history.*.*.*.*.*.key_ab12``: one key's),
+# and a consumer's pending count is an exact total. ``-`` stands for no node or no key.
 HISTORY_ALL = "history.>"
+NONE_TOKEN = "-"
 
 
-def logs(component: str, instance: str) -> str:
-    return f"logs.{component}.{encode_token(instance)}"
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
 
 
+def history(capability: str, model: str, status: int, node_id: str | None, key_id: str | None) -> str:
+    """HISTORY stream subject of one request record."""
+    node = encode_token(node_id) if node_id else NONE_TOKEN
+    key = encode_token(key_id) if key_id else NONE_TOKEN
+    return f"history.{capability}.{encode_token(model)}.{status_class(status)}.{status}.{node}.{key}"
+
+
+def history_filter(
+    capability: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    node_id: str | None = None,
+    key_id: str | None = None,
+) -> str:
+    """The subject filter of records matching every given field (None: any). ``status`` is a code
+    (``503``) or a class (``5xx``); ``node_id``/``key_id`` ``-``: records without one."""
+    klass = code = "*"
+    if status is not None:
+        klass, code = (status, "*") if status.endswith("xx") else (f"{status[0]}xx", status)
+    tokens = [
+        capability or "*",
+        encode_token(model) if model else "*",
+        klass,
+        code,
+        *(encode_token(name) if name else "*" for name in (node_id, key_id)),
+    ]
+    return "history." + ".".join(tokens)
+
+
+# LOGS: ``logs.<component>.<instance>.<level>``; the instance of a node is its id.
 LOGS_ALL = "logs.>"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def logs(component: str, instance: str, level: str) -> str:
+    return f"logs.{component}.{encode_token(instance)}.{level}"
+
+
+def logs_filter(component: str | None = None, instance: str | None = None, level: str | None = None) -> str:
+    return f"logs.{component or '*'}.{encode_token(instance) if instance else '*'}.{level or '*'}"
 
 
 # Audit log: who did what administrative thing, with what result (the AUDIT stream).

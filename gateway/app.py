@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Any
 
 import structlog
 import uvicorn
@@ -21,8 +22,10 @@ from starlette.types import ASGIApp
 
 from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog
+from broker.endpoints import Service
+from broker.logship import SHIPPER
 from broker.mirrors import NodeDirectory, RegisteredModels
-from events import NameTooLong
+from events import NameTooLong, codec, subjects
 
 from .admin_routes import AdminRoutes
 from .audit import AuditMiddleware
@@ -33,10 +36,13 @@ from .dispatch import ClientDisconnected, Dispatcher, DispatchError
 from .downloads import DownloadRoutes, OnDemand
 from .errors import ApiError, api_error
 from .history import HistoryWriter
+from .history_routes import HistoryRoutes
 from .hot_routes import HotRoutes
 from .http import json_response
 from .key_routes import KeyRoutes
+from .log_routes import LogRoutes
 from .login_throttle import LoginThrottle
+from .masking import MODES as MASKING_MODES
 from .media_routes import MediaRoutes
 from .metrics import Metrics, metrics_page
 from .openai_routes import OpenAIRoutes
@@ -44,6 +50,8 @@ from .openapi import openapi_json
 from .passwords import Passwords
 from .providers import Clouds
 from .rate_limits import RateLimiter, RateLimitMiddleware
+from .responses_routes import ResponsesRoutes
+from .responses_store import ResponseStore
 from .sessions import Sessions
 from .usage import UsageMeter
 from .usage_routes import UsageRoutes
@@ -132,6 +140,19 @@ def build_app(gateway: Gateway) -> ASGIApp:
         Route("/v0/users/{name}/password", users.reset_password, methods=["PUT"]),
     ]
     routes.append(Route("/v0/audit", gateway.audit_routes.page, methods=["GET"]))
+    history = gateway.history_routes
+    routes += [
+        Route("/v0/history", history.page, methods=["GET"]),
+        Route("/v0/history/export", history.export, methods=["GET"]),
+        Route("/v0/history/{record_id}", history.detail, methods=["GET"]),
+        Route("/v0/logs", gateway.log_routes.page, methods=["GET"]),
+    ]
+    responses = gateway.responses
+    routes += [
+        Route("/v1/responses", responses.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
+    ]
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -180,17 +201,22 @@ class Gateway:
         passwords: Passwords | None = None,
         nats_auth: NatsAuth | None = None,
         clouds: Clouds | None = None,
+        history_masking: str = "none",
         metrics: bool = True,
     ) -> None:
         """``auth=False`` serves without API keys: only for a gateway on a loopback address.
         ``passwords``: argon2 settings for new password hashes (tests make them cheap).
         ``clouds``: the cloud providers; default: from the environment (``OPENAI_API_KEY``...).
+        ``history_masking``: what the history keeps of bodies, none, partial or full (gateway.masking).
         ``metrics=False``: no ``/metrics`` (404) and nothing counted (what bench/gateway_cpu.py compares)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
             )
+        if history_masking not in MASKING_MODES:
+            raise RuntimeError(f"--history-masking must be one of {', '.join(MASKING_MODES)}, not {history_masking!r}")
         self.auth = auth
+        self.history_masking = history_masking
         self.passwords = passwords
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
@@ -223,6 +249,7 @@ class Gateway:
             on_reconnect=self._recover,
             on_disconnect=self._broker_lost,
         )
+        SHIPPER.attach(self.nc, "gateway")  # its log records, to the LOGS stream
         self.js = self.nc.jetstream()
         await provision(self.js, self.replicas, role=self.nc.role)
         self.catalog = RegisteredModels()
@@ -237,7 +264,7 @@ class Gateway:
             queue_timeout=self.queue_timeout,
         )
         await self.dispatcher.start()
-        self.history = HistoryWriter(self.nc)
+        self.history = HistoryWriter(self.nc, masking=self.history_masking)
         await self.history.start()
         self.usage = UsageMeter(self.clouds.prices)
         await self.usage.start(self.js)
@@ -251,6 +278,9 @@ class Gateway:
             self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask), self.clouds
         )
         self.media = MediaRoutes(self.routes, self.js)
+        self.response_store = ResponseStore()
+        await self.response_store.start(self.js)
+        self.responses = ResponsesRoutes(self.routes, self.response_store)
         self.downloads = DownloadRoutes(self.js, self.catalog, self.admin.ask)
         await self.downloads.start()
         self.keys = KeyRing()
@@ -265,8 +295,14 @@ class Gateway:
         self.audit = AuditLog(self.nc, "gateway")
         await self.audit.start()
         self.audit_routes = AuditRoutes(self.nc, self.js)
+        self.history_routes = HistoryRoutes(self.nc, self.js)
+        self.log_routes = LogRoutes(self.nc)
         self.rate_limiter = RateLimiter()
         self.app = build_app(self)
+        # `nats micro ls` lists gateways beside nodes and the registry; `nats req gateway.<id>.health ''` asks one.
+        self.service = Service(self.nc, "llm-router-gateway", description="LLM Router HTTP gateway")
+        await self.service.start()
+        await self.service.add("health", subjects.gateway_health(self.service.id), self._health_over_nats)
         if not serve_http:
             await self.nc.flush()
             return
@@ -284,6 +320,7 @@ class Gateway:
             lifespan="off",
             timeout_graceful_shutdown=5,
             proxy_headers=False,  # nothing here reads the client address; saves a middleware per request
+            interface="asgi3",  # the outer layers are plain callables returning awaitables (gateway/hot_routes.py)
         )
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the CLI owns signals
@@ -333,6 +370,7 @@ class Gateway:
             self._server.should_exit = True
         if self._serve_task is not None:
             await self._serve_task
+        await self.service.stop()
         await self.clouds.stop()
         await self.history.stop()
         await self.audit.stop()
@@ -345,6 +383,7 @@ class Gateway:
         await self.keys.stop()
         await self.sessions.stop()
         await self.users.stop()
+        await SHIPPER.detach(self.nc)
         await self.nc.drain()
 
     async def clouds_status(self, request: Request) -> Response:
@@ -357,6 +396,14 @@ class Gateway:
         return json_response({"object": "list", "data": data})
 
     async def healthz(self, request: Request) -> Response:
+        body = self.health()
+        return json_response(body, 200 if body["status"] == "ok" else 503)
+
+    async def _health_over_nats(self, msg: Any, _: Any = None) -> None:
+        """The ``health`` endpoint of the gateway's micro service: /healthz's JSON over NATS."""
+        await msg.respond(codec.encode({**self.health(), "url": self.url}))
+
+    def health(self) -> dict[str, Any]:
         connected = self.nc.is_connected
         body = {
             "status": "ok" if connected else "degraded",
@@ -367,7 +414,9 @@ class Gateway:
                 "pending": self.history.pending,
                 "retried": self.history.retried,
                 "dropped": self.history.dropped,
+                "unindexed": self.history.unindexed,
             },
             "audit": {"pending": self.audit.pending, "retried": self.audit.retried, "dropped": self.audit.dropped},
+            "logs": SHIPPER.stats,
         }
-        return json_response(body, 200 if connected else 503)
+        return body

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import Any
 
@@ -54,6 +55,7 @@ ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("DELETE", "/v0/users/{target}", "user.delete"),
 )
 READS = frozenset(("GET", "HEAD", "OPTIONS"))
+INFERENCE_PATHS = ("/v1/responses/",)  # deleting one's own stored response is not administration
 # What routes may leave in scope["state"] for the record (other helpers' routes too).
 ACTOR, TARGET, DETAIL = "audit_actor", "audit_target", "audit_detail"
 
@@ -71,7 +73,7 @@ _TABLE = _compile(ACTIONS)
 
 def action_of(method: str, path: str) -> tuple[str, str | None] | None:
     """``(action, target)`` of an administrative request; None for reads and inference."""
-    if method in READS or (method == "POST" and path.startswith("/v1/")):
+    if method in READS or (method == "POST" and path.startswith("/v1/")) or path.startswith(INFERENCE_PATHS):
         return None
     for pattern, action in _TABLE.get(method, ()):
         match = pattern.match(path)
@@ -143,12 +145,14 @@ class AuditMiddleware:
         self.ring = ring
         self.fallback = "anonymous" if ring is not None else "local"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine for what is not an admin action (inference, reads): no frame of ours."""
         found = action_of(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if found is None:
-            await self.app(scope, receive, send)
-            return
-        action, target = found
+            return self.app(scope, receive, send)
+        return self._audited(scope, receive, send, *found)
+
+    async def _audited(self, scope: Scope, receive: Receive, send: Send, action: str, target: str | None) -> None:
         request_id = uuid.uuid4().hex
         t0 = time.perf_counter()
         outcome: dict[str, Any] = {"status": 500, "code": None}

@@ -21,6 +21,7 @@ import hashlib
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,11 @@ def required_scope(method: str, path: str) -> str | None:
     if path == "/metrics":
         return "read"  # a Prometheus scrape sends a read-only key (bearer token): docs/observability.md
     if path.startswith("/v1/"):
-        # DELETE /v1/models/{model} removes a registration: administration, not inference.
-        return "inference" if method in ("GET", "HEAD", "POST") else "admin"
+        # DELETE /v1/models/{model} removes a registration: administration, not inference; deleting
+        # a stored response (one's own: gateway.responses_store) is not.
+        if method in ("GET", "HEAD", "POST") or path.startswith("/v1/responses/"):
+            return "inference"
+        return "admin"
     if path.startswith("/v0/"):
         if path.startswith("/v0/auth/"):
             return None if path == "/v0/auth/login" else "read"  # login checks a password; the rest, a session
@@ -164,17 +168,16 @@ class AuthMiddleware:
         self.ring = ring
         self.sessions = sessions
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        needed = required_scope(scope["method"], scope["path"])
-        if needed is not None:
-            error = self._refusal(scope, needed)
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine: it returns the app's (or the refusal's), so that passing a request on
+        adds no frame that every resume of the request's task goes through (see gateway/hot_routes.py)."""
+        if scope["type"] == "http":
+            needed = required_scope(scope["method"], scope["path"])
+            if needed is not None:
+                error = self._refusal(scope, needed)
+                if error is not None:
+                    return error.response()(scope, receive, send)
+        return self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope, needed: str) -> ApiError | None:
         token = _token(scope)

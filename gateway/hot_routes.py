@@ -33,14 +33,19 @@ class HotRoutes:
         self.routes = routes
         self.error_response = error_response
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine: the Starlette app's paths pass on with no frame of ours. The ASGI
+        server must be told the interface (uvicorn ``interface="asgi3"``), since it guesses from
+        ``__call__`` being a coroutine function."""
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self.routes.get(scope["path"])
             if endpoint is not None:
-                try:
-                    response = await endpoint(Request(scope, receive, send))
-                except Exception as exc:
-                    response = self.error_response(exc)
-                await response(scope, receive, send)  # a failure mid-stream propagates to uvicorn, as through Starlette
-                return
-        await self.app(scope, receive, send)
+                return self._serve(endpoint, scope, receive, send)
+        return self.app(scope, receive, send)
+
+    async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await endpoint(Request(scope, receive, send))
+        except Exception as exc:
+            response = self.error_response(exc)
+        await response(scope, receive, send)  # a failure mid-stream propagates to uvicorn, as through Starlette

@@ -132,7 +132,7 @@ class OpenAIRoutes:
         invalid = name_error(model)
         if invalid:  # never let it near a subject: the server would drop our connection
             raise ApiError(400, f"Invalid 'model': {invalid}.", param="model", code="invalid_model")
-        if (cloud := self._cloud(model)) is not None:
+        if (cloud := self.cloud_of(model)) is not None:
             Clouds.check(cloud[0], capability, model)
             return
         record = self.catalog.get(model) or self._announced_record(model)
@@ -171,21 +171,21 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.CHAT)
         body = await exchange.accept(ChatCompletionBody, self.resolve, capability_of=_chat_capability)
-        if (cloud := self._cloud(body.model)) is not None:
+        if (cloud := self.cloud_of(body.model)) is not None:
             return await serve_from_cloud(exchange, body, *cloud)
         return await self._text(exchange, body, chat=True)
 
     async def completions(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.COMPLETION)
         body = await exchange.accept(CompletionBody, self.resolve)
-        if (cloud := self._cloud(body.model)) is not None:
+        if (cloud := self.cloud_of(body.model)) is not None:
             return await serve_from_cloud(exchange, body, *cloud)
         return await self._text(exchange, body, chat=False)
 
     async def embeddings(self, request: Request) -> Response:
         exchange = self.exchange(request, subjects.EMBEDDING)
         body = await exchange.accept(EmbeddingBody, self.resolve)  # empty inputs: refused by the type
-        if (cloud := self._cloud(body.model)) is not None:
+        if (cloud := self.cloud_of(body.model)) is not None:
             return await serve_from_cloud(exchange, body, *cloud)
         reply = await self.final_reply(exchange, body, EmbeddingResult)
         payload = formatting.embedding_list(body.model, reply.vectors, reply.usage, body.encoding_format)
@@ -316,7 +316,7 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------ models without a registry record
 
-    def _cloud(self, model: str) -> tuple[Provider, str] | None:
+    def cloud_of(self, model: str) -> tuple[Provider, str] | None:
         """(provider, its model) for a cloud-prefixed model (400/401 for a bad prefix or no key)."""
         if self.clouds is None or ":" not in model:
             return None

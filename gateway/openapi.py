@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.audit import MAX_ACTOR_CHARS
+from events import subjects
 from events.messages import (
     ChangePassword,
     CreateKey,
@@ -38,15 +39,17 @@ from events.openai import (
     SpeechBody,
     TranscriptionBody,
 )
-from events.tokens import MAX_USERNAME_CHARS, USERNAME_PATTERN
+from events.responses import ResponsesBody
+from events.tokens import MAX_NAME_BYTES, MAX_USERNAME_CHARS, USERNAME_PATTERN
 
-from . import audit_routes
+from . import audit_routes, history_query, history_routes, log_routes, query
 
 REF = "#/components/schemas/{name}"
 JSON_BODIES = [
     ChatCompletionBody,
     CompletionBody,
     EmbeddingBody,
+    ResponsesBody,
     ImageGenerationBody,
     SpeechBody,
     RegisterModel,
@@ -97,6 +100,43 @@ def _path(name: str, description: str, **schema: Any) -> dict:
 
 def _query(name: str, description: str, **schema: Any) -> dict:
     return _param("query", name, description, {"type": "string", **schema})
+
+
+def _repeated(name: str, description: str, **item: Any) -> dict:
+    """A filter that may be given several times (``?model=a&model=b``: either)."""
+    schema = {"type": "array", "maxItems": query.MAX_VALUES, "items": {"type": "string", "minLength": 1, **item}}
+    return {**_param("query", name, description, schema), "style": "form", "explode": True}
+
+
+def _time_query(name: str, description: str) -> dict:
+    return _query(
+        name, description + " Seconds since the epoch, or RFC 3339 (UTC without an offset).", pattern=query.TIME_PATTERN
+    )
+
+
+def _history_filters() -> list[dict]:
+    """The filters of the history list and its export (gateway.history_query)."""
+    return [
+        _repeated("capability", "Only these capabilities.", enum=list(subjects.KNOWN_CAPABILITIES)),
+        _repeated("model", "Only these models.", maxLength=MAX_NAME_BYTES),
+        _repeated(
+            "status", "Only these statuses: a code (503) or a class (5xx).", pattern=history_query.STATUS_PATTERN
+        ),
+        _repeated("node", "Only what these nodes answered ('-': requests no node saw).", maxLength=MAX_NAME_BYTES),
+        _repeated(
+            "key_id",
+            "Only the requests of these API keys ('-': without a key).",
+            maxLength=history_query.KEY_ID_MAX_CHARS,
+        ),
+        _time_query("since", "Only records stored at or after this time."),
+        _time_query("until", "Only records stored before this time."),
+        _query(
+            "q",
+            "Free text anywhere in the record, bodies included (ASCII case-insensitive).",
+            minLength=1,
+            maxLength=query.MAX_TEXT_CHARS,
+        ),
+    ]
 
 
 def _model_path() -> dict:
@@ -195,6 +235,17 @@ OPERATIONS: dict[str, dict[str, dict]] = {
         "post": _op("Text completion (stream: server-sent events).", TEXT_STREAM, body=_json_body("CompletionBody"))
     },
     "/v1/embeddings": {"post": _op("Embeddings.", body=_json_body("EmbeddingBody"))},
+    "/v1/responses": {
+        "post": _op(
+            "A response (OpenAI's Responses API; stream: typed server-sent events).",
+            TEXT_STREAM,
+            body=_json_body("ResponsesBody"),
+        )
+    },
+    "/v1/responses/{response_id}": {
+        "get": _op("A stored response.", params=[_path("response_id", "The response's id (resp_...).")]),
+        "delete": _op("Delete a stored response.", params=[_path("response_id", "The response's id (resp_...).")]),
+    },
     "/v1/images/generations": {"post": _op("Generate images.", body=_json_body("ImageGenerationBody"))},
     "/v1/images/edits": {"post": _op("Edit an image.", body=_multipart_body("ImageEditBody"))},
     "/v1/images/variations": {"post": _op("Variations of an image.", body=_multipart_body("ImageVariationBody"))},
@@ -339,6 +390,89 @@ OPERATIONS: dict[str, dict[str, dict]] = {
                     "component",
                     "Only what this component recorded: gateway, registry, cli.",
                     pattern=audit_routes.COMPONENT_PATTERN,
+                ),
+            ],
+        )
+    },
+    "/v0/history": {
+        "get": _op(
+            "The request history (read), newest first: a page of records without their bodies, an exact total "
+            "(null with q), and next_cursor for the next page; after=<seq> reads newer records, oldest first.",
+            JSON,
+            tag="history",
+            params=[
+                *_history_filters(),
+                _query(
+                    "per_page", "Records per page (default 50).", type="integer", enum=list(history_routes.PER_PAGE)
+                ),
+                _query("cursor", "The next_cursor of the previous page.", pattern=history_routes.CURSOR_PATTERN),
+                _query(
+                    "after",
+                    "Only records after this seq, oldest first (the newest_seq or next_after of a page).",
+                    type="integer",
+                    minimum=0,
+                    maximum=query.SEQ_MAX,
+                ),
+            ],
+        )
+    },
+    "/v0/history/export": {
+        "get": _op(
+            "The filtered history, newest first, streamed: JSON lines (whole records) or CSV (no bodies).",
+            {"application/x-ndjson": {"type": "string"}, "text/csv": {"type": "string"}},
+            tag="history",
+            params=[
+                *_history_filters(),
+                _query("format", "jsonl (default) or csv.", enum=list(history_routes.EXPORTS)),
+            ],
+        )
+    },
+    "/v0/history/{record_id}": {
+        "get": _op(
+            "One request with its request and response bodies (as --history-masking kept them).",
+            JSON,
+            tag="history",
+            params=[_path("record_id", "The record's id (the x-request-id of its answer).", maxLength=MAX_NAME_BYTES)],
+        )
+    },
+    "/v0/logs": {
+        "get": _op(
+            "Log records of every component (read), newest first; before=<seq> for older ones, "
+            "after=<seq> for newer ones, oldest first (following).",
+            JSON,
+            tag="logs",
+            params=[
+                _repeated("component", "Only these components.", enum=list(log_routes.COMPONENTS)),
+                _repeated("node", "Only the records of these nodes.", maxLength=MAX_NAME_BYTES),
+                _query("level", "This level and above.", enum=list(subjects.LOG_LEVELS)),
+                _time_query("since", "Only records logged at or after this time."),
+                _time_query("until", "Only records logged before this time."),
+                _query(
+                    "q",
+                    "Text in the message or its fields (ASCII case-insensitive).",
+                    minLength=1,
+                    maxLength=query.MAX_TEXT_CHARS,
+                ),
+                _query(
+                    "regex",
+                    "A regular expression the message or its fields match.",
+                    minLength=1,
+                    maxLength=log_routes.MAX_REGEX_CHARS,
+                ),
+                _query(
+                    "limit",
+                    f"Records (default {log_routes.DEFAULT_LIMIT}).",
+                    type="integer",
+                    minimum=1,
+                    maximum=log_routes.MAX_LIMIT,
+                ),
+                _query("before", "Only records older than this seq.", type="integer", minimum=1, maximum=query.SEQ_MAX),
+                _query(
+                    "after",
+                    "Only records newer than this seq, oldest first.",
+                    type="integer",
+                    minimum=0,
+                    maximum=query.SEQ_MAX,
                 ),
             ],
         )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -163,11 +164,14 @@ class RateLimitMiddleware:
         self.app = app
         self.limiter = limiter
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine for keys without limits: their requests pass on with no frame of ours."""
         key = key_of(scope)
         if key is None or (key.requests_per_minute is None and key.tokens_per_minute is None):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._limited(scope, receive, send, key)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, key: ApiKey) -> None:
         inference = scope["method"] == "POST" and scope["path"].startswith("/v1/")
         refusal, headers = self.limiter.admit(key, inference)
         if refusal is not None:

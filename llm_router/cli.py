@@ -20,6 +20,7 @@ from . import logs
 
 ENV_PREFIX = "LLM_ROUTER_"
 DEMO_MODEL = "tiny-demo"
+OBSERVE_COMMANDS = ("history", "logs", "nodes")  # llm_router.observe_commands: read a running gateway
 
 
 def env(name: str, default: Any = None) -> Any:
@@ -100,6 +101,18 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
         60.0,
         "seconds a request may wait for a free node (then 504)",
         type=float,
+    )
+
+
+def _history_option(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--history-masking",
+        "HISTORY_MASKING",
+        "none",
+        "what the request history keeps of bodies: none (all), partial (their shape, a hint of each text), "
+        "full (no bodies, metadata only)",
+        choices=["none", "partial", "full"],
     )
 
 
@@ -295,6 +308,7 @@ def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> 
         replicas=args.replicas,
         auth=not args.no_auth,
         clouds=clouds,
+        history_masking=args.history_masking,
         metrics=not args.no_metrics,
     )
 
@@ -315,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run NATS, registry, gateway and one node on this machine")
     _http_options(up)
     _auth_option(up)
+    _history_option(up)
     _data_dir_option(up)
     _nats_option(up, required=False)
     _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
@@ -344,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway", help="run the HTTP gateway")
     _http_options(gateway)
     _auth_option(gateway)
+    _history_option(gateway)
     _nats_option(gateway, required=True)
 
     registry = commands.add_parser("registry", help="run the model registry")
@@ -369,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .creds_commands import add_creds_command
 
     add_creds_command(commands, _add, _data_dir_option)
+    from .observe_commands import add_observe_commands
+
+    add_observe_commands(commands, _add)
     return parser
 
 
@@ -636,7 +655,16 @@ def main(argv: list[str] | None = None) -> int:
         from .creds_commands import run_creds_command
 
         return run_creds_command(args)
-    logs.configure(args.log_level, args.log_format)
+    if args.command in OBSERVE_COMMANDS:
+        from .observe_commands import run_observe_command
+
+        return run_observe_command(args)
+    try:  # files under the data dir of `up` and `node`, else LLM_ROUTER_LOG_DIR or ~/.llm-router/logs
+        directory = logs.log_dir(getattr(args, "data_dir", None))
+        logs.configure(args.log_level, args.log_format, component=args.command, directory=directory)
+    except (OSError, RuntimeError) as exc:
+        print(f"llm-router: {exc}", file=sys.stderr)
+        return 1
     run = _event_loop_runner()
     try:
         if args.command == "up":

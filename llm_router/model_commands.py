@@ -112,7 +112,7 @@ class _Client:
         self.api_key = api_key
 
     def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
-        url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        url = self.base + path + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")
         data = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if data else {}
         if self.api_key:

@@ -23,6 +23,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import NatsAuth, connect, provision
 from broker.endpoints import Endpoint, Service
+from broker.logship import REQUEST_ID, SHIPPER
 from events import codec, encode_token, name_error, storage, subjects
 from events.capabilities import CAPABILITIES
 from events.messages import (
@@ -117,6 +118,7 @@ class NodeAgent:
         self.nc = await connect(
             self.nats_url, name=f"node-{self.node_id}", auth=self.nats_auth, on_reconnect=self._recover
         )
+        SHIPPER.attach(self.nc, "node", self.node_id)  # its log records, to the LOGS stream (logs.node.<id>.*)
         self.js = self.nc.jetstream()
         await provision(self.js, self.replicas, role=self.nc.role)  # a node's own credential: bind only
         self.kv_nodes = await self.js.key_value(storage.KV_NODES)
@@ -216,6 +218,7 @@ class NodeAgent:
         self.served.clear()
         if self.upstream is not None:
             await self.upstream.stop()
+        await SHIPPER.detach(self.nc)
         await self.nc.drain()
         log.info("node stopped", node_id=self.node_id)
 
@@ -484,9 +487,11 @@ class NodeAgent:
             if self._early_cancels.pop(request.request_id, None) is not None:
                 cancelled.set()  # its cancel overtook it (another subscription, another task)
             self._cancels[request.request_id] = cancelled
+            logging_as = REQUEST_ID.set(request.request_id)  # its log lines carry it
             try:
                 await served.serve(request, responder, cancelled, self.js)
             finally:
+                REQUEST_ID.reset(logging_as)
                 self._cancels.pop(request.request_id, None)
                 if self.draining:
                     self._beat_now.set()  # report "drained" as soon as the last request ends

@@ -27,6 +27,7 @@ from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog, bounded
 from broker.blobs import blob_prefix
 from broker.endpoints import Service
+from broker.logship import SHIPPER
 from broker.mirrors import NodeDirectory, RegisteredModels
 from events import NameTooLong, codec, encode_token, name_error, storage, subjects
 from events.messages import (
@@ -106,6 +107,7 @@ class Registry:
 
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, name="registry", auth=self.nats_auth, on_reconnect=self._recover)
+        SHIPPER.attach(self.nc, "registry")  # its log records, to the LOGS stream
         self.js = self.nc.jetstream()
         await provision(self.js, self.replicas, role=self.nc.role)
         self.kv = await self.js.key_value(storage.KV_MODELS)
@@ -165,6 +167,7 @@ class Registry:
         await self.nodes.stop()
         await self.models.stop()
         self.hf.close()
+        await SHIPPER.detach(self.nc)
         await self.nc.drain()
 
     # ------------------------------------------------------------ state

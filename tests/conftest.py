@@ -175,6 +175,14 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message=
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _log_files(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Components started as processes write their log files here, not into ~/.llm-router/logs
+    (``up`` and ``node`` given a --data-dir write under it unless this is set; tests that look
+    at those files set their own)."""
+    os.environ.setdefault("LLM_ROUTER_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _stack_model_root(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every file a test registers lies in one of the session's temporary directories: the
     registry of a Stack takes their base as its models root (``--model-root``)."""

@@ -393,7 +393,7 @@ async def test_a_hanging_provider_never_delays_the_model_list(nats_url, fakes) -
 async def history_of(gateway: Gateway, request_id: str | None, model: str) -> HistoryRecord:
     """The HISTORY record of a request (or the last one of ``model``), read from the stream."""
     await gateway.history.flush()
-    subject = subjects.history("chat", model)
+    subject = subjects.history_filter("chat", model)  # the last record of the model, whatever its status
     deadline = time.monotonic() + 5
     while True:
         message = await gateway.js.get_last_msg(storage.HISTORY, subject)

@@ -253,7 +253,14 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
 # Fields added since the samples were written (optional, so old JSON still decodes): re-encoding
 # adds them with their defaults, and nothing else may change.
 ADDED_SINCE = {
-    "history": {"key_id": None, "provider": None, "cost_usd": None, "first_token_ms": None, "queue_ms": None},
+    "history": {
+        "key_id": None,
+        "provider": None,
+        "cost_usd": None,
+        "first_token_ms": None,
+        "queue_ms": None,
+        "masking": "none",
+    },
     "delta": {"logprobs": None, "tool_calls": None},  # logprobs and tool call fragments (issue 14)
     "done": {"choices": None},  # n choices, tool calls, logprobs
 }

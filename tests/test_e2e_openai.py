@@ -11,6 +11,8 @@ import openai
 import pytest
 from conftest import Stack, requires_llama, wait_until
 
+from events import encode_token
+
 pytestmark = [pytest.mark.e2e, requires_llama]
 
 MODEL = "e2e-tiny"
@@ -236,7 +238,8 @@ def test_history_records_every_request_as_json(client: openai.OpenAI, stack) -> 
 
     mine, refused = wait_until(find, timeout=10, message="history records")
     record = mine[0]
-    assert record["subject"] == "history.chat.e2e-tiny"
+    # history.<capability>.<model>.<class>.<status>.<node>.<key>: `nats sub 'history.chat.e2e-tiny.>'`
+    assert record["subject"] == f"history.chat.e2e-tiny.2xx.200.{encode_token(record['node_id'])}.-"
     assert record["endpoint"] == "/v1/chat/completions"
     assert record["stream"] is True and record["status_code"] == 200
     assert record["response"]["choices"][0]["message"]["content"] == streamed

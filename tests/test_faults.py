@@ -20,7 +20,7 @@ from nats.aio.client import Client
 
 from broker import EmbeddedNats, connect
 from broker.connection import SubjectTooLong
-from events import MAX_NAME_BYTES
+from events import MAX_NAME_BYTES, subjects
 from gateway.dispatch import BROKER_GRACE_S
 
 pytestmark = pytest.mark.e2e
@@ -271,7 +271,7 @@ def _history_statuses(url: str) -> dict[str, int]:
         try:
             js = nc.jetstream()
             found: dict[str, int] = {}
-            sub = await js.subscribe(f"history.chat.{MODEL}", ordered_consumer=True)
+            sub = await js.subscribe(subjects.history_filter("chat", MODEL), ordered_consumer=True)
             while True:  # until the stream has nothing more for half a second
                 try:
                     msg = await sub.next_msg(timeout=0.5)
@@ -291,7 +291,7 @@ def _history_statuses(url: str) -> dict[str, int]:
 
 
 @requires_llama
-def test_nodes_and_the_registry_answer_nats_micro_discovery(nats_url, tiny_gguf, tmp_path) -> None:
+def test_nodes_the_registry_and_gateways_answer_nats_micro_discovery(nats_url, tiny_gguf, tmp_path) -> None:
     """`nats micro ls|info|stats` work on our components: the endpoint layer speaks the micro protocol."""
     stack = Stack(nats_url, tmp_path)
     try:
@@ -317,12 +317,20 @@ def test_nodes_and_the_registry_answer_nats_micro_discovery(nats_url, tiny_gguf,
                 )
                 info = json.loads((await nc.request(f"$SRV.INFO.llm-router-node.{node['id']}", b"", timeout=5)).data)
                 stats = json.loads((await nc.request(f"$SRV.STATS.llm-router-node.{node['id']}", b"", timeout=5)).data)
-                return pings, info, stats
+                gateways = [p for p in pings if p["name"] == "llm-router-gateway"]
+                healths = []
+                for gateway in gateways:  # the health endpoint each gateway's service lists
+                    ginfo = json.loads((await nc.request(f"$SRV.INFO.llm-router-gateway.{gateway['id']}", b"")).data)
+                    (health,) = [e["subject"] for e in ginfo["endpoints"] if e["name"] == "health"]
+                    healths.append(json.loads((await nc.request(health, b"", timeout=5)).data))
+                return pings, info, stats, healths
             finally:
                 await nc.close()
 
-        pings, info, stats = asyncio.run(ask())
-        assert {"llm-router-node", "llm-router-registry"} <= {p["name"] for p in pings}
+        pings, info, stats, healths = asyncio.run(ask())
+        assert {"llm-router-node", "llm-router-registry", "llm-router-gateway"} <= {p["name"] for p in pings}
+        ours = [h for h in healths if h["url"] == stack.url]
+        assert ours and ours[0]["status"] == "ok" and ours[0]["nodes"] >= 1, healths
         assert info["type"] == "io.nats.micro.v1.info_response"
         chat_endpoints = [e for e in info["endpoints"] if e["name"] == "chat" and e["metadata"]["model"] == MODEL]
         assert {e["queue_group"] for e in chat_endpoints} == {"nodes", ""}

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from broker import EmbeddedNats, NatsAuth, connect, payloads, provision
 from broker.blobs import blob_info, blob_name, read_blob
 from broker.credentials import Authority, CredentialsError, Identity, identity_of
-from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR
+from broker.logship import LogShipper
+from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR, REGISTRY
 from events import storage, subjects
 
 # The longest node name there is: its credential must still fit the server's 4 KB CONNECT line.
@@ -284,6 +286,44 @@ async def test_the_gateway_cannot_speak_as_the_registry_or_a_node(connected) -> 
     await gateway.publish(subjects.ADMIN_MODEL_HUB, b"{}")
     await _settled(gateway)
     assert gateway.last_error is refusal
+
+
+async def test_each_role_ships_its_own_log_records_and_no_one_elses(authed) -> None:
+    """The gateway, the registry and a node each publish their log records (broker.logship) on
+    their credential, nothing refused; a node cannot write another node's, nor the gateway's."""
+    url, authority, _ = authed
+    operator = await _as(url, authority, OPERATOR)
+    clients = {
+        "gateway": await _as(url, authority, GATEWAY),
+        "registry": await _as(url, authority, REGISTRY),
+        "node": await _as(url, authority, NODE, NODE_B),
+    }
+    try:
+        seen = await Inbox().on(operator, "logs.>")
+        for component, nc in clients.items():
+            shipper = LogShipper()
+            shipper.identity.component, shipper.identity.instance = component, f"creds-{component}"
+            shipper.attach(nc, component, NODE_B if component == "node" else None)
+            shipper.emit((time.time(), "warning", component, {"event": "shipped", "token": "never shown"}))
+            await shipper.detach(nc)  # ships what is buffered first
+            await _settled(nc)
+            assert shipper.stats == {"pending": 0, "shipped": 1, "dropped": 0}
+            assert "logs." not in str(nc.last_error or ""), nc.last_error
+        expected = [
+            subjects.logs("gateway", "creds-gateway", "warning"),
+            subjects.logs("registry", "creds-registry", "warning"),
+            subjects.logs("node", NODE_B, "warning"),
+        ]
+        await _until(lambda: sorted(seen.subjects) == sorted(expected), what=lambda: str(seen.subjects))
+        node = clients["node"]
+        for forged in (subjects.logs("node", NODE_A, "info"), subjects.logs("gateway", "creds-gateway", "info")):
+            await node.publish(forged, b"{}")
+            await _refused(node, "publish", forged)
+        await asyncio.sleep(0.2)
+        assert sorted(seen.subjects) == sorted(expected)
+    finally:
+        for nc in (operator, *clients.values()):
+            await nc.close()
 
 
 async def test_nobody_without_a_credential_gets_in(authed) -> None:

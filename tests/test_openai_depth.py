@@ -22,7 +22,7 @@ import pytest
 from conftest import Stack, requires_llama
 from pydantic import BaseModel, Field
 
-from events import codec
+from events import codec, subjects
 from events.json_schema import unenforceable
 from events.messages import ToolCall
 from events.openai import ChatCompletionBody, ChatMessage
@@ -430,7 +430,7 @@ def test_history_records_the_choices_of_a_streamed_answer(client, stack) -> None
         nc = await nats.connect(stack.nats_url)
         try:
             js = nc.jetstream()
-            msg = await js.get_last_msg("HISTORY", f"history.chat.{PLAIN}")
+            msg = await js.get_last_msg("HISTORY", subjects.history_filter("chat", PLAIN))
             return json.loads(msg.data)
         finally:
             await nc.close()

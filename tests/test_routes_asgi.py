@@ -109,7 +109,8 @@ async def test_healthz_reports_the_broker_and_what_the_gateway_sees(client) -> N
     body = response.json()
     assert (body["status"], body["nats"]) == ("ok", "connected")
     assert isinstance(body["nodes"], int) and isinstance(body["models"], int)
-    assert set(body["history"]) == {"pending", "retried", "dropped"}
+    assert set(body["history"]) == {"pending", "retried", "dropped", "unindexed"}
+    assert set(body["logs"]) == {"pending", "shipped", "dropped"}  # the log shipper's buffer
 
 
 async def test_the_model_list_is_empty_without_nodes(gateway, client) -> None:

@@ -69,6 +69,7 @@ from .inference import (
     TopLogprob,
     TranscriptionResult,
 )
+from .logs import LogRecord
 from .models import AdminReply, DeleteModel, ModelEvent, ModelFile, ModelRecord, ModelSource, ModelState, RegisterModel
 from .nodes import GpuInfo, LoadedModel, NodeCommand, NodeCommandReply, NodeGoodbye, NodeHeartbeat, RuntimeStatus
 
@@ -111,6 +112,7 @@ __all__ = [
     "HfQuery",
     "HfReply",
     "HistoryRecord",
+    "LogRecord",
     "UsageDay",
     "HubEntry",
     "HubQuery",

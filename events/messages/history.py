@@ -34,6 +34,7 @@ class HistoryRecord(Struct, kw_only=True):
     error: str | None = None
     request: msgspec.Raw = msgspec.Raw(b"null")
     response: Any = None
+    masking: str = "none"  # what the gateway's --history-masking left of the bodies: none, partial, full
     schema: int = SCHEMA_VERSION
 
 
