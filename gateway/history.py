@@ -14,7 +14,7 @@ entry lost with a broker restart makes that record's ``/v0/history/{id}`` a 404;
 every list and export.
 
 Observers (``observe``) see every record once, as it is appended and before it is written: the
-usage meter counts tokens and adds the cost there (gateway/usage.py); metrics can hook in the same way.
+usage meter counts tokens and adds the cost there (gateway/usage.py), and the metrics count every request (gateway/metrics.py).
 """
 
 from __future__ import annotations
