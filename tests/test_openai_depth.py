@@ -21,6 +21,7 @@ import openai
 import pytest
 from conftest import Stack, requires_llama
 from pydantic import BaseModel, Field
+from tool_models import PING, SCHEMAS, WEATHER, sdk_client, serve_chat_models
 
 from events import codec, subjects
 from events.json_schema import unenforceable
@@ -35,31 +36,6 @@ NATIVE = "depth-tools"
 HI = [{"role": "user", "content": "hi"}]
 NO_END = {"2": -100, "4": -100}  # the tiny model's end tokens (</s>, <|im_end|>): it runs to the limit
 
-# A Qwen-style template: renders tools, earlier calls and tool results itself.
-TOOLS_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
-    "Call a function as <tool_call>{json}</tool_call>.<|im_end|>\n{% endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
-    "{%- for call in message.tool_calls %}<tool_call>\n"
-    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
-    "{%- endfor %}<|im_end|>\n"
-    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "unit": {"enum": ["c", "f"]},
-        "days": {"type": "integer"},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
-PING = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 TOOLS = [
     {
         "type": "function",
@@ -67,25 +43,20 @@ TOOLS = [
     },
     {"type": "function", "function": {"name": "ping", "parameters": PING}},
 ]
-SCHEMAS = {"get_weather": WEATHER, "ping": PING}
 
 
 @pytest.fixture(scope="module")
 def stack(nats_url, tmp_path_factory):
-    from nodes.demo_model import write_tiny_gguf
-
     tmp = tmp_path_factory.mktemp("depth")
     stack = Stack(nats_url, tmp)
-    # 2048 tokens: the tiny vocabulary spends about a token per character of a tools prompt.
-    stack.serve(write_tiny_gguf(tmp / "plain.gguf", context_length=2048), PLAIN)
-    stack.serve(write_tiny_gguf(tmp / "native.gguf", context_length=2048, chat_template=TOOLS_TEMPLATE), NATIVE)
+    serve_chat_models(stack, tmp, PLAIN, NATIVE)
     yield stack
     stack.close()
 
 
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(stack)
 
 
 def _refused(call, param: str, code: str = "unsupported_parameter") -> str:

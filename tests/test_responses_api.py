@@ -23,6 +23,7 @@ import pytest
 from conftest import Stack, requires_llama
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, Field
+from tool_models import PING, SCHEMAS, WEATHER, sdk_client, serve_chat_models
 
 from events import subjects
 
@@ -32,37 +33,23 @@ PLAIN = "resp-chatml"
 NATIVE = "resp-tools"
 VISION = "resp-vision"
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "unit": {"enum": ["c", "f"]},
-        "days": {"type": "integer"},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
-PING = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
     {"type": "function", "name": "ping", "parameters": PING, "strict": True},
 ]
-SCHEMAS = {"get_weather": WEATHER, "ping": PING}
 PING_FORMAT = {"format": {"type": "json_schema", "name": "answer", "schema": PING, "strict": True}}
 EVENTS = pydantic.TypeAdapter(ResponseStreamEvent)
 
 
 @pytest.fixture(scope="module")
 def stack(nats_url, tmp_path_factory):
-    from test_openai_depth import TOOLS_TEMPLATE
     from tiny_models import build_tiny_mmproj
 
     from nodes.demo_model import write_tiny_gguf
 
     tmp = tmp_path_factory.mktemp("responses")
     stack = Stack(nats_url, tmp)
-    stack.serve(write_tiny_gguf(tmp / "plain.gguf", context_length=2048), PLAIN)
-    stack.serve(write_tiny_gguf(tmp / "native.gguf", context_length=2048, chat_template=TOOLS_TEMPLATE), NATIVE)
+    serve_chat_models(stack, tmp, PLAIN, NATIVE)
     vision = tmp / "vision"
     write_tiny_gguf(vision / "tiny-vision.gguf")  # with a projector beside it (llama.cpp's layout)
     build_tiny_mmproj(vision / "mmproj-tiny.gguf")
@@ -73,7 +60,7 @@ def stack(nats_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(stack)
 
 
 def _strict(payload: dict) -> Response:
