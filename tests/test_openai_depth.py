@@ -21,7 +21,7 @@ import openai
 import pytest
 from conftest import Stack, requires_llama
 from pydantic import BaseModel, Field
-from tool_models import PING, SCHEMAS, WEATHER, sdk_client, serve_chat_models
+from tool_models import PING, SCHEMAS, WEATHER, refused, sdk_client, serve_chat_models
 
 from events import codec, subjects
 from events.json_schema import unenforceable
@@ -59,15 +59,6 @@ def client(stack) -> openai.OpenAI:
     return sdk_client(stack)
 
 
-def _refused(call, param: str, code: str = "unsupported_parameter") -> str:
-    with pytest.raises(openai.BadRequestError) as err:
-        call()
-    assert err.value.status_code == 400
-    assert err.value.body["param"] == param, err.value.body
-    assert err.value.body["code"] == code, err.value.body
-    return err.value.body["message"]
-
-
 # ---------------------------------------------------------------- no silent drops
 
 
@@ -85,7 +76,7 @@ def _refused(call, param: str, code: str = "unsupported_parameter") -> str:
     ],
 )
 def test_output_changing_fields_not_supported_are_400_naming_them(client, extra, param) -> None:
-    message = _refused(lambda: client.chat.completions.create(model=PLAIN, messages=HI, extra_body=extra), param)
+    message = refused(lambda: client.chat.completions.create(model=PLAIN, messages=HI, extra_body=extra), param)
     assert param in message
 
 
@@ -99,13 +90,13 @@ def test_harmless_metadata_is_accepted(client) -> None:
 
 def test_inconsistent_or_unenforceable_requests_are_400(client) -> None:
     chat = client.chat.completions.create
-    _refused(lambda: chat(model=PLAIN, messages=HI, top_logprobs=3), "top_logprobs", "invalid_value")
-    _refused(lambda: chat(model=PLAIN, messages=HI, tool_choice="required"), "tool_choice", "invalid_value")
+    refused(lambda: chat(model=PLAIN, messages=HI, top_logprobs=3), "top_logprobs", "invalid_value")
+    refused(lambda: chat(model=PLAIN, messages=HI, tool_choice="required"), "tool_choice", "invalid_value")
     named = {"type": "function", "function": {"name": "nope"}}
-    _refused(lambda: chat(model=PLAIN, messages=HI, tools=TOOLS, tool_choice=named), "tool_choice", "invalid_value")
+    refused(lambda: chat(model=PLAIN, messages=HI, tools=TOOLS, tool_choice=named), "tool_choice", "invalid_value")
     bounded = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": bounded}}
-    message = _refused(
+    message = refused(
         lambda: chat(model=PLAIN, messages=HI, response_format=schema_format), "response_format", "unsupported_schema"
     )
     assert "'minimum'" in message and "$.properties.age" in message
@@ -118,11 +109,11 @@ def test_inconsistent_or_unenforceable_requests_are_400(client) -> None:
             },
         }
     ]
-    _refused(lambda: chat(model=PLAIN, messages=HI, tools=tool), "tools", "unsupported_schema")
+    refused(lambda: chat(model=PLAIN, messages=HI, tools=tool), "tools", "unsupported_schema")
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
-    _refused(lambda: chat(model=PLAIN, messages=image, tools=TOOLS), "tools")  # the LLaVA handler has no tools
-    _refused(lambda: client.completions.create(model=PLAIN, prompt="x", suffix="y"), "suffix")
-    _refused(lambda: client.completions.create(model=PLAIN, prompt="x", best_of=3), "best_of")
+    refused(lambda: chat(model=PLAIN, messages=image, tools=TOOLS), "tools")  # the LLaVA handler has no tools
+    refused(lambda: client.completions.create(model=PLAIN, prompt="x", suffix="y"), "suffix")
+    refused(lambda: client.completions.create(model=PLAIN, prompt="x", best_of=3), "best_of")
     with pytest.raises(openai.BadRequestError) as err:
         chat(model=PLAIN, messages=HI, n=9)
     assert err.value.body["param"] == "n"
@@ -445,7 +436,7 @@ def test_schema_keywords_a_grammar_cannot_enforce_are_named(schema, problem) -> 
     assert (found is None) if problem is None else (problem in found), found
 
 
-def test_deep_or_huge_schemas_are_refused() -> None:
+def test_deep_or_huge_schemas_arerefused() -> None:
     deep: dict = {"type": "string"}
     for _ in range(20):
         deep = {"type": "array", "items": deep}

@@ -1,6 +1,6 @@
-"""The two tiny chat GGUFs and tool schemas that the SDK-depth tests (chat completions in
-test_openai_depth.py, responses in test_responses_api.py) both run against, kept in one place
-so the two suites exercise the same models and schemas.
+"""What the SDK-depth tests (chat completions in test_openai_depth.py, responses in
+test_responses_api.py) share: two tiny chat GGUFs, tool schemas, the SDK client and the check
+of a refusal, kept in one place so both suites exercise the same models the same way.
 
 One model's ChatML template knows nothing of tools (tools go into a system prompt); the other
 renders tools and calls itself (Qwen style).
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import openai
+import pytest
 
 # A Qwen-style template: renders tools, earlier calls and tool results itself.
 TOOLS_TEMPLATE = (
@@ -53,3 +54,13 @@ def serve_chat_models(stack, tmp: Path, plain: str, native: str) -> None:
 def sdk_client(stack) -> openai.OpenAI:
     """The official SDK on the stack's gateway: no retries, so a refusal surfaces at once."""
     return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def refused(call, param: str, code: str = "unsupported_parameter") -> str:
+    """The message of the 400 that ``call`` gets, which names ``param`` and ``code``."""
+    with pytest.raises(openai.BadRequestError) as err:
+        call()
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param, err.value.body
+    assert err.value.body["code"] == code, err.value.body
+    return err.value.body["message"]
