@@ -21,6 +21,7 @@ from broker.direct import DirectGetError, newest_first
 from events import codec, storage, subjects
 from events.messages import AuditRecord
 
+from . import query
 from .errors import ApiError
 from .http import json_response
 
@@ -30,24 +31,11 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 ACTION_PATTERN = r"^[a-z][a-z0-9_-]{0,31}\.[a-z][a-z0-9_-]{0,31}$"  # noun.verb (the OpenAPI document says so too)
 COMPONENT_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 _ACTION, _COMPONENT = re.compile(ACTION_PATTERN), re.compile(COMPONENT_PATTERN)
-_DIGITS = re.compile(r"[0-9]{1,19}")
-
-
-def _int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    value = int(raw) if _DIGITS.fullmatch(raw) else low - 1  # int() would take " 5", "+5" and "５"
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be an integer from {low} to {high}.", param=name)
-    return value
 
 
 def _filter(request: Request) -> str | None:
-    params = request.query_params
-    actor, action, component = params.get("actor"), params.get("action"), params.get("component")
-    if actor is not None and not 0 < len(actor) <= MAX_ACTOR_CHARS:
-        raise ApiError(400, f"'actor' must be 1 to {MAX_ACTOR_CHARS} characters.", param="actor")
+    actor = query.text(request, "actor", MAX_ACTOR_CHARS)
+    action, component = request.query_params.get("action"), request.query_params.get("component")
     if action is not None and not _ACTION.fullmatch(action):
         raise ApiError(400, "'action' is noun.verb, e.g. model.register or key.revoke.", param="action")
     if component is not None and not _COMPONENT.fullmatch(component):
@@ -63,8 +51,8 @@ class AuditRoutes:
         self.js = js
 
     async def page(self, request: Request) -> Response:
-        limit = _int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        before = _int(request, "before", None, 1, 2**63 - 1)
+        limit = query.integer(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        before = query.integer(request, "before", None, 1, query.SEQ_MAX)
         subject = _filter(request)
         try:
             page = await newest_first(self.nc, self.js, storage.AUDIT, limit=limit, before=before, subject=subject)

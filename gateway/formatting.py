@@ -98,42 +98,36 @@ def chat_message(choice: Choice) -> dict:
 def chat_completion(
     cid: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, choices: list[Choice] | None = None
 ) -> dict:
-    if choices is not None:
-        items = [
-            {
-                "index": c.index,
-                "message": chat_message(c),
-                "logprobs": chat_logprobs(c.logprobs),
-                "finish_reason": client_finish_reason(c.finish_reason),
-            }
-            for c in choices
-        ]
-        return _completion(CHAT_OBJECT, cid, created, model, items, usage)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": client_finish_reason(finish_reason),
-    }
-    return _completion(CHAT_OBJECT, cid, created, model, [choice], usage)
+    items = [
+        {
+            "index": c.index,
+            "message": chat_message(c),
+            "logprobs": chat_logprobs(c.logprobs),
+            "finish_reason": client_finish_reason(c.finish_reason),
+        }
+        for c in _or_plain(choices, text, finish_reason)
+    ]
+    return _completion(CHAT_OBJECT, cid, created, model, items, usage)
 
 
 def text_completion(
     cid: str, created: int, model: str, text: str, finish_reason: str, usage: Usage, choices: list[Choice] | None = None
 ) -> dict:
-    if choices is not None:
-        items = [
-            {
-                "text": c.text,
-                "index": c.index,
-                "logprobs": completion_logprobs(c.logprobs),
-                "finish_reason": client_finish_reason(c.finish_reason),
-            }
-            for c in choices
-        ]
-        return _completion(TEXT_OBJECT, cid, created, model, items, usage)
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": client_finish_reason(finish_reason)}
-    return _completion(TEXT_OBJECT, cid, created, model, [choice], usage)
+    items = [
+        {
+            "text": c.text,
+            "index": c.index,
+            "logprobs": completion_logprobs(c.logprobs),
+            "finish_reason": client_finish_reason(c.finish_reason),
+        }
+        for c in _or_plain(choices, text, finish_reason)
+    ]
+    return _completion(TEXT_OBJECT, cid, created, model, items, usage)
+
+
+def _or_plain(choices: list[Choice] | None, text: str, finish_reason: str) -> list[Choice]:
+    """``choices``, or the one plain-text choice an answer without them is (no calls, no logprobs)."""
+    return [Choice(text=text, finish_reason=finish_reason)] if choices is None else choices
 
 
 def _completion(obj: str, cid: str, created: int, model: str, choices: list[dict], usage: Usage) -> dict:

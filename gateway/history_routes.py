@@ -169,13 +169,14 @@ class HistoryRoutes:
         except WindowError as exc:
             raise _unavailable(exc) from None
 
-    @staticmethod
-    def _row(q: HistoryQuery):
+    def _scan(self, q: HistoryQuery) -> paging.Scan:
+        """The history stream through ``q``'s filters; with free text, only the records it matches."""
+
         def row(msg: Stored) -> dict[str, Any] | None:
             record = _decode(msg) if q.matches_text(msg.data) else None
             return summary(msg, record) if record is not None else None
 
-        return row
+        return paging.Scan(self.windows, q.filters, row, MAX_SCAN, None if q.needle is None else TEXT_CHUNK)
 
     async def _backward(
         self, q: HistoryQuery, bounds: Bounds, lo: int, hi: int, cursor: tuple[int, int] | None, per_page: int
@@ -186,18 +187,7 @@ class HistoryRoutes:
         total: int | None = None
         if q.needle is None:
             total = span[1] if upper == top else (await self.windows.span(q.filters, lo, top, bounds))[1]
-        page = await paging.backward(
-            self.windows,
-            q.filters,
-            lo,
-            upper,
-            limit=per_page,
-            chunk=per_page if q.needle is None else TEXT_CHUNK,
-            row=self._row(q),
-            max_scan=MAX_SCAN,
-            bounds=bounds,
-            span=span,
-        )
+        page = await paging.backward(self._scan(q), lo, upper, limit=per_page, bounds=bounds, span=span)
         return {
             "object": "list",
             "data": page.rows,
@@ -213,17 +203,7 @@ class HistoryRoutes:
     ) -> dict[str, Any]:
         """Records after ``after``, oldest first; ``has_more``: stopped by the page size (or the
         scan limit) before the newest record, so asking again at once gets more."""
-        page = await paging.forward(
-            self.windows,
-            q.filters,
-            after,
-            lo,
-            hi,
-            limit=per_page,
-            chunk=None if q.needle is None else TEXT_CHUNK,
-            row=self._row(q),
-            max_scan=MAX_SCAN,
-        )
+        page = await paging.forward(self._scan(q), after, lo, hi, limit=per_page)
         return {
             "object": "list",
             "data": page.rows,

@@ -152,25 +152,17 @@ class LogRoutes:
         except WindowError as exc:
             raise ApiError(503, f"Cannot read the logs: {exc}", code="logs_unavailable") from None
 
-    def _rows(self, matches: Callable[[str], bool] | None):
+    def _scan(self, filters: list[str], matches: Callable[[str], bool] | None) -> paging.Scan:
+        """The log stream through ``filters``; with a regular expression, only the lines it matches."""
+
         def row(msg: Stored) -> dict[str, Any] | None:
             made = _row(msg)
             return made[0] if made is not None and (matches is None or matches(line(made[1]))) else None
 
-        return row
+        return paging.Scan(self.windows, filters, row, MAX_SCAN, None if matches is None else SCAN_CHUNK)
 
     async def _backward(self, filters, lo, hi, bounds, limit, matches) -> dict[str, Any]:
-        page = await paging.backward(
-            self.windows,
-            filters,
-            lo,
-            hi,
-            limit=limit,
-            chunk=limit if matches is None else SCAN_CHUNK,
-            row=self._rows(matches),
-            max_scan=MAX_SCAN,
-            bounds=bounds,
-        )
+        page = await paging.backward(self._scan(filters, matches), lo, hi, limit=limit, bounds=bounds)
         return {
             "object": "list",
             "data": page.rows,
@@ -179,15 +171,5 @@ class LogRoutes:
         }
 
     async def _forward(self, filters, lo, hi, after, limit, matches) -> dict[str, Any]:
-        page = await paging.forward(
-            self.windows,
-            filters,
-            after,
-            lo,
-            hi,
-            limit=limit,
-            chunk=None if matches is None else SCAN_CHUNK,
-            row=self._rows(matches),
-            max_scan=MAX_SCAN,
-        )
+        page = await paging.forward(self._scan(filters, matches), after, lo, hi, limit=limit)
         return {"object": "list", "data": page.rows, "has_more": page.more, "next_after": page.edge}

@@ -244,12 +244,7 @@ class OpenAIRoutes:
             return make(cid, created, body.model, text, finish, usage, choices)
 
         collected = formatting.Choices() if body.shapes_output else None
-        return CallStream(
-            exchange,
-            self._stream(exchange, first, writer, summary, first_byte_ms, collected),
-            media_type="text/event-stream",
-            headers={**exchange.headers(), "cache-control": "no-cache"},
-        )
+        return CallStream.sse(exchange, self._stream(exchange, first, writer, summary, first_byte_ms, collected))
 
     async def _stream(
         self,
@@ -366,6 +361,13 @@ class CallStream(StreamingResponse):
     def __init__(self, exchange: Exchange, content: AsyncIterator[bytes], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.exchange = exchange
+
+    @classmethod
+    def sse(cls, exchange: Exchange, events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> CallStream:
+        """``events`` as a server-sent event stream, never cached, with ``headers`` (by default
+        the exchange's): how every streamed answer goes out."""
+        headers = exchange.headers() if headers is None else headers
+        return cls(exchange, events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Query parameters of the read APIs (history, logs): each one bounded, each refusal an OpenAI error.
+"""Query parameters of the read APIs (history, logs, audit): each one bounded, each refusal an OpenAI error.
 
 The patterns here are the OpenAPI document's too (:mod:`gateway.openapi`), so what the
 document calls invalid is exactly what these refuse.

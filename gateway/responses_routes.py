@@ -141,13 +141,7 @@ class ResponsesRoutes:
     async def _whole(
         self, exchange: Exchange, chat: Any, envelope: Envelope, conversation: list[InputItem], owner: str | None
     ) -> Response:
-        exchange.dispatch(self.api.dispatcher, chat, stream=False)
-        try:
-            reply = await exchange.first_reply()
-        finally:
-            await exchange.close()
-        if not isinstance(reply, TextDone):
-            raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
+        reply = await self.api.final_reply(exchange, chat, TextDone)
         response = envelope.whole(reply.text, reply.finish_reason, reply.usage, reply.choices)
         if envelope.body.store:
             _, encoded = await self._store(envelope, conversation, owner, response)
@@ -167,12 +161,7 @@ class ResponsesRoutes:
             raise
         first_byte_ms = (time.perf_counter() - exchange.t0) * 1000
         events = self._events(exchange, first, EventWriter(envelope), conversation, owner, first_byte_ms)
-        return CallStream(
-            exchange,
-            events,
-            media_type="text/event-stream",
-            headers={**exchange.headers(), "cache-control": "no-cache"},
-        )
+        return CallStream.sse(exchange, events)
 
     async def _events(
         self,

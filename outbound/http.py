@@ -250,18 +250,45 @@ class _Connection(asyncio.Protocol):
         self.lost = True
 
 
-class Client:
-    """Requests to one base URL over pooled keep-alive connections."""
+class _BaseClient:
+    """What both clients share: their options and ``get`` on top of each one's ``request``, so
+    ``client_for`` can hand out either."""
 
-    def __init__(
+    def __init__(self, base_url: str, *, timeout: float = 600.0, connect_timeout: float = 10.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+
+    async def request(
         self,
-        base_url: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
         *,
         headers: dict[str, str] | None = None,
-        timeout: float = 600.0,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        parts = urlsplit(base_url.rstrip("/"))
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> Response | _HttpxResponse:
+        """The response; its body read whole unless ``stream`` (then ``iter_bytes`` and ``aclose``)."""
+        return await self._send(method, path, body, headers, stream, timeout)
+
+    async def _send(self, method, path, body, headers, stream, timeout) -> Response | _HttpxResponse:
+        """``request`` over this client's transport (its arguments as ``request`` types them)."""
+        raise NotImplementedError
+
+    async def get(
+        self, path: str, *, params: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Response | _HttpxResponse:
+        query = f"?{urlencode(params)}" if params else ""
+        return await self.request("GET", path + query, timeout=timeout)
+
+
+class Client(_BaseClient):
+    """Requests to one base URL over pooled keep-alive connections."""
+
+    def __init__(self, base_url: str, *, headers: dict[str, str] | None = None, **options: Any) -> None:
+        super().__init__(base_url, **options)
+        parts = urlsplit(self.base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         self.host = parts.hostname
@@ -273,8 +300,6 @@ class Client:
         self.authority = host if default_port else f"{host}:{self.port}"
         fixed = {"host": self.authority, "user-agent": "llm-router", "accept-encoding": "identity", **(headers or {})}
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
         self._idle: deque[_Connection] = deque()
         self._closed = False
 
@@ -305,17 +330,7 @@ class Client:
             head += b"content-length: %d\r\n" % len(body)
         return head + b"\r\n" + (body or b"")
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        *,
-        headers: dict[str, str] | None = None,
-        stream: bool = False,
-        timeout: float | None = None,
-    ) -> Response:
-        """The response; its body read whole unless ``stream`` (then ``iter_bytes`` and ``aclose``)."""
+    async def _send(self, method, path, body, headers, stream, timeout) -> Response:
         if self._closed:
             raise ConnectFailed("the client is closed")
         data = self._head(method, path, body, headers)
@@ -344,42 +359,22 @@ class Client:
             return response
         raise ProtocolError("unreachable")  # the loop returns or raises
 
-    async def get(self, path: str, *, params: dict[str, Any] | None = None, timeout: float | None = None) -> Response:
-        query = f"?{urlencode(params)}" if params else ""
-        return await self.request("GET", path + query, timeout=timeout)
-
     async def aclose(self) -> None:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
 
 
-class HttpxClient:
+class HttpxClient(_BaseClient):
     """The same interface over httpx, for a base URL reached through a proxy."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        headers: dict[str, str] | None = None,
-        timeout: float = 600.0,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        self.base = base_url.rstrip("/")
+    def __init__(self, base_url: str, *, headers: dict[str, str] | None = None, **options: Any) -> None:
+        super().__init__(base_url, **options)
         self.client = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(timeout, connect=connect_timeout), follow_redirects=False
+            headers=headers, timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout), follow_redirects=False
         )
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        *,
-        headers: dict[str, str] | None = None,
-        stream: bool = False,
-        timeout: float | None = None,
-    ) -> _HttpxResponse:
+    async def _send(self, method, path, body, headers, stream, timeout) -> _HttpxResponse:
         options: dict[str, Any] = {"timeout": timeout} if timeout else {}
         request = self.client.build_request(method, self.base + path, content=body, headers=headers, **options)
         try:
@@ -394,10 +389,6 @@ class HttpxClient:
             raise ConnectFailed(str(exc)) from None
         except httpx.HTTPError as exc:
             raise ProtocolError(str(exc) or type(exc).__name__) from None
-
-    async def get(self, path: str, *, params: dict[str, Any] | None = None, timeout: float | None = None):
-        query = f"?{urlencode(params)}" if params else ""
-        return await self.request("GET", path + query, timeout=timeout)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -195,8 +195,11 @@ class FakeOpenAI(FakeProvider):
         refused = self.refused(request)
         if refused:
             return refused
-        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": self.name} for m in self.listed_ids()]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [self.model_row(m) for m in self.listed_ids()]})
+
+    def model_row(self, model: str) -> dict:
+        """One entry of the models list, as this provider writes it."""
+        return {"id": model, "object": "model", "created": 1700000000, "owned_by": self.name}
 
     def _turns(self, messages: list[dict]) -> list[tuple[str, str]]:
         return [(m.get("role", "user"), _text(m.get("content"))) for m in messages]
@@ -367,15 +370,8 @@ class FakeGoogle(FakeOpenAI):
     models = GOOGLE_MODELS
     prefix = "/v1beta/openai"
 
-    def listed_ids(self) -> list[str]:
-        return self.models
-
-    async def list_models(self, request: Request) -> Response:
-        refused = self.refused(request)
-        if refused:
-            return refused
-        data = [{"id": f"models/{m}", "object": "model", "owned_by": "google"} for m in self.models]
-        return JSONResponse({"object": "list", "data": data})
+    def model_row(self, model: str) -> dict:
+        return {"id": f"models/{model}", "object": "model", "owned_by": "google"}
 
     def error(self, status: int, message: str, kind: str, code: str | None, param: str | None = None) -> Response:
         statuses = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED"}

@@ -14,6 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from conftest import Stack
@@ -42,6 +43,15 @@ class Running:
         answer = await self.client.post("/v0/keys", json={"name": "test", **body}, headers=self.bearer())
         assert answer.status_code == 201, answer.text
         return answer.json()
+
+    async def refuses(self, path: str, cases: tuple[tuple[dict[str, Any], str], ...]) -> None:
+        """``GET path`` answers each ``(params, param)`` of ``cases`` with a 400 OpenAI error naming
+        ``param``: the read APIs' checks of their query parameters."""
+        for params, param in cases:
+            answer = await self.client.get(path, params=params, headers=self.bearer())
+            assert answer.status_code == 400, (params, answer.text)
+            error = answer.json()["error"]
+            assert error["param"] == param and error["type"] == "invalid_request_error", (params, error)
 
     async def serving(self, model: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -226,20 +226,20 @@ async def test_the_audit_log_pages_newest_first_with_filters(stack) -> None:
     older = await page(limit=500, before=seqs[1])
     assert older["data"] and all(r["seq"] < seqs[1] for r in older["data"])
 
-    for params, param in (
-        ({"limit": 0}, "limit"),
-        ({"limit": 501}, "limit"),
-        ({"limit": "x"}, "limit"),
-        ({"before": 0}, "before"),
-        ({"action": "register"}, "action"),
-        ({"action": "a.b.c"}, "action"),
-        ({"action": "model.register\n"}, "action"),
-        ({"component": "Gateway"}, "component"),
-        ({"actor": "x" * 65}, "actor"),
-    ):
-        answer = await s.client.get("/v0/audit", params=params, headers=s.bearer())
-        assert answer.status_code == 400, (params, answer.text)
-        assert answer.json()["error"]["param"] == param
+    await s.refuses(
+        "/v0/audit",
+        (
+            ({"limit": 0}, "limit"),
+            ({"limit": 501}, "limit"),
+            ({"limit": "x"}, "limit"),
+            ({"before": 0}, "before"),
+            ({"action": "register"}, "action"),
+            ({"action": "a.b.c"}, "action"),
+            ({"action": "model.register\n"}, "action"),
+            ({"component": "Gateway"}, "component"),
+            ({"actor": "x" * 65}, "actor"),
+        ),
+    )
     # Reading the audit log is administration: a read key may not.
     read = await s.create_key(scopes=["read"])
     assert (await s.client.get("/v0/audit", headers=s.bearer(read["key"]))).status_code == 403

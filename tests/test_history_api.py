@@ -303,26 +303,25 @@ async def test_export_equals_the_filtered_pages(stack, written) -> None:
 
 
 async def test_bad_queries_are_refused_with_openai_errors(stack) -> None:
-    for params, param in (
-        ({"per_page": "7"}, "per_page"),
-        ({"per_page": "abc"}, "per_page"),
-        ({"status": "6xx"}, "status"),
-        ({"status": "50"}, "status"),
-        ({"capability": "telepathy"}, "capability"),
-        ({"cursor": "nope"}, "cursor"),
-        ({"since": "yesterday"}, "since"),
-        ({"since": "2026-02-30"}, "since"),
-        ({"since": "200", "until": "100"}, "since"),
-        ({"q": "x" * 201}, "q"),
-        ({"model": [f"m{i}" for i in range(21)]}, "model"),
-        ({"model": "x" * 300}, "model"),
-        ({"after": "-1"}, "after"),
-        ({"after": "5", "cursor": "1.2"}, "after"),
-    ):
-        answer = await stack.client.get("/v0/history", params=params, headers=stack.bearer())
-        assert answer.status_code == 400, (params, answer.text)
-        error = answer.json()["error"]
-        assert error["param"] == param and error["type"] == "invalid_request_error", (params, error)
+    await stack.refuses(
+        "/v0/history",
+        (
+            ({"per_page": "7"}, "per_page"),
+            ({"per_page": "abc"}, "per_page"),
+            ({"status": "6xx"}, "status"),
+            ({"status": "50"}, "status"),
+            ({"capability": "telepathy"}, "capability"),
+            ({"cursor": "nope"}, "cursor"),
+            ({"since": "yesterday"}, "since"),
+            ({"since": "2026-02-30"}, "since"),
+            ({"since": "200", "until": "100"}, "since"),
+            ({"q": "x" * 201}, "q"),
+            ({"model": [f"m{i}" for i in range(21)]}, "model"),
+            ({"model": "x" * 300}, "model"),
+            ({"after": "-1"}, "after"),
+            ({"after": "5", "cursor": "1.2"}, "after"),
+        ),
+    )
     too_many = {
         "model": [f"m{i}" for i in range(9)],
         "node": [f"n{i}" for i in range(9)],

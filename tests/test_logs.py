@@ -178,21 +178,21 @@ async def test_secrets_are_redacted(stack, nats_url) -> None:
 
 
 async def test_bad_log_queries_are_refused(stack) -> None:
-    for params, param in (
-        ({"limit": "0"}, "limit"),
-        ({"limit": "1001"}, "limit"),
-        ({"level": "loud"}, "level"),
-        ({"component": "toaster"}, "component"),
-        ({"regex": "(unclosed"}, "regex"),
-        ({"regex": "x" * 201}, "regex"),
-        ({"q": ""}, "q"),
-        ({"before": "5", "after": "1"}, "after"),
-        ({"node": "n1", "component": "gateway"}, "node"),
-        ({"since": "soon"}, "since"),
-    ):
-        answer = await stack.client.get("/v0/logs", params=params, headers=stack.bearer())
-        assert answer.status_code == 400, (params, answer.text)
-        assert answer.json()["error"]["param"] == param, (params, answer.json())
+    await stack.refuses(
+        "/v0/logs",
+        (
+            ({"limit": "0"}, "limit"),
+            ({"limit": "1001"}, "limit"),
+            ({"level": "loud"}, "level"),
+            ({"component": "toaster"}, "component"),
+            ({"regex": "(unclosed"}, "regex"),
+            ({"regex": "x" * 201}, "regex"),
+            ({"q": ""}, "q"),
+            ({"before": "5", "after": "1"}, "after"),
+            ({"node": "n1", "component": "gateway"}, "node"),
+            ({"since": "soon"}, "since"),
+        ),
+    )
 
     # A pattern that backtracks forever is stopped, not run forever.
     marker = f"backtrack-{uuid.uuid4().hex[:8]}"

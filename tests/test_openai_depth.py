@@ -21,6 +21,7 @@ import openai
 import pytest
 from conftest import Stack, requires_llama
 from pydantic import BaseModel, Field
+from tool_models import PING, SCHEMAS, WEATHER, refused, sdk_client, serve_chat_models
 
 from events import codec, subjects
 from events.json_schema import unenforceable
@@ -35,31 +36,6 @@ NATIVE = "depth-tools"
 HI = [{"role": "user", "content": "hi"}]
 NO_END = {"2": -100, "4": -100}  # the tiny model's end tokens (</s>, <|im_end|>): it runs to the limit
 
-# A Qwen-style template: renders tools, earlier calls and tool results itself.
-TOOLS_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
-    "Call a function as <tool_call>{json}</tool_call>.<|im_end|>\n{% endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
-    "{%- for call in message.tool_calls %}<tool_call>\n"
-    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
-    "{%- endfor %}<|im_end|>\n"
-    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "unit": {"enum": ["c", "f"]},
-        "days": {"type": "integer"},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
-PING = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 TOOLS = [
     {
         "type": "function",
@@ -67,34 +43,20 @@ TOOLS = [
     },
     {"type": "function", "function": {"name": "ping", "parameters": PING}},
 ]
-SCHEMAS = {"get_weather": WEATHER, "ping": PING}
 
 
 @pytest.fixture(scope="module")
 def stack(nats_url, tmp_path_factory):
-    from nodes.demo_model import write_tiny_gguf
-
     tmp = tmp_path_factory.mktemp("depth")
     stack = Stack(nats_url, tmp)
-    # 2048 tokens: the tiny vocabulary spends about a token per character of a tools prompt.
-    stack.serve(write_tiny_gguf(tmp / "plain.gguf", context_length=2048), PLAIN)
-    stack.serve(write_tiny_gguf(tmp / "native.gguf", context_length=2048, chat_template=TOOLS_TEMPLATE), NATIVE)
+    serve_chat_models(stack, tmp, PLAIN, NATIVE)
     yield stack
     stack.close()
 
 
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def _refused(call, param: str, code: str = "unsupported_parameter") -> str:
-    with pytest.raises(openai.BadRequestError) as err:
-        call()
-    assert err.value.status_code == 400
-    assert err.value.body["param"] == param, err.value.body
-    assert err.value.body["code"] == code, err.value.body
-    return err.value.body["message"]
+    return sdk_client(stack)
 
 
 # ---------------------------------------------------------------- no silent drops
@@ -114,7 +76,7 @@ def _refused(call, param: str, code: str = "unsupported_parameter") -> str:
     ],
 )
 def test_output_changing_fields_not_supported_are_400_naming_them(client, extra, param) -> None:
-    message = _refused(lambda: client.chat.completions.create(model=PLAIN, messages=HI, extra_body=extra), param)
+    message = refused(lambda: client.chat.completions.create(model=PLAIN, messages=HI, extra_body=extra), param)
     assert param in message
 
 
@@ -128,13 +90,13 @@ def test_harmless_metadata_is_accepted(client) -> None:
 
 def test_inconsistent_or_unenforceable_requests_are_400(client) -> None:
     chat = client.chat.completions.create
-    _refused(lambda: chat(model=PLAIN, messages=HI, top_logprobs=3), "top_logprobs", "invalid_value")
-    _refused(lambda: chat(model=PLAIN, messages=HI, tool_choice="required"), "tool_choice", "invalid_value")
+    refused(lambda: chat(model=PLAIN, messages=HI, top_logprobs=3), "top_logprobs", "invalid_value")
+    refused(lambda: chat(model=PLAIN, messages=HI, tool_choice="required"), "tool_choice", "invalid_value")
     named = {"type": "function", "function": {"name": "nope"}}
-    _refused(lambda: chat(model=PLAIN, messages=HI, tools=TOOLS, tool_choice=named), "tool_choice", "invalid_value")
+    refused(lambda: chat(model=PLAIN, messages=HI, tools=TOOLS, tool_choice=named), "tool_choice", "invalid_value")
     bounded = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": bounded}}
-    message = _refused(
+    message = refused(
         lambda: chat(model=PLAIN, messages=HI, response_format=schema_format), "response_format", "unsupported_schema"
     )
     assert "'minimum'" in message and "$.properties.age" in message
@@ -147,11 +109,11 @@ def test_inconsistent_or_unenforceable_requests_are_400(client) -> None:
             },
         }
     ]
-    _refused(lambda: chat(model=PLAIN, messages=HI, tools=tool), "tools", "unsupported_schema")
+    refused(lambda: chat(model=PLAIN, messages=HI, tools=tool), "tools", "unsupported_schema")
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
-    _refused(lambda: chat(model=PLAIN, messages=image, tools=TOOLS), "tools")  # the LLaVA handler has no tools
-    _refused(lambda: client.completions.create(model=PLAIN, prompt="x", suffix="y"), "suffix")
-    _refused(lambda: client.completions.create(model=PLAIN, prompt="x", best_of=3), "best_of")
+    refused(lambda: chat(model=PLAIN, messages=image, tools=TOOLS), "tools")  # the LLaVA handler has no tools
+    refused(lambda: client.completions.create(model=PLAIN, prompt="x", suffix="y"), "suffix")
+    refused(lambda: client.completions.create(model=PLAIN, prompt="x", best_of=3), "best_of")
     with pytest.raises(openai.BadRequestError) as err:
         chat(model=PLAIN, messages=HI, n=9)
     assert err.value.body["param"] == "n"
@@ -474,7 +436,7 @@ def test_schema_keywords_a_grammar_cannot_enforce_are_named(schema, problem) -> 
     assert (found is None) if problem is None else (problem in found), found
 
 
-def test_deep_or_huge_schemas_are_refused() -> None:
+def test_deep_or_huge_schemas_arerefused() -> None:
     deep: dict = {"type": "string"}
     for _ in range(20):
         deep = {"type": "array", "items": deep}

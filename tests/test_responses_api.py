@@ -23,6 +23,7 @@ import pytest
 from conftest import Stack, requires_llama
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, Field
+from tool_models import PING, SCHEMAS, WEATHER, refused, sdk_client, serve_chat_models
 
 from events import subjects
 
@@ -32,37 +33,23 @@ PLAIN = "resp-chatml"
 NATIVE = "resp-tools"
 VISION = "resp-vision"
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "unit": {"enum": ["c", "f"]},
-        "days": {"type": "integer"},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
-PING = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
     {"type": "function", "name": "ping", "parameters": PING, "strict": True},
 ]
-SCHEMAS = {"get_weather": WEATHER, "ping": PING}
 PING_FORMAT = {"format": {"type": "json_schema", "name": "answer", "schema": PING, "strict": True}}
 EVENTS = pydantic.TypeAdapter(ResponseStreamEvent)
 
 
 @pytest.fixture(scope="module")
 def stack(nats_url, tmp_path_factory):
-    from test_openai_depth import TOOLS_TEMPLATE
     from tiny_models import build_tiny_mmproj
 
     from nodes.demo_model import write_tiny_gguf
 
     tmp = tmp_path_factory.mktemp("responses")
     stack = Stack(nats_url, tmp)
-    stack.serve(write_tiny_gguf(tmp / "plain.gguf", context_length=2048), PLAIN)
-    stack.serve(write_tiny_gguf(tmp / "native.gguf", context_length=2048, chat_template=TOOLS_TEMPLATE), NATIVE)
+    serve_chat_models(stack, tmp, PLAIN, NATIVE)
     vision = tmp / "vision"
     write_tiny_gguf(vision / "tiny-vision.gguf")  # with a projector beside it (llama.cpp's layout)
     build_tiny_mmproj(vision / "mmproj-tiny.gguf")
@@ -73,7 +60,7 @@ def stack(nats_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(stack)
 
 
 def _strict(payload: dict) -> Response:
@@ -97,15 +84,6 @@ def _raw_events(stack, body: dict) -> list[dict]:
                 events.append(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
-
-
-def _refused(call, param: str, code: str = "unsupported_parameter") -> str:
-    with pytest.raises(openai.BadRequestError) as err:
-        call()
-    assert err.value.status_code == 400
-    assert err.value.body["param"] == param, err.value.body
-    assert err.value.body["code"] == code, err.value.body
-    return err.value.body["message"]
 
 
 def _valid_call(item) -> dict:
@@ -359,14 +337,14 @@ def test_image_input_items(client) -> None:
     out = client.responses.create(model=VISION, input=_image_input(), max_output_tokens=4)
     assert out.output[0].type == "message"
     assert out.usage.input_tokens > 16  # the projector's 16 image tokens, and the text
-    message = _refused(
+    message = refused(
         lambda: client.responses.create(model=PLAIN, input=_image_input()), "input", "unsupported_capability"
     )
     assert "does not accept images" in message
-    _refused(lambda: client.responses.create(model=VISION, input=_image_input(), tools=TOOLS), "tools")
-    _refused(lambda: client.responses.create(model=VISION, input=_image_input(), text=PING_FORMAT), "text")
+    refused(lambda: client.responses.create(model=VISION, input=_image_input(), tools=TOOLS), "tools")
+    refused(lambda: client.responses.create(model=VISION, input=_image_input(), text=PING_FORMAT), "text")
     logprobs = ["message.output_text.logprobs"]
-    _refused(lambda: client.responses.create(model=VISION, input=_image_input(), include=logprobs), "include")
+    refused(lambda: client.responses.create(model=VISION, input=_image_input(), include=logprobs), "include")
     streamed = list(client.responses.create(model=VISION, input=_image_input(), max_output_tokens=3, stream=True))
     assert streamed[-1].type in ("response.completed", "response.incomplete")
 
@@ -404,7 +382,7 @@ def test_unsupported_fields_are_400_naming_them(stack, extra, param) -> None:
 
 def test_bad_or_unenforceable_requests_are_400(client, stack) -> None:
     bounded = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
-    message = _refused(
+    message = refused(
         lambda: client.responses.create(
             model=PLAIN, input="hi", text={"format": {"type": "json_schema", "name": "p", "schema": bounded}}
         ),
@@ -412,11 +390,11 @@ def test_bad_or_unenforceable_requests_are_400(client, stack) -> None:
         "unsupported_schema",
     )
     assert "'minimum'" in message
-    _refused(
+    refused(
         lambda: client.responses.create(model=PLAIN, input="hi", tool_choice="required"), "tool_choice", "invalid_value"
     )
     named = {"type": "function", "name": "nope"}
-    _refused(
+    refused(
         lambda: client.responses.create(model=PLAIN, input="hi", tools=TOOLS, tool_choice=named),
         "tool_choice",
         "invalid_value",

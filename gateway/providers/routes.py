@@ -110,12 +110,7 @@ async def serve(exchange: Exchange, body: Any, provider: Provider, model: str) -
         return Response(answer.body, 200, headers, media_type="application/json")
     call.on_close = opened.close
     first_byte_ms = (time.perf_counter() - exchange.t0) * 1000
-    return CallStream(
-        exchange,
-        _relay(exchange, opened, body.model, first_byte_ms),
-        media_type="text/event-stream",
-        headers={**headers, "cache-control": "no-cache"},
-    )
+    return CallStream.sse(exchange, _relay(exchange, opened, body.model, first_byte_ms), headers)
 
 
 async def _relay(exchange: Exchange, stream: Stream, model: str, first_byte_ms: float):
