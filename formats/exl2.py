@@ -34,7 +34,10 @@ def bits_label(config: Any) -> str | None:
     """``4.0bpw`` for a config quantised at 4.0 bits per weight (how EXL2 repos name variants)."""
     quant = quantization_config(config)
     bits = quant.get("bits") if quant else None
-    return f"{float(bits):.2f}".rstrip("0").rstrip(".") + "bpw" if isinstance(bits, int | float) else None
+    if not isinstance(bits, int | float) or isinstance(bits, bool):
+        return None
+    text = f"{float(bits):.2f}".rstrip("0")
+    return (text + "0" if text.endswith(".") else text) + "bpw"
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

@@ -76,7 +76,7 @@ async def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry],
     files: list[ModelFile] = []
     size, revision = entry.size_bytes, request.revision or entry.revision
     if entry.format != "gguf":
-        listing = await _listing(entry.repo, request.revision, hf)
+        listing = await _listing(entry.repo, revision, hf)
         if entry.recommended_filename not in listing.files:
             raise RegistrationError(404, f"file {entry.recommended_filename!r} not found in repository {entry.repo!r}")
         files = model_files(entry.format, listing, entry.recommended_filename)
