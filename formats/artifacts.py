@@ -14,12 +14,12 @@ from pathlib import Path
 
 from events import subjects
 
-from . import gguf
+from . import exl2, gguf
 
 ACCEPTED = (
     "a GGUF file, a Piper voice (.onnx with its .onnx.json beside it), or a folder holding a diffusers "
-    "pipeline (model_index.json), a CTranslate2 Whisper model (model.bin, config.json, vocabulary) "
-    "or one Piper voice"
+    "pipeline (model_index.json), a CTranslate2 Whisper model (model.bin, config.json, vocabulary), "
+    "an EXL2 model (config.json, *.safetensors quantised by exllamav2) or one Piper voice"
 )
 # CTranslate2 writes these into a Whisper model's config.json (and not into its other models').
 WHISPER_CONFIG_KEYS = ("alignment_heads", "lang_ids", "suppress_ids_begin")
@@ -39,6 +39,7 @@ class ArtifactKind:
 GGUF = ArtifactKind("gguf", "llama_cpp", [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING])
 DIFFUSERS = ArtifactKind("diffusers", "diffusers", [subjects.IMAGE])
 PIPER = ArtifactKind("piper", "piper", [subjects.SPEECH])
+EXL2 = ArtifactKind("exl2", "exllamav2", [subjects.CHAT, subjects.COMPLETION])
 
 
 def detect(path: Path) -> ArtifactKind:
@@ -108,6 +109,8 @@ def _detect_dir(path: Path) -> ArtifactKind:
         return DIFFUSERS
     if (path / "model.bin").is_file() and (path / "config.json").is_file():
         return _detect_ctranslate2(path)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return _detect_safetensors(path)
     voices = sorted(p for p in path.glob("*.onnx") if Path(f"{p}.json").is_file())
     if len(voices) == 1:
         _check_piper_config(Path(f"{voices[0]}.json"))
@@ -132,6 +135,18 @@ def _detect_ctranslate2(path: Path) -> ArtifactKind:
         multilingual = "" in vocabulary
     capabilities = [subjects.TRANSCRIPTION] + ([subjects.TRANSLATION] if multilingual else [])
     return ArtifactKind("ctranslate2", "faster_whisper", capabilities)
+
+
+def _detect_safetensors(path: Path) -> ArtifactKind:
+    """A transformers-style folder: EXL2 when exllamav2 quantised it, refused otherwise."""
+    if exl2.is_exl2(path):
+        if not any((path / name).is_file() for name in exl2.TOKENIZER_FILES):
+            raise UnrecognisedModel(f"{path}: an EXL2 model needs its tokenizer ({' or '.join(exl2.TOKENIZER_FILES)})")
+        return EXL2
+    raise UnrecognisedModel(
+        f"{path} holds safetensors weights that are not EXL2 (no exllamav2 quantization_config, no EXL2 tensors): "
+        "convert them to GGUF (llama.cpp) or EXL2 (exllamav2) first"
+    )
 
 
 def _whisper_vocabulary(path: Path) -> list[str] | None:

@@ -22,7 +22,7 @@ ENGINE_FORMATS = {
     "faster_whisper": {"ctranslate2"},
     "diffusers": {"diffusers"},
     "piper": {"piper"},
-    "exllamav2": {"safetensors"},
+    "exllamav2": {"exl2"},
 }
 
 
@@ -51,6 +51,8 @@ def load_catalog(path: Path | None = None) -> list[CatalogEntry]:
         seen.add(entry.id)
         if entry.format not in ENGINE_FORMATS[entry.engine]:
             raise CatalogError(f"{path}: entry {entry.id!r} pairs engine {entry.engine!r} with format {entry.format!r}")
+        if entry.format == "exl2" and entry.recommended_filename != "config.json":
+            raise CatalogError(f"{path}: entry {entry.id!r} is EXL2; its file must be the folder's config.json")
         if entry.format == "gguf" and not entry.recommended_filename.endswith(".gguf"):
             raise CatalogError(f"{path}: entry {entry.id!r} is GGUF but its file is {entry.recommended_filename!r}")
     return parsed.models

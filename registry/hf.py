@@ -229,6 +229,26 @@ class HuggingFace:
             last_modified=info.last_modified.isoformat() if info.last_modified else None,
         )
 
+    async def json_file(self, repo: str, revision: str | None, filename: str) -> Any:
+        """A small JSON file of a repository (a config.json), or None when it is not valid JSON:
+        what a listing cannot say (an EXL2 model is told from its config, not its file names)."""
+        return await self._single_flight(
+            ("json", repo, revision, filename), lambda: self._json(repo, revision, filename)
+        )
+
+    def _json(self, repo: str, revision: str | None, filename: str) -> Any:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(prefix="llm-router-hf-") as folder:
+            path = self.api.hf_hub_download(
+                repo, filename, revision=revision, local_dir=folder, etag_timeout=self.timeout
+            )
+            try:
+                return msgspec.json.decode(Path(path).read_bytes())
+            except msgspec.DecodeError:
+                return None
+
     # ------------------------------------------------------------ download counts and likes
 
     def cached_info(self, repo: str) -> HfInfo | None:

@@ -16,11 +16,13 @@ from Hugging Face (documented in the README):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from events import subjects
 from events.messages import CatalogEntry, ModelFile, ModelRecord, ModelSource, RegisterModel
+from formats import exl2
 from formats.artifacts import UnrecognisedModel, artifact_size, detect, find_projector
 
 from .hf import (
@@ -72,9 +74,9 @@ async def from_catalog(request: RegisterModel, catalog: dict[str, CatalogEntry],
     if entry is None:
         raise RegistrationError(404, f"no catalog entry {request.catalog_id!r} (GET /v0/models/hub lists them)")
     files: list[ModelFile] = []
-    size, revision = entry.size_bytes, request.revision
+    size, revision = entry.size_bytes, request.revision or entry.revision
     if entry.format != "gguf":
-        listing = await _listing(entry.repo, request.revision, hf)
+        listing = await _listing(entry.repo, revision, hf)
         if entry.recommended_filename not in listing.files:
             raise RegistrationError(404, f"file {entry.recommended_filename!r} not found in repository {entry.repo!r}")
         files = model_files(entry.format, listing, entry.recommended_filename)
@@ -154,10 +156,18 @@ def from_path(request: RegisterModel, roots: Sequence[Path]) -> ModelRecord:
         source=ModelSource(kind="path", path=str(path), projector=str(projector) if projector else None),
         size_bytes=size,
         required_memory_bytes=estimated_memory(size),
-        quantization=parse_quantization(path.name) if kind.format == "gguf" else None,
+        quantization=_path_quantization(path, kind.format),
         description=request.description,
         labels=dict(request.labels),
     )
+
+
+def _path_quantization(path: Path, format: str) -> str | None:
+    if format == "gguf":
+        return parse_quantization(path.name)
+    if format == "exl2":
+        return exl2.bits_label(exl2.read_config(path))
+    return None
 
 
 async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRecord:
@@ -168,6 +178,8 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
     revision = request.revision or revision
     filename = request.filename or (selector if selector and not selector.startswith(":") else None)
     quant = selector[1:].upper() if selector and selector.startswith(":") else None
+    if quant and EXL2_BRANCH.fullmatch(quant) and not revision:  # org/repo:4.0bpw: an EXL2 repo's branch
+        revision, quant = selector[1:], None  # type: ignore[index]
     listing = await _listing(repo, revision, hf)
     ggufs = listing.gguf_files()
     folder = _folder_model(listing, filename) if not ggufs or (filename and not filename.endswith(".gguf")) else None
@@ -176,6 +188,9 @@ async def from_hugging_face(request: RegisterModel, hf: HuggingFace) -> ModelRec
     if filename is None:
         if not ggufs:
             if listing.has_safetensors():
+                config = await _exl2_config(listing, hf)
+                if config is not None:
+                    return _exl2_record(request, listing, config)
                 return _pending_conversion(request, listing)
             raise RegistrationError(422, f"repository {repo!r} has no GGUF or safetensors files")
         filename = _pick_variant(listing, ggufs, quant)
@@ -232,6 +247,44 @@ async def _listing(repo: str, revision: str | None, hf: HuggingFace) -> RepoList
 
 # ---------------------------------------------------------------- models of several files
 
+EXL2_BRANCH = re.compile(r"\d+(\.\d+)?BPW(_H\d+)?", re.IGNORECASE)  # turboderp's branch names: 4.0bpw, 6.5bpw_h8
+
+
+async def _exl2_config(listing: RepoListing, hf: HuggingFace) -> dict | None:
+    """The config.json of a safetensors repository when exllamav2 quantised it (else None)."""
+    if "config.json" not in listing.files:
+        return None
+    try:
+        config = await hf.json_file(listing.repo, listing.revision, "config.json")
+    except HfNotFound:
+        return None
+    except HfUnavailable as exc:
+        raise RegistrationError(503, f"{exc}; retry when Hugging Face is reachable") from None
+    return config if exl2.quantization_config(config) is not None else None
+
+
+def _exl2_record(request: RegisterModel, listing: RepoListing, config: dict) -> ModelRecord:
+    """An EXL2 folder: every file at the repository's top level but its docs (weights, config, tokenizer)."""
+    files = model_files("exl2", listing, "config.json")
+    size = sum(f.size for f in files)
+    bits = exl2.bits_label(config)
+    return ModelRecord(
+        name=request.name or (f"{listing.repo}:{bits}" if bits else listing.repo),
+        format="exl2",
+        runtime="exllamav2",
+        capabilities=list(CHAT_CAPABILITIES),
+        source=ModelSource(
+            kind="hf", repo=listing.repo, filename="config.json", revision=listing.revision, files=files
+        ),
+        size_bytes=size,
+        required_memory_bytes=estimated_memory(size),
+        quantization=bits,
+        description=request.description,
+        tags=["exl2"],
+        labels=dict(request.labels),
+    )
+
+
 FOLDER_KINDS = {  # format: (runtime, capabilities)
     "diffusers": ("diffusers", [subjects.IMAGE]),
     "ctranslate2": ("faster_whisper", [subjects.TRANSCRIPTION, subjects.TRANSLATION]),
@@ -267,7 +320,7 @@ def model_files(format: str, listing: RepoListing, entry: str) -> list[ModelFile
         return [file(part) for part in split_parts(listing, entry)]
     if format == "piper":
         return [file(entry), file(entry + ".json")]
-    if format == "ctranslate2":
+    if format in ("ctranslate2", "exl2"):
         folder = str(PurePosixPath(entry).parent)
         return [
             file(n)

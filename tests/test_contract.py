@@ -265,6 +265,7 @@ ADDED_SINCE = {
     "done": {"choices": None},  # n choices, tool calls, logprobs
 }
 ADDED_TO_LOADED_MODELS = {"origin": "registry"}  # in each of a heartbeat's models
+ADDED_TO_RUNTIMES = {"gpu": False}  # in each of a heartbeat's runtimes (issue 18)
 
 
 def test_old_json_re_encodes_byte_for_byte() -> None:
@@ -282,6 +283,9 @@ def test_old_json_re_encodes_byte_for_byte() -> None:
         for model in encoded.get("models", []) if kind == "heartbeat" else []:
             for name, default in ADDED_TO_LOADED_MODELS.items():
                 assert model.pop(name) == default, (kind, name)
+        for runtime in encoded.get("runtimes", []) if kind == "heartbeat" else []:
+            for name, default in ADDED_TO_RUNTIMES.items():
+                assert runtime.pop(name) == default, (kind, name)
         assert json.dumps(encoded) == json.dumps(json.loads(data)), kind
 
 

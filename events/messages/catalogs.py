@@ -32,9 +32,12 @@ class CatalogEntry(Struct, kw_only=True, forbid_unknown_fields=True):
     capabilities: Annotated[list[Capability], msgspec.Meta(min_length=1)]
     quantization: str | None
     parameter_count: str | None
-    format: Literal["gguf", "ctranslate2", "diffusers", "piper", "safetensors"]
+    format: Literal["gguf", "ctranslate2", "diffusers", "piper", "safetensors", "exl2"]
     engine: Literal["llama_cpp", "faster_whisper", "diffusers", "piper", "exllamav2"]
     platforms: Annotated[list[Platform], msgspec.Meta(min_length=1)]
+    # The branch or commit of the repo holding this variant (EXL2 repos keep each bit rate on a
+    # branch: 4.0bpw); None: the default branch.
+    revision: str | None = None
 
 
 class CatalogFile(Struct, forbid_unknown_fields=True):

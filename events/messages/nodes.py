@@ -26,6 +26,9 @@ class RuntimeStatus(Struct, kw_only=True):
     error: str | None = None
     capabilities: list[str] = field(default_factory=list)  # what this runtime can offer
     models: list[str] = field(default_factory=list)  # models of this runtime loaded now
+    # Whether its models run on a GPU here (as the runtime chooses at load: a CUDA build and a
+    # visible device). False from nodes older than this field.
+    gpu: bool = False
 
 
 class LoadedModel(Struct, kw_only=True):

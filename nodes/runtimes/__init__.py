@@ -7,6 +7,7 @@ reads package metadata.
 from ..remote_media import ImageFetcher
 from .base import Engine, EngineError, Runtime, TextOutcome
 from .diffusers_images import DiffusersRuntime
+from .exllamav2 import ExLlamaV2Runtime
 from .faster_whisper import FasterWhisperRuntime
 from .llama_cpp import LlamaCppRuntime
 from .piper_tts import PiperRuntime
@@ -17,6 +18,7 @@ def default_runtimes(names: list[str] | None = None, *, images: ImageFetcher | N
     vision chats fetch remote images (default: from public addresses only)."""
     runtimes: list[Runtime] = [
         LlamaCppRuntime(images=images),
+        ExLlamaV2Runtime(),
         DiffusersRuntime(),
         FasterWhisperRuntime(),
         PiperRuntime(),
@@ -32,6 +34,7 @@ def default_runtimes(names: list[str] | None = None, *, images: ImageFetcher | N
 
 __all__ = [
     "DiffusersRuntime",
+    "ExLlamaV2Runtime",
     "Engine",
     "EngineError",
     "FasterWhisperRuntime",

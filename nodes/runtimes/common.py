@@ -87,7 +87,13 @@ class PackageRuntime:
         self.device = device
 
     def probe(self) -> RuntimeStatus:
-        return probe_packages(self.name, self.capabilities, self.packages)
+        status = probe_packages(self.name, self.capabilities, self.packages)
+        status.gpu = status.available and (self.device is None or self.device.startswith("cuda")) and self.runs_on_gpu()
+        return status
+
+    def runs_on_gpu(self) -> bool:
+        """Whether load would choose a CUDA GPU here (cheap: no import of the library)."""
+        return False
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.runtime == self.name

@@ -28,6 +28,7 @@ from events import subjects
 from events.messages import ModelRecord
 from formats.artifacts import artifact_size
 
+from . import cuda
 from .base import EngineError
 from .common import PackageRuntime, setting, single_slot
 
@@ -354,6 +355,10 @@ class DiffusersRuntime(PackageRuntime):
     name = NAME
     capabilities = CAPABILITIES
     packages = [("diffusers", "diffusers"), ("torch", "torch"), ("transformers", "transformers"), ("PIL", "pillow")]
+
+    def runs_on_gpu(self) -> bool:
+        """Load picks CUDA (float16) when torch has it; a CUDA build and a visible device say so."""
+        return cuda.torch_cuda_version()[1] is not None and cuda.cuda_device_count() > 0
 
     def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> DiffusersEngine:
         single_slot(NAME, record.name, slots, "the pipelines share one scheduler: calls run one at a time")

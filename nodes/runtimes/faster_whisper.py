@@ -17,6 +17,7 @@ transcriptions run at once, from as many threads, with the weights shared (same 
 from __future__ import annotations
 
 import io
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from events import subjects
 from events.messages import ModelRecord
 from formats.artifacts import artifact_size
 
+from . import cuda
 from .base import EngineError
 from .common import PackageRuntime, setting
 from .transcript_formats import LANGUAGES
@@ -229,6 +231,11 @@ class FasterWhisperRuntime(PackageRuntime):
     name = NAME
     capabilities = CAPABILITIES
     packages = [("faster_whisper", "faster-whisper"), ("ctranslate2", "ctranslate2"), ("av", "av")]
+
+    def runs_on_gpu(self) -> bool:
+        """Load picks CUDA (float16) when CTranslate2 sees a device; its Linux and Windows wheels
+        are built with CUDA, so a visible device is the test (cuDNN missing shows at load)."""
+        return sys.platform in ("linux", "win32") and cuda.cuda_device_count() > 0
 
     def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> FasterWhisperEngine:
         labels = record.labels or {}

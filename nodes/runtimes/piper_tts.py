@@ -17,6 +17,7 @@ espeak phonemization, one global state in the process, takes turns under a lock.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any
 from events import subjects
 from events.messages import ModelRecord
 
+from . import cuda
 from .base import EngineError
 from .common import PackageRuntime
 
@@ -223,6 +225,14 @@ def _providers(onnxruntime: Any) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _espeak_phonemizer() -> Any:
     global _espeak
     with _espeak_lock:
@@ -310,6 +320,11 @@ class PiperRuntime(PackageRuntime):
     name = NAME
     capabilities = CAPABILITIES
     packages = [("onnxruntime", "onnxruntime"), ("numpy", "numpy")]
+
+    def runs_on_gpu(self) -> bool:
+        """Sessions take CUDAExecutionProvider when offered: onnxruntime-gpu (the tts-gpu extra)
+        and a visible device."""
+        return _installed("onnxruntime-gpu") and cuda.cuda_device_count() > 0
 
     def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> PiperEngine:
         """``path``: the voice's .onnx file, or a folder holding exactly one voice pair."""
