@@ -40,6 +40,7 @@ from .media_routes import MediaRoutes
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 from .passwords import Passwords
+from .placement import Placer
 from .rate_limits import RateLimiter, RateLimitMiddleware
 from .sessions import Sessions
 from .user_routes import UserRoutes
@@ -223,6 +224,8 @@ class Gateway:
         self.history = HistoryWriter(self.nc)
         await self.history.start()
         self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
+        self.placer = Placer(self.admin.ask, self.dispatcher.placement_failed)
+        self.dispatcher.placer = self.placer
         self.routes = OpenAIRoutes(
             self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask)
         )
@@ -294,6 +297,7 @@ class Gateway:
             await self._serve_task
         await self.history.stop()
         await self.audit.stop()
+        await self.placer.stop()
         await self.dispatcher.stop()
         await self.directory.stop()
         await self.catalog.stop()

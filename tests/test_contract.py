@@ -251,8 +251,34 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
 
 
 # Fields added since the samples were written (optional, so old JSON still decodes): re-encoding
-# adds them with their defaults, and nothing else may change.
-ADDED_SINCE = {"history": {"key_id": None}}
+# adds them with their defaults, and nothing else may change. ``name[]``: in each item of a list.
+ADDED_SINCE = {
+    "history": {"key_id": None},
+    "heartbeat": {
+        "memory": [],
+        "loadable": [],
+        "keep_alive_s": None,
+        "runtimes[]": {"backend": None, "device": None},
+        "models[]": {
+            "memory_bytes": {},
+            "estimate_bytes": {},
+            "loaded_at": None,
+            "last_used_at": None,
+            "load_s": None,
+            "pinned": False,
+        },
+    },
+    "model": {"replicas": None},
+}
+
+
+def _pop_added(encoded: dict, added: dict, where: str) -> None:
+    for name, default in added.items():
+        if name.endswith("[]"):
+            for item in encoded[name[:-2]]:
+                _pop_added(item, default, f"{where}.{name}")
+        else:
+            assert encoded.pop(name) == default, (where, name)
 
 
 def test_old_json_re_encodes_byte_for_byte() -> None:
@@ -265,8 +291,7 @@ def test_old_json_re_encodes_byte_for_byte() -> None:
                 data, {"heartbeat": NodeHeartbeat, "model": ModelRecord, "history": HistoryRecord}[kind]
             )
         encoded = json.loads(codec.encode(value))
-        for name, default in ADDED_SINCE.get(kind, {}).items():
-            assert encoded.pop(name) == default, (kind, name)
+        _pop_added(encoded, ADDED_SINCE.get(kind, {}), kind)
         assert json.dumps(encoded) == json.dumps(json.loads(data)), kind
 
 

@@ -64,8 +64,29 @@ from .inference import (
     TextDone,
     TranscriptionResult,
 )
-from .models import AdminReply, DeleteModel, ModelEvent, ModelFile, ModelRecord, ModelSource, ModelState, RegisterModel
-from .nodes import GpuInfo, LoadedModel, NodeCommand, NodeCommandReply, NodeGoodbye, NodeHeartbeat, RuntimeStatus
+from .models import (
+    AdminReply,
+    DeleteModel,
+    ModelEvent,
+    ModelFile,
+    ModelRecord,
+    ModelSource,
+    ModelState,
+    RegisterModel,
+    Replicas,
+)
+from .nodes import (
+    DeviceMemory,
+    GpuInfo,
+    LoadableModel,
+    LoadedModel,
+    NodeCommand,
+    NodeCommandReply,
+    NodeGoodbye,
+    NodeHeartbeat,
+    RuntimeStatus,
+)
+from .placement import PlacementEvent, PlacementReason, PlaceModel, PlaceReply
 
 __all__ = [
     "ApiKey",
@@ -137,5 +158,12 @@ __all__ = [
     "TextDone",
     "TranscriptionResult",
     "Usage",
+    "DeviceMemory",
+    "LoadableModel",
+    "PlacementEvent",
+    "PlacementReason",
+    "PlaceModel",
+    "PlaceReply",
+    "Replicas",
     "now",
 ]
