@@ -161,8 +161,14 @@ def _event(record: ModelRecord, chosen: list[Candidate], reason: str, *, evict: 
 
 
 def replicas(records: list[ModelRecord], beats: list[NodeHeartbeat], pending: dict[str, list[Pending]]) -> Plan:
-    """Minimum replicas where they fit in free memory; ``pending``: decisions per model in flight."""
+    """Minimum replicas where they fit in free memory; ``pending``: decisions per model in flight,
+    whose memory counts as taken (a node's heartbeat shows it only once its load starts)."""
     plan = Plan()
+    for entries in pending.values():
+        for entry in entries:
+            promised = plan.promised.setdefault(entry.node_id, {})
+            for device, size in entry.need.items():
+                promised[device] = promised.get(device, 0) + size
     for record in records:
         if record.state == "pending_conversion":
             continue
