@@ -79,9 +79,11 @@ MODEL_ADDED = "registry.events.model.added"
 MODEL_UPDATED = "registry.events.model.updated"
 MODEL_DELETED = "registry.events.model.deleted"
 MODEL_EVENTS = {"added": MODEL_ADDED, "updated": MODEL_UPDATED, "deleted": MODEL_DELETED}
-# Placement decisions (which nodes load a model), one subject per model: `nats sub
-# 'registry.events.placement.>'` shows every decision as the registry makes it.
-PLACEMENT_PREFIX = "registry.events.placement."
+# Placement decisions (which nodes load a model), one subject per model, published by the
+# registry only: `nats sub 'placement.>'` shows every decision as it is made. Outside
+# ``registry.events.>`` so that a busy cluster's many decisions never push model events (a
+# delete a node that was away must still replay) out of that stream's bounds.
+PLACEMENT_PREFIX = "placement."
 PLACEMENT_ALL = PLACEMENT_PREFIX + "*"
 
 

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp
 from broker import NatsAuth, connect, provision
 from broker.audit import AuditLog
 from broker.mirrors import NodeDirectory, RegisteredModels
+from broker.placements import PlacementLog
 from events import NameTooLong
 
 from .admin_routes import AdminRoutes
@@ -223,7 +224,9 @@ class Gateway:
         await self.dispatcher.start()
         self.history = HistoryWriter(self.nc)
         await self.history.start()
-        self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
+        self.placements = PlacementLog()
+        await self.placements.start(self.js)
+        self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher, self.placements)
         self.placer = Placer(self.admin.ask, self.dispatcher.placement_failed)
         self.dispatcher.placer = self.placer
         self.routes = OpenAIRoutes(
@@ -300,6 +303,7 @@ class Gateway:
         await self.placer.stop()
         await self.dispatcher.stop()
         await self.directory.stop()
+        await self.placements.stop()
         await self.catalog.stop()
         await self.keys.stop()
         await self.sessions.stop()

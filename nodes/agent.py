@@ -54,7 +54,6 @@ from .serving import ServedModel
 log = structlog.get_logger("node")
 
 EARLY_CANCELS_KEPT = 1024
-PLACEMENT_STALE_S = 60.0  # a placement replayed after this long (the node was down) is ignored
 KEEP_ALIVE_SWEEP_S = 1.0
 
 
@@ -170,6 +169,7 @@ class NodeAgent:
         )
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._events_sub = await self._follow_registry()
+        self._placement_sub = await self.nc.subscribe(subjects.PLACEMENT_ALL, cb=self._on_placement_msg)
         await self._sync_snapshot()
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -224,6 +224,7 @@ class NodeAgent:
             self._keep_alive_task.cancel()
         await self.downloads.stop()
         await self._events_sub.unsubscribe()
+        await self._placement_sub.unsubscribe()
         self._shared.clear()
         self._own.clear()
         await self.service.stop(timeout=30)  # no new requests; in-flight ones finish their answers
@@ -251,16 +252,13 @@ class NodeAgent:
                 await self._sync_model(codec.decode(entry.value, ModelRecord))
 
     async def _on_event(self, msg: Msg) -> None:
-        placement = msg.subject.startswith(subjects.PLACEMENT_PREFIX)
         try:
-            event = codec.decode(msg.data, PlacementEvent if placement else ModelEvent)
+            event = codec.decode(msg.data, ModelEvent)
         except msgspec.DecodeError:
             log.error("undecodable registry event", subject=msg.subject)
             await msg.term()
             return
-        if placement:
-            await self._on_placement(event)
-        elif event.event == "deleted":
+        if event.event == "deleted":
             await self.downloads.cancel(event.name, reason="deleted from the registry")
             await self._unload(event.name, reason="deleted from the registry")
             if await asyncio.to_thread(cache.remove, self.models_dir, event.name):
@@ -269,15 +267,19 @@ class NodeAgent:
             await self._sync_model(event.record)
         await msg.ack()
 
+    async def _on_placement_msg(self, msg: Msg) -> None:
+        try:
+            event = codec.decode(msg.data, PlacementEvent)
+        except msgspec.DecodeError:
+            log.error("undecodable placement", subject=msg.subject)
+            return
+        if self.node_id in event.nodes:
+            self.service.spawn(self._on_placement(event))
+
     async def _on_placement(self, event: PlacementEvent) -> None:
         """The registry placed a model here: load it (making room if ``evict``), after fetching
-        its files if they are not here yet."""
-        if self.node_id not in event.nodes:
-            return
-        age = time.time() - event.at
-        if age > PLACEMENT_STALE_S:
-            log.info("stale placement ignored", model=event.name, age_s=round(age, 1))
-            return
+        its files if they are not here yet. A decision missed while disconnected is made again
+        (the registry's sweep for minimum replicas; a gateway asking again for a waiting request)."""
         log.info("placed here", model=event.name, reason=event.reason, evict=event.evict, decision=event.decision_id)
         self.residency.want(
             event.name, Want(reason=event.reason, evict=event.evict, pinned=event.pinned, decision_id=event.decision_id)

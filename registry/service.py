@@ -5,7 +5,7 @@ delete, the curated hub and the Hugging Face catalog. Every change to a registra
 write followed by an event on REGISTRY_EVENTS, so nodes can either watch state or replay
 events. Node heartbeats and download reports drive the lifecycle (see :mod:`.lifecycle`).
 The registry is also the one place that decides which nodes load which model (see
-:mod:`.placement`): each decision is an event on ``registry.events.placement.<model>``.
+:mod:`.placement`): each decision is an event on ``placement.<model>`` (the PLACEMENTS stream).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ LARGE_MODEL_BYTES = 50 * 10**9
 LIFECYCLE_SWEEP_S = 1.0  # also notices nodes that died without a goodbye
 NODE_ORDER_TIMEOUT_S = 15.0
 PLACEMENT_TIMEOUT_S = 120.0  # a decision not carried out by then (and no download running) is made again
-PLACEMENT_COOLDOWN_S = 30.0  # a node that refused a placement is not asked again for that model meanwhile
+PLACEMENT_COOLDOWN_S = 30.0
+REPUBLISH_S = 3.0  # a node that refused a placement is not asked again for that model meanwhile
 MAX_REPLICAS = 64
 
 
@@ -492,8 +493,10 @@ class Registry:
         try:
             if request.reason == "queueing" and loaded:
                 event = placement.scale_up(record, beats, pending)
-            elif loaded or placing:
+            elif loaded:
                 event = None
+            elif placing:
+                event = await self._again(record.name, pending)  # a node may have missed it
             else:
                 event = placement.on_demand(record, beats, pending)
         except placement.Unplaceable as exc:
@@ -508,6 +511,18 @@ class Registry:
 
     def _pending_for(self, model: str) -> list[placement.Pending]:
         return self._pending.get(model, [])
+
+    async def _again(self, model: str, pending: list[placement.Pending]) -> None:
+        """Publish the last decision again when it is older than REPUBLISH_S and still not carried
+        out: nodes follow decisions on a core subscription, and one may have been reconnecting."""
+        last = self.placements.get(model)
+        if last is None or time.time() - last.at < REPUBLISH_S:
+            return None
+        again = msgspec.structs.replace(last, nodes=[p.node_id for p in pending], at=time.time())
+        await self.js.publish(subjects.placement(model), codec.encode(again))
+        self.placements[model] = again
+        log.info("placement published again", model=model, nodes=again.nodes, decision=again.decision_id)
+        return None
 
     async def _apply_placement(self, beats: list[NodeHeartbeat]) -> None:
         self._settle(beats)

@@ -28,8 +28,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from broker import EmbeddedNats, NatsAuth, connect, payloads, provision
 from broker.blobs import blob_info, blob_name, read_blob
 from broker.credentials import Authority, CredentialsError, Identity, identity_of
-from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR
-from events import storage, subjects
+from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR, REGISTRY
+from events import codec, storage, subjects
+from events.messages import PlacementEvent
 
 # The longest node name there is: its credential must still fit the server's 4 KB CONNECT line.
 NODE_A = "a" * 32
@@ -286,6 +287,34 @@ async def test_the_gateway_cannot_speak_as_the_registry_or_a_node(authed) -> Non
         assert gateway.last_error is refusal
     finally:
         await gateway.close()
+
+
+async def test_placement_decisions_come_from_the_registry_alone_and_reach_every_node(authed) -> None:
+    url, authority, _ = authed
+    registry = await _as(url, authority, REGISTRY)
+    node = await _as(url, authority, NODE, NODE_A)
+    gateway = await _as(url, authority, GATEWAY)
+    subject = subjects.placement("tiny")
+    try:
+        await provision(registry.jetstream(), role=registry.role)  # the PLACEMENTS stream is one of its own
+        heard = await Inbox().on(node, subjects.PLACEMENT_ALL)
+        before = (await registry.jetstream().stream_info(storage.PLACEMENTS)).state.messages
+        event = PlacementEvent(name="tiny", nodes=[NODE_A], reason="on_demand", evict=True)
+        await registry.jetstream().publish(subject, codec.encode(event))
+        await _until(lambda: heard.subjects == [subject], what=lambda: str(heard.subjects))
+        for speaker in (node, gateway):
+            await speaker.publish(subject, b"{}")
+            await _refused(speaker, "publish", subject)
+        refusal = gateway.last_error
+        await gateway.publish(subjects.ADMIN_MODEL_PLACE, b"{}")  # asking the registry for one: allowed
+        await _settled(gateway)
+        assert gateway.last_error is refusal
+        await asyncio.sleep(0.2)
+        assert heard.subjects == [subject]
+        assert (await registry.jetstream().stream_info(storage.PLACEMENTS)).state.messages == before + 1
+    finally:
+        for nc in (registry, node, gateway):
+            await nc.close()
 
 
 async def test_nobody_without_a_credential_gets_in(authed) -> None:

@@ -1,9 +1,10 @@
 """Placement: which nodes load which model, decided by the registry alone.
 
-A decision is a :class:`PlacementEvent` on ``registry.events.placement.<model>`` (in the
-REGISTRY_EVENTS stream, so nodes get it through their durable consumer and ``nats sub`` shows
-it). A gateway whose request waits for a model that no node has loaded, or whose queue for a
-model keeps standing, asks for one with :class:`PlaceModel` (``admin.model.place``).
+A decision is a :class:`PlacementEvent` on ``placement.<model>``, which only the registry may
+publish and every node follows (``nats sub 'placement.>'`` shows them; the PLACEMENTS stream
+keeps the last ones of each model, for the gateway's ``/v0/models/{m}`` and ``/v0/nodes``). A
+gateway whose request waits for a model that no node has loaded, or whose queue for a model
+keeps standing, asks for one with :class:`PlaceModel` (``admin.model.place``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ PlacementReason = Literal["replicas", "on_demand", "queueing"]
 
 class PlacementEvent(Struct, kw_only=True):
     """Load model ``name`` on ``nodes`` (those that have not loaded it yet). Shaped like a
-    ModelEvent (``event``, ``name``, ``at``), so every message on ``registry.events.>`` is."""
+    ModelEvent (``event``, ``name``, ``at``)."""
 
     event: Literal["placed"] = "placed"
     name: str
