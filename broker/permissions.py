@@ -203,6 +203,10 @@ def node_rules(node_id: str) -> Rules:
         f"$KV.{storage.KV_DOWNLOADS}.progress.{node}.*",  # its storage.download_key entries
         f"$KV.{storage.KV_LEASES}.*",
         f"$O.{storage.OBJ_PAYLOADS}.*.*",  # generated images and audio (claim checks): chunks, metadata
+        # Files it fetched from the origin, for the next node (chunks, metadata; it may not
+        # purge, so it never replaces an object: nodes/downloads.py checks first).
+        f"$O.{storage.OBJ_MODEL_BLOBS}.C.*",
+        f"$O.{storage.OBJ_MODEL_BLOBS}.M.*",
         "$JS.API.STREAM.NAMES",  # the stream of a subject, for a subscription
         "$JS.FC.>",  # flow control of its consumers
         *(f"$JS.API.STREAM.INFO.{stream}" for stream in sorted(NODE_STREAMS)),

@@ -147,6 +147,13 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         "models placed for a registration's minimum replicas stay",
         type=float,
     )
+    parser.add_argument(
+        "--no-share-downloads",
+        action="store_true",
+        default=env("NO_SHARE_DOWNLOADS", "") in ("1", "true", "yes"),
+        help="do not put models this node fetched from the origin into the object store (by default the next "
+        f"node fetches them over NATS, not from the origin again) [env {ENV_PREFIX}NO_SHARE_DOWNLOADS]",
+    )
     _add(
         parser,
         "--gpu-layers",
@@ -168,6 +175,7 @@ def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
         "memory_budget": _budget_option(args.memory_budget, "--memory-budget"),
         "gpu_memory_budget": _budget_option(args.gpu_memory_budget, "--gpu-memory-budget"),
         "keep_alive_s": args.keep_alive,
+        "share_downloads": not args.no_share_downloads,
     }
 
 
@@ -418,6 +426,8 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_aut
         argv += ["--allow-fetch-host", host]
     if args.no_remote_images:
         argv += ["--no-remote-images"]
+    if args.no_share_downloads:
+        argv += ["--no-share-downloads"]
     if args.replicas is not None:
         argv += ["--replicas", str(args.replicas)]
     for flag, value in (

@@ -76,12 +76,14 @@ class NodeAgent:
         memory_budget: str | int | None = None,
         gpu_memory_budget: str | int | None = None,
         keep_alive_s: float | None = None,
+        share_downloads: bool = True,
     ) -> None:
         """``predownload``: "all" fetches every model it can run as soon as it is registered,
         "registered" only those registered with ``predownload``, "none" waits for a request.
         ``memory_budget``/``gpu_memory_budget``: what loaded models may use of RAM / of each
         GPU (bytes, or a share like "80%"; nodes/memory.py); ``keep_alive_s``: idle models
-        loaded on demand are unloaded after this long (None: only to make room)."""
+        loaded on demand are unloaded after this long (None: only to make room); ``share_downloads``:
+        what this node fetched from the origin goes into the object store for the next node."""
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.data_dir = Path(data_dir)
@@ -100,6 +102,7 @@ class NodeAgent:
         self.started_at = time.time()
         self.memory = memory.Memory(ram_budget=memory_budget, gpu_budget=gpu_memory_budget)
         self.keep_alive_s = keep_alive_s
+        self.share_downloads = share_downloads
         self._shared: dict[str, list[Endpoint]] = {}  # each loaded model's shared inference endpoints
         self._own: dict[str, list[Endpoint]] = {}  # this node's subjects of each model it has files for
         self._cancels: dict[str, threading.Event] = {}
@@ -143,7 +146,9 @@ class NodeAgent:
         self.resolver = Resolver(
             self.js, self.models_dir, shared_dir=self.shared_models_dir, allow_origins=self.allow_origins
         )
-        self.downloads = Downloads(self.nc, self.js, self.node_id, self.resolver, on_complete=self._sync_model)
+        self.downloads = Downloads(
+            self.nc, self.js, self.node_id, self.resolver, on_complete=self._sync_model, share=self.share_downloads
+        )
         await self.downloads.start()
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
         # Every subject the node serves is an endpoint of one micro service: `nats micro ls` lists nodes.

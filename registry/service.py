@@ -59,6 +59,7 @@ from events.messages import (
 from . import lifecycle, placement, sources
 from .catalog import load_catalog, search
 from .hf import HfUnavailable, HuggingFace
+from .hosting import Hosting
 
 log = structlog.get_logger("registry")
 
@@ -126,6 +127,10 @@ class Registry:
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
         self.models = RegisteredModels()
         await self.models.start(self.js)
+        self.hosting = Hosting(self.nc, self.js, self.models.get)
+        self.hosting.start()
+        for record in list(self.models.records.values()):  # registered while no registry ran, or before hosting
+            self.hosting.host(record)
         self.nodes = NodeDirectory()
         self.nodes.on_change(self._dirty.set)
         await self.nodes.start(self.nc, self.js)
@@ -172,6 +177,7 @@ class Registry:
     async def stop(self) -> None:
         if self._lifecycle_task is not None:
             self._lifecycle_task.cancel()
+        await self.hosting.stop()
         for sub in self._subs:
             await sub.unsubscribe()
         await self.service.stop(timeout=10)
@@ -231,6 +237,7 @@ class Registry:
             return self._duplicate(record, await self._current(record.name))
         self.models.remember(record, revision)  # before the watcher says so: a delete may follow at once
         await self._emit("added", record.name, record)
+        self.hosting.host(record)  # a path only the registry sees: its file goes to the object store
         log.info("model registered", model=record.name, source=kind, state=record.state)
         self._dirty.set()
         return AdminReply(ok=True, status=201, message="registered", record=record)

@@ -26,7 +26,7 @@ from conftest import Proc, requires_llama, wait_until
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from broker import EmbeddedNats, NatsAuth, connect, payloads, provision
-from broker.blobs import blob_info, blob_name, read_blob
+from broker.blobs import blob_info, blob_name, file_sha256, object_sha256, put_file, read_blob
 from broker.credentials import Authority, CredentialsError, Identity, identity_of
 from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR, REGISTRY
 from events import codec, storage, subjects
@@ -215,6 +215,19 @@ async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_l
         await read_blob(js, info, out)
         assert out.getvalue() == model_file
 
+        # What it fetched from the origin, it shares: a new object, never a replaced one.
+        fetched = tmp_path / "fetched.gguf"
+        fetched.write_bytes(os.urandom(2_500_000))
+        shared, written = await put_file(
+            js, blob_name("fetched", "fetched.gguf"), fetched, max_payload=node.max_payload
+        )
+        assert written and object_sha256(shared) == file_sha256(fetched)
+        fetched.write_bytes(os.urandom(1000))  # another file under the same name: left alone
+        assert await put_file(
+            js, blob_name("fetched", "fetched.gguf"), fetched, max_payload=node.max_payload, replace=False
+        ) == (None, False)
+        assert (await blob_info(js, blob_name("fetched", "fetched.gguf"))).size == 2_500_000
+
         image = os.urandom(200_000)
         attachment = await payloads.store(js, image, content_type="image/png", filename="image-0.png")
         assert await payloads.load(operator.jetstream(), attachment, consume=True) == image  # the gateway's read
@@ -231,6 +244,8 @@ async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_l
         assert node.last_error is None
     finally:
         await blobs.delete(blob_name("hosted", "hosted.gguf"))
+        if await blob_info(operator.jetstream(), blob_name("fetched", "fetched.gguf")) is not None:
+            await blobs.delete(blob_name("fetched", "fetched.gguf"))
         await node.close()
         await operator.close()
 
