@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectInfo, ObjectMeta, ObjectMetaOptions
@@ -100,6 +100,7 @@ async def read_blob(
     resume: ResumePoint | None = None,
     on_chunk: Callable[[int, ResumePoint], None] | None = None,
     bucket: str = OBJ_MODEL_BLOBS,
+    digest: Any = None,
 ) -> None:
     """Write the object's bytes from ``resume`` on into ``out`` (positioned at ``resume.offset``).
 
@@ -107,6 +108,8 @@ async def read_blob(
     of its own, e.g. record the point), with the new resume point; chunks are written in
     batches of about WRITE_BATCH_BYTES. What it raises ends the read. Raises BlobCorrupt
     when the object changed since ``resume`` was taken or the chunks do not add up.
+    ``digest`` (a hashlib object holding what is before ``resume.offset``): updated with every
+    chunk in the writer thread, so checking the file costs no second read of it.
     """
     point = ResumePoint(nuid=info.nuid, offset=0, next_seq=0)
     if resume is not None and resume.nuid == info.nuid and resume.next_seq > 0:
@@ -152,7 +155,7 @@ async def read_blob(
             point.offset += size
             point.next_seq = next_seq
             # One thread hop per batch, the chunks written as they came (no joined copy).
-            await loop.run_in_executor(None, _write, out, chunks, on_chunk, replace(point))
+            await loop.run_in_executor(None, _write, out, chunks, on_chunk, replace(point), digest)
             if last:
                 break
     finally:
@@ -162,9 +165,16 @@ async def read_blob(
 
 
 def _write(
-    out: BinaryIO, chunks: list[bytes], on_chunk: Callable[[int, ResumePoint], None] | None, point: ResumePoint
+    out: BinaryIO,
+    chunks: list[bytes],
+    on_chunk: Callable[[int, ResumePoint], None] | None,
+    point: ResumePoint,
+    digest: Any = None,
 ) -> None:
     out.writelines(chunks)
+    if digest is not None:
+        for chunk in chunks:  # hashlib releases the GIL for large buffers: receiving goes on
+            digest.update(chunk)
     if on_chunk is not None:
         on_chunk(sum(len(c) for c in chunks), point)
 
@@ -194,9 +204,15 @@ async def put_file(
     return info, True
 
 
-def file_sha256(path, chunk: int = 4 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path, chunk: int = 4 * 1024 * 1024, *, limit: int | None = None, digest: Any = None) -> str:
+    """The SHA-256 of the file (of its first ``limit`` bytes), into ``digest`` when given."""
+    digest = digest if digest is not None else hashlib.sha256()
+    left = limit
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        while block := fh.read(chunk if left is None else min(chunk, left)):
             digest.update(block)
+            if left is not None:
+                left -= len(block)
+                if left <= 0:
+                    break
     return digest.hexdigest()

@@ -15,6 +15,7 @@ next node fetches it over NATS, so a cluster downloads it from the origin once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -388,6 +389,10 @@ class Downloads:
 
         fh, resume = await asyncio.to_thread(open_part)
         download.done = download.base + (resume.offset if resume else 0)
+        remote.received_sha256 = None
+        digest = hashlib.sha256()  # hashed as it is written: no second read of the file
+        if resume:
+            await asyncio.to_thread(file_sha256, part, limit=resume.offset, digest=digest)
         if resume:
             log.info("download resumed", model=download.record.name, file=remote.name, offset=resume.offset)
         last_write = [time.monotonic()]
@@ -402,9 +407,10 @@ class Downloads:
                 last_write[0] = time.monotonic()
 
         try:
-            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk)
+            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk, digest=digest)
         finally:
             await asyncio.to_thread(fh.close)
+        remote.received_sha256 = digest.hexdigest()
 
     async def _from_origin(self, download: Download, remote: RemoteFile, part: Path, journal: Path) -> None:
         """Continue with a ranged GET when the journal is for the same URL, ETag and size."""
@@ -441,7 +447,7 @@ def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
     if remote.size and size != remote.size:
         raise DownloadFailed(f"{remote.name}: got {size} bytes, expected {remote.size}")
     if remote.sha256:
-        actual = file_sha256(part)
+        actual = remote.received_sha256 or file_sha256(part)
         if actual != remote.sha256.lower():
             part.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
