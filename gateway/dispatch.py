@@ -182,13 +182,18 @@ class Dispatcher:
             self._ask_for_replicas()
 
     def _ask_for_replicas(self) -> None:
+        """Queues of a model no node has loaded ask again (an earlier decision may have been
+        refused or missed); queues standing SCALE_AFTER_S ask for one more replica."""
         if self.placer is None:
             return
         now = time.monotonic()
         for (model, capability), queue in self._waiters.items():
-            if self._standing(queue, now) and now - queue[0][2] >= SCALE_AFTER_S:
-                reason = "queueing" if self.directory.serving(model, capability) else "on_demand"
-                self.placer.want(model, capability, reason, len(queue))
+            if not queue:
+                continue
+            if not self.directory.serving(model, capability):
+                self.placer.want(model, capability, "on_demand", len(queue))
+            elif self._standing(queue, now) and now - queue[0][2] >= SCALE_AFTER_S:
+                self.placer.want(model, capability, "queueing", len(queue))
 
     async def _on_reply(self, msg: Msg) -> None:
         mailbox = self._calls.get(msg.subject)

@@ -24,7 +24,9 @@ from .errors import ApiError
 log = structlog.get_logger("gateway")
 
 Ask = Callable[[str, Any, type], Awaitable[Any]]
-ASK_INTERVAL_S = {"on_demand": 1.0, "queueing": 5.0}
+# The registry answers a repeated ask from what it already decided (nothing placed twice), so
+# a cold start may ask again soon; another replica is asked for at most every few seconds.
+ASK_INTERVAL_S = {"on_demand": 0.2, "queueing": 5.0}
 ASK_TIMEOUT_S = 10.0
 
 

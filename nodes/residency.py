@@ -4,9 +4,9 @@ A node keeps files for many models and loads only those the registry places on i
 decision arrives as a placement event), when they fit. To make room for one placed with
 ``evict`` (a request is waiting for it), it unloads the least recently used models that have
 no request running or waiting, never one that is serving; when the only models that could
-make room are busy, it waits for them (bounded). A model loaded but not used yet is spared
-for a moment (FRESH_GRACE_S), so two cold starts cannot unload each other's model before its
-waiting request reaches it. With ``--keep-alive`` an idle model is unloaded after that long,
+make room are busy, it waits for them (bounded). A model loaded for a waiting request but not
+used yet is spared for a moment (FRESH_GRACE_S), so two cold starts cannot unload each other's
+model before its request reaches it. With ``--keep-alive`` an idle model is unloaded after that long,
 unless it was placed for the registration's minimum replicas (``pinned``).
 
 Every load and unload runs under the node's one sync lock, so the accounting a decision reads
@@ -148,7 +148,7 @@ class Residency:
             Resident(
                 name=s.name,
                 memory=s.memory,
-                idle=s.in_flight == 0 and (s.used or now - s.last_used >= FRESH_GRACE_S),
+                idle=s.in_flight == 0 and (s.used or now >= s.fresh_until),
                 last_used=s.last_used,
             )
             for s in self.served.values()
@@ -255,6 +255,8 @@ class Residency:
             pinned=want.pinned,
         )
         served.on_idle = self.went_idle
+        if want.reason != "replicas":  # a request waits for it: not unloaded before it arrives
+            served.fresh_until = time.monotonic() + FRESH_GRACE_S
         self.served[name] = served
         await self.attach(served)
         log.info(

@@ -57,6 +57,7 @@ class ServedModel:
         self.loaded_at = time.time()
         self.last_used = time.monotonic()  # its last request's end (or its load)
         self.used = False  # served a request since it was loaded
+        self.fresh_until = 0.0  # monotonic: not unloaded before then unless used (a request is on its way)
         self.on_idle: Callable[[], None] | None = None  # called when its last request ends
         self._slots = asyncio.Semaphore(self.parallel)
         self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix=f"engine-{record.name}")
