@@ -330,7 +330,7 @@ class Dispatcher:
             call.queued_since = started  # requeued after node_busy: the same queue timeout, not a new one
             call.queued_at = time.time()
         if not serving and self.placer is not None:  # a cold start: some node loads it while we wait
-            self.placer.want(call.model, call.capability, "on_demand", len(queue))
+            self.placer.want(call.model, call.capability, "on_demand", len(queue), now=True)
         try:
             remaining = max(0.0, call.queued_since + self.queue_timeout - started)
             beat = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)

@@ -2,8 +2,9 @@
 its queue keeps standing. The gateway never chooses which node loads a model; the registry
 does (registry/placement.py), and the request is served once that node's heartbeat lists it.
 
-One ask per model is in flight at a time, and asks are spaced (ASK_INTERVAL_S, longer for
-more replicas), so a burst of cold requests costs the registry one request. When the registry
+One ask per model is in flight at a time, so a burst of cold requests costs the registry one
+request; asks repeated by the dispatcher's ticker are spaced (ASK_INTERVAL_S, longer for more
+replicas). A request that has just found its model unloaded asks at once (``now``). When the registry
 finds no node for the model, the requests queued for it fail at once with its reason.
 """
 
@@ -40,15 +41,15 @@ class Placer:
         self._tasks: dict[str, asyncio.Task] = {}
         self.asked = 0
 
-    def want(self, model: str, capability: str | None, reason: str, waiting: int) -> None:
-        """Ask for ``model`` unless an ask for it is in flight or was made just now."""
+    def want(self, model: str, capability: str | None, reason: str, waiting: int, *, now: bool = False) -> None:
+        """Ask for ``model`` unless an ask for it is in flight, or (not ``now``) was made just now."""
         task = self._tasks.get(model)
         if task is not None and not task.done():
             return
-        key, now = (model, reason), time.monotonic()
-        if now - self._last.get(key, -1e9) < ASK_INTERVAL_S.get(reason, 1.0):
+        key, at = (model, reason), time.monotonic()
+        if not now and at - self._last.get(key, -1e9) < ASK_INTERVAL_S.get(reason, 1.0):
             return
-        self._last[key] = now
+        self._last[key] = at
         self.asked += 1
         request = PlaceModel(model=model, capability=capability, reason=reason, waiting=waiting)
         self._tasks[model] = asyncio.create_task(self._ask(request), name=f"place:{model}")

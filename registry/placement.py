@@ -231,6 +231,15 @@ def on_demand(record: ModelRecord, beats: list[NodeHeartbeat], pending: list[Pen
     raise Unplaceable(f"model {record.name!r} needs about {needs}, more than any node's budget ({budgets})", 507)
 
 
+def confirm(record: ModelRecord, beats: list[NodeHeartbeat]) -> PlacementEvent | None:
+    """Have the model loaded on the node of ``beats`` that reports it loaded (a gateway saw it
+    unloaded since): the node loads it again, making room, or does nothing if it still has it."""
+    if not beats:
+        return None
+    option = candidate(beats[0], record, {})
+    return _event(record, [option], "on_demand", evict=True, pinned=False, detail="a gateway found it unloaded")
+
+
 def scale_up(record: ModelRecord, beats: list[NodeHeartbeat], pending: list[Pending]) -> PlacementEvent | None:
     """One more replica for a model whose requests keep queueing, up to its maximum; None: not now."""
     wanted = policy(record)

@@ -501,7 +501,9 @@ class Registry:
             if request.reason == "queueing" and loaded:
                 event = placement.scale_up(record, beats, pending)
             elif loaded:
-                event = None
+                # The gateway sees it loaded nowhere (a node just unloaded it, and our view is a
+                # heartbeat behind): ask one of those nodes to have it loaded; a no-op if it has.
+                event = placement.confirm(record, [b for b in beats if b.node_id == loaded[0]])
             elif placing:
                 event = await self._again(record.name, pending)  # a node may have missed it
             else:
