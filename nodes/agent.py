@@ -599,13 +599,23 @@ class NodeAgent:
     # ------------------------------------------------------------ heartbeat
 
     def runtime_report(self) -> list[RuntimeStatus]:
-        """Each runtime's availability with the models of its kind loaded now (FR-007)."""
-        return [
-            msgspec.structs.replace(
-                status, models=sorted(s.name for s in self.served.values() if s.runtime == status.name)
+        """Each runtime's availability with the models of its kind loaded now (FR-007), and the
+        backend it computes on: its probe's (llama.cpp's build), else what a loaded engine chose."""
+        report = []
+        for status in self._runtime_status:
+            mine = [s for s in self.served.values() if s.runtime == status.name]
+            backend, device = status.backend, status.device
+            chosen = next((str(s.engine.device) for s in mine if getattr(s.engine, "device", None)), None)
+            if backend is None and chosen is not None:  # torch / CTranslate2: "cuda", "cuda:1", "cpu", "mps"
+                kind, _, index = chosen.partition(":")
+                backend, device = (
+                    kind,
+                    memory.RAM if kind == "cpu" else memory.gpu_device(int(index) if index.isdigit() else 0),
+                )
+            report.append(
+                msgspec.structs.replace(status, models=sorted(s.name for s in mine), backend=backend, device=device)
             )
-            for status in self._runtime_status
-        ]
+        return report
 
     def heartbeat(self) -> NodeHeartbeat:
         cpu, mem_total, mem_used = system.cpu_and_memory()

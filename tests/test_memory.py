@@ -130,3 +130,61 @@ def test_the_estimate_of_a_large_context_is_within_a_quarter_of_what_llama_cpp_a
     assert abs(estimate[RAM] - measured[RAM]) <= 0.25 * measured[RAM], (estimate, measured)
     if n_ctx >= 16384:
         assert measured[RAM] > 100 * path.stat().st_size  # the context, not the weights, is what costs
+
+
+def _gpu_build() -> bool:
+    """A llama-cpp-python built with GPU offload, on a machine with an NVIDIA GPU."""
+    from nodes import system
+
+    if not system.gpus():
+        return False
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@requires_llama
+def test_the_runtime_reports_the_backend_it_really_uses() -> None:
+    from nodes.runtimes import LlamaCppRuntime
+
+    status = LlamaCppRuntime(n_threads=1).probe()
+    if _gpu_build():
+        assert (status.backend, status.device) == (llama_backend.build_backend(), "gpu0")
+    else:
+        assert (status.backend, status.device) == ("cpu", "ram")  # no GPU here, or a CPU-only build
+
+
+@requires_llama
+@pytest.mark.skipif(not _gpu_build(), reason="needs an NVIDIA GPU and a llama-cpp-python built with CUDA")
+def test_a_gpu_build_offloads_every_layer_and_its_memory_goes_to_the_gpu(tmp_path) -> None:
+    from nodes.demo_model import write_tiny_gguf
+    from nodes.runtimes import LlamaCppRuntime
+
+    path = write_tiny_gguf(tmp_path / "gpu.gguf", n_embd=256, n_layers=4, context_length=8192)
+    record = ModelRecord(
+        name="gpu",
+        format="gguf",
+        runtime="llama_cpp",
+        capabilities=["chat"],
+        source=ModelSource(kind="path", path=str(path)),
+        labels={"n_ctx": "8192"},
+    )
+    runtime = LlamaCppRuntime(n_threads=1)
+    runtime.probe()
+    estimate = runtime.estimate(record, str(path))
+    engine = runtime.load(record, str(path))
+    try:
+        measured = engine.memory_bytes
+        assert measured.get("gpu0", 0) > measured.get(RAM, 0)  # weights, KV cache and compute buffers there
+        assert abs(estimate["gpu0"] - measured["gpu0"]) <= 0.25 * measured["gpu0"], (estimate, measured)
+    finally:
+        engine.close()
+    limited = LlamaCppRuntime(n_threads=1, gpu_layers=0)
+    limited.probe()
+    engine = limited.load(record, str(path))
+    try:
+        assert "gpu0" not in engine.memory_bytes or engine.memory_bytes["gpu0"] < measured["gpu0"] / 2
+    finally:
+        engine.close()

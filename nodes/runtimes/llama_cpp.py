@@ -420,7 +420,7 @@ class LlamaCppRuntime:
 
     def probe(self) -> RuntimeStatus:
         status = probe_packages(NAME, self.capabilities, [("llama_cpp", "llama-cpp-python")])
-        if status.available:
+        if status.available and self.gpu_layers != 0:  # --gpu-layers 0: the CPU, whatever the build
             self.backend, self.device = llama_backend.runs_on(llama_backend.build_backend(), len(system.gpus()))
         status.backend, status.device = self.backend, self.device
         return status
