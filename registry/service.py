@@ -117,6 +117,7 @@ class Registry:
         self._pending: dict[str, list[placement.Pending]] = {}  # placements not carried out yet
         self._cooldown: dict[tuple[str, str], float] = {}  # (model, node): refused a placement until then
         self.placements: dict[str, PlacementEvent] = {}  # the last decision per model
+        self._writing = asyncio.Lock()  # a state update and a delete of the registrations, one at a time
 
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, name="registry", auth=self.nats_auth, on_reconnect=self._recover)
@@ -273,12 +274,13 @@ class Registry:
         current = await self._current(name)
         if current is None:
             return AdminReply(ok=False, status=404, message=f"model {name!r} is not registered")
-        await self.kv.purge(encode_token(name))
-        self.models.forget(name)
-        self._pending.pop(name, None)
-        self.placements.pop(name, None)
+        async with self._writing:  # no state update of it lands between the purge and "deleted"
+            await self.kv.purge(encode_token(name))
+            self.models.forget(name)
+            self._pending.pop(name, None)
+            self.placements.pop(name, None)
+            await self._emit("deleted", name, None)
         removed = await self._delete_blobs(name)
-        await self._emit("deleted", name, None)
         log.info("model deleted", model=name, blobs_removed=removed)
         return AdminReply(ok=True, status=200, message="deleted", record=current)
 
@@ -468,21 +470,22 @@ class Registry:
             await self._write_state(record, now)
 
     async def _write_state(self, record: ModelRecord, now: lifecycle.Lifecycle) -> None:
-        revision = self.models.revisions.get(record.name)
-        if revision is None:
-            return
-        updated = msgspec.structs.replace(
-            record, state=now.state, error=now.error, download=now.download, updated_at=time.time()
-        )
-        try:
-            new_revision = await self.kv.update(encode_token(record.name), codec.encode(updated), last=revision)
-        except KeyWrongLastSequenceError:
-            return  # changed meanwhile (another registry, a delete): the next pass sees the new value
-        self.models.remember(updated, new_revision)  # so the next pass does not write it again
-        self._last_download_write[record.name] = time.monotonic()
-        if record.state != now.state:
-            log.info("model state", model=record.name, state=now.state, was=record.state, error=now.error)
-        await self._emit("updated", record.name, updated)
+        async with self._writing:  # a delete waits: its "deleted" is never followed by this "updated"
+            revision = self.models.revisions.get(record.name)
+            if revision is None:
+                return  # deleted meanwhile
+            updated = msgspec.structs.replace(
+                record, state=now.state, error=now.error, download=now.download, updated_at=time.time()
+            )
+            try:
+                new_revision = await self.kv.update(encode_token(record.name), codec.encode(updated), last=revision)
+            except KeyWrongLastSequenceError:
+                return  # changed meanwhile (another registry, a delete): the next pass sees the new value
+            self.models.remember(updated, new_revision)  # so the next pass does not write it again
+            self._last_download_write[record.name] = time.monotonic()
+            if record.state != now.state:
+                log.info("model state", model=record.name, state=now.state, was=record.state, error=now.error)
+            await self._emit("updated", record.name, updated)
 
     # ------------------------------------------------------------ placement
 
