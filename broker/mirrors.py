@@ -3,7 +3,8 @@
 ``RegisteredModels`` mirrors the ``models`` KV bucket through a watcher. ``NodeDirectory`` keeps
 the last heartbeat of every node; a node whose heartbeat is older than the TTL is not live,
 so a crashed node disappears without any sweeper, and a clean shutdown's goodbye removes it
-at once.
+at once. It indexes which nodes have each model loaded (``serving``) and which have its files
+and could load it on demand (``loadable``).
 """
 
 from __future__ import annotations
@@ -193,8 +194,10 @@ class NodeDirectory:
         self._listeners: list[Callable[[], None]] = []
         self._nodes: dict[str, NodeView] = {}
         self._index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
+        self._loadable: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         self._slots: dict[tuple[str, str], int] = {}
         self._announced: dict[str, LoadedModel] = {}  # upstream models, by name (one report of each)
+        self._unloaded: set[tuple[str, str]] = set()  # (node, model) a node said it no longer has loaded
         self._index_until = 0.0  # monotonic time the index must be rebuilt by
         self._subs: list = []
 
@@ -219,6 +222,8 @@ class NodeDirectory:
 
     def _remember(self, beat: NodeHeartbeat, seen: float) -> None:
         self._index_until = 0.0
+        if self._unloaded:
+            self._unloaded = {key for key in self._unloaded if key[0] != beat.node_id}
         known = self._nodes.get(beat.node_id)
         if known is None:
             self._nodes[beat.node_id] = NodeView(beat, seen)
@@ -275,6 +280,11 @@ class NodeDirectory:
         for listener in self._listeners:
             listener()
 
+    def note_unloaded(self, node_id: str, model: str) -> None:
+        """A node answered ``model_not_loaded``: not serving it, until its next heartbeat says."""
+        self._unloaded.add((node_id, model))
+        self._index_until = 0.0
+
     def forget(self, node_id: str) -> None:
         """Drop a node that failed to answer (no responders); its next heartbeat restores it."""
         self._nodes.pop(node_id, None)
@@ -309,6 +319,12 @@ class NodeDirectory:
             self._rebuild_index()
         return self._announced
 
+    def loadable(self, model: str, capability: str | None = None) -> list[NodeHeartbeat]:
+        """Live, non-draining nodes that have the files of ``model`` and could load it on demand."""
+        if time.monotonic() >= self._index_until:
+            self._rebuild_index()
+        return self._loadable.get((model, capability), _NONE)
+
     def slots(self, node_id: str, model: str) -> int:
         """How many requests for ``model`` the node runs at once (from its last heartbeat)."""
         if time.monotonic() >= self._index_until:
@@ -318,6 +334,7 @@ class NodeDirectory:
     def _rebuild_index(self) -> None:
         now = time.monotonic()
         index: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
+        loadable: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         slots: dict[tuple[str, str], int] = {}
         announced: dict[str, LoadedModel] = {}
         until = float("inf")
@@ -334,10 +351,22 @@ class NodeDirectory:
             for model in beat.models:
                 if not model.servable:
                     continue
+                unloaded = (beat.node_id, model.name) in self._unloaded
                 if model.origin == "upstream":
+                    # Announced by the node itself, never placed by the registry: not loadable on
+                    # demand; one the node just said it no longer serves waits for its next beat.
                     announced.setdefault(model.name, model)
+                    if unloaded:
+                        continue
+                table = loadable if unloaded else index
                 for key in ((model.name, None), *((model.name, c) for c in model.capabilities)):
-                    entries = index.setdefault(key, [])
+                    entries = table.setdefault(key, [])
                     if not entries or entries[-1] is not beat:
                         entries.append(beat)
-        self._index, self._slots, self._announced, self._index_until = index, slots, announced, until
+            for entry in beat.loadable:
+                for key in ((entry.name, None), *((entry.name, c) for c in entry.capabilities)):
+                    entries = loadable.setdefault(key, [])
+                    if not entries or entries[-1] is not beat:
+                        entries.append(beat)
+        self._index, self._loadable, self._slots, self._announced = index, loadable, slots, announced
+        self._index_until = until

@@ -79,6 +79,7 @@ NODE_STREAMS = frozenset(
 REGISTRY_STREAMS = frozenset(
     {
         storage.REGISTRY_EVENTS,
+        storage.PLACEMENTS,
         kv_stream(storage.KV_MODELS),
         kv_stream(storage.KV_NODES),
         kv_stream(storage.KV_DOWNLOADS),
@@ -203,6 +204,10 @@ def node_rules(node_id: str) -> Rules:
         f"$KV.{storage.KV_DOWNLOADS}.progress.{node}.*",  # its storage.download_key entries
         f"$KV.{storage.KV_LEASES}.*",
         f"$O.{storage.OBJ_PAYLOADS}.*.*",  # generated images and audio (claim checks): chunks, metadata
+        # Files it fetched from the origin, for the next node (chunks, metadata; it may not
+        # purge, so it never replaces an object: nodes/downloads.py checks first).
+        f"$O.{storage.OBJ_MODEL_BLOBS}.C.*",
+        f"$O.{storage.OBJ_MODEL_BLOBS}.M.*",
         "$JS.API.STREAM.NAMES",  # the stream of a subject, for a subscription
         "$JS.FC.>",  # flow control of its consumers
         *(f"$JS.API.STREAM.INFO.{stream}" for stream in sorted(NODE_STREAMS)),
@@ -217,8 +222,15 @@ def node_rules(node_id: str) -> Rules:
         f"$JS.ACK.{events}.{durable}.>",
         f"$JS.ACK.*.*.{events}.{durable}.>",  # the acknowledgement subjects' v2 form (domain, account hash)
     ]
-    deny = [subjects.REGISTRY_EVENTS_ALL, subjects.ADMIN_ALL, f"$KV.{storage.KV_MODELS}.>", *_NOT_THEIRS]
+    deny = [
+        subjects.REGISTRY_EVENTS_ALL,
+        subjects.PLACEMENT_PREFIX + ">",
+        subjects.ADMIN_ALL,
+        f"$KV.{storage.KV_MODELS}.>",
+        *_NOT_THEIRS,
+    ]
     sub = [
+        subjects.PLACEMENT_ALL,  # the registry's decisions: which models to load
         "infer.*.*",  # the shared subject of each (capability, model), and cancels
         f"infer.*.*.{node}",  # its own
         f"admin.node.{node}.*",
@@ -236,6 +248,7 @@ def gateway_rules() -> Rules:
     what the gateway comes to publish or subscribe next needs no change here."""
     deny = [
         subjects.REGISTRY_EVENTS_ALL,
+        subjects.PLACEMENT_PREFIX + ">",
         subjects.NODE_HEARTBEAT_ALL,
         subjects.DOWNLOADS_PROGRESS_ALL,
         f"$KV.{storage.KV_MODELS}.>",
@@ -246,9 +259,11 @@ def gateway_rules() -> Rules:
 
 def registry_rules() -> Rules:
     """The model registry: writes ``models``, download tasks and model files, emits registry
-    events, asks nodes to download, appends its own audit records; reaches no secret or history."""
+    events and placement decisions, asks nodes to download, appends its own audit records;
+    reaches no secret or history."""
     pub = [
         subjects.REGISTRY_EVENTS_ALL,
+        subjects.PLACEMENT_PREFIX + ">",  # its placement decisions
         "audit.registry.>",  # the admin.model.* requests it carried out (broker/audit.py)
         f"admin.node.*.{subjects.NODE_DOWNLOAD}",
         "logs.registry.*.*",

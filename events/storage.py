@@ -22,6 +22,7 @@ NODE_TTL_S = 10.0
 NODE_CONSUMER_RETENTION_S = 30 * 24 * 3600.0
 
 REGISTRY_EVENTS = "REGISTRY_EVENTS"
+PLACEMENTS = "PLACEMENTS"
 HISTORY = "HISTORY"
 LOGS = "LOGS"
 AUDIT = "AUDIT"
@@ -66,6 +67,15 @@ STREAMS: tuple[StreamConfig, ...] = (
         max_age=30 * DAY,
         max_msgs=100_000,
         max_bytes=256 * MiB,
+        storage=StorageType.FILE,
+    ),
+    StreamConfig(
+        name=PLACEMENTS,
+        description="placement decisions: which nodes load which model (the last 100 per model)",
+        subjects=[subjects.PLACEMENT_ALL],
+        max_age=7 * DAY,
+        max_msgs_per_subject=100,
+        max_bytes=64 * MiB,
         storage=StorageType.FILE,
     ),
     StreamConfig(

@@ -76,6 +76,7 @@ ADMIN_MODEL_DELETE = "admin.model.delete"
 ADMIN_MODEL_HUB = "admin.model.hub"  # the curated catalog with per-entry status
 ADMIN_MODEL_HF = "admin.model.hf"  # one page of the Hugging Face GGUF catalog
 ADMIN_MODEL_DOWNLOAD = "admin.model.download"  # "download now" on one node, or all
+ADMIN_MODEL_PLACE = "admin.model.place"  # a gateway: requests wait for a model no node has loaded
 ADMIN_ALL = "admin.>"
 
 REGISTRY_EVENTS_ALL = "registry.events.>"
@@ -83,6 +84,16 @@ MODEL_ADDED = "registry.events.model.added"
 MODEL_UPDATED = "registry.events.model.updated"
 MODEL_DELETED = "registry.events.model.deleted"
 MODEL_EVENTS = {"added": MODEL_ADDED, "updated": MODEL_UPDATED, "deleted": MODEL_DELETED}
+# Placement decisions (which nodes load a model), one subject per model, published by the
+# registry only: `nats sub 'placement.>'` shows every decision as it is made. Outside
+# ``registry.events.>`` so that a busy cluster's many decisions never push model events (a
+# delete a node that was away must still replay) out of that stream's bounds.
+PLACEMENT_PREFIX = "placement."
+PLACEMENT_ALL = PLACEMENT_PREFIX + "*"
+
+
+def placement(model: str) -> str:
+    return PLACEMENT_PREFIX + encode_token(model)
 
 
 # Download progress of a node, live (the ``downloads`` KV bucket keeps the latest of each).

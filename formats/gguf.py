@@ -1,15 +1,18 @@
 """A GGUF metadata reader in plain Python, for hosts without the ``gguf`` package.
 
 The registry host installs no engine extras, yet it must tell a projector from a model, and
-a node must know a model's trained context before llama.cpp allocates one. Both read only the
-key/value header (versions 2 and 3, either byte order), never the tensors, and stop at the
-key they need: llama.cpp's converters write ``general.*`` first, the tokenizer's arrays last.
+a node must know a model's trained context before llama.cpp allocates one, and how much memory
+it will take before loading it. All read only the header (versions 2 and 3, either byte order):
+the key/value pairs and, for :func:`layout`, the tensor table, never the tensor data. The first
+two stop at the key they need: llama.cpp's converters write ``general.*`` first, the
+tokenizer's arrays last.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,6 +61,83 @@ def context_length(path: str | Path) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a memory estimate needs of a model: its shape and the bytes of each tensor."""
+
+    architecture: str | None
+    context_length: int = 0
+    block_count: int = 0
+    embedding_length: int = 0
+    feed_forward_length: int = 0
+    head_count: int = 0
+    head_count_kv: int = 0
+    key_length: int = 0  # per head; 0: embedding_length / head_count
+    value_length: int = 0
+    vocab_size: int = 0
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.tensor_bytes.values())
+
+
+_LAYOUT_KEYS = {
+    "context_length": "context_length",
+    "block_count": "block_count",
+    "embedding_length": "embedding_length",
+    "feed_forward_length": "feed_forward_length",
+    "attention.head_count": "head_count",
+    "attention.head_count_kv": "head_count_kv",
+    "attention.key_length": "key_length",
+    "attention.value_length": "value_length",
+    "vocab_size": "vocab_size",
+}
+MAX_TENSORS = 1_000_000  # far more than any model has; bounds what a corrupt header can make us read
+
+
+def layout(path: str | Path) -> Layout:
+    """The model's hyperparameters and tensor sizes (the gaps between tensor offsets, so every
+    quantisation type is sized without a table of them). Raises GgufError or OSError."""
+    size = Path(path).stat().st_size
+    with Path(path).open("rb") as fh:
+        header = _Header(fh, size)
+        values: dict[str, object] = {}
+        arch = None
+        alignment = 32
+        for key, value in header.pairs(skip_arrays=True):
+            if key == "general.architecture" and isinstance(value, str):
+                arch = value
+            elif key == "general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+            elif key == "tokenizer.ggml.tokens" and isinstance(value, _Skipped):
+                values.setdefault("vocab_size", value.count)
+            elif arch is not None and key.startswith(arch + "."):
+                field_name = _LAYOUT_KEYS.get(key[len(arch) + 1 :])
+                if field_name is not None:
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        values[field_name] = value
+                    elif isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+                        values[field_name] = max(value)  # per-layer values (e.g. head_count_kv)
+        tensors = header.tensors_table()
+        data_start = -(-fh.tell() // alignment) * alignment
+    offsets = sorted((offset, name) for name, offset in tensors)
+    sizes = {}
+    for i, (offset, name) in enumerate(offsets):
+        end = offsets[i + 1][0] if i + 1 < len(offsets) else size - data_start
+        sizes[name] = max(0, end - offset)
+    return Layout(architecture=arch, tensor_bytes=sizes, **values)
+
+
+class _Skipped:
+    """An array whose items were skipped (``tokenizer.ggml.tokens``): only its length is kept."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
 class _Header:
     def __init__(self, fh: BinaryIO, size: int) -> None:
         self.fh = fh
@@ -73,10 +153,47 @@ class _Header:
         else:
             raise GgufError("unsupported GGUF version (only 2 and 3)")
 
-    def pairs(self) -> Iterator[tuple[str, Any]]:
+    def pairs(self, *, skip_arrays: bool = False) -> Iterator[tuple[str, Any]]:
+        """``skip_arrays``: arrays of strings are seeked over, their length kept (:class:`_Skipped`)."""
         for _ in range(self.count):
             key = self._string()
-            yield key, self._value(self._unpack("I"))
+            kind = self._unpack("I")
+            yield key, self._skip_array() if skip_arrays and kind == _ARRAY else self._value(kind)
+
+    def _skip_array(self) -> Any:
+        item, count = self._unpack("I"), self._unpack("Q")
+        if item in _SCALARS:
+            width = struct.calcsize(_SCALARS[item])
+            if count * width > self.size - self.fh.tell():
+                raise GgufError("a GGUF array runs past the end of the file")
+            if count <= 64:
+                return list(struct.unpack(f"{self.order}{count}{_SCALARS[item]}", self.fh.read(count * width)))
+            self.fh.seek(count * width, 1)
+            return _Skipped(count)
+        if item != _STRING:
+            return [self._value(item) for _ in range(count)]
+        if count * 8 > self.size - self.fh.tell():
+            raise GgufError("a GGUF array runs past the end of the file")
+        for _ in range(count):
+            length = self._unpack("Q")
+            if length > self.size - self.fh.tell():
+                raise GgufError("a GGUF string runs past the end of the file")
+            self.fh.seek(length, 1)
+        return _Skipped(count)
+
+    def tensors_table(self) -> list[tuple[str, int]]:
+        """(name, data offset) of every tensor; read right after :meth:`pairs` is exhausted."""
+        if self.tensors > MAX_TENSORS:
+            raise GgufError(f"a GGUF header claiming {self.tensors} tensors")
+        table = []
+        for _ in range(self.tensors):
+            name = self._string()
+            dims = self._unpack("I")
+            if dims > 8:
+                raise GgufError(f"tensor {name} has {dims} dimensions")
+            self.fh.seek(8 * dims + 4, 1)  # the dimensions, then the type
+            table.append((name, self._unpack("Q")))
+        return table
 
     def _unpack(self, code: str) -> Any:
         width = struct.calcsize(code)

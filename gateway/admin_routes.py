@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.mirrors import NodeDirectory, RegisteredModels
+from broker.placements import PlacementLog
 from events import codec, subjects
 from events.messages import (
     AdminReply,
@@ -42,11 +43,20 @@ ADMIN_TIMEOUT_S = 30.0
 
 
 class AdminRoutes:
-    def __init__(self, nc: Client, catalog: RegisteredModels, directory: NodeDirectory, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        catalog: RegisteredModels,
+        directory: NodeDirectory,
+        dispatcher: Dispatcher,
+        placements: PlacementLog | None = None,
+    ) -> None:
+        """``placements``: the registry's last decisions, shown with models and nodes."""
         self.nc = nc
         self.catalog = catalog
         self.directory = directory
         self.dispatcher = dispatcher
+        self.placements = placements or PlacementLog()
 
     async def ask(self, subject: str, request: Any, reply_type: type) -> Any:
         """A request to the registry; its refusal becomes the ApiError the client gets."""
@@ -70,8 +80,23 @@ class AdminRoutes:
     def model_view(self, record: ModelRecord) -> dict:
         """A registration with what the live nodes say about it."""
         nodes = self.directory.serving(record.name)
+        loadable = self.directory.loadable(record.name)
         view = msgspec.to_builtins(record)
-        view.update({"id": record.name, "object": "model", "ready": bool(nodes), "nodes": [b.node_id for b in nodes]})
+        decision = self.placements.get(record.name)
+        view.update(
+            {
+                "id": record.name,
+                "object": "model",
+                "ready": bool(nodes) or bool(loadable),
+                "nodes": [b.node_id for b in nodes],
+                # Where it is loaded, where it could be loaded on demand, and the registry's last decision.
+                "placement": {
+                    "loaded_on": [b.node_id for b in nodes],
+                    "loadable_on": [b.node_id for b in loadable],
+                    "last_decision": msgspec.to_builtins(decision) if decision is not None else None,
+                },
+            }
+        )
         return view
 
     # ------------------------------------------------------------ handlers
@@ -121,6 +146,7 @@ class AdminRoutes:
                 raise model_not_found(name) from None
             raise
         self.catalog.forget(name)
+        self.placements.forget(name)
         return json_response({"id": name, "object": "model", "deleted": True})
 
     # ------------------------------------------------------------ nodes
@@ -135,6 +161,17 @@ class AdminRoutes:
                     "state": beat.state if live else "offline",
                     "last_seen_s": round(age, 1),
                     "gateway_inflight": self.dispatcher.node_inflight(beat.node_id),
+                    # The registry's last decisions that placed a model here.
+                    "placements": [
+                        {
+                            "model": e.name,
+                            "reason": e.reason,
+                            "at": e.at,
+                            "decision_id": e.decision_id,
+                            "evict": e.evict,
+                        }
+                        for e in self.placements.naming(beat.node_id)
+                    ],
                 }
             )
             nodes.append(view)

@@ -25,6 +25,7 @@ from broker.audit import AuditLog
 from broker.endpoints import Service
 from broker.logship import SHIPPER
 from broker.mirrors import NodeDirectory, RegisteredModels
+from broker.placements import PlacementLog
 from events import NameTooLong, codec, subjects
 
 from .admin_routes import AdminRoutes
@@ -48,6 +49,7 @@ from .metrics import Metrics, metrics_page
 from .openai_routes import OpenAIRoutes
 from .openapi import openapi_json
 from .passwords import Passwords
+from .placement import Placer
 from .providers import Clouds
 from .rate_limits import RateLimiter, RateLimitMiddleware
 from .responses_routes import ResponsesRoutes
@@ -273,7 +275,11 @@ class Gateway:
         if self.metrics_on:
             await self._start_metrics()
         await self.clouds.start()  # model lists fetched in the background
-        self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher)
+        self.placements = PlacementLog()
+        await self.placements.start(self.js)
+        self.admin = AdminRoutes(self.nc, self.catalog, self.directory, self.dispatcher, self.placements)
+        self.placer = Placer(self.admin.ask, self.dispatcher.placement_failed)
+        self.dispatcher.placer = self.placer
         self.routes = OpenAIRoutes(
             self.catalog, self.directory, self.dispatcher, self.history, OnDemand(self.admin.ask), self.clouds
         )
@@ -377,8 +383,10 @@ class Gateway:
         await self.usage.stop()  # after the last record: its counts are written
         if self._downloads_meter is not None:
             await self._downloads_meter.stop()
+        await self.placer.stop()
         await self.dispatcher.stop()
         await self.directory.stop()
+        await self.placements.stop()
         await self.catalog.stop()
         await self.keys.stop()
         await self.sessions.stop()

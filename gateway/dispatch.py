@@ -11,6 +11,13 @@ are sent with ``when_busy="reject"``: a node whose slots are taken by another ga
 ``node_busy`` at once, and the request goes back to the head of the queue. That keeps two
 gateways sharing the same nodes correct without coordinating them.
 
+A model that no node has loaded, but some node has the files of, is a cold start: the request
+waits in the queue (the wait shows in ``x-queue-wait-ms``) while the registry places the model
+on a node and that node loads it (the ``placer``, gateway/placement.py, asks); its heartbeat
+then lists the model and the queue is served. A queue that keeps standing for a model asks
+for one more replica. A node that answers ``model_not_loaded`` (it unloaded the model just as
+the request was sent) is treated like a busy one: the request goes back to the queue's head.
+
 Replies come back on one wildcard inbox subscription, demultiplexed by call into its Mailbox.
 A node that is not subscribed answers "no responders" at once; a node that died is noticed
 when its heartbeat expires; a reply that was lost is noticed when the node's heartbeats stop
@@ -46,6 +53,7 @@ BUSY_BACKOFF_S = 0.05  # a node that said busy is skipped this long (or until on
 EWMA = 0.2
 BROKER_GRACE_S = 2.0  # a request waits this long for a lost NATS connection to come back, then 503
 LIFO_AFTER_S = 0.25  # a queue whose oldest request waited this long is standing: serve newest first
+SCALE_AFTER_S = 2.0  # a queue standing this long asks the registry for one more replica
 SlotKey = tuple[str, str]  # (node id, model)
 
 
@@ -58,6 +66,16 @@ class NoNode(DispatchError):
     def __init__(self, model: str) -> None:
         super().__init__(f"no live node is serving the model {model!r}")
         self.model = model
+
+
+class NotPlaced(DispatchError):
+    """The model could not be loaded anywhere: the registry found no node for it, or the node
+    chosen could not load it (``status``: 503, or 507 when it fits no node's memory budget)."""
+
+    def __init__(self, model: str, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.model = model
+        self.status = status
 
 
 class QueueFull(DispatchError):
@@ -120,6 +138,8 @@ class Dispatcher:
         lifo_after_s: float = LIFO_AFTER_S,
     ) -> None:
         self.nc = nc
+        # Asks the registry to place a model (gateway.placement.Placer): placer.want(model, capability, reason, waiting).
+        self.placer: Any = None
         self.lifo_after_s = lifo_after_s
         self.directory = directory
         self.request_timeout = request_timeout
@@ -153,12 +173,27 @@ class Dispatcher:
     async def _tick(self) -> None:
         """Once a second, wake every waiting call to check its deadline and its node's health:
         one timer for all calls instead of a timeout on every reply (``asyncio.wait_for`` costs a
-        task per await)."""
+        task per await). Queues standing for SCALE_AFTER_S ask for another replica."""
         while True:
             await asyncio.sleep(TICK_S)
             for mailbox in self._calls.values():
                 if mailbox.empty():
                     mailbox.put(_TICK)
+            self._ask_for_replicas()
+
+    def _ask_for_replicas(self) -> None:
+        """Queues of a model no node has loaded ask again (an earlier decision may have been
+        refused or missed); queues standing SCALE_AFTER_S ask for one more replica."""
+        if self.placer is None:
+            return
+        now = time.monotonic()
+        for (model, capability), queue in self._waiters.items():
+            if not queue:
+                continue
+            if not self.directory.serving(model, capability):
+                self.placer.want(model, capability, "on_demand", len(queue))
+            elif self._standing(queue, now) and now - queue[0][2] >= SCALE_AFTER_S:
+                self.placer.want(model, capability, "queueing", len(queue))
 
     async def _on_reply(self, msg: Msg) -> None:
         mailbox = self._calls.get(msg.subject)
@@ -281,7 +316,8 @@ class Dispatcher:
             if beat is not None:
                 self._reserve(call, beat)
                 return beat
-        if not [b for b in self.directory.serving(call.model, call.capability) if b.node_id not in call.excluded]:
+        serving = [b for b in self.directory.serving(call.model, call.capability) if b.node_id not in call.excluded]
+        if not serving and not self.directory.loadable(call.model, call.capability):
             raise NoNode(call.model)
         if self.waiting >= self.queue_size:
             raise QueueFull(self.queue_size, self.queue_timeout)
@@ -299,6 +335,9 @@ class Dispatcher:
         started = time.monotonic()
         if call.queued_since is None:
             call.queued_since = started  # requeued after node_busy: the same queue timeout, not a new one
+            call.queued_at = time.time()
+        if not serving and self.placer is not None:  # a cold start: some node loads it while we wait
+            self.placer.want(call.model, call.capability, "on_demand", len(queue), now=True)
         try:
             remaining = max(0.0, call.queued_since + self.queue_timeout - started)
             beat = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
@@ -345,13 +384,41 @@ class Dispatcher:
                 beat = self._pick(call)
                 if beat is None:
                     if not self.directory.serving(model, capability):
-                        future.set_exception(NoNode(model))
-                        queue.pop() if newest else queue.popleft()
-                        continue
+                        failure = self._cold_failure(model, capability, call)
+                        if failure is not None:
+                            future.set_exception(failure)
+                            queue.pop() if newest else queue.popleft()
+                            continue
                     break
                 queue.pop() if newest else queue.popleft()
                 self._reserve(call, beat)
                 future.set_result(beat)
+
+    def _cold_failure(self, model: str, capability: str, call: Call) -> DispatchError | None:
+        """Why a call waiting for a model no node has loaded must fail now, or None (it waits
+        while a node loads it): no node has its files any more, or every one that has them
+        failed to load it since the call was queued (with the node's numbers)."""
+        nodes = self.directory.loadable(model, capability)
+        if not nodes:
+            return NoNode(model)
+        errors = []
+        for beat in nodes:
+            entry = next((m for m in beat.loadable if m.name == model), None)
+            if entry is None or not entry.error or (entry.failed_at or 0.0) < (call.queued_at or 0.0):
+                return None
+            errors.append(f"node {beat.node_id}: {entry.error}")
+        return NotPlaced(model, f"Model '{model}' could not be loaded: " + "; ".join(errors))
+
+    def placement_failed(self, model: str, message: str, status: int = 503) -> None:
+        """The registry found no node for ``model``: every call queued for it fails with why."""
+        if self.directory.serving(model):
+            return
+        for (queued, _), queue in self._waiters.items():
+            if queued != model:
+                continue
+            for future, _, _ in queue:
+                if not future.done():
+                    future.set_exception(NotPlaced(model, message, status))
 
 
 _ID_PREFIX = uuid.uuid4().hex[:20]  # 80 random bits per process; a counter makes the rest
@@ -426,6 +493,7 @@ class Call:
         self.abandoned = False
         self.retry_next = False  # refused as busy: queue at the head, not the tail
         self.queued_since: float | None = None  # first time in the queue (the queue timeout counts from it)
+        self.queued_at: float | None = None  # the same, wall clock (nodes report load failures with it)
         self._failovers = 0
         self._sent = False
         self._sent_at = 0.0
@@ -511,9 +579,12 @@ class Call:
                     self.excluded.add(self.node_id)
                 await self._send()
                 continue
-            if not self.received and isinstance(reply, Failure) and reply.code == "node_busy":
+            if not self.received and isinstance(reply, Failure) and reply.code in ("node_busy", "model_not_loaded"):
                 self._release()  # before marking: releasing a slot there clears the node's busy mark
-                self.d.mark_busy(self.node_id, self.model)
+                if reply.code == "model_not_loaded":  # unloaded just now: a cold start, back to the queue
+                    self.d.directory.note_unloaded(self.node_id, self.model)
+                else:
+                    self.d.mark_busy(self.node_id, self.model)
                 self.retry_next = True
                 await self._send()
                 continue

@@ -64,6 +64,9 @@ def api_error(exc: Exception) -> ApiError:
             code="model_unavailable",
             headers={"Retry-After": "5"},
         )
+    if isinstance(exc, d.NotPlaced):
+        code = "insufficient_memory" if exc.status == 507 else "model_not_loaded"
+        return ApiError(exc.status, str(exc), code=code, headers={"Retry-After": "10"} if exc.status == 503 else None)
     if isinstance(exc, d.QueueFull):
         return ApiError(
             429,

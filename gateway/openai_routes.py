@@ -99,6 +99,7 @@ class OpenAIRoutes:
         if record is None:
             return self._announced_entry(name)
         nodes = self.directory.serving(name)
+        usable = bool(nodes) or bool(self.directory.loadable(name))  # loaded, or loaded on the first request
         return {
             "id": record.name,
             "object": "model",
@@ -106,9 +107,9 @@ class OpenAIRoutes:
             "owned_by": record.labels.get("owner", "llm-router"),
             "capabilities": list(record.capabilities),
             "features": model_features(record.capabilities),
-            "ready": bool(nodes),
-            "lifecycle_status": "ready" if nodes else record.state,
-            "download_progress": msgspec.to_builtins(record.download) if record.download and not nodes else None,
+            "ready": usable,
+            "lifecycle_status": "ready" if usable else record.state,
+            "download_progress": msgspec.to_builtins(record.download) if record.download and not usable else None,
             "nodes": len(nodes),
         }
 
@@ -159,7 +160,7 @@ class OpenAIRoutes:
                 f"Model '{model}' is awaiting conversion to a format the nodes can run; it cannot be served yet.",
                 code="model_pending_conversion",
             )
-        if not self.directory.serving(model, capability):
+        if not self.directory.serving(model, capability) and not self.directory.loadable(model, capability):
             error = ApiError(503, unavailable_message(record), code="model_unavailable", headers={"Retry-After": "5"})
             if self.on_demand is not None and not self.directory.serving(model):
                 error = await self.on_demand.error_for(record, error)

@@ -165,6 +165,46 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
         "fetch models when registered: 'all', 'registered' (those registered with predownload) or 'none' (on first request)",
         choices=["all", "registered", "none"],
     )
+    _add(
+        parser,
+        "--memory-budget",
+        "MEMORY_BUDGET",
+        None,
+        "RAM the node's loaded models may use: bytes (16GiB, 8GB, 512MiB) or a share of the machine's (80%%); "
+        "models that do not fit are loaded on demand in place of the least recently used idle ones (default: 80%%)",
+    )
+    _add(
+        parser,
+        "--gpu-memory-budget",
+        "GPU_MEMORY_BUDGET",
+        None,
+        "memory of each GPU the loaded models may use: bytes or a share (default: 90%%)",
+    )
+    _add(
+        parser,
+        "--keep-alive",
+        "KEEP_ALIVE",
+        None,
+        "seconds an idle model loaded on demand stays loaded (unset: until its room is needed); "
+        "models placed for a registration's minimum replicas stay",
+        type=float,
+    )
+    parser.add_argument(
+        "--no-share-downloads",
+        action="store_true",
+        default=env("NO_SHARE_DOWNLOADS", "") in ("1", "true", "yes"),
+        help="do not put models this node fetched from the origin into the object store (by default the next "
+        f"node fetches them over NATS, not from the origin again) [env {ENV_PREFIX}NO_SHARE_DOWNLOADS]",
+    )
+    _add(
+        parser,
+        "--gpu-layers",
+        "GPU_LAYERS",
+        None,
+        "at most this many layers of a llama.cpp model offloaded to the GPU (default: all, when the "
+        "llama-cpp-python build supports GPU offload and the machine has a GPU; 0: CPU only)",
+        type=int,
+    )
 
 
 def _upstream_options(parser: argparse.ArgumentParser) -> None:
@@ -226,8 +266,23 @@ def _node_settings(args: argparse.Namespace) -> dict[str, Any]:
         "shared_models_dir": Path(args.shared_models_dir).expanduser() if args.shared_models_dir else None,
         "allow_origins": args.allow_origin,
         "predownload": args.predownload,
-        "runtimes": _runtimes(args.runtimes, _image_fetcher(args)),
+        "runtimes": _runtimes(args.runtimes, _image_fetcher(args), args.gpu_layers),
+        "memory_budget": _budget_option(args.memory_budget, "--memory-budget"),
+        "gpu_memory_budget": _budget_option(args.gpu_memory_budget, "--gpu-memory-budget"),
+        "keep_alive_s": args.keep_alive,
+        "share_downloads": not args.no_share_downloads,
     }
+
+
+def _budget_option(value: str | None, flag: str) -> str | None:
+    from nodes.memory import parse_budget
+
+    if value is not None:
+        try:
+            parse_budget(value, 1 << 40, default="80%")
+        except ValueError as exc:
+            raise SystemExit(f"llm-router: {flag}: {exc}") from None
+    return value
 
 
 def _image_fetcher(args: argparse.Namespace) -> Any:
@@ -236,11 +291,12 @@ def _image_fetcher(args: argparse.Namespace) -> Any:
     return ImageFetcher.from_settings(enabled=not args.no_remote_images, allow_hosts=args.allow_fetch_host or [])
 
 
-def _runtimes(names: str | None, images: Any = None) -> list[Any]:
+def _runtimes(names: str | None, images: Any = None, gpu_layers: int | None = None) -> list[Any]:
     from nodes.runtimes import default_runtimes
 
     try:
-        return default_runtimes([n.strip() for n in names.split(",") if n.strip()] if names else None, images=images)
+        chosen = [n.strip() for n in names.split(",") if n.strip()] if names else None
+        return default_runtimes(chosen, images=images, gpu_layers=gpu_layers)
     except ValueError as exc:
         raise SystemExit(f"llm-router: --runtimes: {exc}") from None
 
@@ -471,8 +527,18 @@ def _node_argv(args: argparse.Namespace, nats_url: str, data_dir: Path, nats_aut
         argv += ["--allow-fetch-host", host]
     if args.no_remote_images:
         argv += ["--no-remote-images"]
+    if args.no_share_downloads:
+        argv += ["--no-share-downloads"]
     if args.replicas is not None:
         argv += ["--replicas", str(args.replicas)]
+    for flag, value in (
+        ("--memory-budget", args.memory_budget),
+        ("--gpu-memory-budget", args.gpu_memory_budget),
+        ("--keep-alive", args.keep_alive),
+        ("--gpu-layers", args.gpu_layers),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     return argv + (nats_auth_argv(nats_auth) if nats_auth is not None else [])
 
 

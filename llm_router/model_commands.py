@@ -64,6 +64,12 @@ def add_model_commands(commands: Any, add: Callable[..., None]) -> None:
     add_cmd.add_argument(
         "--predownload", action="store_true", help="nodes fetch it right away, not on the first request"
     )
+    add_cmd.add_argument(
+        "--replicas",
+        metavar="MIN[:MAX]",
+        help="nodes that keep it loaded: MIN placed at once, up to MAX while requests keep queueing "
+        "(default: every node that has its files, where it fits)",
+    )
 
     download = verbs.add_parser("download", help="fetch a model onto nodes now, with a progress bar per node")
     download.add_argument("model")
@@ -181,7 +187,18 @@ def _add(client: _Client, args: argparse.Namespace) -> Any:
         body["name"] = args.name
     if args.predownload:
         body["predownload"] = True
+    if args.replicas:
+        body["replicas"] = _replicas(args.replicas)
     return client.request("POST", "/v0/models/register", body)
+
+
+def _replicas(text: str) -> dict[str, int]:
+    low, _, high = text.partition(":")
+    try:
+        wanted = {"min": int(low)} | ({"max": int(high)} if high else {})
+    except ValueError:
+        raise CommandError(f"--replicas {text!r}: give MIN or MIN:MAX, e.g. 1:3", 2) from None
+    return wanted
 
 
 def _rm(client: _Client, args: argparse.Namespace) -> Any:

@@ -1,15 +1,18 @@
-"""The node agent: heartbeat, registry sync, and one subscription per (capability, model).
+"""The node agent: heartbeat, registry sync, placement, and subscriptions per (capability, model).
 
-A node subscribes only to the subjects of models it has loaded, so NATS itself routes each
-capability to nodes that can serve it. Registry events arrive through a durable consumer, so
-a node that was offline replays what it missed (a delete, above all) when it comes back.
+A node subscribes to the shared subject of each model it has loaded, so NATS itself routes each
+capability to nodes that can serve it, and to its own subject of each model it has files for:
+a request sent there for a model it has not loaded (or has just unloaded) is answered at once
+with ``model_not_loaded``, never with silence. Registry events arrive through a durable
+consumer, so a node that was offline replays what it missed (a delete, above all) when it comes
+back. Which models are loaded is :mod:`.residency`'s: the registry places models on nodes
+(placement events), and the node loads them within its memory budget (:mod:`.memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -29,7 +32,6 @@ from events.capabilities import CAPABILITIES
 from events.messages import (
     CancelRequest,
     InferenceRequest,
-    LoadedModel,
     ModelEvent,
     ModelRecord,
     ModelSource,
@@ -38,11 +40,13 @@ from events.messages import (
     NodeDownloadReply,
     NodeGoodbye,
     NodeHeartbeat,
+    PlacementEvent,
     RuntimeStatus,
 )
 
-from . import cache, system
+from . import cache, memory, system
 from .downloads import Downloads
+from .residency import Residency, Want
 from .resolution import ModelNotFound, Resolver, SourceUnavailable
 from .responder import Responder
 from .runtimes import Runtime, default_runtimes
@@ -56,6 +60,7 @@ from .upstream_link import UpstreamLink
 log = structlog.get_logger("node")
 
 EARLY_CANCELS_KEPT = 1024
+KEEP_ALIVE_SWEEP_S = 1.0
 
 
 class NodeAgent:
@@ -75,11 +80,19 @@ class NodeAgent:
         replicas: int | None = None,
         nats_auth: NatsAuth | None = None,
         upstream: UpstreamLink | None = None,
+        memory_budget: str | int | None = None,
+        gpu_memory_budget: str | int | None = None,
+        keep_alive_s: float | None = None,
+        share_downloads: bool = True,
     ) -> None:
         """``predownload``: "all" fetches every model it can run as soon as it is registered,
         "registered" only those registered with ``predownload``, "none" waits for a request.
         ``upstream``: serve an existing OpenAI-compatible server's models (nodes/upstream_link.py)
-        instead of engines of its own (``runtimes`` then defaults to none)."""
+        instead of engines of its own (``runtimes`` then defaults to none).
+        ``memory_budget``/``gpu_memory_budget``: what loaded models may use of RAM / of each
+        GPU (bytes, or a share like "80%"; nodes/memory.py); ``keep_alive_s``: idle models
+        loaded on demand are unloaded after this long (None: only to make room); ``share_downloads``:
+        what this node fetched from the origin goes into the object store for the next node."""
         self.nats_url = nats_url
         self.nats_auth = nats_auth  # NATS credentials and TLS (default: from the environment)
         self.data_dir = Path(data_dir)
@@ -98,16 +111,33 @@ class NodeAgent:
         self.draining = False
         self.silent = False  # an upstream node whose server is down: no heartbeats, so offline everywhere
         self.started_at = time.time()
-        self.served: dict[str, ServedModel] = {}
-        self.failed: dict[str, LoadedModel] = {}
-        self._subs: dict[str, list[Endpoint]] = {}  # each loaded model's inference endpoints
-        self._cancels: dict[str, threading.Event] = {}
+        self.memory = memory.Memory(ram_budget=memory_budget, gpu_budget=gpu_memory_budget)
+        self.keep_alive_s = keep_alive_s
+        self.share_downloads = share_downloads
+        self._shared: dict[str, list[Endpoint]] = {}  # each loaded model's shared inference endpoints
+        self._own: dict[str, list[Endpoint]] = {}  # this node's subjects of each model it has files for
+        self._cancels: dict[str, Cancellation] = {}
         self._early_cancels: OrderedDict[str, float] = OrderedDict()  # cancels that arrived first
         self._sync_lock = asyncio.Lock()
         self._beat_now = asyncio.Event()
         self._runtime_status: list = []
         self._heartbeat_task: asyncio.Task | None = None
+        self._keep_alive_task: asyncio.Task | None = None
         self._gpus: list = []
+        self.residency = Residency(
+            self.memory,
+            self._sync_lock,
+            parallel=parallel,
+            attach=self._attach,
+            detach=self._detach,
+            changed=self._beat_now.set,
+            keep_alive_s=keep_alive_s,
+        )
+
+    @property
+    def served(self) -> dict[str, ServedModel]:
+        """The models loaded now, by name."""
+        return self.residency.served
 
     # ------------------------------------------------------------ lifecycle
 
@@ -115,6 +145,8 @@ class NodeAgent:
         self._gpus = await asyncio.to_thread(system.gpus)
         if not self._gpus and not self.allow_cpu and self.upstream is None:  # an upstream's GPUs are its own
             raise RuntimeError("no GPU found on this machine; start the node with --allow-cpu to serve on CPU")
+        self.memory.set_gpus(self._gpus)
+        self.residency.gpus = bool(self._gpus)
         self.nc = await connect(
             self.nats_url, name=f"node-{self.node_id}", auth=self.nats_auth, on_reconnect=self._recover
         )
@@ -126,7 +158,9 @@ class NodeAgent:
         self.resolver = Resolver(
             self.js, self.models_dir, shared_dir=self.shared_models_dir, allow_origins=self.allow_origins
         )
-        self.downloads = Downloads(self.nc, self.js, self.node_id, self.resolver, on_complete=self._ensure_loaded)
+        self.downloads = Downloads(
+            self.nc, self.js, self.node_id, self.resolver, on_complete=self._sync_model, share=self.share_downloads
+        )
         await self.downloads.start()
         self._runtime_status = await asyncio.to_thread(lambda: [r.probe() for r in self.runtimes])
         # Every subject the node serves is an endpoint of one micro service: `nats micro ls` lists nodes.
@@ -152,11 +186,14 @@ class NodeAgent:
         )
         # Consumer first, snapshot second: an event racing the snapshot is applied twice, harmlessly.
         self._events_sub = await self._follow_registry()
+        self._placement_sub = await self.nc.subscribe(subjects.PLACEMENT_ALL, cb=self._on_placement_msg)
         await self._sync_snapshot()
         if self.upstream is not None:
             await self.upstream.start(self)  # its models served before the node says it is ready
         await self._publish_heartbeat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        if self.keep_alive_s is not None:
+            self._keep_alive_task = asyncio.create_task(self._keep_alive_loop(), name="keep-alive")
         await self.nc.flush()  # our subscriptions are on the server before anyone is told we are ready
         log.info("node started", node_id=self.node_id, models=sorted(self.served))
 
@@ -202,9 +239,13 @@ class NodeAgent:
             log.warning("draining heartbeat not delivered", error=str(exc))
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
+        if self._keep_alive_task:
+            self._keep_alive_task.cancel()
         await self.downloads.stop()
         await self._events_sub.unsubscribe()
-        self._subs.clear()
+        await self._placement_sub.unsubscribe()
+        self._shared.clear()
+        self._own.clear()
         await self.service.stop(timeout=30)  # no new requests; in-flight ones finish their answers
 
         try:
@@ -213,9 +254,7 @@ class NodeAgent:
         except Exception as exc:  # NATS already gone: the heartbeat TTL removes us anyway
             log.warning("goodbye not delivered", error=str(exc))
         # The durable registry consumer stays on the server, so a restart replays what we miss.
-        for served in self.served.values():
-            await served.close()
-        self.served.clear()
+        await self.residency.close()
         if self.upstream is not None:
             await self.upstream.stop()
         await SHIPPER.detach(self.nc)
@@ -232,7 +271,7 @@ class NodeAgent:
         for key in keys:
             entry = await self.kv_models.get(key)
             if entry.value:
-                await self._ensure_loaded(codec.decode(entry.value, ModelRecord))
+                await self._sync_model(codec.decode(entry.value, ModelRecord))
 
     async def _on_event(self, msg: Msg) -> None:
         try:
@@ -251,77 +290,150 @@ class NodeAgent:
             if await asyncio.to_thread(cache.remove, self.models_dir, event.name):
                 log.info("local copy deleted", model=event.name)
         elif event.record is not None:
-            await self._ensure_loaded(event.record)
+            await self._sync_model(event.record)
         await msg.ack()
 
-    async def _ensure_loaded(self, record: ModelRecord) -> None:
+    async def _on_placement_msg(self, msg: Msg) -> None:
+        try:
+            event = codec.decode(msg.data, PlacementEvent)
+        except msgspec.DecodeError:
+            log.error("undecodable placement", subject=msg.subject)
+            return
+        if self.node_id in event.nodes:
+            self.service.spawn(self._on_placement(event))
+
+    async def _on_placement(self, event: PlacementEvent) -> None:
+        """The registry placed a model here: load it (making room if ``evict``), after fetching
+        its files if they are not here yet. A decision missed while disconnected is made again
+        (the registry's sweep for minimum replicas; a gateway asking again for a waiting request)."""
+        log.info("placed here", model=event.name, reason=event.reason, evict=event.evict, decision=event.decision_id)
+        self.residency.want(
+            event.name, Want(reason=event.reason, evict=event.evict, pinned=event.pinned, decision_id=event.decision_id)
+        )
+        if event.name in self.residency.loadable:
+            self.residency.schedule(event.name, self.service.spawn)
+            return
+        record = await self._registered(event.name)
+        if record is None or self._runtime_for(record)[0] is None:
+            self.residency.wanted.pop(event.name, None)
+            return
+        await self._spawn(self._prefetch)(record)  # its completion syncs the model, which loads it
+
+    async def _sync_model(self, record: ModelRecord) -> None:
+        """A registration as it is now: are its files here (then it is loadable, and loaded if
+        the registry placed it here), or should they be fetched?"""
+        name = record.name
         async with self._sync_lock:
-            current = self.served.get(record.name)
+            current = self.served.get(name)
             if current is not None and current.record.source.kind == "upstream":
                 return  # the name is an upstream model's here; the registry's record is for other nodes
             if current is not None and current.record.source == record.source:
                 current.record = record
+                if name in self.residency.loadable:
+                    self.residency.loadable[name].record = record
                 return
             if current is not None:
-                await self._unload_locked(record.name, reason="source changed")
-            if record.state == "pending_conversion":
-                return  # never distributed until converted
-            runtime, _ = self._runtime_for(record)
-            if runtime is None:
-                return  # this node cannot run it: another node will
-            location = await asyncio.to_thread(self.resolver.local, record)
+                await self.residency.unload_locked(name, reason="source changed")
+            runtime = self._runtime_for(record)[0] if record.state != "pending_conversion" else None
+            location = await asyncio.to_thread(self.resolver.local, record) if runtime is not None else None
             if location is None:
-                if self._wants_predownload(record) and record.name not in self.downloads.failed:
+                if name in self.residency.loadable:
+                    self.residency.loadable.pop(name)
+                    await self._drop_own(name)
+                if runtime is None:
+                    return  # never distributed until converted, or this node cannot run it: another node will
+                if (
+                    self._wants_predownload(record) or name in self.residency.wanted
+                ) and name not in self.downloads.failed:
                     await self._spawn(self._prefetch)(record)
                 return
-            path = str(location.path)
-            failed = self.failed.get(record.name)
-            if failed is not None and failed.artifact_path == path:
+            if self.residency.broken(name, location.path):
                 return  # this file already failed to load; registry state updates do not change that
-            self.failed.pop(record.name, None)
-            try:
-                engine = await asyncio.to_thread(
-                    runtime.load, cache.for_loading(record, location.path), path, slots=self.parallel
-                )
-            except Exception as exc:
-                log.error("model load failed", model=record.name, error=str(exc))
-                self.failed[record.name] = LoadedModel(
-                    name=record.name,
-                    runtime=runtime.name,
-                    capabilities=record.capabilities,
-                    state="error",
-                    artifact_path=path,
-                    error=str(exc),
-                )
-                self._beat_now.set()
-                return
-            await self._serve(record, runtime.name, engine, path)
+            device = self._runtime_device(runtime)
+            estimate = await asyncio.to_thread(
+                memory.estimate,
+                runtime,
+                cache.for_loading(record, location.path),
+                location.path,
+                slots=self.parallel,
+                device=device,
+            )
+            if not self.residency.note(record, runtime, location.path, estimate):
+                log.warning("model can never fit here", model=name, error=self.residency.failed[name].error)
+                await self._drop_own(name)
+            else:
+                await self._own_endpoints(name)
+        self._beat_now.set()
+        if name in self.residency.wanted:
+            self.residency.schedule(name, self.service.spawn)
 
-    async def _serve(self, record: ModelRecord, runtime: str, engine, path: str) -> None:
-        """Serve a loaded engine on its capabilities' subjects (the shared one and this node's own)."""
-        served = ServedModel(record, runtime, engine, path)
-        self.served[record.name] = served
+    def _runtime_device(self, runtime: Runtime) -> str:
+        status = next((s for s in self._runtime_status if s.name == runtime.name), None)
+        return status.device if status is not None and status.device else memory.RAM
+
+    # ------------------------------------------------------------ subscriptions
+
+    def _endpoint_options(self, name: str, capability: str) -> dict:
+        return {
+            "kind": CAPABILITIES[capability].request,
+            "refuse": self._refuse_request,
+            "metadata": {"model": name, "capability": capability},
+        }
+
+    async def _own_endpoints(self, name: str) -> None:
+        """This node's subject of each capability of a model it has files for (caller holds the lock)."""
+        entry = self.residency.loadable[name]
+        have = {e.name for e in self._own.get(name, [])}
+        endpoints = self._own.setdefault(name, [])
+        for capability in entry.capabilities:
+            if capability in have:
+                continue
+            endpoints.append(
+                await self.service.add(
+                    capability,
+                    subjects.infer_on_node(capability, name, self.node_id),
+                    self._request_handler(name),
+                    **self._endpoint_options(name, capability),
+                )
+            )
+
+    async def _drop_own(self, name: str) -> None:
+        for endpoint in self._own.pop(name, []):
+            await self.service.remove(endpoint)
+
+    async def _attach(self, served: ServedModel) -> None:
+        """A model was loaded: the shared subjects of what its engine offers, and our own ones."""
         endpoints = []
         for capability in served.capabilities:
-            handler = self._request_handler(served)
-            options = {
-                "kind": CAPABILITIES[capability].request,
-                "refuse": self._refuse_request,
-                "metadata": {"model": record.name, "capability": capability},
-            }
             endpoints.append(
                 await self.service.add(
-                    capability, subjects.infer(capability, record.name), handler, queue=subjects.INFER_QUEUE, **options
+                    capability,
+                    subjects.infer(capability, served.name),
+                    self._request_handler(served.name),
+                    queue=subjects.INFER_QUEUE,
+                    **self._endpoint_options(served.name, capability),
                 )
             )
-            endpoints.append(
-                await self.service.add(
-                    capability, subjects.infer_on_node(capability, record.name, self.node_id), handler, **options
+        self._shared[served.name] = endpoints
+        own = self._own.setdefault(served.name, [])
+        have = {e.name for e in own}
+        for capability in served.capabilities:
+            if capability not in have:
+                own.append(
+                    await self.service.add(
+                        capability,
+                        subjects.infer_on_node(capability, served.name, self.node_id),
+                        self._request_handler(served.name),
+                        **self._endpoint_options(served.name, capability),
+                    )
                 )
-            )
-        self._subs[record.name] = endpoints
-        log.info("model loaded", model=record.name, runtime=runtime, path=path)
-        self._beat_now.set()
+
+    async def _detach(self, name: str) -> None:
+        """A model was unloaded: off the shared subjects; our own ones stay while its files do."""
+        for endpoint in self._shared.pop(name, []):
+            await self.service.remove(endpoint)
+        if name not in self.residency.loadable:
+            await self._drop_own(name)
 
     def _runtime_for(self, record: ModelRecord) -> tuple[Runtime | None, str]:
         runtime = next((r for r in self.runtimes if r.accepts(record)), None)
@@ -398,8 +510,9 @@ class NodeAgent:
             return NodeDownloadReply(ok=False, status=503, state="failed", message=str(exc), **answer)
         if state == "present":
             await self.downloads.report_present(record, what, order.task_id)
-            self.failed.pop(record.name, None)  # asked again: try loading again too
-            await self._ensure_loaded(record)
+            await self._sync_model(
+                record
+            )  # loadable here now (a file that failed to load stays failed until it changes)
             return NodeDownloadReply(
                 ok=True,
                 status=200,
@@ -423,14 +536,11 @@ class NodeAgent:
             await self._unload_locked(name, reason=reason)
 
     async def _unload_locked(self, name: str, *, reason: str) -> None:
-        self.failed.pop(name, None)
-        for endpoint in self._subs.pop(name, []):
-            await self.service.remove(endpoint)
-        served = self.served.pop(name, None)
-        if served is not None:
-            await served.close()
-            log.info("model unloaded", model=name, reason=reason)
-            self._beat_now.set()
+        """The model goes for good (deleted): unloaded, and its files no longer count as here."""
+        self.residency.forget(name)
+        await self.residency.unload_locked(name, reason=reason)
+        await self._drop_own(name)
+        self._beat_now.set()
 
     # ------------------------------------------------------------ an upstream server's models
 
@@ -448,7 +558,12 @@ class NodeAgent:
                 source=ModelSource(kind="upstream", path=shown),
                 state="ready",
             )
-            await self._serve(record, UPSTREAM, engine, shown)
+            # Nothing of this node's memory: the residency never counts, evicts nor expires it.
+            served = ServedModel(record, UPSTREAM, engine, shown)
+            self.served[name] = served
+            await self._attach(served)
+            log.info("model loaded", model=name, runtime=UPSTREAM, path=shown)
+            self._beat_now.set()
 
     async def unload_upstream(self, name: str, reason: str) -> None:
         await self._unload(name, reason=reason)
@@ -473,7 +588,7 @@ class NodeAgent:
         if msg.reply:
             await Responder(self.nc, msg.reply, "", self.node_id).fail(400, why, type="invalid_request_error")
 
-    def _request_handler(self, served: ServedModel):
+    def _request_handler(self, name: str):
         async def handle(request: InferenceRequest, msg: Msg) -> None:
             if not msg.reply:
                 return
@@ -481,6 +596,15 @@ class NodeAgent:
             if self.draining:  # the gateway sends elsewhere; a direct client learns why
                 await responder.fail(
                     503, f"node {self.node_id} is draining", type="service_unavailable", code="node_draining"
+                )
+                return
+            served = self.served.get(name)
+            if served is None:  # its files are here, the model is not loaded (or was just unloaded)
+                await responder.fail(
+                    503,
+                    f"model {name} is not loaded on node {self.node_id}",
+                    type="service_unavailable",
+                    code="model_not_loaded",
                 )
                 return
             cancelled = Cancellation()
@@ -540,7 +664,8 @@ class NodeAgent:
     # ------------------------------------------------------------ heartbeat
 
     def runtime_report(self) -> list[RuntimeStatus]:
-        """Each runtime's availability with the models of its kind loaded now (FR-007)."""
+        """Each runtime's availability with the models of its kind loaded now (FR-007), and the
+        backend it computes on: its probe's (llama.cpp's build), else what a loaded engine chose."""
         statuses = list(self._runtime_status)
         if self.upstream is not None:
             statuses.append(
@@ -552,17 +677,27 @@ class NodeAgent:
                     capabilities=list(UPSTREAM_CAPABILITIES),
                 )
             )
-        return [
-            msgspec.structs.replace(
-                status, models=sorted(s.name for s in self.served.values() if s.runtime == status.name)
+        report = []
+        for status in statuses:
+            mine = [s for s in self.served.values() if s.runtime == status.name]
+            backend, device = status.backend, status.device
+            chosen = next((str(s.engine.device) for s in mine if getattr(s.engine, "device", None)), None)
+            if backend is None and chosen is not None:  # torch / CTranslate2: "cuda", "cuda:1", "cpu", "mps"
+                kind, _, index = chosen.partition(":")
+                backend, device = (
+                    kind,
+                    memory.RAM if kind == "cpu" else memory.gpu_device(int(index) if index.isdigit() else 0),
+                )
+            report.append(
+                msgspec.structs.replace(status, models=sorted(s.name for s in mine), backend=backend, device=device)
             )
-            for status in statuses
-        ]
+        return report
 
     def heartbeat(self) -> NodeHeartbeat:
         cpu, mem_total, mem_used = system.cpu_and_memory()
-        models = [s.report() for s in self.served.values()] + list(self.failed.values())
-        models += [m for m in self.downloads.reports() if m.name not in self.served and m.name not in self.failed]
+        models = self.residency.models_report()
+        listed = {m.name for m in models}
+        models += [m for m in self.downloads.reports() if m.name not in listed]
         return NodeHeartbeat(
             node_id=self.node_id,
             hostname=self.hostname,
@@ -580,12 +715,16 @@ class NodeAgent:
             max_parallel=sum(s.parallel for s in self.served.values()) or self.parallel,
             state=self.state,
             requests=list(self._cancels),
+            memory=self.residency.memory_report(),
+            loadable=self.residency.loadable_report(),
+            keep_alive_s=self.keep_alive_s,
         )
 
     async def _publish_heartbeat(self) -> None:
         if self.silent:
             return
         self._gpus = await asyncio.to_thread(system.gpus)
+        self.memory.set_gpus(self._gpus)
         data = codec.encode(self.heartbeat())
         await self.nc.publish(subjects.node_heartbeat(self.node_id), data)
         await self.kv_nodes.put(encode_token(self.node_id), data)
@@ -601,3 +740,11 @@ class NodeAgent:
                 await self._publish_heartbeat()
             except Exception as exc:  # keep beating through reconnects
                 log.warning("heartbeat failed", error=str(exc))
+
+    async def _keep_alive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_SWEEP_S)
+            try:
+                await self.residency.expire_idle()
+            except Exception as exc:  # an engine that fails to close must not stop the sweeps
+                log.warning("keep-alive sweep failed", error=str(exc))

@@ -6,11 +6,16 @@ renames the file into place, so a partial file is never loaded. A node that cras
 from what its ``.part`` holds. Downloads into a shared models dir take a lease in the
 ``leases`` bucket first: the other nodes wait for the holder and use its file, or take the
 lease over (and its ``.part``) when the holder stops renewing it.
+
+A model fetched from the origin is then put into the object store (``share``, on by default;
+``--no-share-downloads`` turns it off), unless an object of that name is there already: the
+next node fetches it over NATS, so a cluster downloads it from the origin once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -31,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from tqdm.auto import tqdm
 
-from broker.blobs import ResumePoint, file_sha256, read_blob
+from broker.blobs import ResumePoint, blob_name, file_sha256, put_file, read_blob
 from events import codec, encode_token, storage, subjects
 from events.messages import DownloadProgress, LoadedModel, ModelRecord
 from formats.artifacts import artifact_size
@@ -136,8 +141,11 @@ class Downloads:
         node_id: str,
         resolver: Resolver,
         on_complete: Callable[[ModelRecord], Awaitable[None]],
+        share: bool = True,
     ) -> None:
+        """``share``: put what came from the origin into the object store for the other nodes."""
         self.nc = nc
+        self.share = share
         self.js = js
         self.node_id = node_id
         self.resolver = resolver
@@ -268,6 +276,22 @@ class Downloads:
             seconds=round(time.monotonic() - download.started, 2),
         )
         await self.on_complete(record)
+        if self.share and download.location.kind == "origin":
+            await self._share(download)
+
+    async def _share(self, download: Download) -> None:
+        """Put the files fetched from the origin into the object store, each unless it is there."""
+        for remote in download.location.files:
+            name = blob_name(download.record.name, remote.name)
+            try:
+                info, written = await put_file(
+                    self.js, name, remote.target, max_payload=self.nc.max_payload, replace=False
+                )
+            except Exception as exc:  # the next node then fetches from the origin too; nothing else is lost
+                log.warning("download not shared", model=download.record.name, file=remote.name, error=str(exc))
+                return
+            if written:
+                log.info("download shared", model=download.record.name, object=name, bytes=info.size)
 
     async def _report_loop(self, download: Download) -> None:
         while True:
@@ -365,6 +389,10 @@ class Downloads:
 
         fh, resume = await asyncio.to_thread(open_part)
         download.done = download.base + (resume.offset if resume else 0)
+        remote.received_sha256 = None
+        digest = hashlib.sha256()  # hashed as it is written: no second read of the file
+        if resume:
+            await asyncio.to_thread(file_sha256, part, limit=resume.offset, digest=digest)
         if resume:
             log.info("download resumed", model=download.record.name, file=remote.name, offset=resume.offset)
         last_write = [time.monotonic()]
@@ -379,9 +407,10 @@ class Downloads:
                 last_write[0] = time.monotonic()
 
         try:
-            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk)
+            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk, digest=digest)
         finally:
             await asyncio.to_thread(fh.close)
+        remote.received_sha256 = digest.hexdigest()
 
     async def _from_origin(self, download: Download, remote: RemoteFile, part: Path, journal: Path) -> None:
         """Continue with a ranged GET when the journal is for the same URL, ETag and size."""
@@ -418,7 +447,7 @@ def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
     if remote.size and size != remote.size:
         raise DownloadFailed(f"{remote.name}: got {size} bytes, expected {remote.size}")
     if remote.sha256:
-        actual = file_sha256(part)
+        actual = remote.received_sha256 or file_sha256(part)
         if actual != remote.sha256.lower():
             part.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)

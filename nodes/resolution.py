@@ -58,6 +58,7 @@ class RemoteFile:
     blob: ObjectInfo | None = None
     url: str | None = None
     etag: str | None = None
+    received_sha256: str | None = None  # what was received, hashed as it was written (object store)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 registered → downloading → ready, or error; ``pending_conversion`` is set at registration and
 left alone (no node ever receives such a model). ``ready`` means at least one live node has a
-non-empty artifact loaded; when the last such node goes away the model is ``registered`` again.
+non-empty artifact loaded, or has its files and would load it on demand; when the last such
+node goes away the model is ``registered`` again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def derive(record: ModelRecord, beats: list[NodeHeartbeat], downloads: list[Down
     """``beats``: live nodes' last heartbeats; ``downloads``: fresh progress reports for this model."""
     if record.state == "pending_conversion":
         return Lifecycle("pending_conversion", record.error)
-    if any(beat.serves(record.name) for beat in beats):
+    if any(beat.serves(record.name) or beat.can_load(record.name) for beat in beats):
         return Lifecycle("ready")
     running = [d for d in downloads if d.state == "running"]
     reported = [(beat.node_id, m) for beat in beats for m in beat.models if m.name == record.name]

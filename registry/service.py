@@ -4,6 +4,8 @@ Admin requests arrive on ``admin.model.*`` (request/reply, queue group ``registr
 delete, the curated hub and the Hugging Face catalog. Every change to a registration is a KV
 write followed by an event on REGISTRY_EVENTS, so nodes can either watch state or replay
 events. Node heartbeats and download reports drive the lifecycle (see :mod:`.lifecycle`).
+The registry is also the one place that decides which nodes load which model (see
+:mod:`.placement`): each decision is an event on ``placement.<model>`` (the PLACEMENTS stream).
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ from events.messages import (
     NodeDownload,
     NodeDownloadReply,
     NodeHeartbeat,
+    PlacementEvent,
+    PlaceModel,
+    PlaceReply,
     RegisterModel,
+    Replicas,
 )
 
-from . import lifecycle, sources
+from . import lifecycle, placement, sources
 from .catalog import load_catalog, search
 from .hf import HfUnavailable, HuggingFace
+from .hosting import Hosting
 
 log = structlog.get_logger("registry")
 
@@ -61,6 +68,10 @@ _BAD_NAME = re.compile(r"[\x00-\x1f\x7f]|\.\.")
 LARGE_MODEL_BYTES = 50 * 10**9
 LIFECYCLE_SWEEP_S = 1.0  # also notices nodes that died without a goodbye
 NODE_ORDER_TIMEOUT_S = 15.0
+PLACEMENT_TIMEOUT_S = 120.0  # a decision not carried out by then (and no download running) is made again
+PLACEMENT_COOLDOWN_S = 30.0
+REPUBLISH_S = 3.0  # a node that refused a placement is not asked again for that model meanwhile
+MAX_REPLICAS = 64
 
 
 def check_model_name(name: str) -> str | None:
@@ -104,6 +115,10 @@ class Registry:
         self._dirty = asyncio.Event()
         self._last_download_write: dict[str, float] = {}
         self._lifecycle_task: asyncio.Task | None = None
+        self._pending: dict[str, list[placement.Pending]] = {}  # placements not carried out yet
+        self._cooldown: dict[tuple[str, str], float] = {}  # (model, node): refused a placement until then
+        self.placements: dict[str, PlacementEvent] = {}  # the last decision per model
+        self._writing = asyncio.Lock()  # a state update and a delete of the registrations, one at a time
 
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, name="registry", auth=self.nats_auth, on_reconnect=self._recover)
@@ -115,6 +130,10 @@ class Registry:
         self.blobs = await self.js.object_store(storage.OBJ_MODEL_BLOBS)
         self.models = RegisteredModels()
         await self.models.start(self.js)
+        self.hosting = Hosting(self.nc, self.js, self.models.get)
+        self.hosting.start()
+        for record in list(self.models.records.values()):  # registered while no registry ran, or before hosting
+            self.hosting.host(record)
         self.nodes = NodeDirectory()
         self.nodes.on_change(self._dirty.set)
         await self.nodes.start(self.nc, self.js)
@@ -129,6 +148,7 @@ class Registry:
             ("hub", subjects.ADMIN_MODEL_HUB, HubQuery, self.hub),
             ("hf", subjects.ADMIN_MODEL_HF, HfQuery, self.hf_page),
             ("download", subjects.ADMIN_MODEL_DOWNLOAD, DownloadModel, self.download),
+            ("place", subjects.ADMIN_MODEL_PLACE, PlaceModel, self.place),
         ):
             audited = AUDITED.get(name)
             await self.service.add(
@@ -160,6 +180,7 @@ class Registry:
     async def stop(self) -> None:
         if self._lifecycle_task is not None:
             self._lifecycle_task.cancel()
+        await self.hosting.stop()
         for sub in self._subs:
             await sub.unsubscribe()
         await self.service.stop(timeout=10)
@@ -207,13 +228,20 @@ class Registry:
         problem = check_model_name(record.name)
         if problem:
             return AdminReply(ok=False, status=400, message=problem)
-        record = msgspec.structs.replace(record, warnings=self._warnings(record), predownload=request.predownload)
+        try:
+            replicas = _replicas(request.replicas)
+        except ValueError as exc:
+            return AdminReply(ok=False, status=400, message=str(exc))
+        record = msgspec.structs.replace(
+            record, warnings=self._warnings(record), predownload=request.predownload, replicas=replicas
+        )
         try:
             revision = await self.kv.create(encode_token(record.name), codec.encode(record))
         except KeyWrongLastSequenceError:
             return self._duplicate(record, await self._current(record.name))
         self.models.remember(record, revision)  # before the watcher says so: a delete may follow at once
         await self._emit("added", record.name, record)
+        self.hosting.host(record)  # a path only the registry sees: its file goes to the object store
         log.info("model registered", model=record.name, source=kind, state=record.state)
         self._dirty.set()
         return AdminReply(ok=True, status=201, message="registered", record=record)
@@ -249,10 +277,13 @@ class Registry:
         current = await self._current(name)
         if current is None:
             return AdminReply(ok=False, status=404, message=f"model {name!r} is not registered")
-        await self.kv.purge(encode_token(name))
-        self.models.forget(name)
+        async with self._writing:  # no state update of it lands between the purge and "deleted"
+            await self.kv.purge(encode_token(name))
+            self.models.forget(name)
+            self._pending.pop(name, None)
+            self.placements.pop(name, None)
+            await self._emit("deleted", name, None)
         removed = await self._delete_blobs(name)
-        await self._emit("deleted", name, None)
         log.info("model deleted", model=name, blobs_removed=removed)
         return AdminReply(ok=True, status=200, message="deleted", record=current)
 
@@ -415,6 +446,7 @@ class Registry:
 
     async def _apply_lifecycle(self) -> None:
         beats = self.nodes.live()
+        await self._apply_placement(beats)
         cutoff = time.monotonic() - storage.NODE_TTL_S
         self._downloads = {k: v for k, v in self._downloads.items() if v[1] >= cutoff}
         for name, record in list(self.models.records.items()):
@@ -428,21 +460,129 @@ class Registry:
             await self._write_state(record, now)
 
     async def _write_state(self, record: ModelRecord, now: lifecycle.Lifecycle) -> None:
-        revision = self.models.revisions.get(record.name)
-        if revision is None:
-            return
-        updated = msgspec.structs.replace(
-            record, state=now.state, error=now.error, download=now.download, updated_at=time.time()
-        )
+        async with self._writing:  # a delete waits: its "deleted" is never followed by this "updated"
+            revision = self.models.revisions.get(record.name)
+            if revision is None:
+                return  # deleted meanwhile
+            updated = msgspec.structs.replace(
+                record, state=now.state, error=now.error, download=now.download, updated_at=time.time()
+            )
+            try:
+                new_revision = await self.kv.update(encode_token(record.name), codec.encode(updated), last=revision)
+            except KeyWrongLastSequenceError:
+                return  # changed meanwhile (another registry, a delete): the next pass sees the new value
+            self.models.remember(updated, new_revision)  # so the next pass does not write it again
+            self._last_download_write[record.name] = time.monotonic()
+            if record.state != now.state:
+                log.info("model state", model=record.name, state=now.state, was=record.state, error=now.error)
+            await self._emit("updated", record.name, updated)
+
+    # ------------------------------------------------------------ placement
+
+    async def place(self, request: PlaceModel) -> PlaceReply:
+        """A gateway's requests wait for a model: where it is loaded or loading, else a node
+        that loads it now (on demand), or one more replica (sustained queueing)."""
+        record = await self._current(request.model)
+        if record is None:
+            return PlaceReply(ok=False, status=404, message=f"model {request.model!r} is not registered")
+        beats = self.nodes.live()
+        self._settle(beats)
+        pending = self._pending_for(record.name)
+        loaded = [b.node_id for b in beats if b.serves(record.name, request.capability) and b.state == "online"]
+        placing = [p.node_id for p in pending]
         try:
-            new_revision = await self.kv.update(encode_token(record.name), codec.encode(updated), last=revision)
-        except KeyWrongLastSequenceError:
-            return  # changed meanwhile (another registry, a delete): the next pass sees the new value
-        self.models.remember(updated, new_revision)  # so the next pass does not write it again
-        self._last_download_write[record.name] = time.monotonic()
-        if record.state != now.state:
-            log.info("model state", model=record.name, state=now.state, was=record.state, error=now.error)
-        await self._emit("updated", record.name, updated)
+            if request.reason == "queueing" and loaded:
+                event = placement.scale_up(record, beats, pending)
+            elif loaded:
+                # The gateway sees it loaded nowhere (a node just unloaded it, and our view is a
+                # heartbeat behind): ask one of those nodes to have it loaded; a no-op if it has.
+                event = placement.confirm(record, [b for b in beats if b.node_id == loaded[0]])
+            elif placing:
+                event = await self._again(record.name, pending)  # a node may have missed it
+            else:
+                event = placement.on_demand(record, beats, pending)
+        except placement.Unplaceable as exc:
+            log.warning("model cannot be placed", model=record.name, reason=str(exc))
+            return PlaceReply(ok=False, status=exc.status, message=str(exc))
+        if event is not None:
+            await self._publish_placement(event)
+            placing += event.nodes
+        where = loaded + [n for n in placing if n not in loaded]
+        message = f"placed on {', '.join(event.nodes)}" if event else f"on {', '.join(where) or 'no node'}"
+        return PlaceReply(ok=True, status=200, message=message, nodes=where, event=event)
+
+    def _pending_for(self, model: str) -> list[placement.Pending]:
+        return self._pending.get(model, [])
+
+    async def _again(self, model: str, pending: list[placement.Pending]) -> None:
+        """Publish the last decision again when it is older than REPUBLISH_S and still not carried
+        out: nodes follow decisions on a core subscription, and one may have been reconnecting."""
+        last = self.placements.get(model)
+        if last is None or time.time() - last.at < REPUBLISH_S:
+            return None
+        again = msgspec.structs.replace(last, nodes=[p.node_id for p in pending], at=time.time())
+        await self.js.publish(subjects.placement(model), codec.encode(again))
+        self.placements[model] = again
+        log.info("placement published again", model=model, nodes=again.nodes, decision=again.decision_id)
+        return None
+
+    async def _apply_placement(self, beats: list[NodeHeartbeat]) -> None:
+        self._settle(beats)
+        now = time.monotonic()
+        cooling = {key for key, until in self._cooldown.items() if until > now}
+        records = [r for r in self.models.records.values()]
+        # A node cooling down for a model is as good as placed there: not asked again meanwhile.
+        blocked = {
+            name: [*self._pending_for(name), *(placement.Pending(n, {}, 0.0, 0.0) for m, n in cooling if m == name)]
+            for name in self.models.records
+        }
+        plan = placement.replicas(records, beats, blocked)
+        for event in plan.events:
+            await self._publish_placement(event)
+
+    def _settle(self, beats: list[NodeHeartbeat]) -> None:
+        """Drop decisions carried out (loaded), refused (an error reported since), or lost (node
+        gone, or timed out while not downloading); a refusal cools that node down for the model."""
+        live = {b.node_id: b for b in beats}
+        now = time.monotonic()
+        self._cooldown = {key: until for key, until in self._cooldown.items() if until > now}
+        for name, entries in list(self._pending.items()):
+            kept = []
+            for entry in entries:
+                beat = live.get(entry.node_id)
+                if beat is None or beat.serves(name):
+                    continue
+                refused = any(
+                    m.name == name and m.error and (m.failed_at or 0.0) >= entry.at - 1.0 for m in beat.loadable
+                ) or placement.has_error(beat, name)
+                if refused:
+                    self._cooldown[(name, entry.node_id)] = now + PLACEMENT_COOLDOWN_S
+                    continue
+                downloading = any(m.name == name and m.state == "downloading" for m in beat.models)
+                if now > entry.deadline and not downloading:
+                    continue
+                kept.append(entry)
+            if kept:
+                self._pending[name] = kept
+            else:
+                del self._pending[name]
+
+    async def _publish_placement(self, event: PlacementEvent) -> None:
+        await self.js.publish(subjects.placement(event.name), codec.encode(event))
+        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        self._pending.setdefault(event.name, []).extend(
+            placement.Pending(node, event.estimate_bytes, event.at, deadline) for node in event.nodes
+        )
+        self.placements[event.name] = event
+        log.info(
+            "model placed",
+            model=event.name,
+            nodes=event.nodes,
+            reason=event.reason,
+            evict=event.evict,
+            detail=event.detail,
+            decision=event.decision_id,
+        )
 
     # ------------------------------------------------------------ NATS handlers
 
@@ -507,6 +647,20 @@ def _target(request: Any, reply: Any) -> str | None:
     if isinstance(request, RegisterModel):
         return request.name or request.catalog_id or request.repo or request.path
     return getattr(request, "name", None) or getattr(request, "model", None)
+
+
+def _replicas(value: int | Replicas | None) -> Replicas | None:
+    """A registration's ``replicas`` (a number: that many, no more); ValueError when out of range."""
+    if value is None:
+        return None
+    wanted = Replicas(min=value, max=value) if isinstance(value, int) else value
+    if wanted.min < 0 or wanted.min > MAX_REPLICAS:
+        raise ValueError(f"replicas.min must be 0 to {MAX_REPLICAS}, not {wanted.min}")
+    if wanted.max is not None and not wanted.min <= wanted.max <= MAX_REPLICAS:
+        raise ValueError(
+            f"replicas.max must be between replicas.min ({wanted.min}) and {MAX_REPLICAS}, not {wanted.max}"
+        )
+    return wanted
 
 
 def _runs(beat: NodeHeartbeat, runtime: str) -> bool:

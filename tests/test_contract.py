@@ -251,7 +251,7 @@ def test_json_written_before_the_messages_split_decodes_to_the_same_values() -> 
 
 
 # Fields added since the samples were written (optional, so old JSON still decodes): re-encoding
-# adds them with their defaults, and nothing else may change.
+# adds them with their defaults, and nothing else may change. ``name[]``: in each item of a list.
 ADDED_SINCE = {
     "history": {
         "key_id": None,
@@ -263,9 +263,32 @@ ADDED_SINCE = {
     },
     "delta": {"logprobs": None, "tool_calls": None},  # logprobs and tool call fragments (issue 14)
     "done": {"choices": None},  # n choices, tool calls, logprobs
+    "heartbeat": {
+        "memory": [],
+        "loadable": [],
+        "keep_alive_s": None,
+        "runtimes[]": {"gpu": False, "backend": None, "device": None},  # gpu: issue 18; backend, device: 15
+        "models[]": {
+            "origin": "registry",
+            "memory_bytes": {},
+            "estimate_bytes": {},
+            "loaded_at": None,
+            "last_used_at": None,
+            "load_s": None,
+            "pinned": False,
+        },
+    },
+    "model": {"replicas": None},
 }
-ADDED_TO_LOADED_MODELS = {"origin": "registry"}  # in each of a heartbeat's models
-ADDED_TO_RUNTIMES = {"gpu": False}  # in each of a heartbeat's runtimes (issue 18)
+
+
+def _pop_added(encoded: dict, added: dict, where: str) -> None:
+    for name, default in added.items():
+        if name.endswith("[]"):
+            for item in encoded[name[:-2]]:
+                _pop_added(item, default, f"{where}.{name}")
+        else:
+            assert encoded.pop(name) == default, (where, name)
 
 
 def test_old_json_re_encodes_byte_for_byte() -> None:
@@ -278,14 +301,7 @@ def test_old_json_re_encodes_byte_for_byte() -> None:
                 data, {"heartbeat": NodeHeartbeat, "model": ModelRecord, "history": HistoryRecord}[kind]
             )
         encoded = json.loads(codec.encode(value))
-        for name, default in ADDED_SINCE.get(kind, {}).items():
-            assert encoded.pop(name) == default, (kind, name)
-        for model in encoded.get("models", []) if kind == "heartbeat" else []:
-            for name, default in ADDED_TO_LOADED_MODELS.items():
-                assert model.pop(name) == default, (kind, name)
-        for runtime in encoded.get("runtimes", []) if kind == "heartbeat" else []:
-            for name, default in ADDED_TO_RUNTIMES.items():
-                assert runtime.pop(name) == default, (kind, name)
+        _pop_added(encoded, ADDED_SINCE.get(kind, {}), kind)
         assert json.dumps(encoded) == json.dumps(json.loads(data)), kind
 
 

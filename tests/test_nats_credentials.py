@@ -27,11 +27,12 @@ from conftest import Proc, requires_llama, wait_until
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from broker import EmbeddedNats, NatsAuth, connect, payloads, provision
-from broker.blobs import blob_info, blob_name, read_blob
+from broker.blobs import blob_info, blob_name, file_sha256, object_sha256, put_file, read_blob
 from broker.credentials import Authority, CredentialsError, Identity, identity_of
 from broker.logship import LogShipper
 from broker.permissions import GATEWAY, NODE, OBSERVER, OPERATOR, REGISTRY
-from events import storage, subjects
+from events import codec, storage, subjects
+from events.messages import PlacementEvent
 
 # The longest node name there is: its credential must still fit the server's 4 KB CONNECT line.
 NODE_A = "a" * 32
@@ -208,7 +209,7 @@ async def test_one_node_credential_cannot_speak_as_another_node(connected) -> No
     assert set(seen.subjects) == {subjects.node_heartbeat(NODE_A), own_entry}
 
 
-async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_leases(connected) -> None:
+async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_leases(connected, tmp_path) -> None:
     """The node's paths the trace of an `up` session does not take: a model file from the
     registry's object store, an image answer through the payloads store, a shared-dir lease."""
     operator = await connected(OPERATOR)
@@ -222,6 +223,19 @@ async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_l
         out = io.BytesIO()
         await read_blob(js, info, out)
         assert out.getvalue() == model_file
+
+        # What it fetched from the origin, it shares: a new object, never a replaced one.
+        fetched = tmp_path / "fetched.gguf"
+        fetched.write_bytes(os.urandom(2_500_000))
+        shared, written = await put_file(
+            js, blob_name("fetched", "fetched.gguf"), fetched, max_payload=node.max_payload
+        )
+        assert written and object_sha256(shared) == file_sha256(fetched)
+        fetched.write_bytes(os.urandom(1000))  # another file under the same name: left alone
+        assert await put_file(
+            js, blob_name("fetched", "fetched.gguf"), fetched, max_payload=node.max_payload, replace=False
+        ) == (None, False)
+        assert (await blob_info(js, blob_name("fetched", "fetched.gguf"))).size == 2_500_000
 
         image = os.urandom(200_000)
         attachment = await payloads.store(js, image, content_type="image/png", filename="image-0.png")
@@ -239,6 +253,8 @@ async def test_a_node_credential_reads_model_files_and_writes_claim_checks_and_l
         assert node.last_error is None
     finally:
         await blobs.delete(blob_name("hosted", "hosted.gguf"))
+        if await blob_info(operator.jetstream(), blob_name("fetched", "fetched.gguf")) is not None:
+            await blobs.delete(blob_name("fetched", "fetched.gguf"))
 
 
 async def test_the_observer_reads_streams_and_buckets_but_publishes_nothing(connected) -> None:
@@ -323,6 +339,34 @@ async def test_each_role_ships_its_own_log_records_and_no_one_elses(authed) -> N
         assert sorted(seen.subjects) == sorted(expected)
     finally:
         for nc in (operator, *clients.values()):
+            await nc.close()
+
+
+async def test_placement_decisions_come_from_the_registry_alone_and_reach_every_node(authed) -> None:
+    url, authority, _ = authed
+    registry = await _as(url, authority, REGISTRY)
+    node = await _as(url, authority, NODE, NODE_A)
+    gateway = await _as(url, authority, GATEWAY)
+    subject = subjects.placement("tiny")
+    try:
+        await provision(registry.jetstream(), role=registry.role)  # the PLACEMENTS stream is one of its own
+        heard = await Inbox().on(node, subjects.PLACEMENT_ALL)
+        before = (await registry.jetstream().stream_info(storage.PLACEMENTS)).state.messages
+        event = PlacementEvent(name="tiny", nodes=[NODE_A], reason="on_demand", evict=True)
+        await registry.jetstream().publish(subject, codec.encode(event))
+        await _until(lambda: heard.subjects == [subject], what=lambda: str(heard.subjects))
+        for speaker in (node, gateway):
+            await speaker.publish(subject, b"{}")
+            await _refused(speaker, "publish", subject)
+        refusal = gateway.last_error
+        await gateway.publish(subjects.ADMIN_MODEL_PLACE, b"{}")  # asking the registry for one: allowed
+        await _settled(gateway)
+        assert gateway.last_error is refusal
+        await asyncio.sleep(0.2)
+        assert heard.subjects == [subject]
+        assert (await registry.jetstream().stream_info(storage.PLACEMENTS)).state.messages == before + 1
+    finally:
+        for nc in (registry, node, gateway):
             await nc.close()
 
 

@@ -70,8 +70,29 @@ from .inference import (
     TranscriptionResult,
 )
 from .logs import LogRecord
-from .models import AdminReply, DeleteModel, ModelEvent, ModelFile, ModelRecord, ModelSource, ModelState, RegisterModel
-from .nodes import GpuInfo, LoadedModel, NodeCommand, NodeCommandReply, NodeGoodbye, NodeHeartbeat, RuntimeStatus
+from .models import (
+    AdminReply,
+    DeleteModel,
+    ModelEvent,
+    ModelFile,
+    ModelRecord,
+    ModelSource,
+    ModelState,
+    RegisterModel,
+    Replicas,
+)
+from .nodes import (
+    DeviceMemory,
+    GpuInfo,
+    LoadableModel,
+    LoadedModel,
+    NodeCommand,
+    NodeCommandReply,
+    NodeGoodbye,
+    NodeHeartbeat,
+    RuntimeStatus,
+)
+from .placement import PlacementEvent, PlacementReason, PlaceModel, PlaceReply
 
 __all__ = [
     "ApiKey",
@@ -150,5 +171,12 @@ __all__ = [
     "Choice",
     "TranscriptionResult",
     "Usage",
+    "DeviceMemory",
+    "LoadableModel",
+    "PlacementEvent",
+    "PlacementReason",
+    "PlaceModel",
+    "PlaceReply",
+    "Replicas",
     "now",
 ]

@@ -43,6 +43,18 @@ class ModelSource(Struct, kw_only=True, omit_defaults=True):
     files: list[ModelFile] = field(default_factory=list)
 
 
+class Replicas(Struct, kw_only=True, forbid_unknown_fields=True):
+    """How many nodes should have a model loaded: ``min`` are placed when it is registered (and
+    when nodes join), up to ``max`` while requests keep queueing for it (default: ``min``)."""
+
+    min: int = 1
+    max: int | None = None
+
+    @property
+    def most(self) -> int:
+        return max(self.min, self.max if self.max is not None else self.min)
+
+
 class ModelRecord(Struct, kw_only=True):
     """Value of the ``models`` KV bucket, written by the registry only."""
 
@@ -64,6 +76,8 @@ class ModelRecord(Struct, kw_only=True):
     error: str | None = None
     download: DownloadProgress | None = None  # the most advanced download in progress
     predownload: bool = False  # nodes fetch it as soon as it is registered, not on first use
+    # None: every node that has its files loads it while it fits in the node's memory budget.
+    replicas: Replicas | None = None
     created_at: float = field(default_factory=now)
     updated_at: float = field(default_factory=now)
     schema: int = SCHEMA_VERSION
@@ -97,6 +111,7 @@ class RegisterModel(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     predownload: bool = False
+    replicas: int | Replicas | None = None  # an int: that many, no more
 
 
 class DeleteModel(Struct, kw_only=True):

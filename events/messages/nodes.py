@@ -1,4 +1,8 @@
-"""Nodes: heartbeats (what a node runs and holds), admin commands to one node, goodbyes."""
+"""Nodes: heartbeats (what a node runs, holds and could load), admin commands to one node, goodbyes.
+
+Memory is counted per device: ``ram`` and ``gpu<index>`` (NVML's index). A model's memory is a
+``{device: bytes}`` map: an estimate before it is loaded, what it was measured to use after.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ class RuntimeStatus(Struct, kw_only=True):
     # Whether its models run on a GPU here (as the runtime chooses at load: a CUDA build and a
     # visible device). False from nodes older than this field.
     gpu: bool = False
+    # What its engine really computes on: "cpu", or the GPU backend its build uses ("cuda",
+    # "metal", "vulkan", ...) and the device its models' memory goes to ("ram" or "gpu0").
+    backend: str | None = None
+    device: str | None = None
 
 
 class LoadedModel(Struct, kw_only=True):
@@ -44,11 +52,43 @@ class LoadedModel(Struct, kw_only=True):
     # "upstream": a model of an existing OpenAI-compatible server the node proxies (nodes/upstream.py).
     # It has no registry record and no artifact: gateways serve it while the node announces it.
     origin: Literal["registry", "upstream"] = "registry"
+    memory_bytes: dict[str, int] = field(default_factory=dict)  # measured after load, per device
+    estimate_bytes: dict[str, int] = field(default_factory=dict)  # what was expected before load
+    loaded_at: float | None = None
+    last_used_at: float | None = None  # when its last request ended (or it was loaded)
+    load_s: float | None = None  # seconds the load took
+    pinned: bool = False  # loaded for the registration's minimum replicas: --keep-alive spares it
 
     @property
     def servable(self) -> bool:
         """Ready, with a real artifact loaded or an upstream answering for it."""
         return self.state == "ready" and (self.artifact_bytes > 0 or self.origin == "upstream")
+
+
+class DeviceMemory(Struct, kw_only=True):
+    """One device of a node: what it has, what models may use of it, what they use now."""
+
+    device: str  # "ram" or "gpu<index>"
+    capacity_bytes: int
+    budget_bytes: int  # --memory-budget / --gpu-memory-budget of the capacity
+    used_bytes: int = 0  # by the loaded models (measured after their load)
+    reserved_bytes: int = 0  # by models being loaded now (their estimate)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes - self.reserved_bytes
+
+
+class LoadableModel(Struct, kw_only=True):
+    """A model whose files are on the node and whose runtime it has, not loaded now: the node
+    loads it when the registry places it there (on demand, for a waiting request)."""
+
+    name: str
+    runtime: str
+    capabilities: list[str]
+    estimate_bytes: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # why its last load failed (not enough memory: with the numbers)
+    failed_at: float | None = None
 
 
 class NodeHeartbeat(Struct, kw_only=True):
@@ -71,6 +111,9 @@ class NodeHeartbeat(Struct, kw_only=True):
     # its node no longer knows: the reply was lost (core NATS is at-most-once, e.g. across a
     # broker restart). None: a node that does not report them (older than this field).
     requests: list[str] | None = None
+    memory: list[DeviceMemory] = field(default_factory=list)
+    loadable: list[LoadableModel] = field(default_factory=list)
+    keep_alive_s: float | None = None  # idle models loaded on demand are unloaded after this
     schema: int = SCHEMA_VERSION
 
     def serves(self, model: str, capability: str | None = None) -> bool:
@@ -78,6 +121,13 @@ class NodeHeartbeat(Struct, kw_only=True):
         return any(
             m.name == model and m.servable and (capability is None or capability in m.capabilities) for m in self.models
         )
+
+    def can_load(self, model: str, capability: str | None = None) -> bool:
+        """Whether ``model`` is loadable here on demand (files present, not loaded now)."""
+        return any(m.name == model and (capability is None or capability in m.capabilities) for m in self.loadable)
+
+    def device(self, name: str) -> DeviceMemory | None:
+        return next((d for d in self.memory if d.device == name), None)
 
 
 class NodeCommand(Struct, kw_only=True):

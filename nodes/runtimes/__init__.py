@@ -13,11 +13,14 @@ from .llama_cpp import LlamaCppRuntime
 from .piper_tts import PiperRuntime
 
 
-def default_runtimes(names: list[str] | None = None, *, images: ImageFetcher | None = None) -> list[Runtime]:
+def default_runtimes(
+    names: list[str] | None = None, *, images: ImageFetcher | None = None, gpu_layers: int | None = None
+) -> list[Runtime]:
     """Every runtime this build knows, or only those ``names`` (``--runtimes``); ``images``: how
-    vision chats fetch remote images (default: from public addresses only)."""
+    vision chats fetch remote images (default: from public addresses only); ``gpu_layers``:
+    llama.cpp's offload limit (``--gpu-layers``; None: every layer, where it can)."""
     runtimes: list[Runtime] = [
-        LlamaCppRuntime(images=images),
+        LlamaCppRuntime(images=images, gpu_layers=gpu_layers),
         ExLlamaV2Runtime(),
         DiffusersRuntime(),
         FasterWhisperRuntime(),

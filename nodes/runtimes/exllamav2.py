@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -97,7 +99,15 @@ def probe_exllamav2(import_error: str | None = None) -> RuntimeStatus:
     if import_error:
         return unavailable(f"exllamav2 failed to import: {import_error}")
     version = f"exllamav2 {_version('exllamav2')}, torch {torch_version} (CUDA {torch_cuda})"
-    return RuntimeStatus(name=NAME, available=True, version=version, capabilities=list(CAPABILITIES), gpu=True)
+    return RuntimeStatus(
+        name=NAME,
+        available=True,
+        version=version,
+        capabilities=list(CAPABILITIES),
+        gpu=True,
+        backend="cuda",
+        device="gpu0",  # load_autosplit fills the first GPU first; the node's accounting counts it there
+    )
 
 
 def _find(module: str) -> Any:
@@ -435,6 +445,38 @@ def _message(message: Any) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- memory estimate
+
+CACHE_BYTES = {"fp16": 2.0, "q8": 1.0625, "q6": 0.8125, "q4": 0.5625}  # per K or V element, with the scales
+WORKING_BYTES = 512 * 2**20  # the forward pass's scratch buffers and torch's context, about
+
+
+def estimate(path: Path, *, slots: int, context: int, kv_cache: str = "fp16", device: str = "gpu0") -> dict[str, int]:
+    """Bytes on ``device`` for an EXL2 folder: its weight files as they are (EXL2 tensors load
+    at their quantised size), the paged cache (``slots x context`` tokens, a whole number of
+    pages, of every layer's K and V) and some working room. From config.json and the files'
+    sizes alone, without torch; {} when the folder has no readable config."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        weights = artifact_size(path)
+    except (OSError, ValueError):
+        return {}
+    text = config.get("text_config") or config  # multimodal configs nest the language model's
+    try:
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return {}
+    trained = text.get("max_position_embeddings")
+    if isinstance(trained, int) and trained > 0:
+        context = min(context, trained)
+    tokens = -(-slots * context // PAGE_SIZE) * PAGE_SIZE
+    cache = math.ceil(2 * layers * kv_heads * head_dim * tokens * CACHE_BYTES.get(kv_cache, 2.0))
+    return {device: weights + cache + WORKING_BYTES}
+
+
 class ExLlamaV2Runtime:
     """Claims EXL2 folders only; the node loads one only where :meth:`probe` says available
     (nodes/agent.py refuses a model whose runtime is unavailable), so a CPU node never does."""
@@ -457,6 +499,13 @@ class ExLlamaV2Runtime:
             return False, f"{record.name} is {record.format}, not {FORMAT}"
         status = self.probe()
         return status.available, status.error or ""
+
+    def estimate(self, record: ModelRecord, path: str, *, slots: int = 1) -> dict[str, int]:
+        """GPU bytes a load will take (nodes/memory.py asks before loading): :func:`estimate`;
+        {} (the node falls back to the registration's need or the files' size) for an unreadable folder."""
+        context = int(setting(record.labels, CONTEXT_LABEL, CONTEXT_ENV) or DEFAULT_CONTEXT)
+        kv_cache = setting(record.labels, CACHE_LABEL, CACHE_ENV) or "fp16"
+        return estimate(Path(path), slots=max(1, slots), context=context, kv_cache=kv_cache)
 
     def load(self, record: ModelRecord, path: str, *, slots: int = 1) -> Exl2Engine:
         context = int(setting(record.labels, CONTEXT_LABEL, CONTEXT_ENV) or DEFAULT_CONTEXT)

@@ -12,8 +12,11 @@ engine with ``slots=N`` holds N ``Llama`` instances over the same GGUF, one per 
 each call takes a free one for its duration. Embeddings run in instances of their own, in
 embedding mode with mean pooling (llama architectures have no default pooling, so without
 it llama.cpp returns one vector per token), created on demand up to N. The weights are
-mmap-ed, so all instances share their pages (on CPU; this runtime offloads no layers to a
-GPU); what each slot adds is its own KV cache of ``n_ctx`` tokens and compute buffers.
+mmap-ed, so all instances share their pages on the CPU; what each slot adds is its own KV
+cache of ``n_ctx`` tokens and compute buffers. A build with GPU offload (CUDA, Metal, ...) on a
+machine with a GPU offloads every layer, or ``--gpu-layers`` of them; then each instance holds
+its own copy of the offloaded weights. What a load will take is estimated, and what it took
+read from llama.cpp, in :mod:`.llama_memory`; the backend is chosen in :mod:`.llama_backend`.
 
 A model registered with a multimodal projector (``source.projector``, an mmproj GGUF) also
 offers "vision": chats go through llama-cpp-python's LLaVA-1.5 chat handler (libmtmd), which
@@ -40,13 +43,14 @@ from typing import Any
 from events import subjects
 from events.messages import Choice, ModelRecord, RuntimeStatus, Usage
 from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, JsonObjectFormat, JsonSchemaFormat
-from formats.gguf import context_length
+from formats.gguf import GgufError, context_length, layout
 
+from .. import system
 from ..remote_media import ImageFetcher, ImageFetchError
-from . import grammars
+from . import grammars, llama_backend, llama_memory
 from .base import EngineError, OnDelta, TextOutcome
 from .choices import ChoiceWriter
-from .common import probe_packages
+from .common import probe_packages, setting
 from .llama_generate import Pieces, Sampling, generate
 from .tool_calls import MAX_PARALLEL_CALLS, prompt_messages, template_format, template_tools, with_tools_prompt
 
@@ -167,8 +171,10 @@ class LlamaEngine:
         projector: str | None = None,
         slots: int = 1,
         images: ImageFetcher | None = None,
+        n_gpu_layers: int = 0,
     ) -> None:
-        """``images``: fetches a vision chat's http(s) image URLs (default: public addresses only)."""
+        """``images``: fetches a vision chat's http(s) image URLs (default: public addresses only);
+        ``n_gpu_layers``: layers offloaded to the GPU (0: CPU only)."""
         import llama_cpp
 
         if slots < 1:
@@ -192,7 +198,12 @@ class LlamaEngine:
             handler = _vision_handler(projector) if projector is not None else None
             try:
                 return llama_cpp.Llama(
-                    model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, verbose=False, chat_handler=handler
+                    model_path=path,
+                    n_ctx=self.n_ctx,
+                    n_threads=n_threads,
+                    n_gpu_layers=n_gpu_layers,
+                    verbose=False,
+                    chat_handler=handler,
                 )
             except ValueError as exc:
                 raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
@@ -202,12 +213,15 @@ class LlamaEngine:
                 model_path=path,
                 n_ctx=self.n_ctx,
                 n_threads=n_threads,
+                n_gpu_layers=n_gpu_layers,
                 embedding=True,
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                 verbose=False,
             )
 
-        self._generators = _Instances(generator, slots, eager=slots)
+        with llama_memory.reported() as allocated:
+            self._generators = _Instances(generator, slots, eager=slots)
+        self.memory_bytes = allocated  # per device, as llama.cpp reported allocating it
         self._embedders = _Instances(embedder, slots)
         first = self._generators.first()
         self._n_vocab = first.n_vocab()
@@ -571,15 +585,62 @@ class LlamaCppRuntime:
     name = NAME
     capabilities = [*CAPABILITIES, subjects.VISION]  # vision: models registered with a projector
 
-    def __init__(self, *, n_ctx: int = 4096, n_threads: int | None = None, images: ImageFetcher | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        images: ImageFetcher | None = None,
+        gpu_layers: int | None = None,
+    ) -> None:
         """``images``: how vision chats fetch http(s) image URLs (the node's --allow-fetch-host,
-        --no-remote-images); default: from public addresses only."""
+        --no-remote-images); default: from public addresses only. ``gpu_layers``: at most this
+        many layers offloaded (``--gpu-layers``; None: all, where the build and machine can)."""
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _threads()
         self.images = images
+        self.gpu_layers = gpu_layers
+        self.backend, self.device = "cpu", "ram"
 
     def probe(self) -> RuntimeStatus:
-        return probe_packages(NAME, self.capabilities, [("llama_cpp", "llama-cpp-python")])
+        status = probe_packages(NAME, self.capabilities, [("llama_cpp", "llama-cpp-python")])
+        if status.available and self.gpu_layers != 0:  # --gpu-layers 0: the CPU, whatever the build
+            self.backend, self.device = llama_backend.runs_on(llama_backend.build_backend(), len(system.gpus()))
+        status.backend, status.device = self.backend, self.device
+        status.gpu = self.device != "ram"  # its layers go to a GPU (main's flag; the device says which)
+        return status
+
+    def context(self, record: ModelRecord, path: str) -> int:
+        """The context a model gets: its ``n_ctx`` label, else the runtime's, at most the trained one."""
+        asked = setting(record.labels, "n_ctx", "LLM_ROUTER_LLAMA_CTX")
+        n_ctx = int(asked) if asked and asked.isdigit() and int(asked) > 0 else self.n_ctx
+        return min(n_ctx, context_length(path) or n_ctx)
+
+    def _gpu_layers(self) -> int:
+        on_gpu = self.device != "ram"
+        supports = False
+        if on_gpu:
+            import llama_cpp
+
+            supports = bool(llama_cpp.llama_supports_gpu_offload())
+        return llama_backend.gpu_layers(self.gpu_layers, supports_offload=supports, on_gpu=on_gpu)
+
+    def estimate(self, record: ModelRecord, path: str, *, slots: int = 1) -> dict[str, int]:
+        """Bytes per device the model will take (llama_memory.estimate); {} for an unreadable GGUF."""
+        try:
+            shape = layout(path)
+        except (OSError, GgufError):
+            return {}
+        projector = record.source.projector if subjects.VISION in record.capabilities else None
+        on_gpu = self.device != "ram"  # the build has a GPU library and the machine a GPU
+        plan = llama_memory.Plan(
+            n_ctx=self.context(record, path),
+            slots=slots,
+            gpu_layers=llama_backend.gpu_layers(self.gpu_layers, supports_offload=on_gpu, on_gpu=on_gpu),
+            gpu_device=self.device if on_gpu else "gpu0",
+            projector_bytes=llama_memory.file_bytes(projector),
+        )
+        return llama_memory.estimate(shape, plan)
 
     def accepts(self, record: ModelRecord) -> bool:
         return record.format == "gguf"
@@ -588,5 +649,11 @@ class LlamaCppRuntime:
         """``slots``: contexts, so requests run at once; each costs one KV cache of ``n_ctx``."""
         projector = record.source.projector if subjects.VISION in record.capabilities else None
         return LlamaEngine(
-            path, n_ctx=self.n_ctx, n_threads=self.n_threads, projector=projector, slots=slots, images=self.images
+            path,
+            n_ctx=self.context(record, path),
+            n_threads=self.n_threads,
+            projector=projector,
+            slots=slots,
+            images=self.images,
+            n_gpu_layers=self._gpu_layers(),
         )

@@ -1,0 +1,242 @@
+"""Placement: the registry alone decides which nodes load which model.
+
+The decisions (registry/placement.py) from heartbeats made up here, then real processes: a
+registration with two replicas ends up loaded on two of three nodes, the decision is an event
+``nats sub 'placement.>'`` shows and the admin API reports, and a queue that keeps standing
+gets one more replica, up to the registration's maximum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import nats
+import pytest
+from conftest import Stack, requires_llama, wait_until
+
+from events.messages import (
+    DeviceMemory,
+    LoadableModel,
+    LoadedModel,
+    ModelRecord,
+    ModelSource,
+    NodeHeartbeat,
+    Replicas,
+    RuntimeStatus,
+)
+from registry import placement
+
+MiB = 1024**2
+
+
+def record(name: str = "m", replicas: Replicas | None = None) -> ModelRecord:
+    return ModelRecord(
+        name=name,
+        format="gguf",
+        runtime="llama_cpp",
+        capabilities=["chat"],
+        source=ModelSource(kind="path", path="/m.gguf"),
+        size_bytes=10 * MiB,
+        replicas=replicas,
+    )
+
+
+def beat(
+    node: str,
+    *,
+    budget: int = 100,
+    used: dict[str, tuple[int, int]] | None = None,
+    files: dict[str, int] | None = None,
+    gpu: bool = False,
+) -> NodeHeartbeat:
+    """``used``: loaded models (MiB, active requests); ``files``: loadable models (MiB estimate)."""
+    device = "gpu0" if gpu else "ram"
+    loaded = [
+        LoadedModel(
+            name=name,
+            runtime="llama_cpp",
+            capabilities=["chat"],
+            artifact_bytes=1,
+            memory_bytes={device: mib * MiB},
+            active_requests=active,
+        )
+        for name, (mib, active) in (used or {}).items()
+    ]
+    return NodeHeartbeat(
+        node_id=node,
+        hostname=node,
+        started_at=0,
+        sent_at=0,
+        interval_s=2,
+        runtimes=[
+            RuntimeStatus(
+                name="llama_cpp", available=True, device=device, backend="cuda" if gpu else "cpu", capabilities=["chat"]
+            )
+        ],
+        models=loaded,
+        loadable=[
+            LoadableModel(name=name, runtime="llama_cpp", capabilities=["chat"], estimate_bytes={device: mib * MiB})
+            for name, mib in (files or {}).items()
+        ],
+        memory=[
+            DeviceMemory(
+                device=device,
+                capacity_bytes=budget * 2 * MiB,
+                budget_bytes=budget * MiB,
+                used_bytes=sum(mib for mib, _ in (used or {}).values()) * MiB,
+            )
+        ],
+    )
+
+
+def test_every_node_with_the_files_gets_a_model_without_replicas_while_it_fits() -> None:
+    beats = [
+        beat("a", files={"m": 30, "n": 30, "o": 50}),
+        beat("b", files={"m": 30}),
+        beat("c"),  # no files: not without a replicas setting
+    ]
+    plan = placement.replicas([record("m"), record("n"), record("o")], beats, {})
+    placed = {e.name: e.nodes for e in plan.events}
+    assert placed == {"m": ["a", "b"], "n": ["a"]}  # o no longer fits on a after m and n (30 + 30 + 50 > 100)
+    assert all(e.pinned and not e.evict for e in plan.events)
+
+
+def test_minimum_replicas_count_what_is_loaded_and_what_is_being_loaded() -> None:
+    wanted = record("m", Replicas(min=2))
+    beats = [beat("a", used={"m": (30, 0)}), beat("b", files={"m": 30}), beat("c", files={"m": 30})]
+    (event,) = placement.replicas([wanted], beats, {}).events
+    assert len(event.nodes) == 1 and event.nodes[0] in ("b", "c")
+    pending = {"m": [placement.Pending(event.nodes[0], {"ram": 30 * MiB}, time.time(), time.monotonic() + 60)]}
+    assert placement.replicas([wanted], beats, pending).events == []  # one loaded, one loading: enough
+
+
+def test_gpu_nodes_come_first_for_a_runtime_that_computes_on_one() -> None:
+    beats = [beat("cpu", files={"m": 10}, budget=1000), beat("gpu", files={"m": 10}, gpu=True)]
+    (event,) = placement.replicas([record("m", Replicas(min=1))], beats, {}).events
+    assert event.nodes == ["gpu"]
+
+
+def test_on_demand_prefers_free_room_then_unloading_idle_models_never_busy_ones() -> None:
+    free = beat("free", files={"m": 40}, used={"x": (50, 0)})
+    idle = beat("idle", files={"m": 40}, used={"x": (90, 0)})
+    busy = beat("busy", files={"m": 40}, used={"x": (90, 3)})
+    assert placement.on_demand(record(), [idle, busy, free], []).nodes == ["free"]
+    event = placement.on_demand(record(), [busy, idle], [])
+    assert event.nodes == ["idle"] and event.evict and not event.pinned
+    assert placement.on_demand(record(), [busy], []).detail.startswith("fits its budget")  # waits for it there
+    with pytest.raises(placement.Unplaceable) as huge:
+        placement.on_demand(record(), [beat("small", files={"m": 400})], [])
+    assert huge.value.status == 507 and "400.0 MiB" in str(huge.value) and "100.0 MiB" in str(huge.value)
+
+
+def test_more_replicas_for_a_queue_only_up_to_the_maximum() -> None:
+    wanted = record("m", Replicas(min=1, max=2))
+    beats = [beat("a", used={"m": (30, 1)}), beat("b", files={"m": 30}), beat("c", files={"m": 30})]
+    event = placement.scale_up(wanted, beats, [])
+    assert event is not None and len(event.nodes) == 1 and event.reason == "queueing"
+    pending = [placement.Pending(event.nodes[0], {}, time.time(), time.monotonic() + 60)]
+    assert placement.scale_up(wanted, beats, pending) is None  # two: the maximum
+    assert placement.scale_up(record("m"), beats, []) is None  # no replicas setting: already everywhere it fits
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def view(stack: Stack, path: str) -> dict:
+    return httpx.get(stack.url + path).json()
+
+
+def loaded_on(stack: Stack, model: str) -> list[str]:
+    return view(stack, f"/v0/models/{model}")["placement"]["loaded_on"]
+
+
+async def _placements(url: str, seen: list[dict], stop: threading.Event) -> None:
+    nc = await nats.connect(url)
+    sub = await nc.subscribe("placement.>")
+    try:
+        while not stop.is_set():
+            try:
+                msg = await sub.next_msg(timeout=0.2)
+            except nats.errors.TimeoutError:
+                continue
+            seen.append(json.loads(msg.data) | {"subject": msg.subject})
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def watch_placements(nats_url):
+    """What `nats sub 'placement.>'` prints, as it happens."""
+    seen: list[dict] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=asyncio.run, args=(_placements(nats_url, seen, stop),), daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    yield seen
+    stop.set()
+    thread.join(5)
+
+
+@requires_llama
+@pytest.mark.e2e
+def test_two_replicas_end_up_loaded_on_two_of_three_nodes(nats_url, tiny_gguf, tmp_path, watch_placements) -> None:
+    stack = Stack(nats_url, tmp_path, node=False)
+    try:
+        nodes = [stack.start_node(f"rep-{i}").node_id for i in range(3)]
+        reply = stack.admin("register", {"path": str(tiny_gguf), "name": "two-replicas", "replicas": 2})
+        assert reply["ok"] and reply["record"]["replicas"] == {"min": 2, "max": 2}, reply
+        wait_until(lambda: len(loaded_on(stack, "two-replicas")) == 2, message="loaded on two nodes")
+        time.sleep(1.5)  # a sweep or two later: still two, the third has the files and waits
+        model = view(stack, "/v0/models/two-replicas")["placement"]
+        assert len(model["loaded_on"]) == 2 and len(model["loadable_on"]) == 1
+        decision = model["last_decision"]
+        assert decision["reason"] == "replicas" and set(decision["nodes"]) <= set(nodes) and decision["pinned"]
+        events = [e for e in watch_placements if e["name"] == "two-replicas"]
+        assert events and events[0]["subject"] == "placement.two-replicas" and events[0]["event"] == "placed"
+        assert set().union(*(e["nodes"] for e in events)) == set(model["loaded_on"])
+        placed_here = {
+            n["id"]: [p["model"] for p in n["placements"]] for n in view(stack, "/v0/nodes")["data"] if n["id"] in nodes
+        }
+        assert sorted(n for n, models in placed_here.items() if "two-replicas" in models) == sorted(model["loaded_on"])
+        answer = httpx.post(
+            stack.url + "/v1/chat/completions",
+            json={"model": "two-replicas", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=30,
+        )
+        assert answer.status_code == 200 and answer.headers["x-node-id"] in model["loaded_on"]
+    finally:
+        stack.close()
+
+
+@pytest.mark.e2e
+def test_a_standing_queue_gets_one_more_replica_up_to_the_maximum(nats_url, tiny_gguf, tmp_path) -> None:
+    stack = Stack(nats_url, tmp_path, node=False, gateway_args=("--queue-timeout", "30"))
+    try:
+        stack.delay_node(400)
+        stack.delay_node(400)
+        stack.delay_node(400)
+        reply = stack.admin("register", {"path": str(tiny_gguf), "name": "scaled", "replicas": {"min": 1, "max": 2}})
+        assert reply["ok"], reply
+        wait_until(lambda: len(loaded_on(stack, "scaled")) == 1, message="one replica")
+        body = {"model": "scaled", "messages": [{"role": "user", "content": "hi"}]}
+        answers: list[int] = []
+
+        def one() -> None:
+            answers.append(httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=60).status_code)
+
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(16)]  # 6.4 s of work on one slot
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(loaded_on(stack, "scaled")) == 2, timeout=15, message="a second replica")
+        for thread in threads:
+            thread.join(60)
+        assert answers == [200] * 16
+        assert len(loaded_on(stack, "scaled")) == 2  # the maximum, though three nodes could
+        decision = view(stack, "/v0/models/scaled")["placement"]["last_decision"]
+        assert decision["reason"] == "queueing"
+    finally:
+        stack.close()
