@@ -197,6 +197,7 @@ class NodeDirectory:
         self._loadable: dict[tuple[str, str | None], list[NodeHeartbeat]] = {}
         self._slots: dict[tuple[str, str], int] = {}
         self._announced: dict[str, LoadedModel] = {}  # upstream models, by name (one report of each)
+        self._upstream_only: set[str] = set()  # announced, and no node has them from the registry
         self._unloaded: set[tuple[str, str]] = set()  # (node, model) a node said it no longer has loaded
         self._index_until = 0.0  # monotonic time the index must be rebuilt by
         self._subs: list = []
@@ -319,6 +320,13 @@ class NodeDirectory:
             self._rebuild_index()
         return self._announced
 
+    def placeable(self, model: str) -> bool:
+        """Whether the registry places ``model``: False for one only upstream nodes announce (their
+        server's model: no registry record, no files to load elsewhere, nothing to ask for)."""
+        if time.monotonic() >= self._index_until:
+            self._rebuild_index()
+        return model not in self._upstream_only
+
     def loadable(self, model: str, capability: str | None = None) -> list[NodeHeartbeat]:
         """Live, non-draining nodes that have the files of ``model`` and could load it on demand."""
         if time.monotonic() >= self._index_until:
@@ -369,4 +377,10 @@ class NodeDirectory:
                     if not entries or entries[-1] is not beat:
                         entries.append(beat)
         self._index, self._loadable, self._slots, self._announced = index, loadable, slots, announced
+        self._upstream_only = {
+            name
+            for name in announced
+            if (name, None) not in loadable
+            and not any(m.origin != "upstream" for b in index.get((name, None), ()) for m in b.models if m.name == name)
+        }
         self._index_until = until

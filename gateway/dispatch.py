@@ -188,8 +188,8 @@ class Dispatcher:
             return
         now = time.monotonic()
         for (model, capability), queue in self._waiters.items():
-            if not queue:
-                continue
+            if not queue or not self.directory.placeable(model):
+                continue  # an upstream server's model: its node announces it, the registry has no say
             if not self.directory.serving(model, capability):
                 self.placer.want(model, capability, "on_demand", len(queue))
             elif self._standing(queue, now) and now - queue[0][2] >= SCALE_AFTER_S:
@@ -336,7 +336,7 @@ class Dispatcher:
         if call.queued_since is None:
             call.queued_since = started  # requeued after node_busy: the same queue timeout, not a new one
             call.queued_at = time.time()
-        if not serving and self.placer is not None:  # a cold start: some node loads it while we wait
+        if not serving and self.placer is not None and self.directory.placeable(call.model):  # a cold start
             self.placer.want(call.model, call.capability, "on_demand", len(queue), now=True)
         try:
             remaining = max(0.0, call.queued_since + self.queue_timeout - started)

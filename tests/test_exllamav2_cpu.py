@@ -8,6 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -254,6 +255,35 @@ def test_runtime_status_says_whether_it_runs_on_a_gpu() -> None:
     old = b'{"name": "llama_cpp", "available": true}'  # a node older than the field
     assert codec.decode(old, RuntimeStatus).gpu is False
     assert all(s.gpu is False for s in (r.probe() for r in default_runtimes()) if not cuda_facts.cuda_device_count())
+
+
+def test_the_probe_puts_its_memory_on_the_first_gpu(present) -> None:
+    ok = probe_exllamav2()
+    assert (ok.gpu, ok.backend, ok.device) == (True, "cuda", "gpu0")  # the node's accounting counts it there
+
+
+def test_the_estimate_is_the_weights_the_paged_cache_and_working_room(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
+    config["max_position_embeddings"] = 32768
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = sum(f.stat().st_size for f in folder.iterdir())
+    record = ModelRecord(
+        name="m",
+        format="exl2",
+        runtime="exllamav2",
+        capabilities=["chat"],
+        source=ModelSource(kind="path", path=str(folder)),
+    )
+    runtime = ExLlamaV2Runtime()
+    # 2 slots x 8192 tokens, fp16: K and V of 32 layers x 8 heads x 128 dims x 2 bytes = 128 KiB a token.
+    cache = 2 * 8192 * 128 * 1024
+    assert runtime.estimate(record, str(folder), slots=2) == {"gpu0": weights + cache + runtime_module.WORKING_BYTES}
+    q4 = msgspec.structs.replace(record, labels={"kv_cache": "q4", "context": "100"})  # 100 tokens: one 256-token page
+    assert runtime.estimate(q4, str(folder), slots=1)["gpu0"] < weights + cache // 64 + runtime_module.WORKING_BYTES
+    (folder / "config.json").write_text("{}")  # no shape: the node falls back to the registration or the files
+    assert runtime.estimate(record, str(folder)) == {}
 
 
 # ---------------------------------------------------------------- the chat template and refusals

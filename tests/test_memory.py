@@ -3,13 +3,18 @@ busy one), and llama.cpp's estimate against what it really allocates."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from conftest import requires_llama
 
 from events.messages import ModelRecord, ModelSource
 from formats.gguf import layout
 from nodes.memory import RAM, Memory, NotEnoughMemory, Resident, parse_budget
+from nodes.residency import Residency
 from nodes.runtimes import llama_backend, llama_memory
+from nodes.serving import ServedModel
 
 MiB = 1024**2
 
@@ -188,3 +193,41 @@ def test_a_gpu_build_offloads_every_layer_and_its_memory_goes_to_the_gpu(tmp_pat
         assert "gpu0" not in engine.memory_bytes or engine.memory_bytes["gpu0"] < measured["gpu0"] / 2
     finally:
         engine.close()
+
+
+class _UpstreamEngine:
+    """What nodes/upstream.py's engine shows the node: no file, no memory here."""
+
+    capabilities = ["chat"]
+    artifact_bytes = 0
+    slots = 1
+
+    def close(self) -> None:
+        return None
+
+
+async def test_an_upstream_model_is_never_unloaded_for_room_or_idleness() -> None:
+    async def attach(_served) -> None:
+        return None
+
+    async def detach(_name) -> None:
+        return None
+
+    residency = Residency(
+        memory(50), asyncio.Lock(), parallel=1, attach=attach, detach=detach, changed=lambda: None, keep_alive_s=0.0
+    )
+    record = ModelRecord(
+        name="box/llama",
+        format="upstream",
+        runtime="upstream",
+        capabilities=["chat"],
+        source=ModelSource(kind="upstream", path="http://box:8080"),
+    )
+    served = ServedModel(record, "upstream", _UpstreamEngine(), "http://box:8080")
+    served.last_used = time.monotonic() - 3600  # idle for an hour
+    residency.served[record.name] = served
+    assert residency.residents() == []  # never a victim to make room
+    await residency.expire_idle()  # --keep-alive 0: every idle model it could unload goes
+    assert "box/llama" in residency.served
+    assert served.report().origin == "upstream"
+    await residency.close()

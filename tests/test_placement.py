@@ -18,6 +18,7 @@ import nats
 import pytest
 from conftest import Stack, requires_llama, wait_until
 
+from broker.mirrors import NodeDirectory
 from events.messages import (
     DeviceMemory,
     LoadableModel,
@@ -240,3 +241,42 @@ def test_a_standing_queue_gets_one_more_replica_up_to_the_maximum(nats_url, tiny
         assert decision["reason"] == "queueing"
     finally:
         stack.close()
+
+
+# ---------------------------------------------------------------- upstream nodes' models
+
+
+def upstream_beat(node: str, model: str) -> NodeHeartbeat:
+    """A node proxying an existing server (nodes/upstream.py): its model announced, no files, no memory."""
+    return NodeHeartbeat(
+        node_id=node,
+        hostname=node,
+        started_at=0,
+        sent_at=time.time(),
+        interval_s=2,
+        runtimes=[RuntimeStatus(name="upstream", available=True, capabilities=["chat"])],
+        models=[LoadedModel(name=model, runtime="upstream", capabilities=["chat"], origin="upstream")],
+    )
+
+
+def test_an_upstream_model_is_announced_served_and_never_placed() -> None:
+    directory = NodeDirectory()
+    directory._remember(upstream_beat("up", "box/llama"), time.monotonic())
+    directory._remember(beat("n1", files={"m": 10}), time.monotonic())
+    assert "box/llama" in directory.announced()
+    assert [b.node_id for b in directory.serving("box/llama", "chat")] == ["up"]
+    assert directory.loadable("box/llama") == []  # nothing to load on demand anywhere
+    assert not directory.placeable("box/llama")  # the gateway never asks the registry for it
+    assert directory.placeable("m")
+    directory.note_unloaded("up", "box/llama")  # the node said model_not_loaded: not loadable either
+    assert directory.serving("box/llama") == [] and directory.loadable("box/llama") == []
+    # The registry places only registered models; the upstream node is no candidate for them.
+    plan = placement.replicas([record("m")], [upstream_beat("up", "box/llama"), beat("n1", files={"m": 10})], {})
+    assert [e.nodes for e in plan.events] == [["n1"]]
+
+
+def test_a_runtime_main_says_computes_on_a_gpu_counts_as_one() -> None:
+    gpu_beat = beat("g", files={"m": 10})
+    gpu_beat.runtimes[0].device, gpu_beat.runtimes[0].gpu = None, True  # a torch engine before its first load
+    assert placement.on_gpu(gpu_beat, "llama_cpp")
+    assert not placement.on_gpu(beat("c", files={"m": 10}), "llama_cpp")
