@@ -416,11 +416,13 @@ class SpeechBody(Struct, omit_defaults=True, kw_only=True):
 
 def has_image_parts(body: ChatCompletionBody) -> bool:
     """Whether any chat message carries an ``image_url`` content part (a vision request)."""
-    return any(
-        isinstance(message.content, list)
-        and any(isinstance(part, dict) and part.get("type") in ("image_url", "input_image") for part in message.content)
-        for message in body.messages
-    )
+    for message in body.messages:  # a loop, not nested generators: it runs on every chat request
+        content = message.content
+        if content.__class__ is list:
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                    return True
+    return False
 
 
 def validation_param(error: msgspec.ValidationError) -> str | None:

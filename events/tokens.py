@@ -18,6 +18,7 @@ import re
 MAX_NAME_BYTES = 256
 
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")  # names that are their own token (_SAFE bytes only)
 _ESCAPE = re.compile(r"=([0-9A-F]{2})")
 _VALID_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
 
@@ -35,9 +36,15 @@ def name_error(name: object, what: str = "model name") -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)  # the same few model and node names, on every request
 def encode_token(name: str) -> str:
     """Encode a non-empty name of at most MAX_NAME_BYTES into a subject token (``a.b`` -> ``a=2Eb``)."""
+    if name.__class__ is str and len(name) <= MAX_NAME_BYTES and _PLAIN.fullmatch(name):
+        return name  # nothing to escape (request and record ids, most node ids): no cache entry either
+    return _escaped(name)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few model and node names, on every request
+def _escaped(name: str) -> str:
     if not name:
         raise ValueError("a model name must not be empty")
     error = name_error(name, "name")

@@ -57,6 +57,7 @@ class UsageMeter(BucketWatch):
         self.flush_s = flush_s
         self.days: dict[str, UsageDay] = {}  # the bucket, by key
         self._pending: dict[str, UsageDay] = {}
+        self._keys: dict[tuple[str, str, str, str | None], str] = {}  # (day, provider, model, key id) -> bucket key
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task | None = None
 
@@ -102,7 +103,12 @@ class UsageMeter(BucketWatch):
         if record.cost_usd is None:
             record.cost_usd = self.prices.cost(provider, model, usage)
         day = utc_day(record.started_at)
-        key = storage.usage_key(day, provider, record.model, record.key_id)
+        names = (day, provider, record.model, record.key_id)
+        key = self._keys.get(names)
+        if key is None:  # the same few keys for every request of a day: encoded once
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            key = self._keys[names] = storage.usage_key(*names)
         delta = self._pending.get(key)
         if delta is None:
             delta = self._pending[key] = UsageDay(day=day, provider=provider, model=record.model, key_id=record.key_id)
