@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+import msgspec
+from nats.js.errors import KeyNotFoundError
 
 from broker.audit import audit_record, publish_now
 from events import codec, storage
@@ -69,8 +73,13 @@ async def _run(args: argparse.Namespace) -> int:
             print(json.dumps({**view(key), "key": secret}, indent=2))
             print("The key is shown only now; keep it.", file=sys.stderr)
             return 0
-        records = [codec.decode(entry.value, ApiKey) for entry in await entries(kv)]
         if args.verb == "ls":
+            records = []
+            for entry in await entries(kv):
+                try:
+                    records.append(codec.decode(entry.value, ApiKey))
+                except msgspec.DecodeError:  # not a key record: say so, list the others
+                    print(f"llm-router: undecodable key record {entry.key!r}", file=sys.stderr)
             for key in sorted(records, key=lambda k: k.created_at):
                 expiry = (
                     "never (!)" if key.expires_at is None else time.strftime("%Y-%m-%d", time.gmtime(key.expires_at))
@@ -83,7 +92,7 @@ async def _run(args: argparse.Namespace) -> int:
                 )
                 print(f"{key.id}  {key.name!r}  {','.join(key.scopes)}  {models}  expires {expiry}{limits}")
             return 0
-        if not any(key.id == args.key_id for key in records):
+        if not await _exists(kv, args.key_id):
             await publish_now(js, audit_record("cli", "nats", "key.revoke", 404, target=args.key_id))
             print(f"llm-router: no API key {args.key_id!r}", file=sys.stderr)
             return 1
@@ -91,6 +100,17 @@ async def _run(args: argparse.Namespace) -> int:
         await publish_now(js, audit_record("cli", "nats", "key.revoke", 200, target=args.key_id))
         print(f"revoked {args.key_id}")
         return 0
+
+
+async def _exists(kv: Any, key_id: str) -> bool:
+    """Whether the bucket holds ``key_id`` (one get, not a read of every key)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key_id):  # ids are key_<hex>; nothing else is a KV key of ours
+        return False
+    try:
+        entry = await kv.get(key_id)
+    except KeyNotFoundError:
+        return False
+    return bool(entry.value)
 
 
 def _per_minute(text: str) -> int:

@@ -58,6 +58,18 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory):
 NATS_MONITORS: dict[str, str | None] = {}
 
 
+@pytest.fixture
+def private_nats_url(tmp_path_factory: pytest.TempPathFactory):
+    """A nats-server of this test alone: for tests where another test's leftover registrations
+    would change the outcome (a node places every model it can, memory budgets)."""
+    from broker import EmbeddedNats
+
+    server = EmbeddedNats(tmp_path_factory.mktemp("private-nats"), port=0)
+    url = server.start_sync()
+    yield url
+    server.stop_sync()
+
+
 @pytest.fixture(scope="session")
 def nats_monitor_url(nats_url: str) -> str | None:
     """The embedded server's HTTP monitoring URL (None for an external NATS_URL or a container)."""

@@ -83,9 +83,14 @@ async def running(
         await agent.start()
     secret, _ = await admin_key(gateway.keys, data_dir / "admin.key")
     stack = Running(registry, gateway, agent, secret)
+    before = set(gateway.catalog.records)
     try:
         yield stack
     finally:
+        # What the test registered goes again: the session's NATS is shared, and a model left
+        # registered would be placed on the nodes of later tests (and count in their budgets).
+        for name in set(gateway.catalog.records) - before:
+            await registry.delete(name)
         await stack.client.aclose()
         if agent is not None:
             await agent.stop()

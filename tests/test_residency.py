@@ -37,8 +37,8 @@ def chat(stack: Stack, model: str, **extra) -> httpx.Response:
 
 
 @pytest.fixture
-def stack(nats_url, tmp_path):
-    stack = Stack(nats_url, tmp_path, node=False)
+def stack(private_nats_url, tmp_path):
+    stack = Stack(private_nats_url, tmp_path, node=False)  # no other test's models to place on the node
     stack.start_node("mem", "--memory-budget", BUDGET)
     for seed, name in enumerate(MODELS):
         path = write_tiny_gguf(tmp_path / f"{name}.gguf", seed=seed, context_length=2048)
