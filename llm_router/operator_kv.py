@@ -7,11 +7,10 @@ started has none yet), opens its bucket and reads every entry straight from it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-
-from nats.js.errors import NoKeysError
 
 from broker import connect, provision
 
@@ -30,11 +29,21 @@ async def operator_bucket(args: argparse.Namespace, client: str, bucket: str) ->
         await nc.close()
 
 
-async def entries(kv: Any) -> list[Any]:
-    """Every entry of ``kv`` that holds a value (none at all: an empty list, not NoKeysError)."""
+async def entries(kv: Any, timeout: float = 30.0) -> list[Any]:
+    """Every entry of ``kv`` that holds a value, read by one watcher up to the end of the current
+    values. (``kv.keys()`` and a get per key stops early on a busy server and skips keys.)"""
+    watcher = await kv.watchall(ignore_deletes=True)
+    found: list[Any] = []
+
+    async def read() -> None:
+        async for entry in watcher:
+            if entry is None:  # the end of the values there are now
+                return
+            if entry.value:
+                found.append(entry)
+
     try:
-        names = await kv.keys()
-    except NoKeysError:
-        return []
-    found = [await kv.get(name) for name in names]
-    return [entry for entry in found if entry.value]
+        await asyncio.wait_for(read(), timeout)
+    finally:
+        await watcher.stop()
+    return found
