@@ -26,14 +26,21 @@ case "$extras" in
     if [ -z "$nvcc_bin" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
       nvcc_bin="$CUDA_HOME/bin/nvcc"
     fi
-    if [ -z "${CMAKE_ARGS:-}" ] && [ -n "$nvcc_bin" ]; then
-      echo "CUDA toolkit found ($nvcc_bin): building llama-cpp-python with CUDA" >&2
+    # The toolkit alone is not enough: a machine with nvcc but no NVIDIA GPU (a CI image) keeps
+    # the CPU build, and a GPU build that fails to compile falls back to it instead of failing setup.
+    gpu_seen=""
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu_seen=1; fi
+    if [ -z "${CMAKE_ARGS:-}" ] && [ -n "$nvcc_bin" ] && [ -n "$gpu_seen" ]; then
+      echo "CUDA toolkit ($nvcc_bin) and an NVIDIA GPU found: building llama-cpp-python with CUDA" >&2
       export CMAKE_ARGS="-DGGML_CUDA=on" CUDACXX="$nvcc_bin"
     fi
     offloads="$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())' 2>/dev/null || true)"
     if [ -n "${CMAKE_ARGS:-}" ] && [ "$offloads" != "True" ]; then
       # Not the cached CPU wheel: compiled again for the backend (once; a GPU build is kept).
-      .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "llama-cpp-python>=0.3.16"
+      if ! .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "llama-cpp-python>=0.3.16"; then
+        echo "llama-cpp-python did not build with CMAKE_ARGS=$CMAKE_ARGS: keeping the CPU build" >&2
+        unset CMAKE_ARGS CUDACXX
+      fi
     fi
     ;;
 esac
