@@ -89,4 +89,6 @@ def test_requests_do_not_block_heartbeats(stack) -> None:
     worker.join()
     assert len(busy_beats) >= 2
     gaps = [b - a for a, b in zip(busy_beats, busy_beats[1:])]
-    assert max(gaps) < 2 * storage.HEARTBEAT_INTERVAL_S
+    # At most one beat late by a fraction of its interval on a loaded 2-core CI machine: a blocked
+    # event loop would miss several (the gap would grow with the generation time, 6 s here).
+    assert max(gaps) < 2 * storage.HEARTBEAT_INTERVAL_S + 0.5, gaps

@@ -93,7 +93,7 @@ def node(nats_url: str, llama_server: LlamaServer, tmp_path_factory: pytest.Temp
     proc.node_id = proc.wait_for(r"node (\S+) ready", timeout=60).group(1)
     yield proc
     if proc.running:
-        proc.stop()
+        proc.stop(timeout=45)  # a node waits up to 30 s for in-flight answers; its upstream may be gone
     assert KEY not in proc.output(), "the upstream key appeared in the node's output"
 
 
