@@ -419,7 +419,8 @@ def test_a_vision_gguf_repository_brings_its_projector(stack, fresh, tiny_gguf, 
     assert "vision" in record["capabilities"] and record["source"]["projector"] == "mmproj-model-f16.gguf"
     assert record["size_bytes"] == len(content(fresh)) + len(projector)
     node = stack.start_node("n-vision")
-    wait_until(lambda: served_by(stack, "seeing") == [node.node_id], 45, message="vision model served")  # slow CI
+    # This node serves it (in a full run another live node of the session may be placed it too).
+    wait_until(lambda: node.node_id in served_by(stack, "seeing"), 45, message="vision model served")
     assert resolve_gets(fresh, "dl/Vision-GGUF") == 2
     image = "data:image/png;base64," + base64.b64encode(make_png(32, 32)).decode()
     answer = httpx.post(
