@@ -28,7 +28,7 @@ from pathlib import Path
 
 import structlog
 from nats.aio.client import Client
-from nats.errors import BadSubjectError, Error
+from nats.errors import BadSubjectError, Error, FlushTimeoutError
 
 from .credentials import Identity, identity_of
 
@@ -82,6 +82,23 @@ class ResilientClient(Client):
     async def subscribe(self, subject: str, *args, **kwargs):
         _check(subject, MAX_SUBJECT_BYTES)
         return await super().subscribe(subject, *args, **kwargs)
+
+    async def flush(self, timeout: float = 10) -> None:
+        """A barrier: once it returns, the server has read everything sent before it.
+
+        nats-py writes its PING straight to the socket, ahead of commands still waiting for its
+        flusher task, so its PONG can come back before a SUB sent just before it reached the
+        server, and a component could say it is ready while a publish to it would still be lost.
+        Here the waiting commands are written first."""
+        flusher = self._flusher_task
+        if self._pending_data_size and flusher is not None and not flusher.done() and self.is_connected:
+            written = asyncio.get_running_loop().create_future()
+            await self._flush_queue.put(written)
+            try:
+                await asyncio.wait_for(written, timeout)
+            except TimeoutError:
+                raise FlushTimeoutError from None
+        await super().flush(timeout)
 
     async def _process_err(self, err_msg: str) -> None:
         lowered = err_msg.lower()

@@ -74,6 +74,33 @@ async def test_a_server_error_reconnects_the_client_with_its_subscriptions(nats_
 
 
 @requires_llama
+async def test_a_flush_is_a_barrier_for_the_subscriptions_sent_before_it(nats_url) -> None:
+    """A component says it is ready after a flush; a publish from another connection right then
+    must reach its new subscription. (nats-py's own flush can lose that race: its PING jumps
+    ahead of the buffered SUB.)"""
+    rounds = 3000
+    listener = await connect(nats_url, name="test-barrier-listener")
+    talker = await connect(nats_url, name="test-barrier-talker")
+    got: list[str] = []
+
+    async def heard(msg) -> None:
+        got.append(msg.subject)
+
+    try:
+        for round_ in range(rounds):
+            await listener.subscribe(f"test.barrier.{round_}", cb=heard)
+            await listener.flush()
+            await talker.publish(f"test.barrier.{round_}", b"")
+        await talker.flush()
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(got) < rounds and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(got) == rounds, f"{rounds - len(got)} publishes reached the server before their subscription"
+    finally:
+        await talker.close()
+        await listener.close()
+
+
 def test_an_over_long_model_name_is_refused_and_the_gateway_keeps_serving(nats_url, tiny_gguf, tmp_path) -> None:
     stack = Stack(nats_url, tmp_path)
     try:

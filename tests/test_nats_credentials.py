@@ -88,9 +88,8 @@ async def _refused(nc, action: str, subject: str) -> None:
 
 
 async def _settled(nc) -> None:
-    """Everything sent on ``nc`` has been answered. Twice, since nats-py's flush writes its PING
-    before the publishes still in its buffer."""
-    await nc.flush()
+    """Everything sent on ``nc`` has been answered (``broker.connection.ResilientClient.flush`` writes
+    what is still buffered before its PING)."""
     await nc.flush()
 
 
@@ -160,7 +159,9 @@ async def test_a_node_cannot_speak_as_the_registry_or_an_admin_nor_touch_models_
         await (await operator.jetstream().key_value(storage.KV_MODELS)).put("tiny", b'{"name": "tiny"}')
         assert (await models.get("tiny")).value == b'{"name": "tiny"}'
         await (await js.key_value(storage.KV_NODES)).put(NODE_A, b"{}")
-        await _until(lambda: beats.subjects)
+        await _until(
+            lambda: beats.subjects, what=lambda: f"operator: {operator.last_error!r}, node: {node.last_error!r}"
+        )
         assert beats.subjects == [subjects.node_heartbeat(NODE_A)]
         await _settled(node)
         assert node.last_error is last_refusal  # nothing refused since
