@@ -179,10 +179,13 @@ def test_streamed_call_arguments_reassemble_to_the_same_call(client, stack) -> N
         "max_output_tokens": 300, "temperature": 0,
     }  # fmt: skip
     whole = client.responses.create(**body).output[0]
-    events = _raw_events(stack, body)
+    for _ in range(3):  # a loaded machine can batch every token into one piece; not three times running
+        events = _raw_events(stack, body)
+        pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+        if len(pieces) > 1:
+            break
     added = [e for e in events if e["type"] == "response.output_item.added"]
     assert [e["item"]["type"] for e in added] == ["function_call"] and added[0]["item"]["name"] == "get_weather"
-    pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
     assert len(pieces) > 1  # the arguments arrive as they are generated
     done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
     assert "".join(pieces) == done["arguments"] == whole.arguments
