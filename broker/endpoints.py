@@ -23,6 +23,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,38 +48,30 @@ Handler = Callable[[Any, Msg], Awaitable[None]]
 Refuse = Callable[[Msg, str], Awaitable[None]]
 
 
+@dataclass(eq=False)
 class Endpoint:
-    """One served subject; created by :meth:`Service.add`."""
+    """One served subject; created by :meth:`Service.add` (which documents the options)."""
 
-    def __init__(
-        self,
-        service: Service,
-        name: str,
-        subject: str,
-        handler: Handler,
-        *,
-        kind: Any = None,
-        queue: str | None = None,
-        refuse: Refuse | None = None,
-        metadata: dict[str, str] | None = None,
-        concurrent: bool = True,
-        empty: bytes | None = None,
-    ) -> None:
-        self.service = service
-        self.name = name
-        self.subject = subject
-        self.queue = queue
-        self.handler = handler
-        self.refuse = refuse
-        self.metadata = metadata or {}
-        self.concurrent = concurrent
-        self.empty = empty  # what an empty request body means (e.g. b"{}": all defaults)
+    service: Service
+    name: str
+    subject: str
+    handler: Handler
+    _: KW_ONLY
+    kind: InitVar[Any] = None  # the request's type: decoded only when given
+    queue: str | None = None
+    refuse: Refuse | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    concurrent: bool = True
+    empty: bytes | None = None  # what an empty request body means (e.g. b"{}": all defaults)
+    # the micro protocol's statistics, and the subscription while it serves
+    requests: int = field(default=0, init=False)
+    errors: int = field(default=0, init=False)
+    processing_ns: int = field(default=0, init=False)
+    last_error: str = field(default="", init=False)
+    subscription: Subscription | None = field(default=None, init=False)
+
+    def __post_init__(self, kind: Any) -> None:
         self._decode = msgspec.json.Decoder(kind).decode if kind is not None else None
-        self.requests = 0
-        self.errors = 0
-        self.processing_ns = 0
-        self.last_error = ""
-        self.subscription: Subscription | None = None
 
     async def _start(self) -> None:
         self.subscription = await self.service.nc.subscribe(self.subject, queue=self.queue or "", cb=self._on_msg)

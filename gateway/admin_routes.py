@@ -7,6 +7,7 @@ the same request an operator can send with ``nats req admin.model.<verb> '{...}'
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,21 +43,15 @@ from .http import json_response, parse_body
 ADMIN_TIMEOUT_S = 30.0
 
 
+@dataclass(eq=False)
 class AdminRoutes:
-    def __init__(
-        self,
-        nc: Client,
-        catalog: RegisteredModels,
-        directory: NodeDirectory,
-        dispatcher: Dispatcher,
-        placements: PlacementLog | None = None,
-    ) -> None:
-        """``placements``: the registry's last decisions, shown with models and nodes."""
-        self.nc = nc
-        self.catalog = catalog
-        self.directory = directory
-        self.dispatcher = dispatcher
-        self.placements = placements or PlacementLog()
+    """``placements``: the registry's last decisions, shown with models and nodes."""
+
+    nc: Client
+    catalog: RegisteredModels
+    directory: NodeDirectory
+    dispatcher: Dispatcher
+    placements: PlacementLog = field(default_factory=PlacementLog)
 
     async def ask(self, subject: str, request: Any, reply_type: type) -> Any:
         """A request to the registry; its refusal becomes the ApiError the client gets."""

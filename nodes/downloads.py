@@ -133,26 +133,21 @@ class _Quiet(tqdm):
         super().__init__(*args, **kwargs)
 
 
+@dataclass(eq=False)
 class Downloads:
-    def __init__(
-        self,
-        nc: Client,
-        js: JetStreamContext,
-        node_id: str,
-        resolver: Resolver,
-        on_complete: Callable[[ModelRecord], Awaitable[None]],
-        share: bool = True,
-    ) -> None:
-        """``share``: put what came from the origin into the object store for the other nodes."""
-        self.nc = nc
-        self.share = share
-        self.js = js
-        self.node_id = node_id
-        self.resolver = resolver
-        self.on_complete = on_complete
-        self.running: dict[str, Download] = {}
-        self.failed: dict[str, tuple[ModelRecord, str]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+    """The node's downloads; ``on_complete`` is called with each model once its download is done.
+
+    ``share``: put what came from the origin into the object store for the other nodes."""
+
+    nc: Client
+    js: JetStreamContext
+    node_id: str
+    resolver: Resolver
+    on_complete: Callable[[ModelRecord], Awaitable[None]]
+    share: bool = True
+    running: dict[str, Download] = field(default_factory=dict, init=False)
+    failed: dict[str, tuple[ModelRecord, str]] = field(default_factory=dict, init=False)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
 
     async def start(self) -> None:
         self.kv = await self.js.key_value(storage.KV_DOWNLOADS)

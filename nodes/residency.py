@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,37 +63,31 @@ class Loadable:
     failed_at: float | None = None
 
 
+@dataclass(eq=False)
 class Residency:
-    def __init__(
-        self,
-        memory: Memory,
-        lock: asyncio.Lock,
-        *,
-        parallel: int,
-        attach: Callable[[ServedModel], Awaitable[None]],
-        detach: Callable[[str], Awaitable[None]],
-        changed: Callable[[], None],
-        keep_alive_s: float | None = None,
-        gpus: bool = False,
-    ) -> None:
-        """``attach``/``detach``: subscribe a loaded model's subjects, unsubscribe them;
-        ``changed``: something a heartbeat reports changed (beat now)."""
-        self.memory = memory
-        self.lock = lock
-        self.parallel = parallel
-        self.attach = attach
-        self.detach = detach
-        self.changed = changed
-        self.keep_alive_s = keep_alive_s
-        self.gpus = gpus
-        self.served: dict[str, ServedModel] = {}
-        self.loadable: dict[str, Loadable] = {}
-        self.failed: dict[str, LoadedModel] = {}  # loads that raised, or that can never fit
-        self._broken: dict[str, tuple] = {}  # model: the file whose load raised (path, size, mtime)
-        self.wanted: dict[str, Want] = {}
-        self.reserved: dict[str, dict[str, int]] = {}  # loads in progress: their estimates
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._idle = asyncio.Event()
+    """``attach``/``detach``: subscribe a loaded model's subjects, unsubscribe them;
+    ``changed``: something a heartbeat reports changed (beat now)."""
+
+    memory: Memory
+    lock: asyncio.Lock
+    _: KW_ONLY
+    parallel: int
+    attach: Callable[[ServedModel], Awaitable[None]]
+    detach: Callable[[str], Awaitable[None]]
+    changed: Callable[[], None]
+    keep_alive_s: float | None = None
+    gpus: bool = False
+    served: dict[str, ServedModel] = field(default_factory=dict, init=False)
+    loadable: dict[str, Loadable] = field(default_factory=dict, init=False)
+    # loads that raised, or that can never fit
+    failed: dict[str, LoadedModel] = field(default_factory=dict, init=False)
+    # model: the file whose load raised (path, size, mtime)
+    _broken: dict[str, tuple] = field(default_factory=dict, init=False)
+    wanted: dict[str, Want] = field(default_factory=dict, init=False)
+    # loads in progress: their estimates
+    reserved: dict[str, dict[str, int]] = field(default_factory=dict, init=False)
+    _tasks: dict[str, asyncio.Task] = field(default_factory=dict, init=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     # ------------------------------------------------------------ what is here
 
