@@ -17,22 +17,13 @@ import importlib.util
 import threading
 from typing import Any
 
-from events.openai import ChatCompletionBody, JsonObjectFormat, JsonSchemaFormat
+from events.openai import ChatCompletionBody
 
 from .base import EngineError
+from .chat_inputs import answer_schema
 
 _tokenizer_data: dict[int, Any] = {}  # id(tokenizer) -> lm-format-enforcer's vocabulary tables
 _tokenizer_lock = threading.Lock()
-
-
-def answer_schema(body: ChatCompletionBody) -> dict[str, Any] | None | bool:
-    """The JSON Schema the answer must follow (None: any JSON object), False for free text."""
-    form = body.response_format
-    if isinstance(form, JsonSchemaFormat):
-        return form.json_schema.schema
-    if isinstance(form, JsonObjectFormat):
-        return None
-    return False
 
 
 def refusal(body: ChatCompletionBody) -> EngineError | None:

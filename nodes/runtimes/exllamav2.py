@@ -44,10 +44,11 @@ from formats.artifacts import artifact_size
 
 from . import cuda, exl2_constraints
 from .base import EngineError, OnDelta, TextOutcome
+from .chat_inputs import answer_schema, template_inputs
 from .choices import ChoiceWriter
 from .common import setting
 from .hf_chat_template import ChatTemplate
-from .tool_calls import prompt_messages, template_format, template_tools, with_tools_prompt
+from .tool_calls import template_format
 
 log = structlog.get_logger("node")
 
@@ -262,14 +263,10 @@ class Exl2Engine:
         refused = exl2_constraints.refusal(body)
         if refused is not None:
             raise refused
-        messages = [_message(m) for m in body.messages]
         mode, tools = body.tool_mode, body.tools or []
         form, native = self._call_format
-        messages = prompt_messages(messages, body.messages, form, native)
-        if mode != "none" and not native:
-            messages = with_tools_prompt(messages, tools)
-        text = self.template.prompt(messages, template_tools(tools) if mode != "none" and native else None)
-        schema = exl2_constraints.answer_schema(body)
+        text = self.template.prompt(*template_inputs(body, form, native))
+        schema = answer_schema(body)
         names = {tool.function.name for tool in tools}
         shape = "auto" if mode == "auto" else "text"
         parallel = body.parallel_tool_calls is not False and form.parallel
@@ -426,23 +423,6 @@ class Exl2Engine:
 
 def _finish_reason(eos_reason: str | None) -> str:
     return "length" if eos_reason == "max_new_tokens" or eos_reason is None else "stop"
-
-
-def _message(message: Any) -> dict[str, Any]:
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text":
-                raise EngineError(
-                    f"this model does not accept content parts of type {part.get('type')!r}", param="messages"
-                )
-            texts.append(str(part.get("text", "")))
-        content = "".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name:
-        out["name"] = message.name
-    return out
 
 
 # ---------------------------------------------------------------- memory estimate

@@ -42,17 +42,18 @@ from typing import Any
 
 from events import subjects
 from events.messages import Choice, ModelRecord, RuntimeStatus, Usage
-from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, JsonObjectFormat, JsonSchemaFormat
+from events.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
 from formats.gguf import GgufError, context_length, layout
 
 from .. import system
 from ..remote_media import ImageFetcher, ImageFetchError
 from . import grammars, llama_backend, llama_memory
 from .base import EngineError, OnDelta, TextOutcome
+from .chat_inputs import answer_schema, template_inputs, text_message
 from .choices import ChoiceWriter
 from .common import probe_packages, setting
-from .llama_generate import Pieces, Sampling, generate
-from .tool_calls import MAX_PARALLEL_CALLS, prompt_messages, template_format, template_tools, with_tools_prompt
+from .llama_generate import SAMPLER_SETTINGS, Pieces, Sampling, generate
+from .tool_calls import MAX_PARALLEL_CALLS, template_format
 
 NAME = "llama_cpp"
 CAPABILITIES = [subjects.CHAT, subjects.COMPLETION, subjects.EMBEDDING]
@@ -194,30 +195,21 @@ class LlamaEngine:
         # Never allocate a context longer than the model was trained for.
         self.n_ctx = min(n_ctx, context_length(path) or n_ctx)
 
+        def instance(**mode: Any) -> Any:
+            """One ``Llama`` over the GGUF, as every slot's instance has it, in ``mode``."""
+            return llama_cpp.Llama(
+                model_path=path, n_ctx=self.n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=False, **mode
+            )
+
         def generator() -> Any:
             handler = _vision_handler(projector) if projector is not None else None
             try:
-                return llama_cpp.Llama(
-                    model_path=path,
-                    n_ctx=self.n_ctx,
-                    n_threads=n_threads,
-                    n_gpu_layers=n_gpu_layers,
-                    verbose=False,
-                    chat_handler=handler,
-                )
+                return instance(chat_handler=handler)
             except ValueError as exc:
                 raise RuntimeError(f"llama.cpp could not load {path}: {exc}") from exc
 
         def embedder() -> Any:
-            return llama_cpp.Llama(
-                model_path=path,
-                n_ctx=self.n_ctx,
-                n_threads=n_threads,
-                n_gpu_layers=n_gpu_layers,
-                embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                verbose=False,
-            )
+            return instance(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
 
         with llama_memory.reported() as allocated:
             self._generators = _Instances(generator, slots, eager=slots)
@@ -241,13 +233,13 @@ class LlamaEngine:
         if body.logit_bias:
             processors.append(_logit_bias_processor(body.logit_bias, self._n_vocab))
         seed = None if body.seed is None else (body.seed + index) & 0xFFFFFFFF
-        sampling = Sampling(temperature=body.temperature if body.temperature is not None else (0.2 if chat else 0.8))
-        sampling.seed, sampling.processors, sampling.grammar = seed, processors, grammar
-        for name in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty"):
-            value = getattr(body, name)
-            if value is not None:
-                setattr(sampling, name, value)
-        return sampling
+        return Sampling(
+            temperature=body.temperature if body.temperature is not None else (0.2 if chat else 0.8),
+            seed=seed,
+            processors=processors,
+            grammar=grammar,
+            **_requested(body, SAMPLER_SETTINGS),
+        )
 
     def _check_grammar(self, grammar: str) -> None:
         """llama.cpp's parser returns no sampler for a grammar it cannot read, and sampling with
@@ -328,15 +320,11 @@ class LlamaEngine:
     def chat(self, body: ChatCompletionBody, on_delta: OnDelta | None, cancelled: threading.Event) -> TextOutcome:
         if self.vision:
             return self._vision_chat(body, on_delta, cancelled)
-        messages = [_message(m, images=None) for m in body.messages]
         mode, tools = body.tool_mode, body.tools or []
         form, native = self._call_format
-        messages = prompt_messages(messages, body.messages, form, native)
-        if mode != "none" and not native:
-            messages = with_tools_prompt(messages, tools)
-        prompt, stops = self._prompt(messages, template_tools(tools) if mode != "none" and native else None)
+        prompt, stops = self._prompt(*template_inputs(body, form, native))
         parallel = body.parallel_tool_calls is not False and form.parallel
-        answer = _answer_schema(body)
+        answer = answer_schema(body)
         grammar = None
         if mode in ("required", "named"):
             named = body.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
@@ -402,7 +390,7 @@ class LlamaEngine:
             )
         counter = _TokenCounter(cancelled, self._eos, limit=body.token_limit, n_ctx=self.n_ctx)
         # Before taking a slot: fetching a remote image must not hold a context.
-        messages = [_message(m, images=self.images) for m in body.messages]
+        messages = [_vision_message(m, self.images) for m in body.messages]
         processors: list[Any] = []
         if body.logit_bias:
             # Applied here, not through llama-cpp-python's logit_bias argument: combined with a
@@ -413,18 +401,8 @@ class LlamaEngine:
             "stop": body.stops,
             "seed": body.seed,
             "logits_processor": self._llama_cpp.LogitsProcessorList(processors),
+            **_requested(body, ("temperature", *SAMPLER_SETTINGS)),
         }
-        for name, value in (
-            ("temperature", body.temperature),
-            ("top_p", body.top_p),
-            ("top_k", body.top_k),
-            ("min_p", body.min_p),
-            ("presence_penalty", body.presence_penalty),
-            ("frequency_penalty", body.frequency_penalty),
-            ("repeat_penalty", body.repeat_penalty),
-        ):
-            if value is not None:
-                kwargs[name] = value
         with self._generators.use() as llm:
             chunks = llm.create_chat_completion(messages=messages, max_tokens=body.token_limit, stream=True, **kwargs)
             return self._drain(chunks, on_delta, cancelled, counter, body.token_limit)
@@ -492,14 +470,10 @@ class LlamaEngine:
         self._embedders.close()
 
 
-def _answer_schema(body: ChatCompletionBody) -> dict[str, Any] | None | bool:
-    """The JSON Schema the answer must follow (None: any JSON object), False for free text."""
-    form = body.response_format
-    if isinstance(form, JsonSchemaFormat):
-        return form.json_schema.schema
-    if isinstance(form, JsonObjectFormat):
-        return None
-    return False
+def _requested(body: ChatCompletionBody | CompletionBody, settings: tuple[str, ...]) -> dict[str, Any]:
+    """The ``settings`` that ``body`` sets; one it leaves unset (None) keeps the engine's default."""
+    values = {name: getattr(body, name) for name in settings}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _formatter(llm: Any, template: str) -> Any:
@@ -542,25 +516,13 @@ def _logit_bias_processor(bias: dict[str, float], n_vocab: int) -> Any:
     return apply
 
 
-def _message(message: Any, *, images: ImageFetcher | None) -> dict[str, Any]:
-    """A chat message for llama-cpp-python: text parts joined, image parts kept for a vision model
-    (``images``: None for a model without one), every image as a data: URL."""
+def _vision_message(message: Any, images: ImageFetcher) -> dict[str, Any]:
+    """A chat message for the LLaVA handler: one with images keeps its parts, every image as a
+    data: URL; any other is a text message (:func:`.chat_inputs.text_message`)."""
     content = message.content
-    if isinstance(content, list):
-        if images is not None and any(part.get("type") == "image_url" for part in content):
-            return {"role": message.role, "content": [_part(part, images) for part in content]}
-        texts = []
-        for part in content:
-            if part.get("type") != "text":
-                raise EngineError(
-                    f"this model does not accept content parts of type {part.get('type')!r}", param="messages"
-                )
-            texts.append(str(part.get("text", "")))
-        content = "".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name:
-        out["name"] = message.name
-    return out
+    if isinstance(content, list) and any(part.get("type") == "image_url" for part in content):
+        return {"role": message.role, "content": [_part(part, images) for part in content]}
+    return text_message(message)
 
 
 def _part(part: dict[str, Any], images: ImageFetcher) -> dict[str, Any]:

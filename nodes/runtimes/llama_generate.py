@@ -31,6 +31,11 @@ from .base import EngineError
 OnText = Callable[[str, list[TokenLogprob] | None], None]
 
 
+# The sampler settings that a request body, Sampling and llama-cpp-python's generate and
+# create_chat_completion all name alike (temperature is generate's ``temp``).
+SAMPLER_SETTINGS = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty")
+
+
 @dataclass
 class Sampling:
     """What the sampler chain is built from (OpenAI's fields and llama.cpp's extensions)."""
@@ -161,12 +166,7 @@ def generate(
     steps = llm.generate(
         prompt,
         temp=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_p=sampling.min_p,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        repeat_penalty=sampling.repeat_penalty,
+        **{name: getattr(sampling, name) for name in SAMPLER_SETTINGS},
         logits_processor=llama_cpp.LogitsProcessorList(processors) if processors else None,
         grammar=grammar,
     )
