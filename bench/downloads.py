@@ -23,7 +23,6 @@ takes about the larger of the two; on a busy one, about their sum). Results go b
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import os
@@ -41,7 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
-from overhead import _event_loop_run, machine, publish, quiet_logs_and_check_machine  # noqa: E402
+from overhead import _event_loop_run, bench_options, machine, publish, quiet_logs_and_check_machine  # noqa: E402
 
 from broker import EmbeddedNats, connect, provision  # noqa: E402
 from broker.blobs import blob_info, file_sha256, object_sha256, put_file, read_blob  # noqa: E402
@@ -174,11 +173,7 @@ def render(times: dict[str, list[tuple[float, float, float]]], size: int, rounds
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", type=Path, help="write the results into this Markdown file")
-    args = parser.parse_args()
+    args = bench_options(__doc__, size_mb=200, rounds=5)
     quiet_logs_and_check_machine()
     size = args.size_mb * MB
     with tempfile.TemporaryDirectory(prefix="bench-downloads-") as tmp:

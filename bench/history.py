@@ -30,7 +30,7 @@ sys.path.insert(1, str(ROOT))
 
 import httpx  # noqa: E402
 import msgspec  # noqa: E402
-from overhead import _event_loop_run, publish, quiet_logs_and_check_machine, report_header  # noqa: E402
+from overhead import _event_loop_run, bench_options, publish, quiet_logs_and_check_machine, report_header  # noqa: E402
 
 from broker import EmbeddedNats  # noqa: E402
 from events.messages import HistoryRecord, Usage  # noqa: E402
@@ -148,17 +148,12 @@ async def run(args: argparse.Namespace) -> str:
         "",
         f"Target: a page well under {TARGET_MS:.0f} ms with 100,000 records: "
         f"{'met' if slowest_page < TARGET_MS else '**missed**'} (slowest median page {slowest_page:.1f} ms).",
-        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
+    args = bench_options(__doc__.split("\n")[0], records=100_000, repeat=20)
     quiet_logs_and_check_machine()
     return publish(_event_loop_run(run(args)), args.output, BEGIN, END)
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import structlog  # noqa: E402
-from overhead import _event_loop_run, publish, report_header  # noqa: E402
+from overhead import _event_loop_run, bench_options, publish, report_header  # noqa: E402
 
 from broker import EmbeddedNats, connect, provision  # noqa: E402
 from broker.logship import REQUEST_ID, SHIPPER  # noqa: E402
@@ -134,17 +134,13 @@ async def run(args: argparse.Namespace) -> str:
         "",
         f"Shipped {shipped:,} records, dropped {dropped:,}. A node binds the request id for each request it "
         f"serves (its log lines carry it): {bound:.2f} µs a request.",
-        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lines", type=int, default=5_000, help="a round; under the shipper's buffer (10,000)")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
+    helps = {"lines": "a round; under the shipper's buffer (10,000)"}
+    args = bench_options(__doc__.split("\n")[0], helps, lines=5_000, rounds=10)
     return publish(_event_loop_run(run(args)), args.output, BEGIN, END)
 
 

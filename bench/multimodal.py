@@ -22,7 +22,6 @@ both. ``--output FILE`` writes the section between ``<!-- multimodal:begin -->``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -294,11 +293,9 @@ def render_table(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--output", type=Path, help="write the results section into this Markdown file")
-    args = parser.parse_args()
+    from overhead import bench_options
+
+    args = bench_options(__doc__, rounds=15, warmup=2)
     import torch
 
     torch.set_num_threads(1)

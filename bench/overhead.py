@@ -746,6 +746,18 @@ def output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, NATS data) for inspection")
 
 
+def bench_options(description: str, helps: dict[str, str] | None = None, **defaults: float) -> argparse.Namespace:
+    """The command line of a benchmark that takes a few numbers: ``--NAME`` for each of ``defaults``
+    (``size_mb=200``: ``--size-mb``, an int as its default is; ``helps`` says what some mean), and
+    ``--output``, the Markdown file its results section also goes into."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in defaults.items():
+        help_line = (helps or {}).get(name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=help_line)
+    parser.add_argument("--output", type=Path, default=None, help="also write the results into this Markdown file")
+    return parser.parse_args()
+
+
 def publish(text: str, output: Path | None, begin: str = BEGIN, end: str = END) -> int:
     """Print a results section, and write it between its markers in ``output`` when given."""
     print(text)

@@ -23,7 +23,6 @@ Results go between ``<!-- residency:begin -->`` and ``<!-- residency:end -->`` o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -40,7 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
-from overhead import machine, publish, quiet_logs_and_check_machine  # noqa: E402
+from overhead import bench_options, machine, publish, quiet_logs_and_check_machine  # noqa: E402
 
 from broker import EmbeddedNats  # noqa: E402
 from llm_router.processes import Stack  # noqa: E402
@@ -228,11 +227,7 @@ def render(results, facts, rounds: int, seconds: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--output", type=Path, help="write the results into this Markdown file")
-    args = parser.parse_args()
+    args = bench_options(__doc__, rounds=10, seconds=15.0)
     quiet_logs_and_check_machine()
     results, facts = run(args.rounds, args.seconds)
     return publish(render(results, facts, args.rounds, args.seconds), args.output, BEGIN, END)

@@ -4,6 +4,7 @@ import json
 
 import msgspec
 import pytest
+from tiny_models import model_record
 
 from events import codec, storage, subjects
 from events.messages import (
@@ -80,13 +81,7 @@ def test_heartbeat_serves_only_ready_non_empty_models() -> None:
 
 
 def test_model_event_carries_the_record() -> None:
-    record = ModelRecord(
-        name="x",
-        format="gguf",
-        runtime="llama_cpp",
-        capabilities=["chat"],
-        source=ModelSource(kind="path", path="/m/x.gguf"),
-    )
+    record = model_record("x", "/m/x.gguf")
     event = json.loads(codec.encode(ModelEvent(event="added", name="x", record=record)))
     assert event["record"]["source"] == {"kind": "path", "path": "/m/x.gguf"}
     assert event["record"]["state"] == "registered"

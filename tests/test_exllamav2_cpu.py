@@ -12,9 +12,10 @@ import msgspec
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tiny_models import model_record
 
 from events import codec
-from events.messages import ModelRecord, ModelSource, NodeHeartbeat, RegisterModel, RuntimeStatus
+from events.messages import ModelRecord, NodeHeartbeat, RegisterModel, RuntimeStatus
 from events.openai import ChatCompletionBody
 from formats import exl2
 from formats.artifacts import EXL2, UnrecognisedModel, detect
@@ -225,13 +226,7 @@ def test_cuda_facts_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def exl2_record() -> ModelRecord:
-    return ModelRecord(
-        name="m",
-        format="exl2",
-        runtime="exllamav2",
-        capabilities=["chat", "completion"],
-        source=ModelSource(kind="path", path="/x"),
-    )
+    return model_record("m", "/x", format="exl2", runtime="exllamav2", capabilities=("chat", "completion"))
 
 
 def test_only_exllamav2_claims_exl2_and_not_without_cuda() -> None:
@@ -269,13 +264,7 @@ def test_the_estimate_is_the_weights_the_paged_cache_and_working_room(tmp_path: 
     config["max_position_embeddings"] = 32768
     (folder / "config.json").write_text(json.dumps(config))
     weights = sum(f.stat().st_size for f in folder.iterdir())
-    record = ModelRecord(
-        name="m",
-        format="exl2",
-        runtime="exllamav2",
-        capabilities=["chat"],
-        source=ModelSource(kind="path", path=str(folder)),
-    )
+    record = model_record("m", folder, format="exl2", runtime="exllamav2")
     runtime = ExLlamaV2Runtime()
     # 2 slots x 8192 tokens, fp16: K and V of 32 layers x 8 heads x 128 dims x 2 bytes = 128 KiB a token.
     cache = 2 * 8192 * 128 * 1024

@@ -30,17 +30,18 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tiny_exl2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random llama (2 layers, 256 wide: exllamav2's kernels want multiples of 128), in EXL2 at 4.0 bpw."""
+    """A random llama (2 layers, 256 wide), in EXL2 at 4.0 bpw."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("exl2")
     source, work, out = root / "hf", root / "work", root / "out"
     torch.manual_seed(0)
+    width = 256  # exllamav2's kernels want multiples of 128
     config = LlamaConfig(
         vocab_size=512,
-        hidden_size=256,
-        intermediate_size=768,
+        hidden_size=width,
+        intermediate_size=3 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

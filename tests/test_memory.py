@@ -8,8 +8,8 @@ import time
 
 import pytest
 from conftest import requires_llama
+from tiny_models import model_record
 
-from events.messages import ModelRecord, ModelSource
 from formats.gguf import layout
 from nodes.memory import RAM, Memory, NotEnoughMemory, Resident, parse_budget
 from nodes.residency import Residency
@@ -115,14 +115,7 @@ def test_the_estimate_of_a_large_context_is_within_a_quarter_of_what_llama_cpp_a
     from nodes.runtimes import LlamaCppRuntime
 
     path = write_tiny_gguf(tmp_path / "long.gguf", context_length=n_ctx)
-    record = ModelRecord(
-        name="long",
-        format="gguf",
-        runtime="llama_cpp",
-        capabilities=["chat"],
-        source=ModelSource(kind="path", path=str(path)),
-        labels={"n_ctx": str(n_ctx)},
-    )
+    record = model_record("long", path, labels={"n_ctx": str(n_ctx)})
     runtime = LlamaCppRuntime(n_threads=1)
     runtime.probe()
     estimate = runtime.estimate(record, str(path), slots=slots)
@@ -168,14 +161,7 @@ def test_a_gpu_build_offloads_every_layer_and_its_memory_goes_to_the_gpu(tmp_pat
     from nodes.runtimes import LlamaCppRuntime
 
     path = write_tiny_gguf(tmp_path / "gpu.gguf", n_embd=256, n_layers=4, context_length=8192)
-    record = ModelRecord(
-        name="gpu",
-        format="gguf",
-        runtime="llama_cpp",
-        capabilities=["chat"],
-        source=ModelSource(kind="path", path=str(path)),
-        labels={"n_ctx": "8192"},
-    )
+    record = model_record("gpu", path, labels={"n_ctx": "8192"})
     runtime = LlamaCppRuntime(n_threads=1)
     runtime.probe()
     estimate = runtime.estimate(record, str(path))
@@ -216,13 +202,7 @@ async def test_an_upstream_model_is_never_unloaded_for_room_or_idleness() -> Non
     residency = Residency(
         memory(50), asyncio.Lock(), parallel=1, attach=attach, detach=detach, changed=lambda: None, keep_alive_s=0.0
     )
-    record = ModelRecord(
-        name="box/llama",
-        format="upstream",
-        runtime="upstream",
-        capabilities=["chat"],
-        source=ModelSource(kind="upstream", path="http://box:8080"),
-    )
+    record = model_record("box/llama", "http://box:8080", format="upstream", runtime="upstream", kind="upstream")
     served = ServedModel(record, "upstream", _UpstreamEngine(), "http://box:8080")
     served.last_used = time.monotonic() - 3600  # idle for an hour
     residency.served[record.name] = served

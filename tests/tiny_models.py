@@ -5,7 +5,8 @@ format the engine reads (a diffusers pipeline folder, a CTranslate2 Whisper fold
 voice) with made-up weights. The outputs are noise, but every code path of the real library
 runs. Recipes and their pitfalls: shared/offline-runtimes.md sections 2-4.
 
-A tiny llama.cpp vision projector (mmproj GGUF) is built too, for vision chat.
+A tiny llama.cpp vision projector (mmproj GGUF) is built too, for vision chat, and
+``model_record`` writes the registry's record of a model file as tests need one.
 
 Heavy imports (torch, transformers, diffusers, ctranslate2) happen inside the builders, so
 importing this module costs nothing where the extras are absent.
@@ -21,6 +22,8 @@ import tempfile
 import warnings
 import wave
 from pathlib import Path
+
+from events.messages import ModelRecord, ModelSource
 
 SEED = 0
 
@@ -386,6 +389,28 @@ def build_tiny_mmproj(path: Path, *, text_embedding: int = 64) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --------------------------------------------------------------------------- records
+
+
+def model_record(
+    name: str,
+    path: str | Path,
+    *,
+    format: str = "gguf",
+    runtime: str = "llama_cpp",
+    capabilities: tuple[str, ...] = ("chat",),
+    kind: str = "path",
+    **fields,
+) -> ModelRecord:
+    """The registry's record of the model at ``path`` (a llama.cpp chat GGUF unless told otherwise),
+    for tests that hand a record to a runtime, the node or the codec; ``fields`` are its other
+    fields (``labels=...``)."""
+    source = ModelSource(kind=kind, path=str(path))
+    return ModelRecord(
+        name=name, format=format, runtime=runtime, capabilities=list(capabilities), source=source, **fields
+    )
 
 
 # --------------------------------------------------------------------------- test inputs
