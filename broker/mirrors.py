@@ -42,16 +42,33 @@ class BucketWatch(ABC):
     fresh one) does the same with a new watcher, the old view answering until then.
 
     Every entry is decoded here as ``record_type`` (one that does not decode is logged and
-    skipped), so a subclass says only what it keeps: ``_put`` a record, ``_drop`` a deletion."""
+    skipped), so a subclass says only what it keeps: ``_put`` a record, ``_drop`` a deletion.
+    It names its bucket and record in its class line: ``class KeyRing(BucketWatch,
+    bucket=storage.KV_KEYS, record_type=ApiKey, record_kind="API key record")``.
+
+    A view made of dicts needs no more than their attribute names in ``table_attrs``: the base
+    makes them, and ``_put`` and ``_drop`` get them as a tuple in that order. A subclass whose
+    view is something else overrides ``_new_tables``, ``_swap_in`` and ``_live``."""
 
     bucket: str
     record_type: type
     record_kind: str  # names the record in the log line of one that does not decode
+    table_attrs: tuple[str, ...] = ()
+
+    def __init_subclass__(
+        cls, *, bucket: str | None = None, record_type: type | None = None, record_kind: str | None = None, **kwargs
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in (("bucket", bucket), ("record_type", record_type), ("record_kind", record_kind)):
+            if value is not None:
+                setattr(cls, name, value)
 
     def __init__(self) -> None:
         self.kv = None
         self._watcher = None
         self._task: asyncio.Task | None = None
+        for name in self.table_attrs:
+            setattr(self, name, {})
 
     async def start(self, js: JetStreamContext) -> None:
         self.kv = await js.key_value(self.bucket)
@@ -84,17 +101,18 @@ class BucketWatch(ABC):
             deleted = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
             self._apply(entry, deleted, None if loaded.done() else snapshot)
 
-    @abstractmethod
     def _new_tables(self) -> Any:
         """Empty tables for a snapshot being read."""
+        return tuple({} for _ in self.table_attrs)
 
-    @abstractmethod
     def _swap_in(self, tables: Any) -> None:
         """Make a fully read snapshot the live view."""
+        for name, table in zip(self.table_attrs, tables, strict=True):
+            setattr(self, name, table)
 
-    @abstractmethod
     def _live(self) -> Any:
         """The tables of the live view (what ``_swap_in`` made it)."""
+        return tuple(getattr(self, name) for name in self.table_attrs)
 
     def _apply(self, entry: Any, deleted: bool, snapshot: Any) -> None:
         """One entry: into ``snapshot`` while it is being read (not None), else into the live view."""
@@ -125,28 +143,20 @@ class BucketWatch(ABC):
             self._task.cancel()
 
 
-class RegisteredModels(BucketWatch):
+class RegisteredModels(BucketWatch, bucket=storage.KV_MODELS, record_type=ModelRecord, record_kind="model record"):
     """The ``models`` KV bucket in memory, kept current by a watcher (with each entry's revision)."""
 
-    bucket = storage.KV_MODELS
-    record_type = ModelRecord
-    record_kind = "model record"
+    table_attrs = ("records", "revisions")
+    records: dict[str, ModelRecord]
+    revisions: dict[str, int]
 
     def __init__(self) -> None:
         super().__init__()
-        self.records: dict[str, ModelRecord] = {}
-        self.revisions: dict[str, int] = {}
         self._deleted: set[str] = set()  # forgotten before the watcher saw the purge
 
-    def _new_tables(self) -> tuple[dict[str, ModelRecord], dict[str, int]]:
-        return {}, {}
-
     def _swap_in(self, tables: tuple[dict[str, ModelRecord], dict[str, int]]) -> None:
-        self.records, self.revisions = tables
+        super()._swap_in(tables)
         self._deleted.clear()
-
-    def _live(self) -> tuple[dict[str, ModelRecord], dict[str, int]]:
-        return self.records, self.revisions
 
     def _drop(self, entry: Any, tables: Any, live: bool) -> None:
         name = decode_token(entry.key)

@@ -6,6 +6,8 @@ and bytes so that a long-running deployment never fills its disk.
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
 
 from . import subjects
@@ -59,54 +61,34 @@ OBJ_MODEL_BLOBS = "model-blobs"
 OBJ_PAYLOADS = "payloads"
 PAYLOAD_TTL_S = 3600.0
 
+
+def _stream(name: str, subject: str, max_age: float, max_bytes: int, description: str, **limits: Any) -> StreamConfig:
+    """A stream of one subject tree, on disk and, like every stream, bounded by age and bytes."""
+    return StreamConfig(
+        name=name,
+        description=description,
+        subjects=[subject],
+        max_age=max_age,
+        max_bytes=max_bytes,
+        storage=StorageType.FILE,
+        **limits,
+    )
+
+
+# name, subjects, max age, max bytes, description; then any other bound.
 STREAMS: tuple[StreamConfig, ...] = (
-    StreamConfig(
-        name=REGISTRY_EVENTS,
-        description="model added/updated/deleted events; nodes replay what they missed",
-        subjects=[subjects.REGISTRY_EVENTS_ALL],
-        max_age=30 * DAY,
-        max_msgs=100_000,
-        max_bytes=256 * MiB,
-        storage=StorageType.FILE,
-    ),
-    StreamConfig(
-        name=PLACEMENTS,
-        description="placement decisions: which nodes load which model (the last 100 per model)",
-        subjects=[subjects.PLACEMENT_ALL],
-        max_age=7 * DAY,
-        max_msgs_per_subject=100,
-        max_bytes=64 * MiB,
-        storage=StorageType.FILE,
-    ),
-    StreamConfig(
-        name=HISTORY,
-        description="one record per API request (7 days)",
-        subjects=[subjects.HISTORY_ALL],
-        max_age=HISTORY_MAX_AGE_S,
-        max_bytes=2 * GiB,
-        storage=StorageType.FILE,
-    ),
-    StreamConfig(
-        name=LOGS,
-        description="structured logs of every component",
-        subjects=[subjects.LOGS_ALL],
-        max_age=3 * DAY,
-        max_bytes=512 * MiB,
-        storage=StorageType.FILE,
-    ),
-    StreamConfig(
-        name=AUDIT,
-        description="admin actions: who, what, when, result (90 days)",
-        subjects=[subjects.AUDIT_ALL],
-        max_age=90 * DAY,
-        max_bytes=1 * GiB,
-        # Per (component, action, actor): a flood of refused anonymous attempts evicts only its own
-        # older records, never the actions of real keys and users.
-        max_msgs_per_subject=100_000,
-        allow_direct=True,  # GET /v0/audit pages it with batched direct gets
-        storage=StorageType.FILE,
-    ),
-)
+    _stream(REGISTRY_EVENTS, subjects.REGISTRY_EVENTS_ALL, 30 * DAY, 256 * MiB,
+            "model added/updated/deleted events; nodes replay what they missed", max_msgs=100_000),
+    _stream(PLACEMENTS, subjects.PLACEMENT_ALL, 7 * DAY, 64 * MiB,
+            "placement decisions: which nodes load which model (the last 100 per model)", max_msgs_per_subject=100),
+    _stream(HISTORY, subjects.HISTORY_ALL, HISTORY_MAX_AGE_S, 2 * GiB, "one record per API request (7 days)"),
+    _stream(LOGS, subjects.LOGS_ALL, 3 * DAY, 512 * MiB, "structured logs of every component"),
+    _stream(AUDIT, subjects.AUDIT_ALL, 90 * DAY, 1 * GiB, "admin actions: who, what, when, result (90 days)",
+            # Per (component, action, actor): a flood of refused anonymous attempts evicts only its
+            # own older records, never the actions of real keys and users.
+            max_msgs_per_subject=100_000,
+            allow_direct=True),  # GET /v0/audit pages it with batched direct gets
+)  # fmt: skip
 
 KEY_VALUES: tuple[KeyValueConfig, ...] = (
     KeyValueConfig(bucket=KV_MODELS, description="model registrations, written by the registry", history=5),

@@ -96,26 +96,12 @@ def allows(key: ApiKey, scope: str) -> bool:
     return scope in key.scopes or "admin" in key.scopes
 
 
-class KeyRing(BucketWatch):
+class KeyRing(BucketWatch, bucket=storage.KV_KEYS, record_type=ApiKey, record_kind="API key record"):
     """The ``keys`` bucket in memory, by digest, kept current by a watcher."""
 
-    bucket = storage.KV_KEYS
-    record_type = ApiKey
-    record_kind = "API key record"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.by_digest: dict[str, ApiKey] = {}
-        self._ids: dict[str, str] = {}  # key id -> digest, to drop a deleted key
-
-    def _new_tables(self) -> tuple[dict[str, ApiKey], dict[str, str]]:
-        return {}, {}
-
-    def _swap_in(self, tables: tuple[dict[str, ApiKey], dict[str, str]]) -> None:
-        self.by_digest, self._ids = tables
-
-    def _live(self) -> tuple[dict[str, ApiKey], dict[str, str]]:
-        return self.by_digest, self._ids
+    table_attrs = ("by_digest", "_ids")
+    by_digest: dict[str, ApiKey]
+    _ids: dict[str, str]  # key id -> digest, to drop a deleted key
 
     def _drop(self, entry: Any, tables: Any, live: bool) -> None:
         table, index = tables

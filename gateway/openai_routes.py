@@ -247,10 +247,34 @@ class OpenAIRoutes:
         collected = formatting.Choices() if body.shapes_output else None
         return CallStream.sse(exchange, self._stream(exchange, first, writer, summary, first_byte_ms, collected))
 
+    @staticmethod
+    async def stream_replies(exchange: Exchange, reply: Any) -> AsyncIterator[TextDelta | TextDone | ApiError]:
+        """A streamed call's replies from ``reply`` (its first) on, Accepted skipped, up to the one
+        that ends it: a TextDone, or the ApiError of a node that failed or died mid-stream (for
+        the stream to say, never truncating silently). The Responses API streams through it too."""
+        call = exchange.call
+        assert call is not None
+        while True:
+            if isinstance(reply, TextDelta):
+                yield reply
+            elif isinstance(reply, TextDone):
+                yield reply
+                return
+            elif isinstance(reply, Failure):
+                yield failure_error(reply)
+                return
+            elif not isinstance(reply, Accepted):
+                raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
+            try:
+                reply = await call.next()
+            except DispatchError as exc:
+                yield api_error(exc)
+                return
+
     async def _stream(
         self,
         exchange: Exchange,
-        reply: Any,
+        first: Any,
         writer: formatting.ChunkWriter,
         summary: Callable[[str, str, Usage, list[Choice] | None], dict],
         first_byte_ms: float,
@@ -266,8 +290,8 @@ class OpenAIRoutes:
         first_token_ms = None
         try:
             yield writer.opening()
-            while True:
-                if first_token_ms is None and isinstance(reply, TextDelta | TextDone):
+            async for reply in self.stream_replies(exchange, first):
+                if first_token_ms is None and not isinstance(reply, ApiError):
                     first_token_ms = (time.perf_counter() - exchange.t0) * 1000
                 if isinstance(reply, TextDelta):
                     if collected is not None:
@@ -280,20 +304,9 @@ class OpenAIRoutes:
                 elif isinstance(reply, TextDone):
                     usage, finish, finals = reply.usage, reply.finish_reason, reply.choices
                     yield writer.closing(finish, usage, finals)
-                    return
-                elif isinstance(reply, Failure):
+                else:  # the node failed, or died mid-stream: say so, never truncate silently
                     status, error = reply.status, reply.message
-                    yield formatting.sse(failure_error(reply).body()) + formatting.SSE_DONE
-                    return
-                elif not isinstance(reply, Accepted):
-                    raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
-                try:
-                    reply = await call.next()
-                except DispatchError as exc:  # the node died mid-stream: say so, never truncate silently
-                    failure = api_error(exc)
-                    status, error = failure.status, failure.message
-                    yield formatting.sse(failure.body()) + formatting.SSE_DONE
-                    return
+                    yield formatting.sse(reply.body()) + formatting.SSE_DONE
         finally:
             if not call.finished and error is None:
                 status, error = 499, "client disconnected"

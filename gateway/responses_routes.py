@@ -20,13 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from events import codec, storage, subjects
-from events.messages import Accepted, Failure, TextDelta, TextDone, Usage
+from events.messages import TextDelta, TextDone, Usage
 from events.openai import ChatCompletionBody, Unsupported, has_image_parts
 from events.responses import InputItem, ResponsesBody, StoredResponse, chat_body, output_items
 
-from .dispatch import DispatchError
-from .errors import ApiError, api_error
-from .exchange import Exchange, failure_error
+from .errors import ApiError
+from .exchange import Exchange
 from .http import json_response
 from .openai_routes import CallStream, OpenAIRoutes
 from .responses_output import Envelope, EventWriter, new_id
@@ -166,7 +165,7 @@ class ResponsesRoutes:
     async def _events(
         self,
         exchange: Exchange,
-        reply: Any,
+        first: Any,
         writer: EventWriter,
         conversation: list[InputItem],
         owner: str | None,
@@ -180,7 +179,7 @@ class ResponsesRoutes:
         final: dict | None = None
         try:
             yield writer.opening()
-            while True:
+            async for reply in self.api.stream_replies(exchange, first):
                 if isinstance(reply, TextDelta):
                     yield writer.delta(reply)
                 elif isinstance(reply, TextDone):
@@ -189,23 +188,10 @@ class ResponsesRoutes:
                     if writer.envelope.body.store:
                         await self._store(writer.envelope, conversation, owner, final)
                     yield out + writer.final(final)
-                    return
-                elif isinstance(reply, Failure):
-                    failure = failure_error(reply)
-                    status, error = failure.status, failure.message
-                    out, final = writer.failed(failure)
+                else:  # the node failed, or died mid-stream: say so, never end silently
+                    status, error = reply.status, reply.message
+                    out, final = writer.failed(reply)
                     yield out
-                    return
-                elif not isinstance(reply, Accepted):
-                    raise ApiError(500, f"unexpected reply from node: {type(reply).__name__}")
-                try:
-                    reply = await call.next()
-                except DispatchError as exc:  # the node died mid-stream: say so, never end silently
-                    failure = api_error(exc)
-                    status, error = failure.status, failure.message
-                    out, final = writer.failed(failure)
-                    yield out
-                    return
         finally:
             if not call.finished and error is None:
                 status, error = 499, "client disconnected"

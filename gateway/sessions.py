@@ -38,30 +38,19 @@ CACHE_SIZE = 10_000  # verified tokens kept; a full cache drops its oldest entry
 PRUNE_EVERY_S = 3600.0
 
 
-class SessionTable(BucketWatch):
+class SessionTable(BucketWatch, bucket=storage.KV_SESSIONS, record_type=Session, record_kind="session record"):
     """The ``sessions`` bucket in memory, by id and by user.
 
     The bucket's TTL removes a session after seven days without telling watchers (no delete
     marker), so expired sessions are also pruned here, at most once an hour, on the next login."""
 
-    bucket = storage.KV_SESSIONS
-    record_type = Session
-    record_kind = "session record"
+    table_attrs = ("by_id", "by_user")
+    by_id: dict[str, Session]
+    by_user: dict[str, set[str]]
 
     def __init__(self) -> None:
         super().__init__()
-        self.by_id: dict[str, Session] = {}
-        self.by_user: dict[str, set[str]] = {}
         self._pruned = time.monotonic()
-
-    def _new_tables(self) -> tuple[dict[str, Session], dict[str, set[str]]]:
-        return {}, {}
-
-    def _swap_in(self, tables: tuple[dict[str, Session], dict[str, set[str]]]) -> None:
-        self.by_id, self.by_user = tables
-
-    def _live(self) -> tuple[dict[str, Session], dict[str, set[str]]]:
-        return self.by_id, self.by_user
 
     def _put(self, entry: Any, session: Session, tables: Any, live: bool) -> None:
         by_id, by_user = tables

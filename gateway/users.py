@@ -56,12 +56,8 @@ class _Tables:
     secret: bytes | None = None
 
 
-class UserDirectory(BucketWatch):
+class UserDirectory(BucketWatch, bucket=storage.KV_USERS, record_type=User, record_kind="user record"):
     """Users by name, their principals, and the session secret; kept current by a watcher."""
-
-    bucket = storage.KV_USERS
-    record_type = User
-    record_kind = "user record"
 
     def __init__(self) -> None:
         super().__init__()

@@ -82,7 +82,8 @@ def _nats_option(parser: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
-def _http_options(parser: argparse.ArgumentParser) -> None:
+def _gateway_options(parser: argparse.ArgumentParser) -> None:
+    """What the HTTP gateway takes (``up`` and ``gateway``): where it listens, its limits, auth, history."""
     _add(parser, "--host", "HOST", "127.0.0.1", "address the HTTP gateway listens on")
     _add(parser, "--port", "PORT", 8080, "HTTP port of the gateway (0 picks a free one)", type=int)
     _add(parser, "--request-timeout", "REQUEST_TIMEOUT", 600.0, "seconds a request may take end to end", type=float)
@@ -102,9 +103,8 @@ def _http_options(parser: argparse.ArgumentParser) -> None:
         "seconds a request may wait for a free node (then 504)",
         type=float,
     )
-
-
-def _history_option(parser: argparse.ArgumentParser) -> None:
+    _add_switch(parser, "--no-auth", "NO_AUTH", "serve without API keys (refused unless --host is a loopback address)")
+    _add_switch(parser, "--no-metrics", "NO_METRICS", "no Prometheus /metrics (nothing counted; 404)")
     _add(
         parser,
         "--history-masking",
@@ -114,11 +114,6 @@ def _history_option(parser: argparse.ArgumentParser) -> None:
         "full (no bodies, metadata only)",
         choices=["none", "partial", "full"],
     )
-
-
-def _auth_option(parser: argparse.ArgumentParser) -> None:
-    _add_switch(parser, "--no-auth", "NO_AUTH", "serve without API keys (refused unless --host is a loopback address)")
-    _add_switch(parser, "--no-metrics", "NO_METRICS", "no Prometheus /metrics (nothing counted; 404)")
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
@@ -383,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run NATS, registry, gateway and one node on this machine")
-    _http_options(up)
-    _auth_option(up)
-    _history_option(up)
+    _gateway_options(up)
     _data_dir_option(up)
     _nats_option(up, required=False)
     _add(up, "--nats-port", "NATS_PORT", 4222, "port of the embedded NATS server (0 picks a free one)", type=int)
@@ -413,9 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_options(up)
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway")
-    _http_options(gateway)
-    _auth_option(gateway)
-    _history_option(gateway)
+    _gateway_options(gateway)
     _nats_option(gateway, required=True)
 
     registry = commands.add_parser("registry", help="run the model registry")
