@@ -27,6 +27,16 @@ def decode(data: bytes, kind: Any) -> Any:
     return decoder(kind).decode(data)
 
 
+def decode_published(msg: Any, kind: Any, log: Any, what: str, level: str = "warning") -> Any | None:
+    """A published message's body as ``kind``; None for one that does not decode, logged as
+    ``undecodable <what>`` with its subject on the subscriber's logger (so, its component's)."""
+    try:
+        return decode(msg.data, kind)
+    except msgspec.DecodeError:
+        getattr(log, level)(f"undecodable {what}", subject=msg.subject)
+        return None
+
+
 # Request type of each capability, as a node decodes it (from the capability table).
 REQUEST_TYPES: dict[str, Any] = {name: c.request for name, c in CAPABILITIES.items()}
 

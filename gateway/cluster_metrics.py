@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
-import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -155,12 +154,9 @@ class DownloadMeter:
             self._sub = None
 
     async def _on_progress(self, msg: Msg) -> None:
-        try:
-            progress = codec.decode(msg.data, DownloadProgress)
-        except msgspec.DecodeError:
-            log.warning("undecodable download progress", subject=msg.subject)
-            return
-        self.note(progress)
+        progress = codec.decode_published(msg, DownloadProgress, log, "download progress")
+        if progress is not None:
+            self.note(progress)
 
     def note(self, progress: DownloadProgress) -> None:
         download = (progress.node_id, progress.model)

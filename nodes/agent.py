@@ -294,12 +294,8 @@ class NodeAgent:
         await msg.ack()
 
     async def _on_placement_msg(self, msg: Msg) -> None:
-        try:
-            event = codec.decode(msg.data, PlacementEvent)
-        except msgspec.DecodeError:
-            log.error("undecodable placement", subject=msg.subject)
-            return
-        if self.node_id in event.nodes:
+        event = codec.decode_published(msg, PlacementEvent, log, "placement", level="error")
+        if event is not None and self.node_id in event.nodes:
             self.service.spawn(self._on_placement(event))
 
     async def _on_placement(self, event: PlacementEvent) -> None:

@@ -416,13 +416,10 @@ class Registry:
     # ------------------------------------------------------------ lifecycle
 
     async def _on_progress(self, msg: Msg) -> None:
-        try:
-            report = codec.decode(msg.data, DownloadProgress)
-        except msgspec.DecodeError:
-            log.warning("undecodable download progress", subject=msg.subject)
-            return
-        self._downloads[(report.node_id, report.model)] = (report, time.monotonic())
-        self._dirty.set()
+        report = codec.decode_published(msg, DownloadProgress, log, "download progress")
+        if report is not None:
+            self._downloads[(report.node_id, report.model)] = (report, time.monotonic())
+            self._dirty.set()
 
     def _fresh_downloads(self, model: str) -> list[DownloadProgress]:
         cutoff = time.monotonic() - storage.NODE_TTL_S
