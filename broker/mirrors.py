@@ -215,17 +215,26 @@ class NodeDirectory:
     async def start(self, nc: Client, js: JetStreamContext) -> None:
         self._subs.append(await nc.subscribe(subjects.NODE_HEARTBEAT_ALL, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(subjects.NODE_GOODBYE_ALL, cb=self._on_goodbye))
+        await self.resync(js)
+
+    async def resync(self, js: JetStreamContext) -> None:
+        """Read each live node's last beat from the ``nodes`` bucket: at start (no need to wait
+        for the next beat) and after a reconnection, where a node's beat-at-once can reach the
+        new server before our subscription does; without it, a request held by a node that lost
+        its reply is found lost one heartbeat interval later."""
         kv = await js.key_value(storage.KV_NODES)
         try:
             keys = await kv.keys()
         except NoKeysError:
             keys = []
-        for key in keys:  # nodes already running: no need to wait for their next beat
+        for key in keys:
             entry = await kv.get(key)
             if entry.value:
                 beat = codec.decode(entry.value, NodeHeartbeat)
                 age = max(0.0, time.time() - beat.sent_at)
                 self._remember(beat, time.monotonic() - age)
+        if keys:
+            self._changed()
 
     async def stop(self) -> None:
         for sub in self._subs:

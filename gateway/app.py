@@ -364,6 +364,7 @@ class Gateway:
         if self.dispatcher is not None:
             self.dispatcher.broker_back()
         await provision(self.js, self.replicas, role=self.nc.role)
+        await self.directory.resync(self.js)
         await self.catalog.resync(self.js)
         await self.keys.resync(self.js)
         await self.users.resync(self.js)

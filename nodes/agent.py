@@ -61,6 +61,10 @@ log = structlog.get_logger("node")
 
 EARLY_CANCELS_KEPT = 1024
 KEEP_ALIVE_SWEEP_S = 1.0
+# After a reconnection a second beat this soon: a gateway finds a request whose reply the old
+# server lost by two beats that do not list it (NodeDirectory.lost), so it retries in about a
+# second instead of a heartbeat interval later.
+SECOND_BEAT_AFTER_RECONNECT_S = 0.5
 
 
 class NodeAgent:
@@ -220,6 +224,7 @@ class NodeAgent:
         """After a reconnection: beat at once (gateways route to us again), and re-create what a
         server that lost its store no longer has (streams, buckets, our durable consumer)."""
         self._beat_now.set()
+        self.service.spawn(self._beat_after(SECOND_BEAT_AFTER_RECONNECT_S))
         await provision(self.js, self.replicas, role=self.nc.role)
         try:
             await self.js.consumer_info(storage.REGISTRY_EVENTS, self._durable)
@@ -724,6 +729,10 @@ class NodeAgent:
         data = codec.encode(self.heartbeat())
         await self.nc.publish(subjects.node_heartbeat(self.node_id), data)
         await self.kv_nodes.put(encode_token(self.node_id), data)
+
+    async def _beat_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._beat_now.set()
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -227,10 +227,9 @@ def test_kill_9_of_nats_under_load_recovers_in_seconds_and_loses_no_history(tiny
         after = [r for r in results if r[0] >= restarted]
         failures = [(round(a - restarted, 2), status) for a, b, status, *_ in results if status != 200]
         first_ok = min(end for start, end, status, *_ in after if status == 200)
-        # Issue 11 asked for 5 s; with the streams and buckets added since (audit, placements,
-        # usage, responses, history ids) a busy 2-core run measured 5.2-5.3 s: 6 s here, and the
-        # figure is in the note to be brought back under 5.
-        assert first_ok - restarted < 6, (first_ok - restarted, failures[-20:])
+        # Issue 11 asked for 5 s. About 1.2 s on a quiet machine: the node beats at once and again
+        # half a second later, so a gateway finds the replies the old server lost within a second.
+        assert first_ok - restarted < 5, (first_ok - restarted, failures[-20:])
         late = [r for r in results if r[0] >= restarted + 5]
         assert late and all(r[2] == 200 for r in late), [r[2] for r in late]
         # No slot left held by a reply lost in the outage.
