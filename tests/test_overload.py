@@ -42,7 +42,11 @@ def test_queue_timeouts_under_overload_leave_no_slot_held(nats_url, tiny_gguf, t
     try:
         assert stack.register(tiny_gguf, MODEL)["ok"]
         node = stack.delay_node(5, parallel=2, node_id=f"overload-{uuid.uuid4().hex[:6]}")
-        wait_until(lambda: MODEL in stack.models(), message="model ready")
+        wait_until(
+            lambda: MODEL in stack.models(),
+            timeout=45,  # a node process and a placement on a loaded 2-core CI run
+            message=lambda: f"model ready: {httpx.get(f'{stack.url}/v0/models/{MODEL}').text[:600]}\n{node.tail()}",
+        )
 
         statuses = asyncio.run(_overload(stack.url))
         assert set(statuses) <= {200, 504}, statuses
