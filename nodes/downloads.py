@@ -449,10 +449,23 @@ def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
             raise DownloadFailed(
                 f"{remote.name}: sha256 mismatch ({actual[:12]}…, expected {remote.sha256.lower()[:12]}…); partial file discarded"
             )
+    _durable(part)
     os.replace(part, remote.target)
+    _durable(remote.target.parent)  # the rename itself
     journal.unlink(missing_ok=True)
     if remote.sha256:
         cache.mark_verified(remote.target, remote.sha256)
+
+
+def _durable(path: Path) -> None:
+    """fsync a file or directory: a model file renamed into place (and marked verified) must not
+    come back after a power loss as a truncated file under its final name. Cheap after an
+    object-store read, which syncs as it writes (``broker.blobs.WRITEBACK_BYTES``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _bytes_on_disk(location: Location) -> int:
