@@ -205,12 +205,16 @@ class Gateway:
         clouds: Clouds | None = None,
         history_masking: str = "none",
         metrics: bool = True,
+        forwarded_allow_ips: str | None = None,
     ) -> None:
         """``auth=False`` serves without API keys: only for a gateway on a loopback address.
         ``passwords``: argon2 settings for new password hashes (tests make them cheap).
         ``clouds``: the cloud providers; default: from the environment (``OPENAI_API_KEY``...).
         ``history_masking``: what the history keeps of bodies, none, partial or full (gateway.masking).
-        ``metrics=False``: no ``/metrics`` (404) and nothing counted (what bench/gateway_cpu.py compares)."""
+        ``metrics=False``: no ``/metrics`` (404) and nothing counted (what bench/gateway_cpu.py compares).
+        ``forwarded_allow_ips``: reverse proxies (comma-separated addresses or networks, ``*`` for
+        any) whose ``X-Forwarded-For`` names the client: the login throttle then
+        see each client, not the proxy. None: the header is ignored (a client could forge it)."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
@@ -230,6 +234,7 @@ class Gateway:
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self.metrics_on = metrics
+        self.forwarded_allow_ips = forwarded_allow_ips or None
         self.metrics: Metrics | None = None
         self._downloads_meter: DownloadMeter | None = None
         self._server: uvicorn.Server | None = None
@@ -325,7 +330,9 @@ class Gateway:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
-            proxy_headers=False,  # nothing here reads the client address; saves a middleware per request
+            # Off unless proxies are named: a middleware per request, and the header is forgeable.
+            proxy_headers=self.forwarded_allow_ips is not None,
+            forwarded_allow_ips=self.forwarded_allow_ips,
             interface="asgi3",  # the outer layers are plain callables returning awaitables (gateway/hot_routes.py)
         )
         self._server = uvicorn.Server(config)

@@ -32,7 +32,7 @@ log = structlog.get_logger("gateway.users")
 
 
 def _address(request: Request) -> str:
-    """The peer's address (behind a reverse proxy: the proxy's; uvicorn reads no forwarded headers)."""
+    """The client's address: the peer's, or the one a trusted proxy names (``--forwarded-allow-ips``)."""
     client = request.scope.get("client")
     return client[0] if client else "unknown"
 

@@ -107,6 +107,14 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     _add_switch(parser, "--no-metrics", "NO_METRICS", "no Prometheus /metrics (nothing counted; 404)")
     _add(
         parser,
+        "--forwarded-allow-ips",
+        "FORWARDED_ALLOW_IPS",
+        None,
+        "reverse proxies (comma-separated addresses or networks) whose X-Forwarded-For names the client "
+        "for the login throttle (default: none, the header is ignored)",
+    )
+    _add(
+        parser,
         "--history-masking",
         "HISTORY_MASKING",
         "none",
@@ -361,6 +369,7 @@ def _gateway(args: argparse.Namespace, nats_url: str | None, nats_auth: Any) -> 
         clouds=clouds,
         history_masking=args.history_masking,
         metrics=not args.no_metrics,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
 
 

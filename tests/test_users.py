@@ -490,3 +490,28 @@ async def test_a_new_session_secret_voids_every_token(nats_url, tmp_path) -> Non
         assert (await c.client(1).get("/v0/nodes", headers=bearer(token))).status_code == 401
         fresh = await c.session(name, "rotated-password")
         await until(c.gets(1, "/v0/nodes", 200, fresh))
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_behind_a_trusted_proxy_each_client_address_is_throttled_apart(nats_url, trusted) -> None:
+    """A real listener (the forwarded header is uvicorn's to read). With ``--forwarded-allow-ips``
+    naming the proxy, ``X-Forwarded-For`` is the address the login throttle counts, so a guesser
+    behind the proxy locks out only itself; without it the header is ignored (it is forgeable),
+    and everyone behind the proxy shares the proxy's count."""
+    gateway = Gateway(
+        nats_url=nats_url, port=0, passwords=Passwords(**CHEAP), forwarded_allow_ips="127.0.0.1" if trusted else None
+    )
+    await gateway.start()
+    try:
+        gateway.user_routes.throttle = LoginThrottle(per_user=1000, per_address=3)
+        async with httpx.AsyncClient(base_url=gateway.url) as client:
+
+            async def login(address: str) -> int:
+                body = {"username": unique("nobody"), "password": "wrong-password"}
+                answer = await client.post("/v0/auth/login", json=body, headers={"x-forwarded-for": address})
+                return answer.status_code
+
+            assert [await login("203.0.113.7") for _ in range(4)] == [401, 401, 401, 429]
+            assert await login("203.0.113.8") == (401 if trusted else 429)
+    finally:
+        await gateway.stop()
