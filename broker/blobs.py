@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, ObjectInfo, ObjectMeta, ObjectMetaOptions
 from nats.js.errors import NotFoundError
@@ -34,6 +35,8 @@ from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE
 from events import encode_token
 from events.messages import ModelRecord
 from events.storage import OBJ_MODEL_BLOBS
+
+log = structlog.get_logger("broker.blobs")
 
 CHUNK_IDLE_TIMEOUT_S = 30.0
 WRITE_BATCH_BYTES = 8 * 1024 * 1024
@@ -168,16 +171,26 @@ async def read_blob(
             if fd is not None and unsynced >= WRITEBACK_BYTES and (syncing is None or syncing.done()):
                 if syncing is not None:
                     syncing.result()  # a disk error ends the read
-                syncing = loop.run_in_executor(None, os.fdatasync, fd)
+                syncing = loop.run_in_executor(None, _datasync, fd)
                 unsynced = 0
             if last:
                 break
+        if syncing is not None:
+            await syncing  # a disk error ends the read
+    except BaseException as failure:
+        if syncing is not None:  # done before the caller may close the file; the first error is the one raised
+            await asyncio.wait([syncing])
+            late = None if syncing.cancelled() else syncing.exception()
+            if late is not None and late is not failure:
+                log.warning("sync of a failed object read failed too", object=info.name, error=str(late))
+        raise
     finally:
         await sub.unsubscribe()
-        if syncing is not None:
-            await syncing  # before the caller may close the file
     if point.offset != info.size:
         raise BlobCorrupt(f"object {info.name}: read {point.offset} bytes, expected {info.size}")
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def _fileno(out: BinaryIO) -> int | None:

@@ -21,7 +21,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from events import codec, decode_token, storage, subjects
@@ -227,13 +227,23 @@ class NodeDirectory:
             keys = await kv.keys()
         except NoKeysError:
             keys = []
+        changed = False
         for key in keys:
-            entry = await kv.get(key)
-            if entry.value:
-                beat = codec.decode(entry.value, NodeHeartbeat)
-                age = max(0.0, time.time() - beat.sent_at)
-                self._remember(beat, time.monotonic() - age)
-        if keys:
+            try:
+                entry = await kv.get(key)
+                beat = codec.decode(entry.value, NodeHeartbeat) if entry.value else None
+            except KeyNotFoundError:  # a goodbye or the TTL between keys() and get()
+                continue
+            except msgspec.DecodeError:
+                log.warning("undecodable heartbeat in the nodes bucket", key=key)
+                continue
+            known = self._nodes.get(beat.node_id) if beat is not None else None
+            if beat is None or (known is not None and known.beat.sent_at >= beat.sent_at):
+                continue  # received already: read again, one beat would count as two (see lost)
+            age = max(0.0, time.time() - beat.sent_at)
+            self._remember(beat, time.monotonic() - age)
+            changed = True
+        if changed:
             self._changed()
 
     async def stop(self) -> None:

@@ -212,12 +212,18 @@ class Gateway:
         ``clouds``: the cloud providers; default: from the environment (``OPENAI_API_KEY``...).
         ``history_masking``: what the history keeps of bodies, none, partial or full (gateway.masking).
         ``metrics=False``: no ``/metrics`` (404) and nothing counted (what bench/gateway_cpu.py compares).
-        ``forwarded_allow_ips``: reverse proxies (comma-separated addresses or networks, ``*`` for
-        any) whose ``X-Forwarded-For`` names the client: the login throttle then
-        see each client, not the proxy. None: the header is ignored (a client could forge it)."""
+        ``forwarded_allow_ips``: reverse proxies (comma-separated addresses or networks) whose
+        ``X-Forwarded-For`` names the client: the login throttle then sees each client, not the
+        proxy. None: the header is ignored (a client could forge it). ``*`` is refused: it would
+        let every client name its own address and step around the throttle."""
         if not auth and not is_loopback(host):
             raise RuntimeError(
                 f"refusing to serve without API keys on {host}: --no-auth is for loopback addresses only"
+            )
+        if forwarded_allow_ips is not None and "*" in (part.strip() for part in forwarded_allow_ips.split(",")):
+            raise RuntimeError(
+                "--forwarded-allow-ips '*' would let any client choose the address the login throttle counts; "
+                "name the reverse proxies' addresses or networks"
             )
         if history_masking not in MASKING_MODES:
             raise RuntimeError(f"--history-masking must be one of {', '.join(MASKING_MODES)}, not {history_masking!r}")
@@ -371,12 +377,12 @@ class Gateway:
         if self.dispatcher is not None:
             self.dispatcher.broker_back()
         await provision(self.js, self.replicas, role=self.nc.role)
-        await self.directory.resync(self.js)
         await self.catalog.resync(self.js)
         await self.keys.resync(self.js)
         await self.users.resync(self.js)
         await self.sessions.resync(self.js)
         await self.usage.resync(self.js)
+        await self.directory.resync(self.js)
         log.info("gateway state recovered", models=len(self.catalog.records))
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ next node fetches it over NATS, so a cluster downloads it from the origin once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -451,7 +452,12 @@ def _finish(remote: RemoteFile, part: Path, journal: Path) -> None:
             )
     _durable(part)
     os.replace(part, remote.target)
-    _durable(remote.target.parent)  # the rename itself
+    try:
+        _durable(remote.target.parent)  # the rename itself
+    except OSError as exc:  # some network filesystems cannot sync a directory: the file is in place
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+        log.info("directory not synced after a download", path=str(remote.target.parent), error=str(exc))
     journal.unlink(missing_ok=True)
     if remote.sha256:
         cache.mark_verified(remote.target, remote.sha256)

@@ -18,7 +18,7 @@ import pytest
 
 from broker import connect, mirrors, provision
 from broker.mirrors import NodeDirectory
-from events import codec, subjects
+from events import codec, encode_token, storage, subjects
 from events.messages import Failure, InferenceRequest, LoadedModel, NodeGoodbye, NodeHeartbeat, TextDone, Usage
 from gateway import dispatch
 from gateway.dispatch import Call, ClientDisconnected, Dispatcher, QueueFull, QueueTimeout
@@ -331,6 +331,27 @@ async def test_lost_needs_two_listing_beats_received_after_the_send(nats_url, mo
         await c.beat(node, requests=[])
         assert d.lost(node, "r1", sent)
         assert not d.lost(node, "r1", time.monotonic())  # sent after both beats: nothing to tell yet
+
+
+async def test_a_beat_read_again_from_the_nodes_bucket_counts_once(nats_url, monkeypatch) -> None:
+    """After a reconnection the gateway re-reads the nodes bucket (NodeDirectory.resync); a beat
+    it has already received live must not come back as a second one, or one beat without a
+    request would be taken for two and the request sent again while the node still runs it."""
+    monkeypatch.setattr(mirrors, "LOST_MARGIN_S", 0.0)
+    async with cluster(nats_url) as c:
+        node = f"again-{uuid.uuid4().hex[:6]}"
+        c.ghosts.append(node)
+        sent = time.monotonic()
+        await c.beat(node, requests=[])
+        kv = await c.gateway_nc.jetstream().key_value(storage.KV_NODES)
+        await kv.put(encode_token(node), codec.encode(c.directory._nodes[node].beat))  # as the node writes it
+        try:
+            await c.directory.resync(c.gateway_nc.jetstream())
+            assert not c.directory.lost(node, "r1", sent)  # still one beat without it
+            await c.beat(node, requests=[])
+            assert c.directory.lost(node, "r1", sent)
+        finally:
+            await kv.delete(encode_token(node))
 
 
 def test_beats_right_after_the_send_never_count_as_a_lost_reply() -> None:

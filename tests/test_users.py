@@ -515,3 +515,9 @@ async def test_behind_a_trusted_proxy_each_client_address_is_throttled_apart(nat
             assert await login("203.0.113.8") == (401 if trusted else 429)
     finally:
         await gateway.stop()
+
+
+@pytest.mark.parametrize("proxies", ["*", "10.0.0.5, *"])
+def test_trusting_every_forwarded_address_is_refused(nats_url, proxies) -> None:
+    with pytest.raises(RuntimeError, match="forwarded-allow-ips"):
+        Gateway(nats_url=nats_url, forwarded_allow_ips=proxies)
