@@ -319,6 +319,17 @@ async def test_an_object_store_read_resumes_at_its_chunk_sequence(nats_url) -> N
         await nc.close()
 
 
+def test_chunks_fit_the_server_and_are_never_a_whole_number_of_go_pages() -> None:
+    """nats-server copies a chunk of a whole number of 8 KiB pages a second time on delivery."""
+    from broker.blobs import CHUNK_BYTES, HEADER_ROOM, chunk_size
+
+    for max_payload in (64 * 1024 + HEADER_ROOM, 256 * 1024, 1024 * 1024, 1024 * 1024 + 4096, 8 * 1024 * 1024, 10**6):
+        size = chunk_size(max_payload)
+        assert size % 8192, (max_payload, size)
+        assert size <= min(CHUNK_BYTES, max_payload - HEADER_ROOM), (max_payload, size)
+        assert size >= 60 * 1024, (max_payload, size)
+
+
 def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stack, fresh) -> None:
     name = "resumed"
     record = register(stack, name, repo=BIG_REPO, filename=BIG_FILE, predownload=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -96,6 +97,40 @@ async def test_a_flush_is_a_barrier_for_the_subscriptions_sent_before_it(nats_ur
         while len(got) < rounds and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         assert len(got) == rounds, f"{rounds - len(got)} publishes reached the server before their subscription"
+    finally:
+        await talker.close()
+        await listener.close()
+
+
+async def test_payloads_come_through_the_one_copy_receive_buffer_whole(nats_url) -> None:
+    """The client's parser slices payloads out of its buffer as memoryviews (one copy, not
+    two): every size, with and without headers, arrives as the bytes that were sent."""
+    listener = await connect(nats_url, name="test-payloads-listener")
+    talker = await connect(nats_url, name="test-payloads-talker")
+    got: list = []
+
+    async def heard(msg) -> None:
+        got.append((msg.data, msg.headers))
+
+    sizes = [0, 1, 2, 4093, 65537, 1024 * 1024 - 4096, 1024 * 1024, 3 * 1024 * 1024 + 7]
+    sent = []
+    try:
+        assert type(listener._ps.buf).__name__ == "_PayloadBuffer"
+        await listener.subscribe("test.payloads", cb=heard)
+        await listener.flush()
+        for index, size in enumerate(sizes * 2):
+            payload = os.urandom(size)
+            headers = {"Index": str(index)} if index % 2 else None
+            sent.append((payload, headers))
+            await talker.publish("test.payloads", payload, headers=headers)
+        await talker.flush()
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(got) < len(sent) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert [len(data) for data, _ in got] == [len(data) for data, _ in sent]
+        for (data, headers), (payload, sent_headers) in zip(got, sent, strict=True):
+            assert type(data) is bytes and data == payload
+            assert headers == sent_headers
     finally:
         await talker.close()
         await listener.close()
