@@ -121,7 +121,8 @@ async def read_blob(
     batches of about WRITE_BATCH_BYTES. What it raises ends the read. Raises BlobCorrupt
     when the object changed since ``resume`` was taken or the chunks do not add up.
     ``digest`` (a hashlib object holding what is before ``resume.offset``): updated with every
-    chunk in the writer thread, so checking the file costs no second read of it.
+    chunk, in a thread beside the writer's and in order, so checking the file costs no second
+    read of it; it is complete when the read returns.
     """
     point = ResumePoint(nuid=info.nuid, offset=0, next_seq=0)
     if resume is not None and resume.nuid == info.nuid and resume.next_seq > 0:
@@ -159,6 +160,7 @@ async def read_blob(
     fd = _fileno(out)
     unsynced = 0
     syncing: asyncio.Future | None = None
+    hashing: asyncio.Future | None = None
     try:
         while True:
             try:
@@ -169,8 +171,13 @@ async def read_blob(
                 ) from None
             point.offset += size
             point.next_seq = next_seq
-            # One thread hop per batch, the chunks written as they came (no joined copy).
-            await loop.run_in_executor(None, _write, out, chunks, on_chunk, replace(point), digest)
+            # One thread hop per batch, the chunks written as they came (no joined copy); the
+            # hash of a batch runs in a thread of its own beside the write (in order: one at a time).
+            if digest is not None:
+                if hashing is not None:
+                    await hashing
+                hashing = loop.run_in_executor(None, _hash, digest, chunks)
+            await loop.run_in_executor(None, _write, out, chunks, on_chunk, replace(point))
             unsynced += size
             if fd is not None and unsynced >= WRITEBACK_BYTES and (syncing is None or syncing.done()):
                 if syncing is not None:
@@ -181,12 +188,17 @@ async def read_blob(
                 break
         if syncing is not None:
             await syncing  # a disk error ends the read
+        if hashing is not None:
+            await hashing
     except BaseException as failure:
-        if syncing is not None:  # done before the caller may close the file; the first error is the one raised
-            await asyncio.wait([syncing])
-            late = None if syncing.cancelled() else syncing.exception()
+        # Done before the caller may close the file or use the digest; the first error is the one raised.
+        for job, what in ((syncing, "sync"), (hashing, "hash")):
+            if job is None:
+                continue
+            await asyncio.wait([job])
+            late = None if job.cancelled() else job.exception()
             if late is not None and late is not failure:
-                log.warning("sync of a failed object read failed too", object=info.name, error=str(late))
+                log.warning("a job of a failed object read failed too", job=what, object=info.name, error=str(late))
         raise
     finally:
         await sub.unsubscribe()
@@ -205,17 +217,15 @@ def _fileno(out: BinaryIO) -> int | None:
         return None
 
 
+def _hash(digest: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:  # hashlib releases the GIL for large buffers: receiving goes on
+        digest.update(chunk)
+
+
 def _write(
-    out: BinaryIO,
-    chunks: list[bytes],
-    on_chunk: Callable[[int, ResumePoint], None] | None,
-    point: ResumePoint,
-    digest: Any = None,
+    out: BinaryIO, chunks: list[bytes], on_chunk: Callable[[int, ResumePoint], None] | None, point: ResumePoint
 ) -> None:
     out.writelines(chunks)
-    if digest is not None:
-        for chunk in chunks:  # hashlib releases the GIL for large buffers: receiving goes on
-            digest.update(chunk)
     if on_chunk is not None:
         on_chunk(sum(len(c) for c in chunks), point)
 

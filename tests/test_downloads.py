@@ -22,6 +22,7 @@ import pytest
 from conftest import Stack, requires_llama, wait_until
 from fake_hf import FakeHub
 
+from broker import provision
 from broker.blobs import blob_name
 from events import storage
 from nodes import cache
@@ -306,13 +307,15 @@ async def test_an_object_store_read_resumes_at_its_chunk_sequence(nats_url) -> N
                 raise Crash
 
         with pytest.raises(Crash):
-            await read_blob(js, info, out, on_chunk=crash_after_a_third)
+            await read_blob(js, info, out, on_chunk=crash_after_a_third, digest=hashlib.sha256())
         stopped = points[-1]
         out.truncate(stopped.offset)
         out.seek(stopped.offset)
         reread = []
-        await read_blob(js, info, out, resume=stopped, on_chunk=lambda n, _: reread.append(n))
+        digest = hashlib.sha256(out.getvalue())  # what a node hashes of its .part before resuming
+        await read_blob(js, info, out, resume=stopped, on_chunk=lambda n, _: reread.append(n), digest=digest)
         assert out.getvalue() == data
+        assert digest.hexdigest() == hashlib.sha256(data).hexdigest()  # hashed beside the writes, all of it
         assert sum(reread) == len(data) - stopped.offset  # nothing before the resume point again
         await (await js.object_store(storage.OBJ_MODEL_BLOBS)).delete("resume-test/blob.bin")
     finally:
@@ -537,6 +540,7 @@ def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
 async def _put_blob(nats_url: str, name: str, data: bytes) -> None:
     nc = await nats.connect(nats_url)
     try:
+        await provision(nc.jetstream())  # when no component has yet (the test runs alone)
         store = await nc.jetstream().object_store(storage.OBJ_MODEL_BLOBS)
         await store.put(name, data)
     finally:
