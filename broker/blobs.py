@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import io
 import os
@@ -116,7 +117,7 @@ async def read_blob(
 ) -> None:
     """Write the object's bytes from ``resume`` on into ``out`` (positioned at ``resume.offset``).
 
-    ``on_chunk(n, point)`` runs after each write, in the writer thread (so it may do file I/O
+    A file is given its full size first (:func:`_preallocate`). ``on_chunk(n, point)`` runs after each write, in the writer thread (so it may do file I/O
     of its own, e.g. record the point), with the new resume point; chunks are written in
     batches of about WRITE_BATCH_BYTES. What it raises ends the read. Raises BlobCorrupt
     when the object changed since ``resume`` was taken or the chunks do not add up.
@@ -158,6 +159,8 @@ async def read_blob(
         subject, stream=OBJ_STREAM_TEMPLATE.format(bucket=bucket), ordered_consumer=True, config=config, cb=on_msg
     )
     fd = _fileno(out)
+    if fd is not None:
+        await loop.run_in_executor(None, _preallocate, fd, point.offset, info.size - point.offset, info.name)
     unsynced = 0
     syncing: asyncio.Future | None = None
     hashing: asyncio.Future | None = None
@@ -207,6 +210,22 @@ async def read_blob(
 
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+_CANNOT_PREALLOCATE = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def _preallocate(fd: int, offset: int, length: int, name: str) -> None:
+    """Reserve the rest of the file's blocks before writing them: a disk too small for the
+    object fails now (ENOSPC), not gigabytes later, and the writes find their blocks allocated
+    (ext4 then skips its per-page delayed allocation: 20% less reader CPU, bench/downloads.py).
+    The file has its full size from here on: how much is written is the resume point's offset."""
+    if length <= 0 or not hasattr(os, "posix_fallocate"):  # macOS has none
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_PREALLOCATE:
+            raise
+        log.info("object read without preallocation", object=name, error=str(exc))
 
 
 def _fileno(out: BinaryIO) -> int | None:

@@ -475,13 +475,17 @@ def _durable(path: Path) -> None:
 
 
 def _bytes_on_disk(location: Location) -> int:
-    """What another node's download into the shared dir has written so far."""
+    """What another node's download into the shared dir has written so far: a file in place,
+    or a ``.part``: its journal's offset for an object-store read (the file has its full size
+    from the start, ``broker.blobs._preallocate``), its size for an origin download."""
     done = 0
     for remote in location.files:
-        for path in (remote.target, cache.part_path(remote.target)):
-            if path.exists():
-                done += path.stat().st_size
-                break
+        part = cache.part_path(remote.target)
+        if remote.target.exists():
+            done += remote.target.stat().st_size
+        elif part.exists():
+            offset = _read_journal(cache.journal_path(remote.target)).get("offset")
+            done += offset if isinstance(offset, int) else part.stat().st_size
     return done
 
 

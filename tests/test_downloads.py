@@ -333,6 +333,58 @@ def test_chunks_fit_the_server_and_are_never_a_whole_number_of_go_pages() -> Non
         assert size >= 60 * 1024, (max_payload, size)
 
 
+_READ_INTO_A_SMALL_DISK = """
+import asyncio, errno, sys
+import nats
+from broker.blobs import blob_info, read_blob
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    info = await blob_info(js, sys.argv[2])
+    written = []
+    with open(sys.argv[3], "wb") as out:
+        try:
+            await read_blob(js, info, out, on_chunk=lambda n, point: written.append(n))
+        except OSError as exc:
+            print("ENOSPC" if exc.errno == errno.ENOSPC else f"errno {exc.errno}", sum(written))
+        else:
+            print("read", sum(written))
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_disk_too_small_for_an_object_fails_before_a_byte_is_written(nats_url, tmp_path) -> None:
+    """The rest of the file is reserved before the read (posix_fallocate): on a 12 MiB
+    filesystem (a tmpfs in a mount namespace of its own) a 24 MiB object fails at once, not
+    after its first 8 MiB batch."""
+    small = tmp_path / "small"
+    small.mkdir()
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here: {probe.stderr.decode().strip()}")
+    await _put_blob(nats_url, "small-disk/blob.bin", os.urandom(24 * 1024 * 1024))
+    script = tmp_path / "read.py"
+    script.write_text(_READ_INTO_A_SMALL_DISK)
+    command = (
+        f"mount -t tmpfs -o size=12m tmpfs {small} && "
+        f"{sys.executable} {script} {nats_url} small-disk/blob.bin {small / 'blob.bin'}"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["unshare", "-m", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ENOSPC", "0"], (result.stdout, result.stderr[-2000:])
+
+
 def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stack, fresh) -> None:
     name = "resumed"
     record = register(stack, name, repo=BIG_REPO, filename=BIG_FILE, predownload=True)
