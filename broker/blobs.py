@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import errno
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -112,18 +114,22 @@ async def read_blob(
     *,
     resume: ResumePoint | None = None,
     on_chunk: Callable[[int, ResumePoint], None] | None = None,
+    on_synced: Callable[[ResumePoint], None] | None = None,
     bucket: str = OBJ_MODEL_BLOBS,
     digest: Any = None,
 ) -> None:
     """Write the object's bytes from ``resume`` on into ``out`` (positioned at ``resume.offset``).
 
-    A file is given its full size first (:func:`_preallocate`). ``on_chunk(n, point)`` runs after each write, in the writer thread (so it may do file I/O
-    of its own, e.g. record the point), with the new resume point; chunks are written in
-    batches of about WRITE_BATCH_BYTES. What it raises ends the read. Raises BlobCorrupt
-    when the object changed since ``resume`` was taken or the chunks do not add up.
-    ``digest`` (a hashlib object holding what is before ``resume.offset``): updated with every
-    chunk, in a thread beside the writer's and in order, so checking the file costs no second
-    read of it; it is complete when the read returns.
+    A file is given its full size first (:func:`_preallocate`) and synced every
+    WRITEBACK_BYTES. Chunks are written in batches of about WRITE_BATCH_BYTES;
+    ``on_chunk(n, point)`` runs after each write, in the writer thread, with the new resume
+    point (progress; what it raises ends the read). ``on_synced(point)`` runs, in the syncing
+    thread, once the bytes before ``point`` are on disk: the point to record for a resume (a
+    point recorded before its bytes are synced could be resumed past zeros after a crash).
+    Raises BlobCorrupt when the object changed since ``resume`` was taken or the chunks do not
+    add up. ``digest`` (a hashlib object holding what is before ``resume.offset``): updated with
+    every chunk, in a thread beside the writer's and in order, so checking the file costs no
+    second read of it. When the read returns or raises, no thread of it is still running.
     """
     point = ResumePoint(nuid=info.nuid, offset=0, next_seq=0)
     if resume is not None and resume.nuid == info.nuid and resume.next_seq > 0:
@@ -136,6 +142,9 @@ async def read_blob(
     else:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     loop = asyncio.get_running_loop()
+    fd = _fileno(out)
+    if fd is not None:  # before subscribing: a disk too small fails with nothing to clean up
+        await _settled(loop.run_in_executor(None, _preallocate, fd, point.offset, info.size - point.offset, info.name))
     # Bounded: a disk slower than the network holds the callback, then nats-py's pending
     # limit, then the server's flow control; memory stays at a few batches.
     batches: asyncio.Queue = asyncio.Queue(maxsize=4)
@@ -155,15 +164,11 @@ async def read_blob(
             pending.clear()
             state["pending"] = 0
 
+    unsynced = 0
+    jobs: dict[str, asyncio.Future | None] = {"write": None, "sync": None, "hash": None}
     sub = await js.subscribe(
         subject, stream=OBJ_STREAM_TEMPLATE.format(bucket=bucket), ordered_consumer=True, config=config, cb=on_msg
     )
-    fd = _fileno(out)
-    if fd is not None:
-        await loop.run_in_executor(None, _preallocate, fd, point.offset, info.size - point.offset, info.name)
-    unsynced = 0
-    syncing: asyncio.Future | None = None
-    hashing: asyncio.Future | None = None
     try:
         while True:
             try:
@@ -177,25 +182,26 @@ async def read_blob(
             # One thread hop per batch, the chunks written as they came (no joined copy); the
             # hash of a batch runs in a thread of its own beside the write (in order: one at a time).
             if digest is not None:
-                if hashing is not None:
-                    await hashing
-                hashing = loop.run_in_executor(None, _hash, digest, chunks)
-            await loop.run_in_executor(None, _write, out, chunks, on_chunk, replace(point))
+                if jobs["hash"] is not None:
+                    await _settled(jobs["hash"])
+                jobs["hash"] = loop.run_in_executor(None, _hash, digest, chunks)
+            jobs["write"] = loop.run_in_executor(None, _write, out, chunks, on_chunk, replace(point))
+            await _settled(jobs["write"])
             unsynced += size
+            syncing = jobs["sync"]
             if fd is not None and unsynced >= WRITEBACK_BYTES and (syncing is None or syncing.done()):
                 if syncing is not None:
                     syncing.result()  # a disk error ends the read
-                syncing = loop.run_in_executor(None, _datasync, fd)
+                jobs["sync"] = loop.run_in_executor(None, _sync, fd, on_synced, replace(point))
                 unsynced = 0
             if last:
                 break
-        if syncing is not None:
-            await syncing  # a disk error ends the read
-        if hashing is not None:
-            await hashing
+        for job in (jobs["sync"], jobs["hash"]):
+            if job is not None:
+                await _settled(job)  # a disk error ends the read
     except BaseException as failure:
         # Done before the caller may close the file or use the digest; the first error is the one raised.
-        for job, what in ((syncing, "sync"), (hashing, "hash")):
+        for what, job in jobs.items():
             if job is None:
                 continue
             await asyncio.wait([job])
@@ -209,23 +215,56 @@ async def read_blob(
         raise BlobCorrupt(f"object {info.name}: read {point.offset} bytes, expected {info.size}")
 
 
+async def _settled(job: asyncio.Future) -> Any:
+    """The result of a job in a thread. Awaited through ``wait``: cancelling the caller leaves
+    the job's future alone (its thread runs on anyway), so it can still be waited for."""
+    await asyncio.wait([job])
+    return job.result()
+
+
+def _sync(fd: int, on_synced: Callable[[ResumePoint], None] | None, point: ResumePoint) -> None:
+    _datasync(fd)
+    if on_synced is not None:
+        on_synced(point)
+
+
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-_CANNOT_PREALLOCATE = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+_CANNOT_PREALLOCATE = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.ESPIPE, errno.ENODEV})
+
+
+def _linux_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux's fallocate(2), which fails where a filesystem cannot reserve blocks. glibc's
+    ``posix_fallocate`` (``os.posix_fallocate``) would instead write a byte into every 4 KiB
+    block: a million small writes for a 4 GiB model on NFSv3, before its first byte."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _linux_fallocate()
 
 
 def _preallocate(fd: int, offset: int, length: int, name: str) -> None:
     """Reserve the rest of the file's blocks before writing them: a disk too small for the
     object fails now (ENOSPC), not gigabytes later, and the writes find their blocks allocated
     (ext4 then skips its per-page delayed allocation: 20% less reader CPU, bench/downloads.py).
-    The file has its full size from here on: how much is written is the resume point's offset."""
-    if length <= 0 or not hasattr(os, "posix_fallocate"):  # macOS has none
+    The file has its full size from here on: how much is written is the resume point's offset.
+    Where the filesystem cannot (or off Linux), the read goes on without."""
+    if length <= 0 or _FALLOCATE is None:
         return
-    try:
-        os.posix_fallocate(fd, offset, length)
-    except OSError as exc:
-        if exc.errno not in _CANNOT_PREALLOCATE:
-            raise
-        log.info("object read without preallocation", object=name, error=str(exc))
+    if _FALLOCATE(fd, 0, offset, length) == 0:
+        return
+    code = ctypes.get_errno()
+    if code not in _CANNOT_PREALLOCATE:
+        raise OSError(code, os.strerror(code))
+    log.info("object read without preallocation", object=name, error=os.strerror(code))
 
 
 def _fileno(out: BinaryIO) -> int | None:
@@ -252,7 +291,7 @@ def _write(
 def chunk_size(max_payload: int) -> int:
     """The chunk size for a server that accepts messages of ``max_payload`` bytes."""
     size = max(64 * 1024, min(CHUNK_BYTES, max_payload - HEADER_ROOM))
-    return size - _GO_PAGE // 2 if size % _GO_PAGE == 0 else size
+    return size - _GO_PAGE // 2 if -size % _GO_PAGE < 2 else size  # room for the CR LF
 
 
 async def put_file(

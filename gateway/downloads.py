@@ -134,8 +134,12 @@ class DownloadRoutes:
     async def _spool(self, info, path: Path) -> None:
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         part = path.with_name(path.name + f".{os.getpid()}.part")
-        with open(part, "wb") as fh:
-            await read_blob(self.js, info, fh)
+        try:
+            with open(part, "wb") as fh:
+                await read_blob(self.js, info, fh)
+        except BaseException:
+            part.unlink(missing_ok=True)  # reserved to its full size: not left behind
+            raise
         os.replace(part, path)
 
 

@@ -51,7 +51,6 @@ REPORT_INTERVAL_S = 0.5
 # http_get reads the body in DOWNLOAD_CHUNK_SIZE pieces (10 MiB by default) and writes each one
 # whole: smaller pieces make progress reports fine-grained and lose less on a crash.
 hf_constants.DOWNLOAD_CHUNK_SIZE = 128 * 1024
-JOURNAL_INTERVAL_S = 0.25
 LEASE_POLL_S = 0.5
 
 
@@ -391,19 +390,17 @@ class Downloads:
             await asyncio.to_thread(file_sha256, part, limit=resume.offset, digest=digest)
         if resume:
             log.info("download resumed", model=download.record.name, file=remote.name, offset=resume.offset)
-        last_write = [time.monotonic()]
 
         def on_chunk(n: int, point: ResumePoint) -> None:  # in the writer thread, after each write
             download.done = download.base + point.offset
             if download.cancelled.is_set():
                 raise DownloadFailed("cancelled")
-            if time.monotonic() - last_write[0] >= JOURNAL_INTERVAL_S:
-                fh.flush()
-                _write_journal(journal, {"ident": ident, "offset": point.offset, "next_seq": point.next_seq})
-                last_write[0] = time.monotonic()
+
+        def on_synced(point: ResumePoint) -> None:  # its bytes are on disk: safe to resume from
+            _write_journal(journal, {"ident": ident, "offset": point.offset, "next_seq": point.next_seq})
 
         try:
-            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk, digest=digest)
+            await read_blob(self.js, info, fh, resume=resume, on_chunk=on_chunk, on_synced=on_synced, digest=digest)
         finally:
             await asyncio.to_thread(fh.close)
         remote.received_sha256 = digest.hexdigest()
@@ -417,9 +414,9 @@ class Downloads:
             resume = part.stat().st_size if seen.get("ident") == ident and part.exists() else 0
             if remote.size and resume > remote.size:
                 resume = 0
-            _write_journal(journal, {"ident": ident})
             with open(part, "r+b" if part.exists() else "w+b") as fh:
-                fh.truncate(resume)
+                fh.truncate(resume)  # before the journal says origin: what is left is the origin's
+                _write_journal(journal, {"ident": ident})
                 fh.seek(resume)
                 download.done = download.base + resume
                 if resume:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -183,6 +184,17 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1, message=
         if value:
             return value
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
+
+
+async def wait_until_async(predicate, timeout: float = 10.0, interval: float = 0.005, message="condition"):
+    """``wait_until`` inside an event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 

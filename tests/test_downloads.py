@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from conftest import Stack, requires_llama, wait_until
+from conftest import Stack, requires_llama, wait_until, wait_until_async
 from fake_hf import FakeHub
 
 from broker import provision
@@ -322,13 +322,94 @@ async def test_an_object_store_read_resumes_at_its_chunk_sequence(nats_url) -> N
         await nc.close()
 
 
+async def test_a_read_records_only_points_whose_bytes_are_synced(nats_url, tmp_path, monkeypatch) -> None:
+    """``on_synced`` gets a point once the bytes before it are on disk (a point recorded earlier
+    could be resumed past zeros after a crash); resuming from the last one gives the object."""
+    import broker.blobs as blobs
+
+    monkeypatch.setattr(blobs, "WRITEBACK_BYTES", 8 * 1024 * 1024)
+    data = os.urandom(40 * 1024 * 1024)
+    await _put_blob(nats_url, "synced-test/blob.bin", data)
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await blobs.blob_info(js, "synced-test/blob.bin")
+        written, synced = [], []
+        target = tmp_path / "blob.bin"
+        with open(target, "wb") as out:
+            await blobs.read_blob(
+                js, info, out, on_chunk=lambda n, point: written.append(point.offset), on_synced=synced.append
+            )
+        assert synced, "no point was recorded"
+        assert [p.offset for p in synced] == sorted(p.offset for p in synced)
+        assert all(p.offset in written and p.offset < len(data) for p in synced)
+        last = synced[-1]
+        with open(target, "r+b") as out:
+            out.truncate(last.offset)
+            out.seek(last.offset)
+            await blobs.read_blob(js, info, out, resume=last)
+        assert target.read_bytes() == data
+        await (await js.object_store(storage.OBJ_MODEL_BLOBS)).delete("synced-test/blob.bin")
+    finally:
+        await nc.close()
+
+
+async def test_a_cancelled_read_returns_only_when_its_threads_are_done(nats_url) -> None:
+    """Cancelling a read (a cancelled download, a lost lease) must not leave a thread hashing
+    into the digest or writing the file after ``read_blob`` has raised."""
+    import io
+
+    import broker.blobs as blobs
+
+    class SlowDigest:  # the hashlib interface, slow enough to be caught mid-update
+        def __init__(self) -> None:
+            self.active = 0
+            self.updates = 0
+
+        def update(self, chunk: bytes) -> None:
+            self.active += 1
+            time.sleep(0.05)
+            self.updates += 1
+            self.active -= 1
+
+    await _put_blob(nats_url, "cancel-test/blob.bin", os.urandom(24 * 1024 * 1024))
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await blobs.blob_info(js, "cancel-test/blob.bin")
+        digest = SlowDigest()
+        read = asyncio.create_task(blobs.read_blob(js, info, io.BytesIO(), digest=digest))
+        await wait_until_async(lambda: digest.active > 0, message="a hash running")
+        await asyncio.sleep(0.15)  # the next batch is in: the read now waits for this hash (0.4 s)
+        assert digest.active > 0
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        assert digest.active == 0, "a hash was still running after the read raised"
+        updates = digest.updates
+        await asyncio.sleep(0.3)
+        assert digest.updates == updates, "the digest was updated after the read raised"
+        await (await js.object_store(storage.OBJ_MODEL_BLOBS)).delete("cancel-test/blob.bin")
+    finally:
+        await nc.close()
+
+
 def test_chunks_fit_the_server_and_are_never_a_whole_number_of_go_pages() -> None:
     """nats-server copies a chunk of a whole number of 8 KiB pages a second time on delivery."""
     from broker.blobs import CHUNK_BYTES, HEADER_ROOM, chunk_size
 
-    for max_payload in (64 * 1024 + HEADER_ROOM, 256 * 1024, 1024 * 1024, 1024 * 1024 + 4096, 8 * 1024 * 1024, 10**6):
+    payloads = (
+        64 * 1024 + HEADER_ROOM,
+        256 * 1024,
+        1024 * 1024,
+        1024 * 1024 + 4095,
+        1024 * 1024 + 4097,
+        8 << 20,
+        10**6,
+    )
+    for max_payload in payloads:
         size = chunk_size(max_payload)
-        assert size % 8192, (max_payload, size)
+        assert -size % 8192 >= 2, (max_payload, size)  # room for the CR LF in its page-rounded buffer
         assert size <= min(CHUNK_BYTES, max_payload - HEADER_ROOM), (max_payload, size)
         assert size >= 60 * 1024, (max_payload, size)
 
@@ -342,7 +423,7 @@ async def main():
     nc = await nats.connect(sys.argv[1])
     js = nc.jetstream()
     info = await blob_info(js, sys.argv[2])
-    written = []
+    written, subscriptions = [], len(nc._subs)
     with open(sys.argv[3], "wb") as out:
         try:
             await read_blob(js, info, out, on_chunk=lambda n, point: written.append(n))
@@ -350,6 +431,7 @@ async def main():
             print("ENOSPC" if exc.errno == errno.ENOSPC else f"errno {exc.errno}", sum(written))
         else:
             print("read", sum(written))
+    print("subscriptions left", len(nc._subs) - subscriptions)
     await nc.close()
 
 asyncio.run(main())
@@ -382,7 +464,10 @@ async def test_a_disk_too_small_for_an_object_fails_before_a_byte_is_written(nat
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["ENOSPC", "0"], (result.stdout, result.stderr[-2000:])
+    assert result.stdout.split() == ["ENOSPC", "0", "subscriptions", "left", "0"], (
+        result.stdout,
+        result.stderr[-2000:],
+    )
 
 
 def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stack, fresh) -> None:
