@@ -65,6 +65,7 @@ class Process:
         self.lines: list[str] = []
         self.info: dict[str, Any] = {}  # the READY line's JSON, once seen
         self._cond = threading.Condition()
+        self._eof = False  # the pump has read all the output (the process may end well before)
         self._log: IO[bytes] | None = log.open("wb") if log is not None else None
         self.popen = subprocess.Popen(
             argv,
@@ -88,9 +89,14 @@ class Process:
 
     def _pump(self) -> None:
         assert self.popen.stdout is not None
-        for line in self.popen.stdout:
+        try:
+            for line in self.popen.stdout:
+                with self._cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        finally:
             with self._cond:
-                self.lines.append(line.rstrip("\n"))
+                self._eof = True
                 self._cond.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match:
@@ -107,7 +113,7 @@ class Process:
                         return match
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.popen.poll() is not None and seen == len(self.lines):
+                if remaining <= 0 or self._eof and seen == len(self.lines):
                     raise AssertionError(f"{self.name}: no line matching {pattern!r}; output:\n{self.tail()}")
                 self._cond.wait(min(remaining, 0.2))
 
@@ -117,7 +123,11 @@ class Process:
         return self.info
 
     def output(self) -> str:
+        """What it printed so far; all of it once it has ended (its last lines may still be in
+        the pipe when ``popen.wait()`` returns)."""
         with self._cond:
+            if self.popen.poll() is not None:
+                self._cond.wait_for(lambda: self._eof, timeout=5)
             return "\n".join(self.lines)
 
     def tail(self, lines: int = 40) -> str:
