@@ -138,7 +138,7 @@ class DownloadRoutes:
             with open(part, "wb") as fh:
                 await read_blob(self.js, info, fh)
         except BaseException:
-            part.unlink(missing_ok=True)  # reserved to its full size: not left behind
+            await asyncio.to_thread(part.unlink, missing_ok=True)  # reserved to its full size: not left behind
             raise
         os.replace(part, path)
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ pytestmark = [pytest.mark.e2e, requires_llama]
 TINY_REPO, TINY_FILE = "dl/Tiny-GGUF", "tiny-q8_0.gguf"
 BIG_REPO, BIG_FILE = "dl/Big-GGUF", "big-q8_0.gguf"
 BIG_SIZE = 10_000_000  # the tiny GGUF padded with zeros: llama.cpp still loads it
+HUGE_REPO, HUGE_FILE = "dl/Huge-GGUF", "huge-q8_0.gguf"
+HUGE_SIZE = 160_000_000  # a read of several synced 32 MiB stretches
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,7 @@ def hub(tiny_gguf: Path):
     tiny = tiny_gguf.read_bytes()
     hub.add_repo(TINY_REPO, {TINY_FILE: tiny})
     hub.add_repo(BIG_REPO, {BIG_FILE: tiny + bytes(BIG_SIZE - len(tiny))})
+    hub.add_repo(HUGE_REPO, {HUGE_FILE: tiny + os.urandom(HUGE_SIZE - len(tiny))})
     hub.start()
     yield hub
     hub.stop()
@@ -328,22 +332,35 @@ async def test_a_read_records_only_points_whose_bytes_are_synced(nats_url, tmp_p
     import broker.blobs as blobs
 
     monkeypatch.setattr(blobs, "WRITEBACK_BYTES", 8 * 1024 * 1024)
+    syncs: list[int] = []  # the real fdatasync, counted
+
+    def datasync(fd: int) -> None:
+        os.fdatasync(fd)
+        syncs.append(fd)
+
+    monkeypatch.setattr(blobs, "_datasync", datasync)
     data = os.urandom(40 * 1024 * 1024)
     await _put_blob(nats_url, "synced-test/blob.bin", data)
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
         info = await blobs.blob_info(js, "synced-test/blob.bin")
-        written, synced = [], []
+        written, synced, syncs_before = [], [], []
         target = tmp_path / "blob.bin"
+
+        def on_synced(point) -> None:
+            synced.append(point)
+            syncs_before.append(len(syncs))
+
         with open(target, "wb") as out:
             await blobs.read_blob(
-                js, info, out, on_chunk=lambda n, point: written.append(point.offset), on_synced=synced.append
+                js, info, out, on_chunk=lambda n, point: written.append(point.offset), on_synced=on_synced
             )
         assert synced, "no point was recorded"
+        assert syncs_before == list(range(1, len(synced) + 1)), "a point recorded before its sync"
         assert [p.offset for p in synced] == sorted(p.offset for p in synced)
-        assert all(p.offset in written and p.offset < len(data) for p in synced)
-        last = synced[-1]
+        assert all(p.offset in written for p in synced)
+        last = max((p for p in synced if p.offset < len(data)), key=lambda p: p.offset)  # one to resume from
         with open(target, "r+b") as out:
             out.truncate(last.offset)
             out.seek(last.offset)
@@ -368,7 +385,7 @@ async def test_a_cancelled_read_returns_only_when_its_threads_are_done(nats_url)
 
         def update(self, chunk: bytes) -> None:
             self.active += 1
-            time.sleep(0.05)
+            time.sleep(0.1)
             self.updates += 1
             self.active -= 1
 
@@ -380,7 +397,7 @@ async def test_a_cancelled_read_returns_only_when_its_threads_are_done(nats_url)
         digest = SlowDigest()
         read = asyncio.create_task(blobs.read_blob(js, info, io.BytesIO(), digest=digest))
         await wait_until_async(lambda: digest.active > 0, message="a hash running")
-        await asyncio.sleep(0.15)  # the next batch is in: the read now waits for this hash (0.4 s)
+        await asyncio.sleep(0.2)  # the next batch is in: the read now waits for this hash (0.8 s)
         assert digest.active > 0
         read.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -495,6 +512,45 @@ def test_a_node_killed_mid_download_resumes_and_never_serves_a_partial_file(stac
     assert not part.exists()
     assert chat(stack, name).status_code == 200
     restarted.stop()
+
+
+def test_a_node_killed_mid_object_store_read_resumes_at_its_last_synced_chunk(stack, fresh, nats_url) -> None:
+    """A node frozen and killed -9 in the middle of reading a model from the object store
+    resumes at the point its journal recorded (the full-size, preallocated ``.part`` does not
+    mislead it) and never asks the origin. That a recorded point's bytes were synced first is
+    ``test_a_read_records_only_points_whose_bytes_are_synced``."""
+    name = "resumed-from-store"
+    data = content(fresh, HUGE_REPO, HUGE_FILE)
+    asyncio.run(_put_blob(nats_url, blob_name(name, HUGE_FILE), data))
+    node = stack.start_node("n-store-resume")
+    record = register(stack, name, repo=HUGE_REPO, filename=HUGE_FILE, predownload=True)
+    final = cache.artifact_path(node_models_dir(stack, "n-store-resume"), _record(stack, name))
+    journal, part = cache.journal_path(final), cache.part_path(final)
+    deadline = time.monotonic() + 30
+    while _journal_offset(journal) == 0:  # written once the first 32 MiB are synced
+        assert time.monotonic() < deadline and not final.exists(), "no synced point recorded"
+        time.sleep(0.001)
+    os.kill(node.pid, signal.SIGSTOP)
+    node.kill()
+    recorded = _journal_offset(journal)
+    assert not final.exists() and part.stat().st_size == HUGE_SIZE  # reserved whole from the start
+    assert 0 < recorded < HUGE_SIZE
+
+    restarted = stack.start_node("n-store-resume")
+    resumed = json.loads(restarted.wait_for(r'"event": "download resumed"', 30).string)
+    assert resumed["offset"] == recorded
+    wait_until(lambda: served_by(stack, name) == [restarted.node_id], 30, message="resumed download served")
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == record["sha256"]
+    assert resolve_gets(fresh, HUGE_REPO) == 0
+    assert not part.exists() and not journal.exists()
+    restarted.stop()
+
+
+def _journal_offset(journal: Path) -> int:
+    try:
+        return int(json.loads(journal.read_text()).get("offset", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def test_models_of_several_files_are_fetched_file_by_file(stack, fresh, whisper_dir, voice_path, sd_dir) -> None:
