@@ -329,6 +329,11 @@ class NodeDirectory:
         cutoff = time.monotonic() - self.ttl
         return [view.beat for view in self._nodes.values() if view.seen >= cutoff]
 
+    def seen(self, node_id: str) -> float | None:
+        """When (monotonic) the node's latest heartbeat was received; None for a node not known."""
+        view = self._nodes.get(node_id)
+        return view.seen if view is not None else None
+
     def is_live(self, node_id: str) -> bool:
         view = self._nodes.get(node_id)
         return view is not None and view.seen >= time.monotonic() - self.ttl

@@ -719,6 +719,7 @@ class NodeAgent:
             memory=self.residency.memory_report(),
             loadable=self.residency.loadable_report(),
             keep_alive_s=self.keep_alive_s,
+            placed=self.residency.placed(),
         )
 
     async def _publish_heartbeat(self) -> None:

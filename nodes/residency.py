@@ -328,6 +328,11 @@ class Residency:
             m for name, m in self.failed.items() if name not in self.served
         ]
 
+    def placed(self) -> list[str]:
+        """Models placed here and not loaded yet: wanted (waiting for room or files) or loading."""
+        loading = {name for name, task in self._tasks.items() if not task.done()}
+        return sorted((set(self.wanted) | loading) - set(self.served))
+
     def loadable_report(self) -> list[LoadableModel]:
         return [
             LoadableModel(

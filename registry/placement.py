@@ -38,6 +38,8 @@ class Pending:
     need: dict[str, int]
     at: float  # wall-clock time of the decision (nodes report failures with wall-clock times)
     deadline: float  # monotonic
+    decision: PlacementEvent | None = None  # what was sent, to send it again to a node that missed it
+    sent: float = 0.0  # monotonic time it last went to the node
 
 
 @dataclass

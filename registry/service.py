@@ -70,7 +70,7 @@ LIFECYCLE_SWEEP_S = 1.0  # also notices nodes that died without a goodbye
 NODE_ORDER_TIMEOUT_S = 15.0
 PLACEMENT_TIMEOUT_S = 120.0  # a decision not carried out by then (and no download running) is made again
 PLACEMENT_COOLDOWN_S = 30.0
-REPUBLISH_S = 3.0  # a node that refused a placement is not asked again for that model meanwhile
+REPUBLISH_S = 3.0  # a decision is sent again at most this often (a node may have missed it)
 MAX_REPLICAS = 64
 
 
@@ -520,6 +520,8 @@ class Registry:
         again = msgspec.structs.replace(last, nodes=[p.node_id for p in pending], at=time.time())
         await self.js.publish(subjects.placement(model), codec.encode(again))
         self.placements[model] = again
+        for entry in pending:
+            entry.sent = time.monotonic()
         log.info("placement published again", model=model, nodes=again.nodes, decision=again.decision_id)
         return None
 
@@ -536,6 +538,44 @@ class Registry:
         plan = placement.replicas(records, beats, blocked)
         for event in plan.events:
             await self._publish_placement(event)
+        await self._redeliver({b.node_id: b for b in beats})
+
+    async def _redeliver(self, live: dict[str, NodeHeartbeat]) -> None:
+        """Send a decision again to the nodes whose heartbeat, received REPUBLISH_S or more after
+        it went to them, does not list it as placed there: they missed it (nodes follow decisions
+        on a core subscription, and one may have been reconnecting). Without this a missed
+        minimum replica waited for PLACEMENT_TIMEOUT_S. Nodes that do not report ``placed``
+        (older) are left to that timeout."""
+        now = time.monotonic()
+        missed: dict[str, list[placement.Pending]] = {}
+        for name, entries in self._pending.items():
+            for entry in entries:
+                beat = live.get(entry.node_id)
+                seen = self.nodes.seen(entry.node_id)
+                if (
+                    entry.decision is None
+                    or beat is None
+                    or beat.placed is None
+                    or name in beat.placed
+                    or seen is None
+                    or seen < entry.sent + REPUBLISH_S
+                    or any(m.name == name and m.state == "downloading" for m in beat.models)
+                ):
+                    continue
+                missed.setdefault(entry.decision.decision_id, []).append(entry)
+        for entries in missed.values():
+            nodes = [entry.node_id for entry in entries]
+            again = msgspec.structs.replace(entries[0].decision, nodes=nodes, at=time.time())
+            await self.js.publish(subjects.placement(again.name), codec.encode(again))
+            for entry in entries:
+                entry.sent = now
+            log.info(
+                "placement sent again",
+                model=again.name,
+                nodes=nodes,
+                decision=again.decision_id,
+                why="a later heartbeat does not list it",
+            )
 
     def _settle(self, beats: list[NodeHeartbeat]) -> None:
         """Drop decisions carried out (loaded), refused (an error reported since), or lost (node
@@ -566,9 +606,10 @@ class Registry:
 
     async def _publish_placement(self, event: PlacementEvent) -> None:
         await self.js.publish(subjects.placement(event.name), codec.encode(event))
-        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        now = time.monotonic()
         self._pending.setdefault(event.name, []).extend(
-            placement.Pending(node, event.estimate_bytes, event.at, deadline) for node in event.nodes
+            placement.Pending(node, event.estimate_bytes, event.at, now + PLACEMENT_TIMEOUT_S, event, now)
+            for node in event.nodes
         )
         self.placements[event.name] = event
         log.info(

@@ -571,7 +571,7 @@ def test_up_runs_nats_with_credentials_and_a_node_on_another_machine_joins(tmp_p
             ready = {n["node_id"] for n in nodes if any(m["state"] == "ready" for m in n["models"])}
             return len(ready) == 2 and "remote-1" in ready
 
-        wait_until(both_serve, timeout=60, message=lambda: remote.output()[-2000:])
+        wait_until(both_serve, timeout=60, message=lambda: f"{remote.output()[-2000:]}\n--- up:\n{up.output()[-4000:]}")
         local = next(n["node_id"] for n in httpx.get(base + "/v0/nodes").json()["data"] if n["node_id"] != "remote-1")
         body = {"model": "tiny-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         for node_id, other in ((local, "remote-1"), ("remote-1", local)):  # each node alone, in turn

@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import msgspec
 import nats
 import pytest
 from conftest import Stack, requires_llama, wait_until
@@ -203,6 +204,9 @@ def test_two_replicas_end_up_loaded_on_two_of_three_nodes(nats_url, tiny_gguf, t
             n["id"]: [p["model"] for p in n["placements"]] for n in view(stack, "/v0/nodes")["data"] if n["id"] in nodes
         }
         assert sorted(n for n, models in placed_here.items() if "two-replicas" in models) == sorted(model["loaded_on"])
+        # Real nodes acted on their decision at once: none holds one still, none was sent one again.
+        assert all(n["placed"] == [] for n in view(stack, "/v0/nodes")["data"] if n["id"] in nodes)
+        assert "placement sent again" not in stack.registry.output()
         answer = httpx.post(
             stack.url + "/v1/chat/completions",
             json={"model": "two-replicas", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
@@ -280,3 +284,65 @@ def test_a_runtime_main_says_computes_on_a_gpu_counts_as_one() -> None:
     gpu_beat.runtimes[0].device, gpu_beat.runtimes[0].gpu = None, True  # a torch engine before its first load
     assert placement.on_gpu(gpu_beat, "llama_cpp")
     assert not placement.on_gpu(beat("c", files={"m": 10}), "llama_cpp")
+
+
+# ---------------------------------------------------------------- a node that missed a decision
+
+
+async def _node_that_misses_its_placement(nats_url: str, model: str) -> tuple[list[dict], list[dict]]:
+    """A node made of heartbeats: it has the model's files and never acts on its placement (as a
+    node reconnecting when the decision went out would), then says it holds the placement."""
+    from events import codec, subjects
+    from events.messages import NodeGoodbye
+
+    nc = await nats.connect(nats_url)
+    seen: list[dict] = []
+
+    async def on_placement(msg) -> None:
+        event = json.loads(msg.data)
+        if "ghost-1" in event["nodes"]:
+            seen.append(event | {"received": time.monotonic()})
+
+    await nc.subscribe(subjects.placement(model), cb=on_placement)
+    ghost = beat("ghost-1", files={model: 10})
+
+    async def beat_for(seconds: float, placed: list[str]) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            data = msgspec.structs.replace(ghost, sent_at=time.time(), placed=placed)
+            await nc.publish(subjects.node_heartbeat("ghost-1"), codec.encode(data))
+            await asyncio.sleep(0.5)
+
+    try:
+        await beat_for(9, placed=[])  # the decision, then at least one more sent again
+        await beat_for(1, placed=[model])  # now it works on it (a send already under way may land)
+        missed = list(seen)
+        await beat_for(5, placed=[model])  # nothing more is sent
+        return missed, seen[len(missed) :]
+    finally:
+        await nc.publish(subjects.node_goodbye("ghost-1"), codec.encode(NodeGoodbye(node_id="ghost-1")))
+        await nc.close()
+
+
+@pytest.mark.e2e
+def test_a_node_that_missed_its_placement_gets_it_again_until_its_heartbeat_lists_it(
+    nats_url, tiny_gguf, tmp_path
+) -> None:
+    """Decisions travel on a core subscription: a node reconnecting when one goes out misses it.
+    The registry sends it again (same decision) while the node's heartbeats do not list it as
+    placed there, at most every REPUBLISH_S (3 s), and stops once they do; before, a missed
+    minimum replica waited PLACEMENT_TIMEOUT_S (120 s)."""
+    stack = Stack(nats_url, tmp_path, node=False)
+    try:
+        reply = stack.admin("register", {"path": str(tiny_gguf), "name": "missed"})
+        assert reply["ok"], reply
+        missed, after = asyncio.run(_node_that_misses_its_placement(nats_url, "missed"))
+        assert len(missed) >= 2, missed
+        assert {e["decision_id"] for e in missed} == {missed[0]["decision_id"]}  # the same decision, again
+        assert all(e["reason"] == "replicas" and e["nodes"] == ["ghost-1"] for e in missed)
+        gaps = [b["received"] - a["received"] for a, b in zip(missed, missed[1:])]
+        assert all(gap >= 2.5 for gap in gaps), gaps  # REPUBLISH_S apart, not every sweep
+        assert after == [], after
+        assert "placement sent again" in stack.registry.output()
+    finally:
+        stack.close()

@@ -114,6 +114,11 @@ class NodeHeartbeat(Struct, kw_only=True):
     memory: list[DeviceMemory] = field(default_factory=list)
     loadable: list[LoadableModel] = field(default_factory=list)
     keep_alive_s: float | None = None  # idle models loaded on demand are unloaded after this
+    # Models the registry placed here and the node is working on (waiting for room, loading, or
+    # fetching their files). The registry sends a decision again to a node whose later beat lacks
+    # it: decisions travel on a core subscription, which misses what comes during a reconnection.
+    # None: a node that does not report them (older than this field).
+    placed: list[str] | None = None
     schema: int = SCHEMA_VERSION
 
     def serves(self, model: str, capability: str | None = None) -> bool:
