@@ -262,6 +262,7 @@ ADDED_SINCE = {
         "memory": [],
         "loadable": [],
         "keep_alive_s": None,
+        "placed": None,  # models placed on the node, not loaded yet (redelivery of missed decisions)
         "runtimes[]": {"gpu": False, "backend": None, "device": None},  # gpu: issue 18; backend, device: 15
         "models[]": {
             "origin": "registry",
