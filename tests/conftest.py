@@ -254,6 +254,29 @@ class Stack(processes.Stack):
         node_id = node_id or f"slow{int(delay_ms)}-{uuid.uuid4().hex[:6]}"
         return self.start_bench_node(node_id, parallel=parallel, delay_ms=delay_ms, log=False)
 
+    def diagnosis(self) -> str:
+        """For a wait that timed out: each node as the gateway sees it, and each process's last lines."""
+        import json
+
+        import httpx
+
+        try:
+            nodes = [
+                {key: n.get(key) for key in ("id", "state", "last_seen_s", "placed")}
+                | {
+                    "models": [(m["name"], m["state"], m.get("error")) for m in n["models"]],
+                    "loadable": [(m["name"], m.get("error")) for m in n["loadable"]],
+                    "placements": [(p["model"], p["reason"], p["decision_id"]) for p in n["placements"]],
+                }
+                for n in httpx.get(self.url + "/v0/nodes", timeout=5).json()["data"]
+            ]
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            nodes = f"no view of the nodes: {exc!r}"
+        tails = "\n".join(
+            f"--- {proc.name}:\n{proc.output()[-3000 if proc is self.registry else -800 :]}" for proc in self.processes
+        )
+        return f"nodes: {json.dumps(nodes)}\n{tails}"
+
     def admin(self, verb: str, payload: object) -> dict:
         import asyncio
 

@@ -64,7 +64,7 @@ def stack(nats_url, tiny_gguf, tmp_path):
 def serving(stack: Stack, count: int) -> None:
     wait_until(
         lambda: len(httpx.get(f"{stack.url}/v0/models/{MODEL}").json()["nodes"]) == count,
-        message=f"{count} node(s) serving",
+        message=lambda: f"{count} node(s) serving; {stack.diagnosis()}",
     )
 
 
