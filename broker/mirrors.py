@@ -21,11 +21,11 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
-from nats.js.kv import KV_DEL, KV_PURGE
 
 from events import codec, decode_token, storage, subjects
 from events.messages import LoadedModel, ModelRecord, NodeGoodbye, NodeHeartbeat
+
+from .buckets import current_entries, is_deleted, values_end
 
 log = structlog.get_logger("mirrors")
 
@@ -64,6 +64,7 @@ class BucketWatch(ABC):
                 setattr(cls, name, value)
 
     def __init__(self) -> None:
+        self.js: JetStreamContext | None = None
         self.kv = None
         self._watcher = None
         self._task: asyncio.Task | None = None
@@ -71,6 +72,7 @@ class BucketWatch(ABC):
             setattr(self, name, {})
 
     async def start(self, js: JetStreamContext) -> None:
+        self.js = js
         self.kv = await js.key_value(self.bucket)
         watcher = await self.kv.watchall()
         loaded = asyncio.get_running_loop().create_future()
@@ -93,13 +95,12 @@ class BucketWatch(ABC):
     async def _follow(self, watcher, loaded: asyncio.Future) -> None:
         snapshot = self._new_tables()
         async for entry in watcher:
-            if entry is None:  # end of the initial values
-                if not loaded.done():
-                    self._swap_in(snapshot)
-                    loaded.set_result(True)
-                continue
-            deleted = entry.operation in (KV_DEL, KV_PURGE) or not entry.value
-            self._apply(entry, deleted, None if loaded.done() else snapshot)
+            if entry is not None:
+                self._apply(entry, is_deleted(entry), None if loaded.done() else snapshot)
+            # The end of the initial values, as the values say (nats.py's None can come first: broker.buckets)
+            if not loaded.done() and await values_end(self.js, self.bucket, entry):
+                self._swap_in(snapshot)
+                loaded.set_result(True)
 
     def _new_tables(self) -> Any:
         """Empty tables for a snapshot being read."""
@@ -222,20 +223,12 @@ class NodeDirectory:
         for the next beat) and after a reconnection, where a node's beat-at-once can reach the
         new server before our subscription does; without it, a request held by a node that lost
         its reply is found lost one heartbeat interval later."""
-        kv = await js.key_value(storage.KV_NODES)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
         changed = False
-        for key in keys:
+        for entry in await current_entries(js, storage.KV_NODES):
             try:
-                entry = await kv.get(key)
-                beat = codec.decode(entry.value, NodeHeartbeat) if entry.value else None
-            except KeyNotFoundError:  # a goodbye or the TTL between keys() and get()
-                continue
+                beat = codec.decode(entry.value, NodeHeartbeat)
             except msgspec.DecodeError:
-                log.warning("undecodable heartbeat in the nodes bucket", key=key)
+                log.warning("undecodable heartbeat in the nodes bucket", key=entry.key)
                 continue
             known = self._nodes.get(beat.node_id) if beat is not None else None
             if beat is None or (known is not None and known.beat.sent_at >= beat.sent_at):
@@ -329,10 +322,10 @@ class NodeDirectory:
         cutoff = time.monotonic() - self.ttl
         return [view.beat for view in self._nodes.values() if view.seen >= cutoff]
 
-    def seen(self, node_id: str) -> float | None:
-        """When (monotonic) the node's latest heartbeat was received; None for a node not known."""
+    def last_beat(self, node_id: str) -> tuple[NodeHeartbeat, float] | None:
+        """The node's latest heartbeat and when (monotonic) it was received; None: not known."""
         view = self._nodes.get(node_id)
-        return view.seen if view is not None else None
+        return (view.beat, view.seen) if view is not None else None
 
     def is_live(self, node_id: str) -> bool:
         view = self._nodes.get(node_id)

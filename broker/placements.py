@@ -47,6 +47,8 @@ class PlacementLog:
         known = self.last.get(event.name)
         if known is None and len(self.last) >= MAX_MODELS:
             return
+        if event.again and known is not None and known.decision_id == event.decision_id:
+            return  # sent again to the nodes that missed it: the decision as made, all its nodes, stays
         if known is None or known.at <= event.at:
             self.last[event.name] = event
 

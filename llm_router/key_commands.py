@@ -21,13 +21,14 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 
 from broker.audit import audit_record, publish_now
+from broker.buckets import current_entries
 from events import codec, storage
 from events.messages import ApiKey
 from gateway.auth import new_key
 from gateway.key_routes import view
 
 from .nats_options import add_nats_auth_options
-from .operator_kv import entries, operator_bucket
+from .operator_kv import operator_bucket
 
 EXPIRIES = ("3", "7", "21", "70", "90", "never")
 
@@ -75,7 +76,7 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         if args.verb == "ls":
             records = []
-            for entry in await entries(kv):
+            for entry in await current_entries(js, storage.KV_KEYS):
                 try:
                     records.append(codec.decode(entry.value, ApiKey))
                 except msgspec.DecodeError:  # not a key record: say so, list the others

@@ -21,13 +21,14 @@ import msgspec
 from argon2 import PasswordHasher
 from nats.js.errors import KeyWrongLastSequenceError
 
+from broker.buckets import current_entries
 from events import codec, storage
 from events.messages import Session, User
 from events.tokens import username_error
 from gateway.passwords import password_error
 
 from .nats_options import add_nats_auth_options
-from .operator_kv import entries, operator_bucket
+from .operator_kv import operator_bucket
 
 
 class CommandError(Exception):
@@ -80,7 +81,7 @@ async def run_users(args: argparse.Namespace) -> int:
     password = read_password(args.password_stdin) if args.verb in ("add", "passwd") else None
     async with operator_bucket(args, "llm-router-users", storage.KV_USERS) as (js, users):
         if args.verb == "ls":
-            for user in sorted(await _users(users), key=lambda u: u.created_at):
+            for user in sorted(await _users(js), key=lambda u: u.created_at):
                 print(
                     f"{user.name}  {user.role}  created {_day(user.created_at)}  password {_day(user.password_changed_at)}"
                 )
@@ -96,7 +97,7 @@ async def run_users(args: argparse.Namespace) -> int:
                 raise CommandError(f"a user {args.name!r} exists already") from None
             print(f"added {args.name} ({args.role})")
             return 0
-        current = {user.name: user for user in await _users(users)}.get(args.name)
+        current = {user.name: user for user in await _users(js)}.get(args.name)
         if current is None:
             raise CommandError(f"no user {args.name!r}")
         if args.verb == "rm":
@@ -114,14 +115,18 @@ def _day(when: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
-async def _users(kv: Any) -> list[User]:
-    return [codec.decode(entry.value, User) for entry in await entries(kv) if entry.key != storage.SESSION_SECRET_KEY]
+async def _users(js: Any) -> list[User]:
+    return [
+        codec.decode(entry.value, User)
+        for entry in await current_entries(js, storage.KV_USERS)
+        if entry.key != storage.SESSION_SECRET_KEY
+    ]
 
 
 async def _end_sessions(js: Any, name: str) -> int:
     sessions = await js.key_value(storage.KV_SESSIONS)
     ended = 0
-    for entry in await entries(sessions):
+    for entry in await current_entries(js, storage.KV_SESSIONS):
         if codec.decode(entry.value, Session).user == name:
             await sessions.delete(entry.key)
             ended += 1

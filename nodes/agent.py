@@ -22,9 +22,10 @@ import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from broker import NatsAuth, connect, provision
+from broker.buckets import current_entries
 from broker.endpoints import Endpoint, Service
 from broker.logship import REQUEST_ID, SHIPPER
 from events import codec, encode_token, name_error, storage, subjects
@@ -269,14 +270,9 @@ class NodeAgent:
     # ------------------------------------------------------------ registry sync
 
     async def _sync_snapshot(self) -> None:
-        try:
-            keys = await self.kv_models.keys()
-        except NoKeysError:
-            keys = []
-        for key in keys:
-            entry = await self.kv_models.get(key)
-            if entry.value:
-                await self._sync_model(codec.decode(entry.value, ModelRecord))
+        """Every registration there is now (not ``kv.keys()``: it can stop before the keys, see broker.buckets)."""
+        for entry in await current_entries(self.js, storage.KV_MODELS):
+            await self._sync_model(codec.decode(entry.value, ModelRecord))
 
     async def _on_event(self, msg: Msg) -> None:
         try:
@@ -459,9 +455,12 @@ class NodeAgent:
 
     async def _prefetch(self, record: ModelRecord) -> None:
         try:
-            await self.downloads.ensure(record)
+            state, _ = await self.downloads.ensure(record)
         except (ModelNotFound, SourceUnavailable) as exc:
             log.warning("pre-download impossible", model=record.name, error=str(exc))
+        else:
+            if state == "present":  # here after all (appeared since this node last looked): take it in
+                await self._sync_model(record)
         self._beat_now.set()
 
     async def _registered(self, name: str) -> ModelRecord | None:

@@ -40,6 +40,7 @@ class Pending:
     deadline: float  # monotonic
     decision: PlacementEvent | None = None  # what was sent, to send it again to a node that missed it
     sent: float = 0.0  # monotonic time it last went to the node
+    resent: int = 0  # times sent again (the node missed it)
 
 
 @dataclass

@@ -71,6 +71,7 @@ NODE_ORDER_TIMEOUT_S = 15.0
 PLACEMENT_TIMEOUT_S = 120.0  # a decision not carried out by then (and no download running) is made again
 PLACEMENT_COOLDOWN_S = 30.0
 REPUBLISH_S = 3.0  # a decision is sent again at most this often (a node may have missed it)
+MAX_RESENDS = 3  # per node and decision
 MAX_REPLICAS = 64
 
 
@@ -117,7 +118,6 @@ class Registry:
         self._lifecycle_task: asyncio.Task | None = None
         self._pending: dict[str, list[placement.Pending]] = {}  # placements not carried out yet
         self._cooldown: dict[tuple[str, str], float] = {}  # (model, node): refused a placement until then
-        self.placements: dict[str, PlacementEvent] = {}  # the last decision per model
         self._writing = asyncio.Lock()  # a state update and a delete of the registrations, one at a time
 
     async def start(self) -> None:
@@ -281,7 +281,6 @@ class Registry:
             await self.kv.purge(encode_token(name))
             self.models.forget(name)
             self._pending.pop(name, None)
-            self.placements.pop(name, None)
             await self._emit("deleted", name, None)
         removed = await self._delete_blobs(name)
         log.info("model deleted", model=name, blobs_removed=removed)
@@ -512,18 +511,27 @@ class Registry:
         return self._pending.get(model, [])
 
     async def _again(self, model: str, pending: list[placement.Pending]) -> None:
-        """Publish the last decision again when it is older than REPUBLISH_S and still not carried
-        out: nodes follow decisions on a core subscription, and one may have been reconnecting."""
-        last = self.placements.get(model)
-        if last is None or time.time() - last.at < REPUBLISH_S:
-            return None
-        again = msgspec.structs.replace(last, nodes=[p.node_id for p in pending], at=time.time())
-        await self.js.publish(subjects.placement(model), codec.encode(again))
-        self.placements[model] = again
-        for entry in pending:
-            entry.sent = time.monotonic()
-        log.info("placement published again", model=model, nodes=again.nodes, decision=again.decision_id)
+        """A gateway's requests still wait for a decision not carried out: send it once more to
+        its nodes not sent it in the last REPUBLISH_S (one may have been reconnecting)."""
+        now = time.monotonic()
+        due = [entry for entry in pending if entry.decision is not None and now - entry.sent >= REPUBLISH_S]
+        await self._send_again(due, why="requests still wait for it")
         return None
+
+    async def _send_again(self, entries: list[placement.Pending], *, why: str) -> None:
+        """The decisions of ``entries`` once more, each to those of its nodes only, marked
+        ``again`` (views keep the decision as made, with all its nodes)."""
+        by_decision: dict[str, list[placement.Pending]] = {}
+        for entry in entries:
+            by_decision.setdefault(entry.decision.decision_id, []).append(entry)
+        for group in by_decision.values():
+            nodes = [entry.node_id for entry in group]
+            again = msgspec.structs.replace(group[0].decision, nodes=nodes, again=True)
+            await self.js.publish(subjects.placement(again.name), codec.encode(again))
+            sent = time.monotonic()
+            for entry in group:
+                entry.sent, entry.resent = sent, entry.resent + 1
+            log.info("placement sent again", model=again.name, nodes=nodes, decision=again.decision_id, why=why)
 
     async def _apply_placement(self, beats: list[NodeHeartbeat]) -> None:
         self._settle(beats)
@@ -538,44 +546,32 @@ class Registry:
         plan = placement.replicas(records, beats, blocked)
         for event in plan.events:
             await self._publish_placement(event)
-        await self._redeliver({b.node_id: b for b in beats})
+        await self._redeliver()
 
-    async def _redeliver(self, live: dict[str, NodeHeartbeat]) -> None:
+    async def _redeliver(self) -> None:
         """Send a decision again to the nodes whose heartbeat, received REPUBLISH_S or more after
         it went to them, does not list it as placed there: they missed it (nodes follow decisions
         on a core subscription, and one may have been reconnecting). Without this a missed
-        minimum replica waited for PLACEMENT_TIMEOUT_S. Nodes that do not report ``placed``
-        (older) are left to that timeout."""
-        now = time.monotonic()
-        missed: dict[str, list[placement.Pending]] = {}
+        minimum replica waited for PLACEMENT_TIMEOUT_S. At most MAX_RESENDS times per node (a
+        node that drops a decision without a word is left to that timeout), never to a node
+        that does not report ``placed`` (older) or that is no longer online."""
+        missed = []
         for name, entries in self._pending.items():
             for entry in entries:
-                beat = live.get(entry.node_id)
-                seen = self.nodes.seen(entry.node_id)
-                if (
-                    entry.decision is None
-                    or beat is None
-                    or beat.placed is None
-                    or name in beat.placed
-                    or seen is None
-                    or seen < entry.sent + REPUBLISH_S
-                    or any(m.name == name and m.state == "downloading" for m in beat.models)
-                ):
+                last = self.nodes.last_beat(entry.node_id)  # the beat and its arrival, from one view
+                if entry.decision is None or last is None or entry.resent >= MAX_RESENDS:
                     continue
-                missed.setdefault(entry.decision.decision_id, []).append(entry)
-        for entries in missed.values():
-            nodes = [entry.node_id for entry in entries]
-            again = msgspec.structs.replace(entries[0].decision, nodes=nodes, at=time.time())
-            await self.js.publish(subjects.placement(again.name), codec.encode(again))
-            for entry in entries:
-                entry.sent = now
-            log.info(
-                "placement sent again",
-                model=again.name,
-                nodes=nodes,
-                decision=again.decision_id,
-                why="a later heartbeat does not list it",
-            )
+                beat, seen = last
+                if (
+                    beat.placed is not None
+                    and name not in beat.placed
+                    and beat.state == "online"
+                    and self.nodes.is_live(entry.node_id)
+                    and seen >= entry.sent + REPUBLISH_S
+                    and not any(m.name == name and m.state == "downloading" for m in beat.models)
+                ):
+                    missed.append(entry)
+        await self._send_again(missed, why="a later heartbeat does not list it")
 
     def _settle(self, beats: list[NodeHeartbeat]) -> None:
         """Drop decisions carried out (loaded), refused (an error reported since), or lost (node
@@ -611,7 +607,6 @@ class Registry:
             placement.Pending(node, event.estimate_bytes, event.at, now + PLACEMENT_TIMEOUT_S, event, now)
             for node in event.nodes
         )
-        self.placements[event.name] = event
         log.info(
             "model placed",
             model=event.name,

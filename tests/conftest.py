@@ -124,6 +124,16 @@ class Proc(Process):
         self.args = args
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test with stacks still open (a fixture's, closed after this): what each saw."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for stack in Stack.open:
+            report.sections.append((f"stack of {stack.data_dir}", stack.diagnosis()))
+
+
 @pytest.fixture(autouse=True)
 def _stop_what_the_test_started():
     """Processes of module- and session-scoped fixtures exist before this runs and are kept."""
@@ -221,6 +231,7 @@ class Stack(processes.Stack):
     """
 
     model_root: Path | None = None  # the session's base temporary directory (fixture above)
+    open: list[Stack] = []  # not closed yet: a failing test's report shows what each saw
 
     def __init__(
         self,
@@ -244,6 +255,7 @@ class Stack(processes.Stack):
         self.wait_ready(self.registry)
         self.url = self.wait_ready(self.gateway).url
         self.node = self.start_node() if node else None
+        Stack.open.append(self)
 
     def start_node(self, name: str = "node", *args: str) -> Process:
         return self.start("node", *args, name=name)
@@ -301,6 +313,10 @@ class Stack(processes.Stack):
         return [m["id"] for m in httpx.get(self.url + "/v1/models").json()["data"]]
 
     def close(self) -> None:
+        if self in Stack.open:
+            Stack.open.remove(self)
+        if sys.exc_info()[0] is not None:  # closed by a test's `finally` as it fails: say what the stack saw
+            print(f"--- stack of {self.data_dir} as the test failed:\n{self.diagnosis()}", file=sys.stderr)
         if self.registry.running:
             for name in self.registered:
                 self.admin("delete", {"name": name})

@@ -1,6 +1,7 @@
 """broker/: the embedded server and idempotent provisioning, against a real nats-server."""
 
 import asyncio
+import uuid
 
 import nats
 
@@ -54,3 +55,30 @@ async def test_jetstream_survives_restart_in_the_same_data_dir(tmp_path) -> None
     await nc.close()
     await server.stop()
     await asyncio.sleep(0)
+
+
+async def test_a_bucket_is_read_whole_and_a_none_marker_ends_only_an_empty_one(nats_url: str) -> None:
+    """nats.py's watcher can yield its "end of the current values" None before the values
+    (nats-io/nats.py#842: a consumer-info reply overtakes them), and ``kv.keys()`` then misses
+    keys; broker.buckets ends a read where the values say so, so nothing there is missed."""
+    from broker.buckets import current_entries, values_end
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    bucket = f"whole-{uuid.uuid4().hex[:8]}"
+    kv = await js.create_key_value(bucket=bucket, history=3)
+    try:
+        assert await values_end(js, bucket, None)  # empty: nats.py's marker is right
+        assert await asyncio.wait_for(current_entries(js, bucket), 5) == []
+        for key in ("a", "b", "c"):
+            await kv.put(key, key.encode())
+        await kv.put("a", b"a2")
+        await kv.delete("c")  # the last message is a delete marker: it ends the values too
+        assert not await values_end(js, bucket, None)  # values there: a None must not end the read
+        entries = await asyncio.wait_for(current_entries(js, bucket), 5)
+        assert sorted((e.key, e.value) for e in entries) == [("a", b"a2"), ("b", b"b")]
+        await kv.put("d", b"d")
+        assert sorted(e.key for e in await current_entries(js, bucket)) == ["a", "b", "d"]
+    finally:
+        await js.delete_key_value(bucket)
+        await nc.close()

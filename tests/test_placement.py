@@ -289,9 +289,10 @@ def test_a_runtime_main_says_computes_on_a_gpu_counts_as_one() -> None:
 # ---------------------------------------------------------------- a node that missed a decision
 
 
-async def _node_that_misses_its_placement(nats_url: str, model: str) -> tuple[list[dict], list[dict]]:
-    """A node made of heartbeats: it has the model's files and never acts on its placement (as a
-    node reconnecting when the decision went out would), then says it holds the placement."""
+async def _node_that_misses_its_placement(nats_url: str, model: str) -> list[list[dict]]:
+    """A node made of heartbeats that has the model's files: the decisions naming it, in three
+    phases: it does not act on its placement (as a node reconnecting when the decision went out
+    would), then says it holds it, then no longer does."""
     from events import codec, subjects
     from events.messages import NodeGoodbye
 
@@ -306,19 +307,23 @@ async def _node_that_misses_its_placement(nats_url: str, model: str) -> tuple[li
     await nc.subscribe(subjects.placement(model), cb=on_placement)
     ghost = beat("ghost-1", files={model: 10})
 
-    async def beat_for(seconds: float, placed: list[str]) -> None:
-        until = time.monotonic() + seconds
+    async def beat_for(seconds: float, placed: list[str]) -> list[dict]:
+        """The decisions received meanwhile, each with ``late``: whether it came over 1 s into it
+        (not a send the previous phase's beats had set under way)."""
+        first, start = len(seen), time.monotonic()
+        until = start + seconds
         while time.monotonic() < until:
             data = msgspec.structs.replace(ghost, sent_at=time.time(), placed=placed)
             await nc.publish(subjects.node_heartbeat("ghost-1"), codec.encode(data))
             await asyncio.sleep(0.5)
+        return [e | {"late": e["received"] > start + 1} for e in seen[first:]]
 
     try:
-        await beat_for(9, placed=[])  # the decision, then at least one more sent again
-        await beat_for(1, placed=[model])  # now it works on it (a send already under way may land)
-        missed = list(seen)
-        await beat_for(5, placed=[model])  # nothing more is sent
-        return missed, seen[len(missed) :]
+        missed = await beat_for(7.5, placed=[])  # the decision, then sent again
+        listed = await beat_for(6, placed=[model])  # the node works on it: not sent again
+        phases = [missed[:], listed[:]]
+        phases.append(await beat_for(8, placed=[]))  # dropped: sent again up to MAX_RESENDS (3) in all
+        return phases
     finally:
         await nc.publish(subjects.node_goodbye("ghost-1"), codec.encode(NodeGoodbye(node_id="ghost-1")))
         await nc.close()
@@ -330,19 +335,23 @@ def test_a_node_that_missed_its_placement_gets_it_again_until_its_heartbeat_list
 ) -> None:
     """Decisions travel on a core subscription: a node reconnecting when one goes out misses it.
     The registry sends it again (same decision) while the node's heartbeats do not list it as
-    placed there, at most every REPUBLISH_S (3 s), and stops once they do; before, a missed
-    minimum replica waited PLACEMENT_TIMEOUT_S (120 s)."""
+    placed there, at most every REPUBLISH_S (3 s) and MAX_RESENDS (3) times, and stops once they
+    do; before, a missed minimum replica waited PLACEMENT_TIMEOUT_S (120 s)."""
     stack = Stack(nats_url, tmp_path, node=False)
     try:
         reply = stack.admin("register", {"path": str(tiny_gguf), "name": "missed"})
         assert reply["ok"], reply
-        missed, after = asyncio.run(_node_that_misses_its_placement(nats_url, "missed"))
-        assert len(missed) >= 2, missed
-        assert {e["decision_id"] for e in missed} == {missed[0]["decision_id"]}  # the same decision, again
-        assert all(e["reason"] == "replicas" and e["nodes"] == ["ghost-1"] for e in missed)
-        gaps = [b["received"] - a["received"] for a, b in zip(missed, missed[1:])]
+        missed, listed, dropped = asyncio.run(_node_that_misses_its_placement(nats_url, "missed"))
+        events = missed + listed + dropped
+        assert [e["again"] for e in missed] in ([False, True], [False, True, True]), missed
+        assert not any(e["late"] for e in listed), listed  # the node listed it: not sent again
+        assert [e["again"] for e in events] == [False, True, True, True], events  # then it stops
+        assert {e["decision_id"] for e in events} == {missed[0]["decision_id"]}  # the same decision, again
+        assert all(e["reason"] == "replicas" and e["nodes"] == ["ghost-1"] for e in events)
+        gaps = [b["received"] - a["received"] for a, b in zip(events, events[1:])]
         assert all(gap >= 2.5 for gap in gaps), gaps  # REPUBLISH_S apart, not every sweep
-        assert after == [], after
-        assert "placement sent again" in stack.registry.output()
+        assert stack.registry.output().count("placement sent again") == 3
+        decision = view(stack, "/v0/models/missed")["placement"]["last_decision"]
+        assert decision["decision_id"] == missed[0]["decision_id"] and not decision["again"]  # as it was made
     finally:
         stack.close()

@@ -36,6 +36,9 @@ class PlacementEvent(Struct, kw_only=True):
     detail: str = ""
     decision_id: str = ""
     at: float = field(default_factory=now)
+    # The decision sent once more, to those of its nodes that missed it (``nodes`` is then only
+    # them): views of the last decision keep it as it was made.
+    again: bool = False
     schema: int = SCHEMA_VERSION
 
 
