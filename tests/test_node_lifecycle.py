@@ -62,9 +62,13 @@ def test_requests_do_not_block_heartbeats(stack) -> None:
         try:
             deadline = time.monotonic() + 6
             while time.monotonic() < deadline:
-                # The tiny model's end tokens (2 and 4) forbidden: every request generates all 450
-                # tokens, so the engine is busy nearly all the time, not idle between short answers.
-                client.completions.create(model=MODEL, prompt="go", max_tokens=450, logit_bias={"2": -100, "4": -100})
+                # The tiny model's end tokens (2 and 4) forbidden: every choice generates all 450
+                # tokens, and 8 choices take about a second, so the engine is busy nearly all the
+                # time. (One choice takes under 0.1 s now: the ~20 ms between requests left it idle
+                # often enough that a beat fell between two requests about once in 20 runs.)
+                client.completions.create(
+                    model=MODEL, prompt="go", n=8, max_tokens=450, logit_bias={"2": -100, "4": -100}
+                )
         finally:
             done.set()
 
