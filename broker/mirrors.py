@@ -98,9 +98,15 @@ class BucketWatch(ABC):
             if entry is not None:
                 self._apply(entry, is_deleted(entry), None if loaded.done() else snapshot)
             # The end of the initial values, as the values say (nats.py's None can come first: broker.buckets)
-            if not loaded.done() and await values_end(self.js, self.bucket, entry):
-                self._swap_in(snapshot)
-                loaded.set_result(True)
+            if not loaded.done():
+                try:
+                    end = await values_end(self.js, self.bucket, entry)
+                except Exception as exc:  # NATS gone mid-snapshot: start() fails now, not at its timeout
+                    loaded.set_exception(exc)
+                    return
+                if end:
+                    self._swap_in(snapshot)
+                    loaded.set_result(True)
 
     def _new_tables(self) -> Any:
         """Empty tables for a snapshot being read."""
@@ -230,8 +236,8 @@ class NodeDirectory:
             except msgspec.DecodeError:
                 log.warning("undecodable heartbeat in the nodes bucket", key=entry.key)
                 continue
-            known = self._nodes.get(beat.node_id) if beat is not None else None
-            if beat is None or (known is not None and known.beat.sent_at >= beat.sent_at):
+            known = self._nodes.get(beat.node_id)
+            if known is not None and known.beat.sent_at >= beat.sent_at:
                 continue  # received already: read again, one beat would count as two (see lost)
             age = max(0.0, time.time() - beat.sent_at)
             self._remember(beat, time.monotonic() - age)
