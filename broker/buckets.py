@@ -23,15 +23,19 @@ from nats.js.kv import KV_DEL, KV_PURGE
 from .permissions import kv_stream
 
 
-async def holds_messages(js: JetStreamContext, bucket: str) -> bool:
-    return (await js.stream_info(kv_stream(bucket))).state.messages > 0
+async def holds_messages(js: JetStreamContext, bucket: str, keys: str = ">") -> bool:
+    """Whether the bucket's stream holds a message for a key matching ``keys`` (a KV key pattern)."""
+    if keys == ">":
+        return (await js.stream_info(kv_stream(bucket))).state.messages > 0
+    info = await js.stream_info(kv_stream(bucket), subjects_filter=f"$KV.{bucket}.{keys}")
+    return bool(info.state.subjects)
 
 
-async def values_end(js: JetStreamContext, bucket: str, entry: Any) -> bool:
-    """Whether ``entry`` (from a ``watchall()`` that keeps deletes; None: nats.py's marker) is the
-    last of the bucket's current values."""
+async def values_end(js: JetStreamContext, bucket: str, entry: Any, keys: str = ">") -> bool:
+    """Whether ``entry`` (from a watcher of ``keys`` that keeps deletes; None: nats.py's marker)
+    is the last of the bucket's current values."""
     if entry is None:
-        return not await holds_messages(js, bucket)
+        return not await holds_messages(js, bucket, keys)
     return entry.delta == 0
 
 
@@ -39,18 +43,19 @@ def is_deleted(entry: Any) -> bool:
     return entry.operation in (KV_DEL, KV_PURGE) or not entry.value
 
 
-async def current_entries(js: JetStreamContext, bucket: str, timeout: float = 30.0) -> list[Any]:
-    """Every key's current value (deleted keys left out), read by one watcher up to the end of
-    what the bucket holds now; raises TimeoutError when that end does not come within ``timeout``."""
+async def current_entries(js: JetStreamContext, bucket: str, keys: str = ">", timeout: float = 30.0) -> list[Any]:
+    """The current value of every key matching ``keys`` (deleted keys left out), read by one
+    watcher up to the end of what the bucket holds now; raises TimeoutError when that end does
+    not come within ``timeout``."""
     kv = await js.key_value(bucket)
-    watcher = await kv.watchall()  # with deletes: the last value may be one, and it ends the values
+    watcher = await kv.watch(keys)  # with deletes: the last value may be one, and it ends the values
     latest: dict[str, Any] = {}
 
     async def read() -> None:
         async for entry in watcher:
             if entry is not None:
                 latest[entry.key] = entry
-            if await values_end(js, bucket, entry):
+            if await values_end(js, bucket, entry, keys):
                 return
 
     try:

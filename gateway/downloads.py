@@ -29,7 +29,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from broker.blobs import artifact_name, blob_info, blob_name, object_sha256, read_blob
-from events import codec, encode_token, storage, subjects
+from broker.buckets import current_entries
+from events import codec, encode_token, name_error, storage, subjects
 from events.messages import DownloadModel, DownloadProgress, DownloadReply, DownloadTask, ModelRecord
 
 from .errors import ApiError, model_not_found
@@ -80,17 +81,11 @@ class DownloadRoutes:
 
     async def list(self, request: Request) -> Response:
         model = request.query_params.get("model")
+        if model is not None and (why := name_error(model)):
+            raise ApiError(400, why, param="model", code="invalid_model")  # it goes into a subject filter
         pattern = f"progress.*.{encode_token(model)}" if model else "progress.>"
-        watcher = await self.kv.watch(pattern, ignore_deletes=True)  # the latest value of each matching key
-        reports = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # caught up
-                    break
-                if entry.value:
-                    reports.append(codec.decode(entry.value, DownloadProgress))
-        finally:
-            await watcher.stop()
+        entries = await current_entries(self.js, storage.KV_DOWNLOADS, pattern)  # the latest of each key
+        reports = [codec.decode(entry.value, DownloadProgress) for entry in entries]
         return json_response({"object": "list", "data": sorted(reports, key=lambda r: (r.model, r.node_id))})
 
     async def _progress(self, node_id: str, model: str) -> DownloadProgress | None:

@@ -79,6 +79,14 @@ async def test_a_bucket_is_read_whole_and_a_none_marker_ends_only_an_empty_one(n
         assert sorted((e.key, e.value) for e in entries) == [("a", b"a2"), ("b", b"b")]
         await kv.put("d", b"d")
         assert sorted(e.key for e in await current_entries(js, bucket)) == ["a", "b", "d"]
+        await kv.put("p.x.one", b"1")
+        await kv.put("p.y.one", b"2")
+        await kv.put("p.x.two", b"3")
+        entries = await asyncio.wait_for(current_entries(js, bucket, "p.*.one"), 5)  # a pattern: only its keys
+        assert sorted(e.key for e in entries) == ["p.x.one", "p.y.one"]
+        assert not await values_end(js, bucket, None, "p.*.one")  # values for the pattern: not the end
+        assert await values_end(js, bucket, None, "p.*.none")  # none for it, though the bucket has some
+        assert await asyncio.wait_for(current_entries(js, bucket, "p.*.none"), 5) == []
     finally:
         await js.delete_key_value(bucket)
         await nc.close()

@@ -248,6 +248,8 @@ def test_eight_requests_for_a_missing_model_make_one_download_from_the_origin(st
     assert chat(stack, name).status_code == 200
     report = _progress(stack, name)[0]
     assert report["state"] == "done" and report["source"].startswith(fresh.url)
+    too_long = httpx.get(f"{stack.url}/v0/downloads", params={"model": "m" * 300})  # bounded before a subject
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "model", too_long.text
 
     # The node itself shares one download between concurrent orders.
     second = "ordered-eight-times"
