@@ -18,6 +18,7 @@ import pytest
 from conftest import Stack, requires_llama, wait_until
 
 from events.openai import ChatCompletionBody, ChatMessage, EmbeddingBody
+from nodes.demo_model import write_tiny_gguf
 from nodes.runtimes.llama_cpp import LlamaEngine
 
 pytestmark = [pytest.mark.e2e, requires_llama]
@@ -117,11 +118,14 @@ def test_vision_chats_at_once_each_with_its_own_projector_context(tiny_gguf, tmp
 
 
 @pytest.fixture(scope="module")
-def stack(nats_url, tiny_gguf, tmp_path_factory):
+def stack(nats_url, tmp_path_factory):
+    # A 4k context, so a stream can be long enough to time: 200 tokens of the tiny model take about
+    # 13 ms now, no more than the skew between two threads' first requests.
+    model = write_tiny_gguf(tmp_path_factory.mktemp("slots-model") / "slots.gguf", context_length=4096)
     stack = Stack(nats_url, tmp_path_factory.mktemp("slots"), node=False)
     stack.node = stack.start_node("node", "--parallel", "2")
     try:
-        assert stack.register(tiny_gguf, MODEL)["ok"]
+        assert stack.register(model, MODEL)["ok"]
         wait_until(lambda: MODEL in stack.models(), message=f"{MODEL} in /v1/models")
         yield stack
     finally:
@@ -167,7 +171,7 @@ def test_two_streams_generate_at_the_same_time(stack, client) -> None:
     """With one slot the second stream starts after the first one ends; with two they run
     side by side, overlapping for most of the shorter one."""
     with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(lambda p: _stream(client, p, 200), ["first", "second"])
+        a, b = pool.map(lambda p: _stream(client, p, 3000), ["first", "second"])
     overlap = min(a[1], b[1]) - max(a[0], b[0])
     shorter = min(a[1] - a[0], b[1] - b[0])
     assert overlap > 0.5 * shorter > 0, (overlap, a, b)
